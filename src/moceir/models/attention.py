@@ -1,0 +1,97 @@
+"""Attention layers: transposed (channel) self- and cross-attention, and the FFT attention of the experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LayerNorm2d, conv1x1, depthwise
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      temperature: torch.Tensor) -> torch.Tensor:
+    """Transposed attention over channels. q, k, v: [B, C, H, W]; temperature: [heads, 1, 1] -> [B, C, H, W].
+
+    Each head attends between its C/heads channels, with q and k L2-normalised along H*W.
+    """
+    b, c, h, w = q.shape
+    q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1) * temperature).softmax(dim=-1)
+    return (attn @ v).reshape(b, c, h, w)
+
+
+class ChannelAttention(nn.Module):
+    """Multi-head transposed self-attention with depthwise-conv QKV (upstream ``Attention``)."""
+
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = conv1x1(dim, dim * 3, bias)
+        self.qkv_dwconv = depthwise(dim * 3, 3, bias)
+        self.project_out = conv1x1(dim, dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature))
+
+
+class ChannelCrossAttention(nn.Module):
+    """Transposed cross-attention: queries from x, keys and values from y (upstream ``CrossAttention``)."""
+
+    def __init__(self, dim: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.q = conv1x1(dim, dim, bias)
+        self.q_dwconv = depthwise(dim, 3, bias)
+        self.kv = conv1x1(dim, dim * 2, bias)
+        self.kv_dwconv = depthwise(dim * 2, 7, bias)
+        self.project_out = conv1x1(dim, dim, bias)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        q = self.q_dwconv(self.q(x))
+        k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
+        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature))
+
+
+def patch_fft_product(q: torch.Tensor, k: torch.Tensor, patch: int) -> torch.Tensor:
+    """Per non-overlapping p x p patch: ``irfft2(rfft2(q) * rfft2(k))``, in fp32.
+
+    q, k: [B, C, H, W]. Both are zero-padded at the bottom/right to multiples of p; the result is cropped
+    back to [B, C, H, W]. The product is plain (no conjugate), i.e. a circular convolution per patch.
+    """
+    b, c, h, w = q.shape
+    ph, pw = -h % patch, -w % patch
+    nh, nw = (h + ph) // patch, (w + pw) // patch
+
+    def to_patches(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t.float(), (0, pw, 0, ph))
+        return t.reshape(b, c, nh, patch, nw, patch).transpose(3, 4)  # [B, C, nh, nw, p, p]
+
+    out = torch.fft.irfft2(torch.fft.rfft2(to_patches(q)) * torch.fft.rfft2(to_patches(k)), s=(patch, patch))
+    out = out.transpose(3, 4).reshape(b, c, nh * patch, nw * patch)
+    return out[:, :, :h, :w]
+
+
+class FFTAttention(nn.Module):
+    """The complexity experts' attention at rank r and patch size p, [B, r, H, W] -> [B, r, H, W]."""
+
+    def __init__(self, rank: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.q = conv1x1(rank, rank, bias=False)
+        self.q_dwconv = depthwise(rank, 3, bias=True)
+        self.kv = conv1x1(rank, rank * 2, bias=False)
+        self.kv_dwconv = depthwise(rank * 2, 7, bias=True)
+        self.norm = LayerNorm2d(rank)
+        self.proj_out = conv1x1(rank, rank, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q_dwconv(self.q(x))
+        k, v = self.kv_dwconv(self.kv(x)).chunk(2, dim=1)
+        out = self.norm(patch_fft_product(q, k, self.patch_size))
+        return self.proj_out((out * v).to(v.dtype))

@@ -1,0 +1,173 @@
+"""Checkpoint I/O: upstream Lightning checkpoints, our own checkpoints, plain state_dicts and safetensors.
+
+All upstream compatibility lives here: wrapper prefixes are stripped in one helper, the configuration is
+read from the file or inferred from tensor shapes, and loading is strict, naming every mismatched key.
+Files are read with ``weights_only=True``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import RANK_TYPES, MoCEConfig
+from .network import MoCEIR
+
+CONFIG_KEY = "moceir_config"
+WRAPPER_PREFIXES = ("net.", "module.", "_orig_mod.")
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not match the network."""
+
+
+def strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove Lightning (``net.``), DDP (``module.``) and torch.compile (``_orig_mod.``) prefixes.
+
+    In a Lightning checkpoint only the ``net.`` entries belong to the network; others are dropped.
+    """
+    sd = dict(state_dict)
+    if any(k.startswith("net.") for k in sd):
+        sd = {k: v for k, v in sd.items() if k.startswith("net.")}
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def resolve_path(path: str | Path) -> Path:
+    if str(path) == "default":
+        if not DEFAULT_WEIGHTS.exists():
+            raise CheckpointError(
+                f"no bundled default model at {DEFAULT_WEIGHTS}; pass a checkpoint (--checkpoint PATH) "
+                "or train one with `moceir train` (see README)")
+        return DEFAULT_WEIGHTS
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist or is not a file; check the path")
+    return p
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read any supported file -> (network state_dict with upstream names, embedded config dict or None)."""
+    p = resolve_path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        else:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(obj, Mapping):
+                raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state_dict or checkpoint")
+            config = obj.get(CONFIG_KEY)
+            sd = obj.get("state_dict", obj.get("model", obj))
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated zip, wrong format, pickled code refused by weights_only
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                              "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return strip_wrappers(sd), config
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> MoCEConfig:
+    """Rebuild the architecture from tensor shapes (upstream checkpoints carry no hyper-parameters).
+
+    ``topk`` and ``with_complexity`` leave no trace in the weights and take the preset defaults.
+    """
+    try:
+        dim, inp = sd["patch_embed.proj.weight"].shape[:2]
+        levels = _count(sd, r"enc\.(\d+)\.") + 1
+        num_blocks = [_count(sd, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1)]
+        num_blocks.append(_count(sd, r"latent\.layers\.(\d+)\."))
+        # dec.i (deepest first) serves level levels-2-i
+        dec = [_count(sd, rf"dec\.{levels - 2 - lvl}\.2\.layers\.(\d+)\.") for lvl in range(levels - 1)]
+        heads = [sd[f"dec.{levels - 2 - lvl}.2.layers.0.shared.temperature"].shape[0] for lvl in range(levels - 1)]
+        heads.append(sd["latent.layers.0.mixer.temperature"].shape[0])
+        expansion = sd["dec.0.2.layers.0.ffn.project_out.weight"].shape[1] / (dim * 2 ** (levels - 2))
+        prefix = f"dec.{levels - 2}.2.layers.0.adapter"
+        n_exp = _count(sd, rf"{re.escape(prefix)}\.experts\.(\d+)\.")
+        ranks = [sd[f"{prefix}.experts.{i}.0.proj.0.weight"].shape[0] for i in range(n_exp)]
+        complexity = sd[f"{prefix}.routing.complexity"]
+        base = dict(dim=int(dim), inp_channels=int(inp), out_channels=int(sd["output.weight"].shape[0]),
+                    num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
+                    num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
+                    ffn_expansion_factor=expansion, bias="output.bias" in sd, num_exp_blocks=n_exp,
+                    complexity_scale="max" if torch.isclose(complexity.max(), torch.tensor(1.0)) else "min")
+    except KeyError as e:
+        raise CheckpointError(f"not a MoCE-IR state_dict: missing {e}") from None
+    for rank_type in RANK_TYPES:
+        for latent in range(1, 65) if rank_type != "spread" else (2,):
+            try:
+                cfg = MoCEConfig(**base, rank_type=rank_type, latent_dim=latent)
+            except ValueError:
+                continue
+            if cfg.expert_ranks(cfg.dim) == ranks:
+                return cfg
+    raise CheckpointError(f"cannot infer the expert rank rule from ranks {ranks}")
+
+
+def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load ``sd`` into ``model``; on any mismatch raise CheckpointError naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def show(name: str, items: list[str]) -> str:
+            head = ", ".join(items[:8]) + (f", ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+            return f"{len(items)} {name}: [{head}]"
+        parts = [show(n, i) for n, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if i]
+        raise CheckpointError(f"{source} does not match the network ({model.config.dim=}): " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
+               config: MoCEConfig | None = None, **overrides: Any) -> MoCEIR:
+    """Build the network described by a checkpoint and load its weights, strictly; returns it in eval mode.
+
+    ``path`` may be an upstream Lightning ``last.ckpt``, our checkpoint, a plain state_dict, a
+    ``.safetensors`` file or ``"default"`` (the bundled model). ``config`` replaces the embedded or
+    inferred configuration; ``overrides`` change fields of it (e.g. ``eval_router_noise=True``).
+    """
+    sd, embedded = read_checkpoint(path)
+    if config is None:
+        config = MoCEConfig.from_dict(embedded) if embedded else infer_config(sd)
+    if overrides:
+        config = config.replace(**overrides)
+    model = MoCEIR(config)
+    load_state_dict_strict(model, sd, source=str(path))
+    return model.to(device).eval()
+
+
+def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it)."""
+    from safetensors.torch import save_file
+
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"})
+    tmp.replace(path)
+    return path

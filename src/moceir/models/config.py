@@ -1,0 +1,118 @@
+"""Model configuration: a frozen dataclass, named presets and a registry.
+
+Field names follow upstream's options (``dim``, ``num_blocks``, ``num_dec_blocks``, ``heads``,
+``num_refinement_blocks``, ``num_exp_blocks``, ``topk``, ``latent_dim``, ``rank_type``, ...) so that
+the paper's commands map one-to-one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+RANK_TYPES = ("spread", "constant", "lin", "double", "exp", "fact")
+COMPLEXITY_SCALES = ("max", "min")
+
+
+@dataclass(frozen=True)
+class MoCEConfig:
+    dim: int = 32  # width d of the first level; levels are d, 2d, 4d, 8d
+    num_blocks: tuple[int, ...] = (4, 6, 6, 8)  # encoder blocks per level, last entry = latent blocks
+    num_dec_blocks: tuple[int, ...] = (2, 4, 4)  # decoder blocks, listed from the shallowest level
+    heads: tuple[int, ...] = (1, 2, 4, 8)  # attention heads per level
+    num_refinement_blocks: int = 4
+    ffn_expansion_factor: float = 2.0
+    bias: bool = False  # bias of the decoder attention/FFN, skip fusion and output conv
+    inp_channels: int = 3
+    out_channels: int = 3
+    num_exp_blocks: int = 4  # complexity experts per MoE layer
+    topk: int = 1
+    rank_type: str = "spread"  # "spread": expert ranks C/8, C/4, C/2, C
+    latent_dim: int = 2  # expert rank for the non-"spread" rank types (upstream's `rank`)
+    depth_type: str = "constant"  # kept for checkpoint compatibility; depth never changes the output
+    stage_depth: tuple[int, ...] = (1, 1, 1)
+    with_complexity: bool = True  # weight the importance loss by expert complexity (training only)
+    complexity_scale: str = "max"
+    eval_router_noise: bool = False  # upstream quirk: router noise also in eval (set True to reproduce it)
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "num_dec_blocks", "heads", "stage_depth"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        levels = len(self.num_blocks)
+        if levels < 2:
+            raise ValueError(f"num_blocks needs at least 2 entries (encoder levels + latent), got {self.num_blocks}")
+        if len(self.num_dec_blocks) != levels - 1:
+            raise ValueError(f"num_dec_blocks needs {levels - 1} entries for num_blocks={self.num_blocks}, "
+                             f"got {self.num_dec_blocks}")
+        if len(self.heads) != levels:
+            raise ValueError(f"heads needs {levels} entries, got {self.heads}")
+        if self.rank_type not in RANK_TYPES:
+            raise ValueError(f"rank_type must be one of {RANK_TYPES}, got {self.rank_type!r}")
+        if self.complexity_scale not in COMPLEXITY_SCALES:
+            raise ValueError(f"complexity_scale must be one of {COMPLEXITY_SCALES}, got {self.complexity_scale!r}")
+        if not 1 <= self.topk <= self.num_exp_blocks:
+            raise ValueError(f"topk must be in 1..num_exp_blocks={self.num_exp_blocks}, got {self.topk}")
+        for i, w in enumerate(self.widths):
+            if w % self.heads[i]:
+                raise ValueError(f"level {i} width {w} is not divisible by heads[{i}]={self.heads[i]}")
+
+    @property
+    def levels(self) -> int:
+        return len(self.num_blocks)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.dim * 2**i for i in range(self.levels))
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (self.levels - 1)
+
+    def expert_ranks(self, width: int) -> list[int]:
+        n, r = self.num_exp_blocks, self.latent_dim
+        rules: dict[str, Callable[[int], int]] = {
+            "spread": lambda i: width // 2 ** (n - 1 - i),
+            "constant": lambda i: r,
+            "lin": lambda i: r + i,
+            "double": lambda i: r + 2 * i,
+            "exp": lambda i: r ** (i + 1),
+            "fact": lambda i: math.factorial(r + i),
+        }
+        return [rules[self.rank_type](i) for i in range(n)]
+
+    def expert_patch_sizes(self) -> list[int]:
+        return [2 ** (i + 2) for i in range(self.num_exp_blocks)]
+
+    def replace(self, **overrides: Any) -> "MoCEConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoCEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, MoCEConfig] = {
+    "MoCE_IR_S": MoCEConfig(dim=32),
+    "MoCE_IR": MoCEConfig(dim=48),
+    # Test-sized network; identical to the configuration of golden/upstream_tiny_last.ckpt.
+    "MoCE_IR_tiny": MoCEConfig(dim=8, num_blocks=(1, 1, 1, 2), num_dec_blocks=(1, 1, 1), heads=(1, 1, 2, 2),
+                               num_refinement_blocks=1),
+}
+
+
+def get_config(name: str, **overrides: Any) -> MoCEConfig:
+    """Preset ``name`` with keyword overrides of any field."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model {name!r}; valid choices: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,84 @@
+"""Complexity experts and the mixture-of-experts adapter that dispatches images to them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import FFTAttention
+from .config import MoCEConfig
+from .layers import conv1x1
+from .router import Router, RouterOutput
+
+DISPATCH_MODES = ("auto", "dense", "sparse")
+
+
+class ComplexityExpert(nn.Module):
+    """Low-rank FFT-attention expert: ``proj2(body(proj0(x)) * silu(proj1(s))) + x``.
+
+    x, s: [B, C, H, W] (s is the shared branch) -> [B, C, H, W]. Upstream repeats this ``depth`` times on
+    the same input, which gives the same result as running it once, so it runs once here.
+    """
+
+    def __init__(self, dim: int, rank: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.ModuleList([conv1x1(dim, rank, False), conv1x1(dim, rank, False), conv1x1(rank, dim, False)])
+        self.body = FFTAttention(rank, patch_size)
+
+    def forward(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        return self.proj[2](self.body(self.proj[0](x)) * F.silu(self.proj[1](shared))) + x
+
+
+class MoCEAdapter(nn.Module):
+    """Mixture of complexity experts (upstream ``AdapterLayer``): ``proj_out(sum_topk gate * expert(x, s))``.
+
+    Every image is routed to its own experts at any batch size. Two equivalent dispatch paths:
+    - "dense": every expert runs on the whole batch and a [B, E] gate matrix selects; no host
+      synchronisation and static shapes (CUDA graphs / torch.compile friendly);
+    - "sparse": each expert runs only on the images routed to it (less arithmetic, needs the routing
+      on the host). "auto" picks dense on CUDA and sparse elsewhere.
+    """
+
+    def __init__(self, dim: int, freq_dim: int, config: MoCEConfig):
+        super().__init__()
+        ranks = config.expert_ranks(dim)
+        patches = config.expert_patch_sizes()
+        # Each expert sits in a one-element ModuleList so that its state_dict path is upstream's `experts.i.0`.
+        self.experts = nn.ModuleList([nn.ModuleList([ComplexityExpert(dim, r, p)]) for r, p in zip(ranks, patches)])
+        self.proj_out = conv1x1(dim, dim, False)
+        complexity = torch.tensor([sum(p.numel() for p in e.parameters()) for e in self.experts])
+        self.routing = Router(dim, freq_dim, config.num_exp_blocks, config.topk, complexity,
+                              config.with_complexity, config.complexity_scale)
+        self.dispatch = "auto"
+
+    def expert(self, i: int) -> ComplexityExpert:
+        return self.experts[i][0]
+
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor,
+                add_noise: bool) -> tuple[torch.Tensor, RouterOutput]:
+        """x, shared: [B, C, H, W]; freq_emb: [B, F] -> ([B, C, H, W], routing)."""
+        route = self.routing(x, freq_emb, add_noise)
+        mode = self.dispatch
+        if mode == "auto":
+            mode = "dense" if x.is_cuda else "sparse"
+        combine = self._dense if mode == "dense" else self._sparse
+        return self.proj_out(combine(x, shared, route)), route
+
+    def _dense(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        weights = torch.zeros_like(route.logits).scatter(1, route.indices, route.gates)  # [B, E]
+        out = None
+        for i in range(len(self.experts)):
+            y = self.expert(i)(x, shared) * weights[:, i].view(-1, 1, 1, 1).to(x.dtype)
+            out = y if out is None else out + y
+        return out
+
+    def _sparse(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for i in range(len(self.experts)):
+            rows, slots = (route.indices == i).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            gate = route.gates[rows, slots].view(-1, 1, 1, 1).to(x.dtype)
+            out = out.index_add(0, rows, self.expert(i)(x[rows], shared[rows]) * gate)
+        return out

@@ -1,0 +1,92 @@
+"""Basic layers of the MoCE-IR U-Net: channel LayerNorm, gated FFN, resampling."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Affine(nn.Module):
+    """Holds a LayerNorm's weight and bias under upstream's names (``body.weight``, ``body.bias``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of every pixel, [B, C, H, W] -> [B, C, H, W].
+
+    Normalises along dim 1 directly instead of transposing to [B, HW, C]; the variance is biased, eps 1e-5.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.body = _Affine(channels)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(1, keepdim=True)
+        xc = x - mu
+        var = xc.square().mean(1, keepdim=True)
+        w = self.body.weight.view(1, -1, 1, 1)
+        b = self.body.bias.view(1, -1, 1, 1)
+        return torch.addcmul(b, xc * torch.rsqrt(var + self.eps), w)
+
+
+def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)
+
+
+def depthwise(channels: int, kernel_size: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+
+class FeedForward(nn.Module):
+    """Gated depthwise-conv FFN: ``project_out(gelu(a) * b)``, with ``a, b = dwconv(project_in(x))``."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = conv1x1(dim, 2 * hidden, bias)
+        self.dwconv = depthwise(2 * hidden, 3, bias)
+        self.project_out = conv1x1(hidden, dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(a) * b)
+
+
+class PatchEmbed(nn.Module):
+    """3x3 conv from the image to the first level's width, [B, 3, H, W] -> [B, d, H, W]."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """[B, C, H, W] -> [B, 2C, H/2, W/2]: 3x3 conv to C/2, then PixelUnshuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """[B, C, H, W] -> [B, C/2, 2H, 2W]: 3x3 conv to 2C, then PixelShuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

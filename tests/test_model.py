@@ -1,0 +1,144 @@
+"""Behaviour of our network where upstream is wrong or unspecified: batching, determinism, depth, config."""
+
+import pytest
+import torch
+
+import moceir
+from moceir.models import MoCEConfig, get_config
+
+from conftest import fill_deterministic
+
+
+@pytest.fixture(scope="module")
+def mixed_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(8, 3, 32, 32, generator=g) * torch.rand(8, 3, 1, 1, generator=g)
+
+
+@pytest.fixture(scope="module")
+def routed_model(mixed_batch):
+    """Tiny model whose routers send image b of `mixed_batch` to expert (b + layer) % 4.
+
+    Random weights route a batch of random images alike, so the routers are calibrated: the pooled-feature
+    gate is zeroed and the frequency gate solved by least squares for one-hot target logits.
+    """
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    fill_deterministic(model, 0.1)
+    with torch.no_grad():
+        feats = model.freq_embed
+        captured = {}
+        hook = feats.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
+        model(mixed_batch)
+        hook.remove()
+        e = captured["e"]  # [B, 8d]
+        for layer, adapter in enumerate(model.adapters):
+            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
+            adapter.routing.gate[2].weight.zero_()
+            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
+    return model
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+def test_batch_equals_per_image_with_different_experts(routed_model, mixed_batch, dispatch):
+    routed_model.set_dispatch(dispatch)
+    with torch.no_grad():
+        batch = routed_model(mixed_batch, return_aux=True)
+        single = [routed_model(x[None], return_aux=True) for x in mixed_batch]
+    routed_model.set_dispatch("auto")
+    experts = batch.experts
+    assert all(len(set(layer.tolist())) == 4 for layer in experts), "the batch must exercise every expert"
+    assert torch.isfinite(batch.image).all()
+    for i, s in enumerate(single):
+        assert (s.experts[:, 0] == experts[:, i]).all()
+        assert (batch.image[i] - s.image[0]).abs().max() <= 1e-5
+
+
+def test_dense_and_sparse_dispatch_agree_in_training(routed_model, mixed_batch):
+    model = routed_model.train()
+    outs = {}
+    for mode in ("dense", "sparse"):
+        model.set_dispatch(mode)
+        torch.manual_seed(3)
+        out = model(mixed_batch)
+        out.image.mean().add(out.balance_loss).backward()
+        grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        outs[mode] = (out, grads)
+    model.eval().set_dispatch("auto")
+    (a, ga), (b, gb) = outs["dense"], outs["sparse"]
+    assert (a.image - b.image).abs().max() <= 1e-5
+    assert torch.allclose(a.balance_loss, b.balance_loss)
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_eval_is_deterministic_by_default(routed_model, mixed_batch):
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = routed_model(mixed_batch)
+        torch.manual_seed(2)
+        b = routed_model(mixed_batch)
+    assert torch.equal(a, b)
+
+
+def test_upstream_eval_noise_is_an_explicit_option(routed_model, mixed_batch):
+    routed_model.eval_router_noise = True
+    try:
+        with torch.no_grad():
+            torch.manual_seed(1)
+            a = routed_model(mixed_batch, return_aux=True)
+            torch.manual_seed(2)
+            b = routed_model(mixed_batch, return_aux=True)
+    finally:
+        routed_model.eval_router_noise = False
+    assert not torch.equal(a.experts, b.experts) or not torch.equal(a.image, b.image)
+
+
+def test_expert_depth_computed_once_equals_upstream_loop():
+    deep = moceir.create_model("MoCE_IR_tiny", stage_depth=(3, 3, 3))
+    fill_deterministic(deep, 0.3)
+    expert = deep.dec[0][2].layers[0].adapter.expert(3)
+    x, s = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        upstream = None
+        for _ in range(3):  # upstream: `for _ in range(depth): feat = process(feats, shared)`
+            upstream = expert(x, s)
+        assert torch.equal(expert(x, s), upstream)
+
+
+def test_training_returns_balance_loss_and_routing():
+    model = moceir.create_model("MoCE_IR_tiny").train()
+    out = model(torch.rand(4, 3, 16, 16))
+    assert out.image.shape == (4, 3, 16, 16)
+    assert out.balance_loss.ndim == 0 and out.balance_loss.item() > 0
+    assert out.experts.shape == (3, 4)
+    model.eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 16, 16))
+    assert isinstance(y, torch.Tensor)
+
+
+def test_presets_and_overrides():
+    assert sum(p.numel() for p in moceir.create_model("MoCE_IR_S").parameters()) == 11_477_752
+    assert sum(p.numel() for p in moceir.create_model("MoCE_IR").parameters()) == 25_353_796
+    cfg = get_config("MoCE_IR_S", dim=16, topk=2)
+    assert cfg.dim == 16 and cfg.topk == 2 and get_config("MoCE_IR_S").dim == 32
+    with pytest.raises(Exception):
+        cfg.dim = 8  # frozen
+
+
+def test_unknown_names_list_the_valid_choices():
+    with pytest.raises(KeyError, match="MoCE_IR_S"):
+        moceir.create_model("MoCE_IR_XL")
+    with pytest.raises(TypeError, match="valid fields"):
+        get_config("MoCE_IR_S", dimm=3)
+    with pytest.raises(ValueError, match="heads"):
+        MoCEConfig(dim=8, heads=(3, 1, 1, 1))
+    with pytest.raises(ValueError, match="dispatch"):
+        moceir.create_model("MoCE_IR_tiny").set_dispatch("fast")
+
+
+def test_input_size_must_be_multiple_of_8():
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.rand(1, 3, 20, 16))
