@@ -42,10 +42,11 @@ class DecoderBlock(nn.Module):
         self.ffn = FeedForward(dim, config.ffn_expansion_factor, config.bias)
         self.adapter = MoCEAdapter(dim, freq_dim, config)
 
-    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool,
+                force: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         u = self.norms[0](x)
         s = self.shared(self.proj[0](u))
-        a, route = self.adapter(self.proj[1](u), freq_emb, s, add_noise)
+        a, route = self.adapter(self.proj[1](u), freq_emb, s, add_noise, force)
         x = self.mixer(a, s) + x
         return x + self.ffn(self.norms[1](x)), route
 
@@ -70,9 +71,11 @@ class DecoderGroup(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([DecoderBlock(dim, heads, freq_dim, config) for _ in range(num_blocks)])
 
-    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool) -> tuple[torch.Tensor, list[RouterOutput]]:
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool,
+                force: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[RouterOutput]]:
+        """force: one [B, k] index tensor per block, or None."""
         routes = []
-        for layer in self.layers:
-            x, route = layer(x, freq_emb, add_noise)
+        for i, layer in enumerate(self.layers):
+            x, route = layer(x, freq_emb, add_noise, None if force is None else force[i])
             routes.append(route)
         return x, routes

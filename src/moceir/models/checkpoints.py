@@ -8,6 +8,7 @@ Files are read with ``weights_only=True``: a checkpoint never runs code.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -169,5 +170,6 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"})
+    os.chmod(tmp, 0o644)
     tmp.replace(path)
     return path

@@ -55,10 +55,10 @@ class MoCEAdapter(nn.Module):
     def expert(self, i: int) -> ComplexityExpert:
         return self.experts[i][0]
 
-    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor,
-                add_noise: bool) -> tuple[torch.Tensor, RouterOutput]:
-        """x, shared: [B, C, H, W]; freq_emb: [B, F] -> ([B, C, H, W], routing)."""
-        route = self.routing(x, freq_emb, add_noise)
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, shared: torch.Tensor, add_noise: bool,
+                force: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """x, shared: [B, C, H, W]; freq_emb: [B, F]; force: [B, k] or None -> ([B, C, H, W], routing)."""
+        route = self.routing(x, freq_emb, add_noise, force)
         mode = self.dispatch
         if mode == "auto":
             mode = "dense" if x.is_cuda else "sparse"

@@ -77,7 +77,13 @@ class MoCEIR(nn.Module):
             adapter.dispatch = mode
         return self
 
-    def forward(self, x: torch.Tensor, return_aux: bool | None = None) -> torch.Tensor | MoCEOutput:
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.config.num_dec_blocks)
+
+    def forward(self, x: torch.Tensor, return_aux: bool | None = None,
+                experts: torch.Tensor | None = None) -> torch.Tensor | MoCEOutput:
+        """x: [B, 3, H, W]. ``experts`` ([layers, B] or [layers, B, k]) forces each MoE layer's choice."""
         if return_aux is None:
             return_aux = self.training
         m = self.config.size_multiple
@@ -96,7 +102,9 @@ class MoCEIR(nn.Module):
         routing: list[RouterOutput] = []
         for up, fuse, group in self.dec:
             f = fuse(torch.cat([up(f), skips.pop()], dim=1))
-            f, routes = group(f, e, add_noise)
+            n = len(group.layers)
+            force = None if experts is None else list(experts[len(routing):len(routing) + n])
+            f, routes = group(f, e, add_noise, force)
             routing.extend(routes)
         image = self.output(self.refinement(f)) + x
         if not return_aux:

@@ -62,11 +62,20 @@ class Router(nn.Module):
         self.noise_std = 1.0 / num_experts
         self.use_complexity_bias = use_complexity_bias
 
-    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool) -> RouterOutput:
-        """x: [B, C, H, W]; freq_emb: [B, F]. Noise N(0, (1/E)^2) is added when ``add_noise``."""
+    def forward(self, x: torch.Tensor, freq_emb: torch.Tensor, add_noise: bool,
+                force: torch.Tensor | None = None) -> RouterOutput:
+        """x: [B, C, H, W]; freq_emb: [B, F]. Noise N(0, (1/E)^2) is added when ``add_noise``.
+
+        ``force`` ([B, k] expert indices) overrides the choice, e.g. to route all tiles of an image alike.
+        """
         logits = self.gate(x) + self.freq_gate(freq_emb)
         noisy = logits + torch.randn_like(logits) * self.noise_std if add_noise else logits
-        gates, indices = noisy.softmax(dim=-1).topk(self.k, dim=-1)
+        probs = noisy.softmax(dim=-1)
+        if force is None:
+            gates, indices = probs.topk(self.k, dim=-1)
+        else:
+            indices = force.to(device=probs.device, dtype=torch.long).view(len(probs), -1)
+            gates = probs.gather(1, indices)
         if self.training:
             complexity = self.complexity if self.use_complexity_bias else None
             balance = 0.5 * importance_loss(logits.softmax(dim=-1), complexity) \

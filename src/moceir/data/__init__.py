@@ -1,0 +1,1 @@
+"""Data: pure degradation functions, paired transforms and datasets in upstream's folder layouts."""

@@ -1,0 +1,245 @@
+"""Datasets in upstream MoCE-IR / PromptIR folder layouts (under ``--data_file_dir``).
+
+Every task lists its image pairs up front; a missing or empty folder raises :class:`DatasetLayoutError`
+naming the exact path and the layout expected, so a run never starts on a silently empty dataset.
+Tasks and benchmarks are named by strings, never by list position.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..io import IMAGE_EXTS, read_rgb
+from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
+                           add_gaussian_noise)
+
+TASKS = ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "synllie")
+TRAINSETS = ("standard", "CDD11_all", "CDD11_single", "CDD11_double", "CDD11_triple")
+BENCHMARKS = ("derain", "dehaze", "denoise_15", "denoise_25", "denoise_50", "gopro", "lolv1", "cdd11",
+              "raintrainl_val")
+DEHAZE_SOURCES = ("reside", "synthetic")
+# Upstream's repeat factors, which balance the tasks of the standard training set.
+UPSTREAM_REPEATS = {"denoise_15": 3, "denoise_25": 3, "denoise_50": 3, "derain": 120, "dehaze": 1, "deblur": 5,
+                    "synllie": 20, "cdd11": 2}
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A data folder is missing, empty or unpaired; the message names the path and the layout expected."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training or test example. ``degraded`` is None where the degradation is synthesised (noise, haze)."""
+
+    degraded: Path | None
+    clean: Path
+    task: str
+
+
+def images_in(folder: Path, layout: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"missing folder {folder}; expected layout: {layout}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise DatasetLayoutError(f"no images ({'/'.join(IMAGE_EXTS)}) in {folder}; expected layout: {layout}")
+    return files
+
+
+def _number(stem: str) -> str:
+    """Pair key of RainTrainL/Rain100L: rain-12 / norain-12 -> "12"."""
+    return re.sub(r"^(no)?rain-", "", stem)
+
+
+def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
+                 key: Callable[[str], str] = lambda s: s) -> list[Pair]:
+    """Match files by ``key(stem)``, not by sorted order; any unmatched degraded file is an error."""
+    by_key = {key(p.stem): p for p in clean}
+    missing = [p for p in degraded if key(p.stem) not in by_key]
+    if missing:
+        raise DatasetLayoutError(f"{len(missing)} file(s) in {missing[0].parent} have no clean counterpart in "
+                                 f"{clean[0].parent}, e.g. {missing[0].name}")
+    return [Pair(p, by_key[key(p.stem)], task) for p in degraded]
+
+
+def is_holdout(pair: Pair) -> bool:
+    """RainTrainL validation split: images whose number is a multiple of 10 (20 of 200)."""
+    num = _number(pair.clean.stem)
+    return num.isdigit() and int(num) % 10 == 0
+
+
+def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", holdout: bool = False) -> list[Pair]:
+    """The pairs of one training task in upstream's layout under ``root`` (un-repeated)."""
+    root = Path(root)
+    if task in DENOISE_SIGMAS or (task == "dehaze" and dehaze_source == "synthetic"):
+        den = root / "denoising"
+        layout = f"{den}/BSD400/*.jpg and optionally {den}/WaterlooED/*.bmp (clean images)"
+        clean = images_in(den / "BSD400", layout)
+        if (den / "WaterlooED").is_dir():
+            clean += images_in(den / "WaterlooED", layout)
+        return [Pair(None, p, task) for p in clean]
+    if task == "derain":
+        base = root / "deraining" / "RainTrainL"
+        layout = f"{base}/rainy/rain-N.png and {base}/gt/norain-N.png"
+        pairs = pair_by_name(images_in(base / "rainy", layout), images_in(base / "gt", layout), task, _number)
+        return [p for p in pairs if not (holdout and is_holdout(p))]
+    if task == "dehaze":
+        if dehaze_source not in DEHAZE_SOURCES:
+            raise ValueError(f"dehaze_source must be one of {DEHAZE_SOURCES}, got {dehaze_source!r}")
+        base = root / "dehazing" / "RESIDE"
+        layout = (f"{base}/part1..part4/NNNN_A_beta.jpg and {base}/clear/NNNN.jpg (RESIDE OTS); "
+                  "without OTS use --dehaze_source synthetic")
+        hazy = [p for part in ("part1", "part2", "part3", "part4") if (base / part).is_dir()
+                for p in images_in(base / part, layout)]
+        if not hazy:
+            raise DatasetLayoutError(f"no RESIDE OTS images in {base}/part1..4; expected layout: {layout}")
+        return pair_by_name(hazy, images_in(base / "clear", layout), task, lambda s: s.split("_")[0])
+    if task == "deblur":
+        base = root / "deblurring" / "GoPro" / "crop" / "train"
+        layout = f"{base}/input_crops/*.png and {base}/target_crops/*.png (same names)"
+        return pair_by_name(images_in(base / "input_crops", layout), images_in(base / "target_crops", layout), task)
+    if task == "synllie":
+        base = root / "llie" / "LOLv1" / "Train"
+        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
+        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), task)
+    raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+
+
+def cdd11_pairs(root: str | Path, split: str, subset: str) -> list[Pair]:
+    """CDD11: ``cdd11/<split>/<degradation>/`` + ``clear/``; subset all|single|double|triple or a folder name."""
+    base = Path(root) / "cdd11" / split
+    layout = f"{base}/<degradation, e.g. haze_rain>/*.png and {base}/clear/*.png (same names)"
+    clean = images_in(base / "clear", layout)
+    folders = sorted(d for d in base.iterdir() if d.is_dir() and d.name != "clear") if base.is_dir() else []
+    counts = {"single": 1, "double": 2, "triple": 3}
+    chosen = [d for d in folders if subset == "all" or d.name == subset
+              or counts.get(subset) == d.name.count("_") + 1]
+    if not chosen:
+        raise DatasetLayoutError(f"no CDD11 degradation folders for subset {subset!r} in {base}; expected layout: {layout}")
+    return [pair for d in chosen for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}")]
+
+
+def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all") -> list[Pair]:
+    """Test pairs of a benchmark, in the layouts upstream's test.py reads."""
+    root = Path(root)
+    if benchmark in DENOISE_SIGMAS:
+        base = root / "denoising" / "cBSD68" / "original_png"
+        return [Pair(None, p, benchmark) for p in images_in(base, f"{base}/*.png (clean CBSD68)")]
+    if benchmark == "derain":
+        base = root / "deraining" / "Rain100L"
+        layout = f"{base}/rainy/rain-N.png and {base}/gt/norain-N.png"
+        return pair_by_name(images_in(base / "rainy", layout), images_in(base / "gt", layout), benchmark, _number)
+    if benchmark == "raintrainl_val":
+        return [p for p in train_pairs(root, "derain") if is_holdout(p)]
+    if benchmark == "dehaze":
+        base = root / "dehazing" / "SOTS" / "outdoor"
+        layout = f"{base}/hazy/NNNN_A_beta.jpg and {base}/gt/NNNN.png"
+        return pair_by_name(images_in(base / "hazy", layout), images_in(base / "gt", layout), benchmark,
+                            lambda s: s.split("_")[0])
+    if benchmark == "gopro":
+        base = root / "deblurring" / "GoPro" / "test"
+        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
+        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), benchmark)
+    if benchmark == "lolv1":
+        base = root / "llie" / "LOLv1" / "Test"
+        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
+        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), benchmark)
+    if benchmark == "cdd11":
+        return cdd11_pairs(root, "test", cdd11_subset)
+    raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+
+
+def _rng() -> np.random.Generator:
+    """Per-sample generator drawn from torch's RNG: reproducible under a seed and distinct in each worker."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+
+def _fit(img: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad an image smaller than the patch size."""
+    ph, pw = max(0, size - img.shape[0]), max(0, size - img.shape[1])
+    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else img
+
+
+class PairedPatchDataset(Dataset):
+    """Random paired crops with the 8 flip/rotation augmentations; noise and haze are synthesised on the fly.
+
+    Item: {"lq": [3, p, p] float in [0, 1], "gt": same, "task": str, "path": str}.
+    """
+
+    def __init__(self, pairs: list[Pair], patch_size: int = 128):
+        if not pairs:
+            raise DatasetLayoutError("the training set is empty")
+        self.pairs = pairs
+        self.patch_size = patch_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, idx: int) -> dict:
+        pair, p, rng = self.pairs[idx], self.patch_size, _rng()
+        clean = _fit(crop_to_multiple(read_rgb(pair.clean), 16), p)
+        degraded = None if pair.degraded is None else _fit(crop_to_multiple(read_rgb(pair.degraded), 16), p)
+        if degraded is not None and degraded.shape != clean.shape:
+            raise DatasetLayoutError(f"{pair.degraded} is {degraded.shape[:2]} but its clean image {pair.clean} is "
+                                     f"{clean.shape[:2]}; the pair must have the same size")
+        y, x = rng.integers(0, clean.shape[0] - p + 1), rng.integers(0, clean.shape[1] - p + 1)
+        mode = int(rng.integers(0, 8))
+        clean = augment(clean[y:y + p, x:x + p], mode)
+        if degraded is None:
+            degraded = random_haze(clean, rng) if pair.task == "dehaze" else \
+                add_gaussian_noise(clean, sigma_for_task(pair.task), rng)
+        else:
+            degraded = augment(degraded[y:y + p, x:x + p], mode)
+        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "task": pair.task, "path": str(pair.clean)}
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "standard",
+                      dehaze_source: str = "reside", repeats: dict[str, int] | None = None,
+                      holdout: bool = False) -> dict[str, list[Pair]]:
+    """All training pairs per task, repeated by upstream's factors (overridable by ``repeats``)."""
+    if trainset not in TRAINSETS:
+        raise ValueError(f"trainset must be one of {TRAINSETS}, got {trainset!r}")
+    # Synthetic haze is made on the 400 BSD images: repeat them like a denoising task.
+    synthetic = {"dehaze": UPSTREAM_REPEATS["denoise_15"]} if dehaze_source == "synthetic" else {}
+    factors = {**UPSTREAM_REPEATS, **synthetic, **(repeats or {})}
+    if trainset.startswith("CDD11"):
+        return {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
+    unknown = [t for t in de_type if t not in TASKS]
+    if unknown or not de_type:
+        raise ValueError(f"unknown --de_type {unknown or de_type}; valid: {', '.join(TASKS)}")
+    return {t: train_pairs(root, t, dehaze_source, holdout) * factors[t] for t in de_type}
+
+
+class BenchmarkDataset(Dataset):
+    """Full test images centre-cropped to multiples of 16 (upstream's protocol).
+
+    Noise for the denoising benchmarks is seeded by the image's name and sigma, so a score does not depend
+    on what ran before. Item: {"lq", "gt": [3, H, W] float, "name": str}.
+    """
+
+    def __init__(self, pairs: list[Pair], crop_base: int = 16):
+        self.pairs = pairs
+        self.crop_base = crop_base
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, idx: int) -> dict:
+        pair = self.pairs[idx]
+        clean = crop_to_multiple(read_rgb(pair.clean), self.crop_base)
+        if pair.degraded is None:
+            sigma = sigma_for_task(pair.task)
+            degraded = add_gaussian_noise(clean, sigma, seeded_rng(pair.clean.name, sigma))
+        else:
+            degraded = crop_to_multiple(read_rgb(pair.degraded), self.crop_base)
+        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "name": (pair.degraded or pair.clean).name}

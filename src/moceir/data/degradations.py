@@ -1,0 +1,77 @@
+"""Degradations as pure functions of arrays. Images are HxWx3; uint8 in [0, 255] or float in [0, 1] as stated."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+DENOISE_SIGMAS = {"denoise_15": 15, "denoise_25": 25, "denoise_50": 50}
+
+
+def sigma_for_task(task: str) -> int:
+    """Noise level named by the task: "denoise_25" -> 25. (Upstream took it from the task's list position.)"""
+    if task not in DENOISE_SIGMAS:
+        raise ValueError(f"{task!r} is not a denoising task; valid: {', '.join(DENOISE_SIGMAS)}")
+    return DENOISE_SIGMAS[task]
+
+
+def add_gaussian_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8: ``clip(clean + sigma * N(0, 1), 0, 255)`` truncated to uint8, as upstream."""
+    noisy = clean.astype(np.float64) + rng.standard_normal(clean.shape) * sigma
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def seeded_rng(name: str, sigma: float) -> np.random.Generator:
+    """Noise generator for evaluation, fixed by the image's name and sigma (independent of run order)."""
+    return np.random.default_rng(zlib.crc32(f"{name}:{sigma}".encode()))
+
+
+def pseudo_depth(h: int, w: int, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
+    """Smooth pseudo-depth in [0, 1], [H, W] float32: a top-far vertical ramp plus bilinear low-frequency noise."""
+    coarse = rng.random((grid + 1, grid + 1))
+    ys, xs = np.linspace(0, grid, h), np.linspace(0, grid, w)
+    y0, x0 = np.minimum(ys.astype(int), grid - 1), np.minimum(xs.astype(int), grid - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    c = coarse
+    field = (c[y0][:, x0] * (1 - fy) * (1 - fx) + c[y0 + 1][:, x0] * fy * (1 - fx)
+             + c[y0][:, x0 + 1] * (1 - fy) * fx + c[y0 + 1][:, x0 + 1] * fy * fx)
+    ramp = np.linspace(1.0, 0.0, h)[:, None] * np.ones((1, w))
+    depth = 0.6 * ramp + 0.4 * field
+    depth = (depth - depth.min()) / max(depth.max() - depth.min(), 1e-6)
+    return depth.astype(np.float32)
+
+
+def add_haze(clean: np.ndarray, depth: np.ndarray, beta: float, airlight: np.ndarray | float) -> np.ndarray:
+    """Atmospheric scattering model: ``I = J t + A (1 - t)``, ``t = exp(-beta d)``.
+
+    clean: float [H, W, 3] in [0, 1]; depth: [H, W]; airlight: scalar or [3] -> float [H, W, 3] in [0, 1].
+    """
+    t = np.exp(-beta * depth)[..., None]
+    return np.clip(clean * t + np.asarray(airlight, dtype=np.float32) * (1.0 - t), 0.0, 1.0).astype(np.float32)
+
+
+def random_haze(clean_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 clean -> uint8 hazy with random beta in [0.6, 2.0] and a slightly tinted airlight in [0.7, 1.0]."""
+    h, w = clean_u8.shape[:2]
+    beta = rng.uniform(0.6, 2.0)
+    airlight = np.clip(rng.uniform(0.7, 1.0) + rng.uniform(-0.03, 0.03, size=3), 0, 1)
+    hazy = add_haze(clean_u8.astype(np.float32) / 255.0, pseudo_depth(h, w, rng), beta, airlight)
+    return np.round(hazy * 255.0).astype(np.uint8)
+
+
+def augment(img: np.ndarray, mode: int) -> np.ndarray:
+    """One of the 8 flips/rotations (upstream's modes 0..7) of an [H, W, C] array."""
+    if not 0 <= mode < 8:
+        raise ValueError(f"augmentation mode must be in 0..7, got {mode}")
+    out = np.rot90(img, k=mode // 2) if mode >= 2 else img
+    if mode == 1 or (mode >= 2 and mode % 2 == 1):
+        out = np.flipud(out)
+    return np.ascontiguousarray(out)
+
+
+def crop_to_multiple(img: np.ndarray, base: int = 16) -> np.ndarray:
+    """Centre-crop [H, W, ...] to multiples of ``base`` (upstream's ``crop_img``)."""
+    h, w = img.shape[:2]
+    ch, cw = h % base, w % base
+    return img[ch // 2:h - ch + ch // 2, cw // 2:w - cw + cw // 2]

@@ -1,0 +1,120 @@
+"""Benchmark evaluation (upstream's protocol) and routing analysis."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.datasets import BenchmarkDataset, benchmark_pairs
+from .inference import restore_tensor
+from .io import save_image
+from .metrics import psnr, ssim
+from .models import MoCEIR
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    rows: list[dict] = field(default_factory=list)  # per image: name, psnr, ssim (+ y variants), input_psnr, experts
+
+    def mean(self, key: str) -> float:
+        return float(np.mean([r[key] for r in self.rows])) if self.rows else float("nan")
+
+    def summary(self) -> dict:
+        keys = [k for k in ("psnr", "ssim", "psnr_y", "ssim_y", "input_psnr") if self.rows and k in self.rows[0]]
+        return {"benchmark": self.name, "images": len(self.rows), **{k: round(self.mean(k), 4) for k in keys}}
+
+
+def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
+                       y_channel: bool = False, save_dir: Path | None = None, cdd11_subset: str = "all",
+                       progress: bool = True) -> BenchmarkResult:
+    """Centre-crop to multiples of 16, clamp to [0, 1], PSNR/SSIM on RGB with data_range 1 (upstream)."""
+    ds = BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
+    result = BenchmarkResult(benchmark)
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    for item in tqdm(ds, desc=benchmark, disable=not progress, leave=False):
+        lq = item["lq"][None].to(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out, experts = restore_tensor(model, lq, return_experts=True)
+        seconds = time.perf_counter() - t0
+        restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
+        clean = item["gt"].permute(1, 2, 0).numpy()
+        degraded = item["lq"].permute(1, 2, 0).numpy()
+        row = {"name": item["name"], "psnr": psnr(clean, restored), "ssim": ssim(clean, restored),
+               "input_psnr": psnr(clean, degraded), "seconds": round(seconds, 4),
+               "experts": experts[:, 0, 0].tolist(), "size": list(clean.shape[:2])}
+        if y_channel:
+            row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
+            row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
+        result.rows.append(row)
+        if save_dir is not None:
+            save_image(save_dir / f"{Path(item['name']).stem}.png", restored)
+    return result
+
+
+def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:
+    extra = [k for k in ("psnr_y", "ssim_y") if results and results[0].rows and k in results[0].rows[0]]
+    head = ["benchmark", "images", "PSNR", "SSIM"] + [k.replace("_y", " (Y)").upper() for k in extra] + ["input PSNR"]
+    lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        vals = [r.name, str(len(r.rows)), f"{r.mean('psnr'):.2f}", f"{r.mean('ssim'):.4f}"]
+        vals += [f"{r.mean(k):.2f}" if k.startswith("psnr") else f"{r.mean(k):.4f}" for k in extra]
+        vals.append(f"{r.mean('input_psnr'):.2f}")
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "") -> dict[str, Path]:
+    """results.md (table), results.json (summaries + per-image rows), per_image.csv."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "results.md", "json": out_dir / "results.json", "csv": out_dir / "per_image.csv"}
+    paths["md"].write_text(markdown_table(results, title))
+    paths["json"].write_text(json.dumps({"title": title, "summary": [r.summary() for r in results],
+                                         "per_image": {r.name: r.rows for r in results}}, indent=1))
+    with open(paths["csv"], "w", newline="") as f:
+        keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts"]
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            for row in r.rows:
+                writer.writerow({"benchmark": r.name, **row, "experts": " ".join(map(str, row["experts"]))})
+    return paths
+
+
+def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) -> np.ndarray:
+    """[benchmarks, layers, experts] number of images that picked each expert."""
+    counts = np.zeros((len(results), layers, experts), dtype=np.int64)
+    for t, r in enumerate(results):
+        for row in r.rows:
+            for layer, e in enumerate(row["experts"]):
+                counts[t, layer, e] += 1
+    return counts
+
+
+def routing_flops(model: MoCEIR, results: list[BenchmarkResult]) -> list[dict]:
+    """Per benchmark: expert FLOPs actually spent vs. running every expert (per image, summed over layers)."""
+    from .flops import expert_flops_per_pixel, moe_layer_scales
+
+    per_pixel = expert_flops_per_pixel(model).numpy()  # [layers, experts]
+    scales = np.array(moe_layer_scales(model), dtype=np.float64)
+    rows = []
+    for r in results:
+        spent = every = 0.0
+        for row in r.rows:
+            h, w = row.get("size", (256, 256))
+            pixels = h * w / scales**2
+            spent += sum(per_pixel[layer, e] * pixels[layer] for layer, e in enumerate(row["experts"]))
+            every += float((per_pixel.sum(axis=1) * pixels).sum())
+        rows.append({"benchmark": r.name, "expert_gflops_spent": spent / 1e9 / max(1, len(r.rows)),
+                     "expert_gflops_all": every / 1e9 / max(1, len(r.rows)),
+                     "share": spent / every if every else float("nan")})
+    return rows

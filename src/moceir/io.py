@@ -1,0 +1,135 @@
+"""Image reading and writing with one-line errors that name the file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(RuntimeError):
+    """An image file could not be read; the message names the file and what to do."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read any supported image as uint8 RGB [H, W, 3]."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove the file") from None
+
+
+@dataclass
+class LoadedImage:
+    """An image as the network sees it plus what is needed to write it back like the input.
+
+    rgb: float32 [H, W, 3] in [0, 1]; alpha: float32 [H, W] or None; bit_depth: 8 or 16; grayscale: input had one
+    channel.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    bit_depth: int
+    grayscale: bool
+    format: str
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else 8
+
+
+def _load_16bit(path: Path) -> np.ndarray:
+    """16-bit PNG (pypng) or TIFF (tifffile) -> float32 [H, W, C] in [0, 1]; PIL would reduce RGB to 8 bits."""
+    if path.suffix.lower() == ".png":
+        import png
+
+        w, h, rows, info = png.Reader(filename=str(path)).asDirect()
+        planes = info["planes"]
+        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+    else:
+        import tifffile
+
+        arr = tifffile.imread(str(path))
+        arr = arr[..., None] if arr.ndim == 2 else arr
+    return arr.astype(np.float32) / 65535.0
+
+
+def load_image(path: str | Path) -> LoadedImage:
+    """Read 8/16-bit gray, RGB or RGBA (PNG, JPEG, TIFF, WebP, BMP), applying the EXIF orientation."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            fmt = im.format or path.suffix.lstrip(".").upper()
+            sixteen = (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "TIFF" and _tiff_is_16bit(path))
+            if sixteen:
+                arr = _load_16bit(path)
+                gray = arr.shape[2] in (1, 2)
+                alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
+                rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
+                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt)
+            im = ImageOps.exif_transpose(im)
+            grayscale = im.mode in ("L", "LA", "1", "I", "F")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+                return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt)
+            return LoadedImage(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, None, 8, grayscale, fmt)
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: image too large ({e}); restore a downscaled copy, or raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except ImageReadError:
+        raise
+    except Exception as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {detail}); "
+                             "the file is truncated, empty or not an image") from None
+
+
+def _tiff_is_16bit(path: Path) -> bool:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as t:
+        return t.pages[0].dtype == np.uint16
+
+
+def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
+               grayscale: bool = False) -> None:
+    """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
+
+    16 bits are kept for PNG and TIFF; other formats are written with 8.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    planes = [rgb.mean(axis=2, keepdims=True) if grayscale else rgb]
+    if alpha is not None and suffix not in (".jpg", ".jpeg"):
+        planes.append(alpha[..., None])
+    data = np.clip(np.concatenate(planes, axis=2), 0.0, 1.0)
+    if bit_depth == 16 and suffix in (".png", ".tif", ".tiff"):
+        u16 = np.round(data * 65535).astype(np.uint16)
+        if suffix == ".png":
+            import png
+
+            h, w, c = u16.shape
+            writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
+            with open(path, "wb") as f:
+                writer.write(f, u16.reshape(h, w * c))
+        else:
+            import tifffile
+
+            tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16)
+        return
+    u8 = np.round(data * 255).astype(np.uint8)
+    im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
+    kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    im.save(path, **kwargs)

@@ -1,0 +1,89 @@
+"""Plots people would rather look at than read: training curves and routing heatmaps."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def _read_metrics(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            step = float(row.get("step") or 0)
+            for k, v in row.items():
+                if k not in ("step", "epoch") and v not in ("", None):
+                    series.setdefault(k, []).append((step, float(v)))
+    return {k: (np.array([s for s, _ in v]), np.array([y for _, y in v])) for k, v in series.items()}
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if len(y) < 3 or window < 2:
+        return y
+    window = min(window, len(y))
+    kernel = np.ones(window) / window
+    padded = np.pad(y, (window // 2, window - 1 - window // 2), mode="edge")
+    return np.convolve(padded, kernel, mode="valid")
+
+
+def plot_training_logs(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Training loss, balance loss and learning rate over steps -> PNG (default run_dir/training_curves.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    m = _read_metrics(run_dir)
+    panels = [("train/loss", "training loss (L1 + FFT + balance)", True), ("train/l1", "L1", True),
+              ("train/balance", "balance loss (per MoE layer, mean)", False), ("train/lr", "learning rate", False)]
+    panels = [p for p in panels if p[0] in m]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, title, log) in zip(axes[0], panels):
+        x, y = m[key]
+        if key != "train/lr":
+            ax.plot(x, y, color="tab:blue", alpha=0.25, lw=0.8, label="raw")
+            ax.plot(x, _smooth(y, max(1, len(y) // 30)), color="tab:blue", lw=1.8, label="smoothed")
+            ax.legend(fontsize=8)
+        else:
+            ax.plot(x, y, color="tab:orange", lw=1.8)
+        if log and (y > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"moceir training: {run_dir.name}", fontsize=11)
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "training_curves.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_routing_heatmap(counts: np.ndarray, tasks: list[str], out: str | Path, title: str = "") -> Path:
+    """counts: [tasks, layers, experts] -> one heatmap per MoE layer of the share of images per expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_tasks, n_layers, n_exp = counts.shape
+    share = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
+    fig, axes = plt.subplots(1, n_layers, figsize=(1.2 * n_exp * n_layers / 2 + 2, 0.45 * n_tasks + 1.8),
+                             sharey=True, squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        im = ax.imshow(share[:, layer], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(n_exp), [f"E{i}" for i in range(n_exp)], fontsize=7)
+        ax.set_title(f"layer {layer}", fontsize=8)
+        if layer == 0:
+            ax.set_yticks(range(n_tasks), tasks, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of images")
+    fig.suptitle(title or "expert picked per task and MoE layer (E0 cheapest .. E3 costliest)", fontsize=10)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out)
