@@ -140,7 +140,10 @@ class PlotAtEnd(Callback):
                 lg.save()
             from .plots import plot_training_logs
 
-            plot_training_logs(self.run_dir)
+            try:
+                plot_training_logs(self.run_dir)
+            except FileNotFoundError:  # too few steps to log anything
+                print(f"no logged steps yet; no plots written to {self.run_dir}")
 
 
 def resolve_checkpoint(ref: str, ckpt_dir: str) -> Path:

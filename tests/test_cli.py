@@ -1,0 +1,167 @@
+"""The moceir command end to end: info, restore (with bad inputs), test, routing, plot-logs."""
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import moceir
+from moceir.cli import main
+from moceir.io import save_image
+
+from conftest import fill_deterministic
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.05)
+    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
+
+
+def _bomb_png(path, side=30000):
+    """A valid PNG header claiming side x side pixels: above PIL's decompression-bomb limit."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_info_reports_parameters(capsys):
+    assert main(["info", "MoCE_IR_tiny", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    n = sum(p.numel() for p in moceir.create_model("MoCE_IR_tiny").parameters())
+    assert f"parameters: {n:,}" in out and "expert 3" in out and "GFLOPs" in out
+
+
+def test_restore_batch_goes_on_past_bad_inputs(tmp_path, tiny_ckpt, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rgb = np.random.default_rng(0).random((30, 41, 3)).astype(np.float32)
+    save_image(inp / "good.png", rgb)
+    save_image(inp / "gray16.png", rgb, bit_depth=16, grayscale=True)
+    save_image(inp / "rgba.png", rgb, alpha=np.full((30, 41), 0.5, np.float32))
+    save_image(inp / "photo.jpg", rgb)
+    good = (inp / "good.png").read_bytes()
+    (inp / "truncated.png").write_bytes(good[: len(good) // 2])
+    (inp / "text.png").write_text("hello")
+    (inp / "zero.png").write_bytes(b"")
+    _bomb_png(inp / "bomb.png")
+    (tmp_path / "emptydir").mkdir()
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    code = main(["restore", str(inp), str(tmp_path / "emptydir"), "-o", str(out), "--checkpoint", tiny_ckpt,
+                 "--report", str(report), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    for name in ("truncated.png", "text.png", "zero.png", "bomb.png", "emptydir"):
+        line = [ln for ln in err.splitlines() if name in ln]
+        assert len(line) == 1, (name, err)
+    assert "too large" in [ln for ln in err.splitlines() if "bomb.png" in ln][0]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["good.png", "gray16.png", "photo.jpg", "rgba.png"]
+    from moceir.io import load_image
+
+    assert load_image(out / "gray16.png").bit_depth == 16 and load_image(out / "gray16.png").grayscale
+    assert load_image(out / "rgba.png").alpha is not None
+    assert load_image(out / "good.png").rgb.shape == (30, 41, 3)
+    rep = json.loads(report.read_text())
+    assert len(rep["images"]) == 4 and all(len(r["experts"]) == 3 for r in rep["images"])
+
+
+def test_restore_never_overwrites(tmp_path, tiny_ckpt, capsys):
+    src = tmp_path / "a.png"
+    save_image(src, np.zeros((16, 16, 3), np.float32))
+    before = src.read_bytes()
+    assert main(["restore", str(src), "-o", str(tmp_path), "--checkpoint", tiny_ckpt, "--quiet"]) == 1
+    assert "overwrite an input" in capsys.readouterr().err
+    assert src.read_bytes() == before
+    out = tmp_path / "o"
+    assert main(["restore", str(src), "-o", str(out), "--checkpoint", tiny_ckpt, "--quiet"]) == 0
+    assert main(["restore", str(src), "-o", str(out), "--checkpoint", tiny_ckpt, "--quiet"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["restore", str(src), "-o", str(out), "--checkpoint", tiny_ckpt, "--quiet", "--overwrite"]) == 0
+
+
+def test_restore_reports_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("nope")
+    assert main(["restore", str(bad), "-o", str(tmp_path / "o"), "--checkpoint", str(bad)]) == 2
+    assert "bad.ckpt" in capsys.readouterr().err
+
+
+def test_restore_tiles_and_matches_size(tmp_path, tiny_ckpt):
+    src = tmp_path / "big.png"
+    save_image(src, np.random.default_rng(1).random((200, 150, 3)).astype(np.float32))
+    assert main(["restore", str(src), "-o", str(tmp_path / "o"), "--checkpoint", tiny_ckpt, "--tile", "64",
+                 "--tile_overlap", "16", "--quiet", "--ext", "webp"]) == 0
+    from moceir.io import load_image
+
+    assert load_image(tmp_path / "o" / "big.webp").rgb.shape == (200, 150, 3)
+
+
+def test_test_command_end_to_end(tmp_path, tiny_layout, tiny_ckpt, capsys):
+    out = tmp_path / "results"
+    code = main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_25", "dehaze", "lolv1", "--data_file_dir",
+                 str(tiny_layout), "--output_path", str(out), "--save_results", "--y_channel", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert [s["benchmark"] for s in summary] == ["denoise_25", "dehaze", "lolv1"]
+    assert all(s["images"] == 3 and np.isfinite(s["psnr"]) and "psnr_y" in s for s in summary)
+    assert "| denoise_25 | 3 |" in (out / "results.md").read_text()
+    assert len((out / "per_image.csv").read_text().splitlines()) == 10
+    assert len(list((out / "images" / "lolv1").iterdir())) == 3
+
+
+def test_test_command_missing_benchmark_folder(tmp_path, tiny_layout, tiny_ckpt, capsys):
+    code = main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "gopro", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(tmp_path / "r")])
+    assert code == 1
+    assert "deblurring/GoPro/test/input" in capsys.readouterr().err
+
+
+def test_routing_command(tmp_path, tiny_layout, tiny_ckpt):
+    out = tmp_path / "routing"
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_15", "lolv1", "--data_file_dir",
+                 str(tiny_layout), "--output_path", str(out)]) == 0
+    data = json.loads((out / "routing.json").read_text())
+    assert np.array(data["counts"]).shape == (2, 3, 4)
+    assert np.array(data["counts"]).sum(axis=2).tolist() == [[3, 3, 3], [3, 3, 3]]
+    assert (out / "routing_heatmap.png").stat().st_size > 1000
+    assert all(0 < f["share"] <= 1 for f in data["flops"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--model", "MoCE_IR_XL"], "invalid choice"),
+    (["train", "--batch_size", "0"], "must be > 0"),
+    (["train", "--patch_size", "100"], "multiple of 8"),
+    (["train", "--de_type", "denoise_99"], "invalid choice"),
+    (["train", "--loss_type", "ssim"], "invalid choice"),
+    (["train", "--repeat", "derain"], "TASK=N"),
+])
+def test_bad_flag_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_missing_data_dir(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", "--de_type", "derain", "--data_file_dir", str(tmp_path / "nope")])
+
+
+def test_train_missing_task_folder_stops_before_training(tmp_path, tiny_layout):
+    from moceir.data.datasets import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError, match="llie/LOLv1/Train/input"):
+        main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "synllie", "--data_file_dir",
+              str(tiny_layout), "--ckpt_dir", str(tmp_path / "ck"), "--num_gpus", "0"])
+    assert not (tmp_path / "ck").exists()
+
+
+def test_plot_logs_missing(tmp_path, capsys):
+    assert main(["plot-logs", str(tmp_path)]) == 1
+    assert "metrics.csv" in capsys.readouterr().err

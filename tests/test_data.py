@@ -1,0 +1,141 @@
+"""Degradations (pure functions), dataset layouts and their errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moceir.data.datasets import (BenchmarkDataset, DatasetLayoutError, PairedPatchDataset, benchmark_pairs,
+                                  build_train_pairs, pair_by_name, train_pairs)
+from moceir.data.degradations import (add_gaussian_noise, add_haze, augment, crop_to_multiple, pseudo_depth,
+                                      random_haze, seeded_rng, sigma_for_task)
+
+
+def test_sigma_is_chosen_by_task_name_not_position():
+    assert [sigma_for_task(t) for t in ("denoise_50", "denoise_15", "denoise_25")] == [50, 15, 25]
+    with pytest.raises(ValueError, match="denoise_15"):
+        sigma_for_task("derain")
+
+
+def test_gaussian_noise_matches_upstream_formula():
+    clean = np.full((64, 64, 3), 128, np.uint8)
+    noisy = add_gaussian_noise(clean, 25, np.random.default_rng(0))
+    expected = np.clip(128 + np.random.default_rng(0).standard_normal(clean.shape) * 25, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(noisy, expected)
+    assert abs((noisy.astype(float) - 128).std() - 25) < 1.0
+
+
+def test_evaluation_noise_depends_only_on_name_and_sigma():
+    a = seeded_rng("0001.png", 25).standard_normal(4)
+    seeded_rng("other.png", 50).standard_normal(100)  # another benchmark ran in between
+    b = seeded_rng("0001.png", 25).standard_normal(4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, seeded_rng("0001.png", 15).standard_normal(4))
+
+
+def test_haze_model_on_tiny_input():
+    clean = np.zeros((2, 2, 3), np.float32)
+    depth = np.array([[0.0, 1.0], [0.5, 2.0]], np.float32)
+    hazy = add_haze(clean, depth, beta=1.0, airlight=0.9)
+    np.testing.assert_allclose(hazy[..., 0], 0.9 * (1 - np.exp(-depth)), rtol=1e-6)
+    d = pseudo_depth(16, 24, np.random.default_rng(0))
+    assert d.shape == (16, 24) and d.min() >= 0 and d.max() <= 1 and d[0].mean() > d[-1].mean()
+    out = random_haze(np.full((16, 16, 3), 10, np.uint8), np.random.default_rng(1))
+    assert out.dtype == np.uint8 and out.mean() > 10  # haze brightens a dark image
+
+
+def test_augment_modes_are_the_8_dihedral_transforms():
+    img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
+    outs = {augment(img, m).tobytes() + bytes(augment(img, m).shape) for m in range(8)}
+    assert len(outs) == 8
+    np.testing.assert_array_equal(augment(img, 0), img)
+    np.testing.assert_array_equal(augment(img, 1), np.flipud(img))
+    with pytest.raises(ValueError):
+        augment(img, 8)
+
+
+def test_crop_to_multiple_is_centred():
+    img = np.arange(35 * 20).reshape(35, 20)
+    out = crop_to_multiple(img, 16)
+    assert out.shape == (32, 16)
+    np.testing.assert_array_equal(out, img[1:33, 2:18])
+
+
+def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def test_pairs_are_matched_by_name_not_sorted_order(tiny_layout):
+    pairs = train_pairs(tiny_layout, "derain")
+    assert {(p.degraded.stem, p.clean.stem) for p in pairs} == {("rain-1", "norain-1"), ("rain-2", "norain-2"),
+                                                                  ("rain-10", "norain-10")}
+    assert all(p.degraded.stem.split("-")[1] == p.clean.stem.split("-")[1] for p in pairs)
+
+
+def test_unmatched_file_is_an_error(tiny_layout):
+    _write(tiny_layout / "deraining/RainTrainL/rainy/rain-99.png", np.zeros((40, 48, 3), np.uint8))
+    with pytest.raises(DatasetLayoutError, match="rain-99"):
+        train_pairs(tiny_layout, "derain")
+
+
+@pytest.mark.parametrize("task,expected", [
+    ("deblur", "deblurring/GoPro/crop/train/input_crops"),
+    ("synllie", "llie/LOLv1/Train/input"),
+    ("dehaze", "dehazing/RESIDE"),
+])
+def test_missing_task_folder_names_the_exact_path(tmp_path, task, expected):
+    with pytest.raises(DatasetLayoutError, match=expected):
+        build_train_pairs(tmp_path, [task])
+
+
+def test_empty_folder_is_an_error(tmp_path):
+    (tmp_path / "denoising/BSD400").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="no images"):
+        build_train_pairs(tmp_path, ["denoise_25"])
+
+
+def test_unknown_task_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="denoise_15"):
+        build_train_pairs(tmp_path, ["denoise_99"])
+
+
+def test_repeat_factors_and_synthetic_haze(tiny_layout):
+    sets = build_train_pairs(tiny_layout, ["denoise_15", "derain", "dehaze"], dehaze_source="synthetic",
+                             repeats={"derain": 2})
+    assert {k: len(v) for k, v in sets.items()} == {"denoise_15": 9, "derain": 6, "dehaze": 9}
+    ds = PairedPatchDataset([p for v in sets.values() for p in v], patch_size=32)
+    for i in (0, 9, 20):
+        item = ds[i]
+        assert item["lq"].shape == item["gt"].shape == (3, 32, 32)
+        assert 0 <= item["lq"].min() and item["lq"].max() <= 1
+        assert not (item["lq"] == item["gt"]).all()
+
+
+def test_holdout_keeps_validation_split_out(tiny_layout):
+    train = train_pairs(tiny_layout, "derain", holdout=True)
+    val = benchmark_pairs(tiny_layout, "raintrainl_val")
+    assert [p.clean.stem for p in val] == ["norain-10"]
+    assert "norain-10" not in {p.clean.stem for p in train}
+
+
+def test_benchmark_dataset_crops_and_seeds_noise(tiny_layout):
+    ds = BenchmarkDataset(benchmark_pairs(tiny_layout, "denoise_25"))
+    a, b = ds[0], ds[0]
+    assert a["lq"].shape == (3, 32, 48)  # 40x48 centre-cropped to multiples of 16
+    assert (a["lq"] == b["lq"]).all()
+
+
+def test_pair_by_name_custom_key(tmp_path):
+    d = [tmp_path / "0001_0.8_0.2.jpg"]
+    c = [tmp_path / "0001.png", tmp_path / "0002.png"]
+    pairs = pair_by_name(d, c, "dehaze", lambda s: s.split("_")[0])
+    assert pairs[0].clean.name == "0001.png"
+
+
+def test_shared_datasets_layout(datasets_dir):
+    assert len(benchmark_pairs(datasets_dir, "denoise_15")) == 68
+    assert len(benchmark_pairs(datasets_dir, "dehaze")) == 7
+    assert len(benchmark_pairs(datasets_dir, "lolv1")) == 15
+    assert len(train_pairs(datasets_dir, "derain")) == 200
+    item = PairedPatchDataset(train_pairs(datasets_dir, "derain")[:2], patch_size=64)[1]
+    assert item["lq"].shape == (3, 64, 64)
