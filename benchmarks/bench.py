@@ -1,0 +1,111 @@
+"""moceir benchmark suite: inference ms/image and training patches/s, peak memory, on CPU and CUDA.
+
+    python benchmarks/bench.py --device cpu  --out docs/bench_cpu.json
+    python benchmarks/bench.py --device cuda --out bench_gpu.json
+
+Prints a Markdown table (also written next to --out). Every row is one configuration measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from common import build, inference_seconds, peak_memory_mb, reset_peak, train_patches_per_second
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default="MoCE_IR_S")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max_pixels", type=float, default=8 * 1024 * 1024, help="skip inference rows above this batch*H*W")
+    p.add_argument("--train_batches", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--patch", type=int, default=128)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--modes", nargs="+", default=["eager"], help="eager and/or compiled")
+    p.add_argument("--layouts", nargs="+", default=["channels_last"], help="channels_last and/or nchw")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train_repeats", type=int, default=5)
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for layout in a.layouts:
+        for mode in a.modes:
+            for precision in a.precisions:
+                if precision != "fp32" and device.type == "cpu":
+                    continue
+                model = build(a.model, device, layout == "channels_last", mode == "compiled")
+                for size in a.sizes:
+                    for batch in a.batches:
+                        if batch * size * size > a.max_pixels:
+                            continue
+                        reset_peak(device)
+                        t0 = time.perf_counter()
+                        sec = inference_seconds(model, device, size, batch, precision, warmup=2 if mode == "eager" else 3,
+                                                repeats=a.repeats)
+                        record({"task": "inference", "layout": layout, "mode": mode, "precision": precision,
+                                "size": size, "batch": batch, "ms_per_image": 1000 * sec / batch,
+                                "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
+                                "wall_s": time.perf_counter() - t0})
+                if a.skip_train:
+                    continue
+                for batch in a.train_batches:
+                    model = build(a.model, device, layout == "channels_last", mode == "compiled")
+                    reset_peak(device)
+                    t0 = time.perf_counter()
+                    rate = train_patches_per_second(model, device, batch, a.patch, precision, warmup=3,
+                                                    repeats=a.train_repeats)
+                    record({"task": "train", "layout": layout, "mode": mode, "precision": precision,
+                            "patch": a.patch, "batch": batch, "patches_per_s": rate, "peak_mb": peak_memory_mb(device),
+                            "wall_s": time.perf_counter() - t0})
+                del model
+    meta = {"device": _device_name(device), "torch": torch.__version__, "model": a.model,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "python benchmarks/bench.py " +
+            " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()
+                     if not isinstance(v, bool)) + (" --skip_train" if a.skip_train else "")}
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = to_markdown(meta, rows)
+    Path(a.out).with_suffix(".md").write_text(md)
+    print(md)
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"**{meta['model']} on {meta['device']}**, torch {meta['torch']}, {meta['date']}", "",
+             "| task | layout | mode | precision | size / patch | batch | result | peak memory |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["task"] == "inference":
+            res = f"{r['ms_per_image']:.1f} ms/image ({r['images_per_s']:.1f} img/s)"
+            size = f"{r['size']}²"
+        else:
+            res = f"{r['patches_per_s']:.1f} patches/s"
+            size = f"{r['patch']}²"
+        lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r['precision']} | {size} | {r['batch']} | "
+                     f"{res} | {r['peak_mb']:.0f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
