@@ -51,6 +51,7 @@ def main() -> None:
     def record(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
+        Path(a.out).write_text(json.dumps({"meta": {"device": _device_name(device), "partial": True}, "rows": rows}))
 
     for layout in a.layouts:
         for mode in a.modes:

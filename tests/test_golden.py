@@ -123,3 +123,34 @@ def test_upstream_lightning_checkpoint_loads_and_reproduces():
     np.testing.assert_allclose(got, g["output_router_noise_seed0"], atol=1e-6, rtol=0)
     # The noise is real: the noisy golden differs from the clean one by more than our error.
     assert np.abs(got - g["output_router_noise_seed0"]).max() < np.abs(g["output"] - g["output_router_noise_seed0"]).max() / 5
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+def test_channels_last_fast_path_matches_goldens(dispatch):
+    """The channels-last attention and LayerNorm paths and both dispatch modes reproduce upstream too."""
+    g = _golden("moce_ir_s_forward")
+    model = moceir.create_model("MoCE_IR_S").eval().set_dispatch(dispatch)
+    fill_deterministic(model, float(g["fill_std"]))
+    model = model.to(memory_format=torch.channels_last)
+    for case in ("square", "rect"):
+        x = torch.from_numpy(g[f"{case}_input"]).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = model(x, return_aux=True)
+        np.testing.assert_allclose(out.image.numpy(), g[f"{case}_output"], atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(out.experts.numpy(), g[f"{case}_experts"])
+
+
+def test_channels_last_modules_match_goldens():
+    g = _golden("moce_ir_s_modules")
+    model = moceir.create_model("MoCE_IR_S").eval()
+    fill_deterministic(model, float(g["fill_std"]))
+    model = model.to(memory_format=torch.channels_last)
+    cl = {k: torch.from_numpy(v).contiguous(memory_format=torch.channels_last) if v.ndim == 4 else torch.from_numpy(v)
+          for k, v in g.items() if v.ndim}
+    for path in MODULE_BLOCKS:
+        block = model.get_submodule(path)
+        with torch.no_grad():
+            assert _rel(block(cl[f"{path}__in"], cl[f"{path}__freq"], add_noise=False)[0], g[f"{path}__out"]) <= 1e-5
+            assert _rel(block.shared(cl[f"{path}.shared__in"]), g[f"{path}.shared__out"]) <= 1e-5
+            assert _rel(block.mixer(cl[f"{path}.mixer__x"], cl[f"{path}.mixer__y"]), g[f"{path}.mixer__out"]) <= 1e-5
+            assert _rel(block.norms[0](cl[f"{path}.norms.0__in"]), g[f"{path}.norms.0__out"]) <= 1e-5

@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule_epochs=args.schedule_epochs, loss_type=args.loss_type, fft_loss_weight=args.fft_loss_weight,
         balance_loss_weight=args.balance_loss_weight, num_workers=args.num_workers, num_gpus=args.num_gpus,
         num_cpu_processes=args.num_cpu_processes, precision=args.precision, compile=args.compile,
-        dispatch=args.dispatch, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
+        dispatch=args.dispatch, channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)
     run_dir = train(config, settings)
@@ -409,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--dispatch", choices=["auto", "dense", "sparse"], default="auto")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_every_n_epochs", type=_positive(), default=5)
     p.add_argument("--log_every_n_steps", type=_positive(), default=10)

@@ -57,6 +57,7 @@ class TrainSettings:
     precision: str = "32-true"
     compile: bool = False
     dispatch: str = "auto"
+    channels_last: bool = True  # faster convolutions on CPU (oneDNN) and GPU (cuDNN); same results
     seed: int = 0
     ckpt_dir: str = "checkpoints"
     run_name: str | None = None
@@ -84,7 +85,8 @@ class MoCEModule(pl.LightningModule):
         self._tick: float | None = None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.net(batch["lq"])
+        lq = batch["lq"].contiguous(memory_format=torch.channels_last) if self.settings.channels_last else batch["lq"]
+        out = self.net(lq)
         s = self.settings
         parts = restoration_loss(out.image, batch["gt"], out.balance_loss, s.loss_type, s.fft_loss_weight,
                                  s.balance_loss_weight)
@@ -186,6 +188,8 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
         module.net.load_state_dict(net.state_dict())
     else:
         module = MoCEModule(config, settings)
+    if settings.channels_last:
+        module.net.to(memory_format=torch.channels_last)
     if settings.compile:
         module.net.compile()
 
