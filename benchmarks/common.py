@@ -29,6 +29,7 @@ def timeit(fn, device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     sync(device)
+    reset_peak(device)  # peak memory of the timed calls, not of cuDNN's autotuning during warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -7,15 +7,15 @@
 # Results go to $OUT (at most 8 files there). Runs with PYTHONPATH=src: no install needed on the GPU machine.
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/out}; DATA=${DATA:-$PWD/.gpu/data}; TRAIN_SECONDS=${TRAIN_SECONDS:-260}
+OUT=${OUT:-$PWD/out}; DATA=${DATA:-$PWD/.gpu/data}; TRAIN_SECONDS=${TRAIN_SECONDS:-290}
 BENCH=${BENCH:-1}; RUN=/tmp/moceir_run; FINE_TUNE_FROM=${FINE_TUNE_FROM:-}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch,lightning;print(torch.__version__, lightning.__version__)"; } > "$OUT/env.txt" 2>&1
 if [ "$BENCH" = 1 ]; then
-  (cd benchmarks && timeout 110 python3 bench.py --device cuda --repeats 5 --out /tmp/bench_eager.json) > "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 90 python3 bench.py --device cuda --modes compiled --precisions bf16 --sizes 256 1024 \
+  (cd benchmarks && timeout 100 python3 bench.py --device cuda --repeats 5 --max_pixels 2.2e6 --out /tmp/bench_eager.json) > "$OUT/bench.log" 2>&1
+  (cd benchmarks && timeout 75 python3 bench.py --device cuda --modes compiled --precisions bf16 --sizes 256 \
       --batches 1 --train_batches 16 --repeats 5 --out /tmp/bench_compiled.json) >> "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 40 python3 precision_check.py --device cuda --steps 60 --out /tmp/precision.json) >> "$OUT/bench.log" 2>&1
+  (cd benchmarks && timeout 35 python3 precision_check.py --device cuda --steps 50 --out /tmp/precision.json) >> "$OUT/bench.log" 2>&1
   python3 - "$OUT/bench.json" <<'PY'
 import json, sys, os
 merged = {n: json.load(open(f"/tmp/{n}.json")) for n in ("bench_eager", "bench_compiled", "precision") if os.path.exists(f"/tmp/{n}.json")}
@@ -31,7 +31,7 @@ try:
     rate = next(r["patches_per_s"] for r in rows if r["task"] == "train" and r["batch"] == 16 and r["precision"] == "bf16")
 except Exception:
     pass
-print(max(200, int(0.85 * rate / 16 * float(os.environ.get("TRAIN_SECONDS", "260")))))
+print(max(200, int(0.85 * rate / 16 * float(os.environ.get("TRAIN_SECONDS", "290")))))
 PY
 )
 echo "training steps: $STEPS" > "$OUT/train.log"
@@ -41,7 +41,7 @@ timeout $((TRAIN_SECONDS + 90)) python3 -m moceir train --model MoCE_IR_S \
   --repeat derain=12 --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01 \
   --batch_size 16 --patch_size 128 --precision bf16-mixed --num_workers 14 --lr 2e-4 \
   --warmup_epochs 3 --schedule_epochs 100 --epochs 1000 --max_steps "$STEPS" \
-  --max_time "00:00:00:$((TRAIN_SECONDS + 20))" --save_every_n_epochs 1000 --log_every_n_steps 10 \
+  --max_time "$(printf '00:00:%02d:%02d' $(((TRAIN_SECONDS + 20) / 60)) $(((TRAIN_SECONDS + 20) % 60)))" --save_every_n_epochs 1000 --log_every_n_steps 10 \
   --data_file_dir "$DATA" --ckpt_dir /tmp --run_name moceir_run "${FT[@]}" >> "$OUT/train.log" 2>&1
 echo "train exit: $?" >> "$OUT/train.log"
 python3 - "$RUN" "$OUT" <<'PY'

@@ -142,3 +142,19 @@ def test_input_size_must_be_multiple_of_8():
     model = moceir.create_model("MoCE_IR_tiny").eval()
     with pytest.raises(ValueError, match="multiples of 8"):
         model(torch.rand(1, 3, 20, 16))
+
+
+def test_dense_dispatch_under_bf16_autocast(routed_model, mixed_batch):
+    """Gates come out of an fp32 softmax while logits are bf16 under autocast; dense dispatch must mix them."""
+    model = routed_model.set_dispatch("dense")
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(mixed_batch[:2])
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(mixed_batch[:2])
+        out.image.float().mean().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval().set_dispatch("auto")
+    assert torch.isfinite(y.float()).all()

@@ -66,7 +66,7 @@ class MoCEAdapter(nn.Module):
         return self.proj_out(combine(x, shared, route)), route
 
     def _dense(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        weights = torch.zeros_like(route.logits).scatter(1, route.indices, route.gates)  # [B, E]
+        weights = route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)  # [B, E]
         out = None
         for i in range(len(self.experts)):
             y = self.expert(i)(x, shared) * weights[:, i].view(-1, 1, 1, 1).to(x.dtype)
