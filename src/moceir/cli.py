@@ -169,7 +169,7 @@ def _load_for_eval(args: argparse.Namespace):
         path = "default"
     config = _config_from_args(args) if args.model else None
     device = _device(args.device)
-    model = load_model(path, device=device, config=config)
+    model = load_model(path, device=device, config=config, channels_last=True)
     note = _checkpoint_note(path)
     if note:
         print(f"model note: {note}")
@@ -290,7 +290,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.precision != "fp32" and device.type != "cuda":
         raise SystemExit(f"error: --precision {args.precision} needs a CUDA device; use fp32 on {device.type}")
     try:
-        model = load_model(args.checkpoint, device=device)
+        model = load_model(args.checkpoint, device=device, channels_last=True)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

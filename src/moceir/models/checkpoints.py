@@ -143,12 +143,13 @@ def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source
 
 
 def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
-               config: MoCEConfig | None = None, **overrides: Any) -> MoCEIR:
+               config: MoCEConfig | None = None, channels_last: bool = False, **overrides: Any) -> MoCEIR:
     """Build the network described by a checkpoint and load its weights, strictly; returns it in eval mode.
 
     ``path`` may be an upstream Lightning ``last.ckpt``, our checkpoint, a plain state_dict, a
     ``.safetensors`` file or ``"default"`` (the bundled model). ``config`` replaces the embedded or
     inferred configuration; ``overrides`` change fields of it (e.g. ``eval_router_noise=True``).
+    ``channels_last`` stores the weights channels-last: the same outputs, faster convolutions.
     """
     sd, embedded = read_checkpoint(path)
     if config is None:
@@ -157,7 +158,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
         config = config.replace(**overrides)
     model = MoCEIR(config)
     load_state_dict_strict(model, sd, source=str(path))
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -91,6 +91,8 @@ class MoCEIR(nn.Module):
             raise ValueError(f"input H and W must be multiples of {m}, got {tuple(x.shape[-2:])}; "
                              "use moceir.inference.pad_to_multiple or moceir.restore for any size")
         add_noise = self.training or self.eval_router_noise
+        if self.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # after model.to(memory_format=channels_last)
         f = self.patch_embed(x)
         skips = []
         for group, down in self.enc:
