@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--layouts", nargs="+", default=["channels_last"], help="channels_last and/or nchw")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train_repeats", type=int, default=5)
+    p.add_argument("--train_warmup", type=int, default=3)
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
                     model = build(a.model, device, layout == "channels_last", mode == "compiled")
                     reset_peak(device)
                     t0 = time.perf_counter()
-                    rate = train_patches_per_second(model, device, batch, a.patch, precision, warmup=3,
+                    rate = train_patches_per_second(model, device, batch, a.patch, precision, warmup=a.train_warmup,
                                                     repeats=a.train_repeats)
                     record({"task": "train", "layout": layout, "mode": mode, "precision": precision,
                             "patch": a.patch, "batch": batch, "patches_per_s": rate, "peak_mb": peak_memory_mb(device),

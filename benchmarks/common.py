@@ -11,6 +11,9 @@ import torch
 
 import moceir
 from moceir.losses import restoration_loss
+from moceir.runtime import tune_cpu_allocator
+
+tune_cpu_allocator()  # as the moceir command does; see moceir/runtime.py
 
 
 def sync(device: torch.device) -> None:

@@ -114,6 +114,10 @@ def test_test_command_end_to_end(tmp_path, tiny_layout, tiny_ckpt, capsys):
     assert "| denoise_25 | 3 |" in (out / "results.md").read_text()
     assert len((out / "per_image.csv").read_text().splitlines()) == 10
     assert len(list((out / "images" / "lolv1").iterdir())) == 3
+    routing = tmp_path / "routing"
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_25", "lolv1", "--from_results",
+                 str(out / "results.json"), "--output_path", str(routing)]) == 0
+    assert np.array(json.loads((routing / "routing.json").read_text())["counts"]).sum() == 2 * 3 * 3
 
 
 def test_test_command_missing_benchmark_folder(tmp_path, tiny_layout, tiny_ckpt, capsys):
@@ -165,3 +169,22 @@ def test_train_missing_task_folder_stops_before_training(tmp_path, tiny_layout):
 def test_plot_logs_missing(tmp_path, capsys):
     assert main(["plot-logs", str(tmp_path)]) == 1
     assert "metrics.csv" in capsys.readouterr().err
+
+
+def test_restore_batches_same_size_images_like_single(tmp_path, tiny_ckpt):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        save_image(inp / f"s{i}.png", rng.random((24, 32, 3)).astype(np.float32))
+    save_image(inp / "other.png", rng.random((16, 16, 3)).astype(np.float32))
+    for bs in ("1", "4"):
+        assert main(["restore", str(inp), "-o", str(tmp_path / bs), "--checkpoint", tiny_ckpt, "--quiet",
+                     "--batch_size", bs, "--report", str(tmp_path / f"r{bs}.json")]) == 0
+    batches = sorted(r["batch"] for r in json.loads((tmp_path / "r4.json").read_text())["images"])
+    assert batches == [1, 3, 3, 3]
+    from moceir.io import load_image
+
+    for name in ("s0.png", "s1.png", "s2.png", "other.png"):
+        a, b = load_image(tmp_path / "1" / name).rgb, load_image(tmp_path / "4" / name).rgb
+        assert np.abs(a - b).max() <= 1 / 255

@@ -89,3 +89,12 @@ def test_bad_files_raise_one_line_errors(tmp_path):
         with pytest.raises(ImageReadError, match=name) as e:
             load_image(tmp_path / name)
         assert "\n" not in str(e.value)
+
+
+def test_allocator_tuning_is_harmless(tiny):
+    from moceir.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tiny(x), tiny(x))

@@ -49,9 +49,10 @@ def _train(tmp_path, layout, *extra):
 
 
 def test_checkpoint_is_upstream_format_and_round_trips(tmp_path, tiny_layout):
-    _train(tmp_path, tiny_layout, "--max_steps", "3", "--run_name", "r")
+    _train(tmp_path, tiny_layout, "--max_steps", "3", "--run_name", "r", "--lr", "5e-4")
     run = tmp_path / "ck" / "r"
     ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 5e-4  # --lr is honoured
     upstream = torch.load(GOLDEN / "upstream_tiny_last.ckpt", map_location="cpu", weights_only=True)
     ours = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
     theirs = {k: tuple(v.shape) for k, v in upstream["state_dict"].items()}

@@ -210,12 +210,20 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- routing
 def cmd_routing(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_benchmark, routing_counts, routing_flops
+    from .evaluation import BenchmarkResult, evaluate_benchmark, routing_counts, routing_flops
     from .plots import plot_routing_heatmap
 
     model, device, path = _load_for_eval(args)
-    subset = _cdd11_subset(args)
-    results = [evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset) for b in args.benchmarks]
+    if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
+        saved = json.loads(Path(args.from_results).read_text())["per_image"]
+        results = [BenchmarkResult(b, saved[b]) for b in args.benchmarks if b in saved]
+        missing = [b for b in args.benchmarks if b not in saved]
+        if missing:
+            raise SystemExit(f"error: {args.from_results} has no results for {missing}")
+    else:
+        subset = _cdd11_subset(args)
+        results = [evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset)
+                   for b in args.benchmarks]
     counts = routing_counts(results, model.num_moe_layers, model.config.num_exp_blocks)
     out = Path(args.output_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +280,13 @@ def _memory_budget(device) -> float:
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return 0.5 * info.get("MemAvailable", info["MemTotal"])
+        return 0.25 * info.get("MemAvailable", info["MemTotal"])
     except OSError:
         return 4e9
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -305,41 +314,76 @@ def cmd_restore(args: argparse.Namespace) -> int:
     inputs = set(files)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     budget = _memory_budget(device)
-    report, failures = [], len(errors)
-    for path in tqdm(files, desc="restoring", unit="img", disable=args.quiet):
-        ext = ("." + args.ext.lstrip(".")) if args.ext else path.suffix
-        target = (out_dir / f"{path.stem}{args.suffix}{ext}").resolve()
+    report: list[dict] = []
+    failed: list[str] = list(errors)
+
+    def fail(path: Path, e: BaseException) -> None:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "out of memory" in msg.lower() or isinstance(e, MemoryError):
+            msg = "out of memory; retry with --tile 256 (or smaller) and --batch_size 1"
+        line = msg if str(path) in msg else f"{path}: {msg}"
+        failed.append(line)
+        print(f"error: {line}", file=sys.stderr)
+
+    def run(batch: list[tuple]) -> None:
+        """Restore same-size images together (a tiled image always alone) and write each atomically."""
+        tile = batch[0][3]
         try:
-            if target in inputs:
-                raise ValueError(f"output {target} would overwrite an input; choose another -o or --suffix")
-            if target.exists() and not args.overwrite:
-                raise ValueError(f"output {target} exists; pass --overwrite to replace it")
-            img = load_image(path)
-            h, w = img.rgb.shape[:2]
-            tile = args.tile or auto_tile(model, h, w, budget)
-            x = torch.from_numpy(img.rgb.transpose(2, 0, 1).copy())[None].to(device)
+            x = torch.from_numpy(np.stack([img.rgb.transpose(2, 0, 1) for _, _, img, _ in batch])).to(device)
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 y, experts = restore_tensor(model, x, tile, args.tile_overlap, args.tile_routing, return_experts=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            rgb = y.float().clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
-            tmp = target.with_name(f".{target.stem}.tmp{ext}")
-            save_image(tmp, rgb, img.alpha, img.bit_depth, img.grayscale)
-            os.replace(tmp, target)
-            report.append({"input": str(path), "output": str(target), "size": [h, w], "seconds": round(seconds, 3),
-                           "tile": tile, "experts": experts[:, 0, 0].tolist()})
-        except (ImageReadError, ValueError, OSError, RuntimeError) as e:
-            failures += 1
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "out of memory" in msg.lower() or isinstance(e, MemoryError):
-                msg = f"{path}: out of memory; retry with --tile 256 (or smaller)"
-            print(f"error: {msg if str(path) in msg else f'{path}: {msg}'}", file=sys.stderr)
+            seconds = (time.perf_counter() - t0) / len(batch)
+            y = y.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        except (RuntimeError, MemoryError) as e:
+            for path, *_ in batch:
+                fail(path, e)
+            return
+        for i, (path, target, img, _) in enumerate(batch):
+            try:
+                tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
+                save_image(tmp, y[i], img.alpha, img.bit_depth, img.grayscale)
+                os.replace(tmp, target)
+            except (OSError, ValueError) as e:
+                fail(path, e)
+                continue
+            report.append({"input": str(path), "output": str(target), "size": list(img.rgb.shape[:2]),
+                           "seconds": round(seconds, 3), "batch": len(batch), "tile": tile,
+                           "experts": experts[:, min(i, experts.shape[1] - 1), 0].tolist()})
+
+    pending: list[tuple] = []
+    with tqdm(total=len(files), desc="restoring", unit="img", disable=args.quiet) as bar:
+        for path in files:
+            ext = ("." + args.ext.lstrip(".")) if args.ext else path.suffix
+            target = (out_dir / f"{path.stem}{args.suffix}{ext}").resolve()
+            try:
+                if target in inputs:
+                    raise ValueError(f"output {target} would overwrite an input; choose another -o or --suffix")
+                if target.exists() and not args.overwrite:
+                    raise ValueError(f"output {target} exists; pass --overwrite to replace it")
+                img = load_image(path)
+            except (ImageReadError, ValueError, OSError) as e:
+                fail(path, e)
+                bar.update(1)
+                continue
+            h, w = img.rgb.shape[:2]
+            item = (path, target, img, args.tile or auto_tile(model, h, w, budget))
+            if pending and (item[3] is not None or pending[0][3] is not None or len(pending) >= args.batch_size
+                            or pending[0][2].rgb.shape != img.rgb.shape):
+                run(pending)
+                bar.update(len(pending))
+                pending = []
+            pending.append(item)
+        if pending:
+            run(pending)
+            bar.update(len(pending))
     if args.report:
-        Path(args.report).write_text(json.dumps({"checkpoint": args.checkpoint, "images": report}, indent=1))
-    print(f"restored {len(report)} image(s) into {out_dir}; {failures} failed")
-    return 1 if failures else 0
+        Path(args.report).write_text(json.dumps({"checkpoint": args.checkpoint, "images": report,
+                                                 "errors": failed}, indent=1))
+    print(f"restored {len(report)} image(s) into {out_dir}; {len(failed)} failed")
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------------- plot-logs
@@ -424,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("routing", help="which expert each task picks per MoE layer: heatmap, table, FLOPs")
     _add_eval_flags(p)
+    p.add_argument("--from_results", help="results.json of `moceir test` with the same checkpoint: no re-run")
     p.set_defaults(fn=cmd_routing, output_path="docs/routing")
 
     p = sub.add_parser("restore", help="restore images (files, folders, globs) with the bundled or a given model")
@@ -432,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="default")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--batch_size", type=_positive(), default=4, help="same-size images restored together")
     p.add_argument("--tile", type=_patch, help="tile size (default: automatic when the image would not fit)")
     p.add_argument("--tile_overlap", type=_non_negative, default=32)
     p.add_argument("--tile_routing", choices=["tile", "global"], default="tile",
@@ -451,5 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runtime import tune_cpu_allocator
+
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()
     return int(args.fn(args) or 0)

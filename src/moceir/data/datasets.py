@@ -68,6 +68,13 @@ def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
     return [Pair(p, by_key[key(p.stem)], task) for p in degraded]
 
 
+def folder_pairs(base: Path, degraded: str, clean: str, task: str,
+                 key: Callable[[str], str] = lambda s: s, pattern: str = "same names") -> list[Pair]:
+    """Pairs of ``base/degraded`` and ``base/clean`` images matched by ``key`` of their names."""
+    layout = f"{base}/{degraded}/* and {base}/{clean}/* ({pattern})"
+    return pair_by_name(images_in(base / degraded, layout), images_in(base / clean, layout), task, key)
+
+
 def is_holdout(pair: Pair) -> bool:
     """RainTrainL validation split: images whose number is a multiple of 10 (20 of 200)."""
     num = _number(pair.clean.stem)
@@ -85,9 +92,7 @@ def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", hold
             clean += images_in(den / "WaterlooED", layout)
         return [Pair(None, p, task) for p in clean]
     if task == "derain":
-        base = root / "deraining" / "RainTrainL"
-        layout = f"{base}/rainy/rain-N.png and {base}/gt/norain-N.png"
-        pairs = pair_by_name(images_in(base / "rainy", layout), images_in(base / "gt", layout), task, _number)
+        pairs = folder_pairs(root / "deraining" / "RainTrainL", "rainy", "gt", task, _number, "rain-N / norain-N")
         return [p for p in pairs if not (holdout and is_holdout(p))]
     if task == "dehaze":
         if dehaze_source not in DEHAZE_SOURCES:
@@ -101,13 +106,9 @@ def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", hold
             raise DatasetLayoutError(f"no RESIDE OTS images in {base}/part1..4; expected layout: {layout}")
         return pair_by_name(hazy, images_in(base / "clear", layout), task, lambda s: s.split("_")[0])
     if task == "deblur":
-        base = root / "deblurring" / "GoPro" / "crop" / "train"
-        layout = f"{base}/input_crops/*.png and {base}/target_crops/*.png (same names)"
-        return pair_by_name(images_in(base / "input_crops", layout), images_in(base / "target_crops", layout), task)
+        return folder_pairs(root / "deblurring" / "GoPro" / "crop" / "train", "input_crops", "target_crops", task)
     if task == "synllie":
-        base = root / "llie" / "LOLv1" / "Train"
-        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
-        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), task)
+        return folder_pairs(root / "llie" / "LOLv1" / "Train", "input", "target", task)
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
 
@@ -132,24 +133,16 @@ def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all")
         base = root / "denoising" / "cBSD68" / "original_png"
         return [Pair(None, p, benchmark) for p in images_in(base, f"{base}/*.png (clean CBSD68)")]
     if benchmark == "derain":
-        base = root / "deraining" / "Rain100L"
-        layout = f"{base}/rainy/rain-N.png and {base}/gt/norain-N.png"
-        return pair_by_name(images_in(base / "rainy", layout), images_in(base / "gt", layout), benchmark, _number)
+        return folder_pairs(root / "deraining" / "Rain100L", "rainy", "gt", benchmark, _number, "rain-N / norain-N")
     if benchmark == "raintrainl_val":
         return [p for p in train_pairs(root, "derain") if is_holdout(p)]
     if benchmark == "dehaze":
-        base = root / "dehazing" / "SOTS" / "outdoor"
-        layout = f"{base}/hazy/NNNN_A_beta.jpg and {base}/gt/NNNN.png"
-        return pair_by_name(images_in(base / "hazy", layout), images_in(base / "gt", layout), benchmark,
-                            lambda s: s.split("_")[0])
+        return folder_pairs(root / "dehazing" / "SOTS" / "outdoor", "hazy", "gt", benchmark,
+                            lambda s: s.split("_")[0], "NNNN_A_beta.jpg / NNNN.png")
     if benchmark == "gopro":
-        base = root / "deblurring" / "GoPro" / "test"
-        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
-        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), benchmark)
+        return folder_pairs(root / "deblurring" / "GoPro" / "test", "input", "target", benchmark)
     if benchmark == "lolv1":
-        base = root / "llie" / "LOLv1" / "Test"
-        layout = f"{base}/input/*.png and {base}/target/*.png (same names)"
-        return pair_by_name(images_in(base / "input", layout), images_in(base / "target", layout), benchmark)
+        return folder_pairs(root / "llie" / "LOLv1" / "Test", "input", "target", benchmark)
     if benchmark == "cdd11":
         return cdd11_pairs(root, "test", cdd11_subset)
     raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")

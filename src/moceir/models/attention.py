@@ -37,9 +37,9 @@ def _channel_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     b, c, h, w = q.shape
     d = c // heads
     qt, kt, vt = (t.permute(0, 2, 3, 1).reshape(b, h * w, c) for t in (q, k, v))
-    # Column sums of squares (a strided vector_norm over HW is ~6x slower on CPU).
-    nq = (qt * qt).sum(dim=1, dtype=torch.float32).sqrt().clamp_min(1e-12).to(qt.dtype)  # [B, C]
-    nk = (kt * kt).sum(dim=1, dtype=torch.float32).sqrt().clamp_min(1e-12).to(kt.dtype)
+    # Column dot products (a strided vector_norm over HW is ~7x slower on CPU).
+    nq = torch.linalg.vecdot(qt, qt, dim=1).float().sqrt().clamp_min(1e-12).to(qt.dtype)  # [B, C]
+    nk = torch.linalg.vecdot(kt, kt, dim=1).float().sqrt().clamp_min(1e-12).to(kt.dtype)
     gram = qt.transpose(1, 2) @ kt  # [B, C, C]
     scale = temperature.view(heads, 1, 1).repeat_interleave(d, dim=0).view(1, c, 1)
     logits = gram / (nq[:, :, None] * nk[:, None, :]) * scale
