@@ -139,3 +139,20 @@ def test_shared_datasets_layout(datasets_dir):
     assert len(train_pairs(datasets_dir, "derain")) == 200
     item = PairedPatchDataset(train_pairs(datasets_dir, "derain")[:2], patch_size=64)[1]
     assert item["lq"].shape == (3, 64, 64)
+
+
+def test_cdd11_subsets(tmp_path):
+    from moceir.data.datasets import cdd11_pairs
+
+    img = np.zeros((20, 20, 3), np.uint8)
+    for folder in ("clear", "haze", "low", "haze_rain", "low_haze_rain"):
+        _write(tmp_path / "cdd11/train" / folder / "a.png", img)
+    names = lambda subset: sorted({p.task for p in cdd11_pairs(tmp_path, "train", subset)})
+    assert names("single") == ["cdd11:haze", "cdd11:low"]
+    assert names("double") == ["cdd11:haze_rain"]
+    assert names("triple") == ["cdd11:low_haze_rain"]
+    assert len(names("all")) == 4 and names("haze_rain") == ["cdd11:haze_rain"]
+    sets = build_train_pairs(tmp_path, [], trainset="CDD11_single")
+    assert len(sets["cdd11"]) == 4  # 2 folders x 1 image x repeat 2
+    with pytest.raises(DatasetLayoutError, match="cdd11/test"):
+        cdd11_pairs(tmp_path, "test", "all")

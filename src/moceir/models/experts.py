@@ -80,7 +80,7 @@ class MoCEAdapter(nn.Module):
             if rows.numel() == 0:
                 continue
             gate = route.gates[rows, slots].view(-1, 1, 1, 1).to(x.dtype)
-            if rows.numel() == len(x) and route.indices.shape[1] == 1:  # the whole batch: no gather/scatter
-                return self.expert(i)(x, shared) * gate[rows.argsort()]
+            if rows.numel() == len(x) and route.indices.shape[1] == 1:  # the whole batch (rows = 0..B-1, sorted)
+                return self.expert(i)(x, shared) * gate
             out = out.index_add(0, rows, self.expert(i)(x[rows], shared[rows]) * gate)
         return out
