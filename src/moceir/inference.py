@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from .models import MoCEIR
-from .runtime import release_cpu_memory
 
 ROUTING_MODES = ("tile", "global")
 
@@ -52,8 +51,7 @@ def global_experts(model: MoCEIR, x: torch.Tensor, max_side: int = 512) -> torch
     scale = min(1.0, max_side / max(h, w))
     small = F.interpolate(x, scale_factor=scale, mode="area") if scale < 1 else x
     small, _ = pad_to_multiple(small, model.config.size_multiple)
-    out = model(small, return_aux=True)
-    return torch.stack([r.indices for r in out.routing])
+    return model(small, return_aux=True).expert_indices
 
 
 @torch.no_grad()
@@ -75,7 +73,7 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
         xp, _ = pad_to_multiple(x, m)
         out = model(xp, return_aux=True)
         y = out.image[..., :h, :w]
-        return (y, torch.stack([r.indices for r in out.routing])) if return_experts else y
+        return (y, out.expert_indices) if return_experts else y
     tile = max(m, tile - tile % m)
     overlap = min(overlap, tile // 2)
     forced = global_experts(model, x) if routing == "global" else None
@@ -90,16 +88,13 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
             patch = xp[..., top:top + tile, left:left + tile]
             res = model(patch, return_aux=True, experts=forced)
             if first is None:
-                first = torch.stack([r.indices for r in res.routing])
+                first = res.expert_indices
             th, tw = patch.shape[-2:]
             wy = _blend_window(th, overlap if th == tile and hp > tile else 0, x.device)
             wx = _blend_window(tw, overlap if tw == tile and wp > tile else 0, x.device)
             win = (wy[:, None] * wx[None, :])[None, None]
             out[..., top:top + th, left:left + tw] += res.image.float() * win
             weight[..., top:top + th, left:left + tw] += win
-            del res
-            if x.device.type == "cpu":
-                release_cpu_memory()
     y = (out / weight)[..., :h, :w]
     return (y, forced if forced is not None else first) if return_experts else y
 

@@ -17,14 +17,6 @@ def _libc():
         return None
 
 
-def release_cpu_memory() -> None:
-    """Return the heap's free memory to the OS (glibc ``malloc_trim``), e.g. between the tiles of a large image,
-    so that the tuned allocator's reuse does not grow the resident set from tile to tile."""
-    libc = _libc() if sys.platform.startswith("linux") else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def tune_cpu_allocator(keep_bytes: int = 256 << 20) -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS after every tensor.
 

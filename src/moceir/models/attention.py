@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm2d, conv1x1, depthwise
+from .layers import LayerNorm2d, conv1x1, depthwise, is_channels_last
 
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -16,7 +16,7 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     Each head attends between its C/heads channels, with q and k L2-normalised along H*W. Channels-last
     inputs take :func:`_channel_attention_nhwc`, which gives the same result without layout copies.
     """
-    if q.dim() == 4 and q.stride(1) == 1 and q.shape[1] > 1:
+    if is_channels_last(q):
         return _channel_attention_nhwc(q, k, v, heads, temperature)
     b, c, h, w = q.shape
     q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))

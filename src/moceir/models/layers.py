@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a [B, C, H, W] tensor whose channels are innermost in memory (C > 1)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
+
+
 class _Affine(nn.Module):
     """Holds a LayerNorm's weight and bias under upstream's names (``body.weight``, ``body.bias``)."""
 
@@ -28,7 +33,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:
+        if is_channels_last(x):
             # Channels-last memory is [B, H, W, C]: one fused layer_norm over its last dim, no copies.
             nhwc = x.permute(0, 2, 3, 1)
             return F.layer_norm(nhwc, (x.shape[1],), self.body.weight, self.body.bias, self.eps).permute(0, 3, 1, 2)

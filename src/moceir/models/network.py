@@ -28,9 +28,14 @@ class MoCEOutput:
     routing: list[RouterOutput]
 
     @property
+    def expert_indices(self) -> torch.Tensor:
+        """Chosen experts per MoE layer and image: [layers, B, k]."""
+        return torch.stack([r.indices for r in self.routing])
+
+    @property
     def experts(self) -> torch.Tensor:
         """Top-1 expert per MoE layer and image: [layers, B]."""
-        return torch.stack([r.indices[:, 0] for r in self.routing])
+        return self.expert_indices[..., 0]
 
 
 class MoCEIR(nn.Module):
