@@ -35,7 +35,11 @@ def main() -> None:
     p.add_argument("--train_batches", type=int, nargs="+", default=[8, 16])
     p.add_argument("--patch", type=int, default=128)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    p.add_argument("--modes", nargs="+", default=["eager"], help="eager and/or compiled")
+    p.add_argument("--modes", nargs="+", default=["eager"],
+                   help="eager, compiled (torch.compile) and/or graphs (CUDA graph replay; inference rows only)")
+    p.add_argument("--dispatches", nargs="+", default=["auto"], help="expert dispatch: auto, dense and/or sparse")
+    p.add_argument("--cudnn_benchmark", choices=["on", "off"], default="on",
+                   help="cuDNN autotuning (on CUDA); off avoids minutes of tuning on a fresh machine")
     p.add_argument("--layouts", nargs="+", default=["channels_last"], help="channels_last and/or nchw")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train_repeats", type=int, default=5)
@@ -46,7 +50,7 @@ def main() -> None:
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda" and a.cudnn_benchmark == "on"
     rows = []
 
     def record(row: dict) -> None:
@@ -54,36 +58,38 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps({"meta": {"device": _device_name(device), "partial": True}, "rows": rows}))
 
-    for layout in a.layouts:
-        for mode in a.modes:
-            for precision in a.precisions:
-                if precision != "fp32" and device.type == "cpu":
+    configs = [(layout, mode, dispatch, precision) for layout in a.layouts for mode in a.modes
+               for dispatch in a.dispatches for precision in a.precisions
+               if not (precision != "fp32" and device.type == "cpu")]
+    for layout, mode, dispatch, precision in configs:
+        key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision}
+        model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
+        for size in a.sizes:
+            for batch in a.batches:
+                if batch * size * size > a.max_pixels:
                     continue
-                model = build(a.model, device, layout == "channels_last", mode == "compiled")
-                for size in a.sizes:
-                    for batch in a.batches:
-                        if batch * size * size > a.max_pixels:
-                            continue
-                        reset_peak(device)
-                        t0 = time.perf_counter()
-                        sec = inference_seconds(model, device, size, batch, precision, warmup=2 if mode == "eager" else 3,
-                                                repeats=a.repeats)
-                        record({"task": "inference", "layout": layout, "mode": mode, "precision": precision,
-                                "size": size, "batch": batch, "ms_per_image": 1000 * sec / batch,
-                                "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
-                                "wall_s": time.perf_counter() - t0})
-                if a.skip_train:
+                reset_peak(device)
+                t0 = time.perf_counter()
+                try:
+                    sec = inference_seconds(model, device, size, batch, precision, warmup=2 if mode == "eager" else 3,
+                                            repeats=a.repeats, cuda_graph=mode == "graphs")
+                except Exception as err:  # one failed configuration (e.g. graph capture) must not end the run
+                    record({"task": "inference", **key, "size": size, "batch": batch, "error": repr(err)[:300]})
                     continue
-                for batch in a.train_batches:
-                    model = build(a.model, device, layout == "channels_last", mode == "compiled")
-                    reset_peak(device)
-                    t0 = time.perf_counter()
-                    rate = train_patches_per_second(model, device, batch, a.patch, precision, warmup=a.train_warmup,
-                                                    repeats=a.train_repeats)
-                    record({"task": "train", "layout": layout, "mode": mode, "precision": precision,
-                            "patch": a.patch, "batch": batch, "patches_per_s": rate, "peak_mb": peak_memory_mb(device),
-                            "wall_s": time.perf_counter() - t0})
-                del model
+                record({"task": "inference", **key, "size": size, "batch": batch, "ms_per_image": 1000 * sec / batch,
+                        "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
+                        "wall_s": time.perf_counter() - t0})
+        if a.skip_train or mode == "graphs":
+            continue
+        for batch in a.train_batches:
+            model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
+            reset_peak(device)
+            t0 = time.perf_counter()
+            rate = train_patches_per_second(model, device, batch, a.patch, precision, warmup=a.train_warmup,
+                                            repeats=a.train_repeats)
+            record({"task": "train", **key, "patch": a.patch, "batch": batch, "patches_per_s": rate,
+                    "peak_mb": peak_memory_mb(device), "wall_s": time.perf_counter() - t0})
+        del model
     meta = {"device": _device_name(device), "torch": torch.__version__, "model": a.model,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "python benchmarks/bench.py " +
             " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items()
@@ -96,15 +102,21 @@ def main() -> None:
 
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"**{meta['model']} on {meta['device']}**, torch {meta['torch']}, {meta['date']}", "",
-             "| task | layout | mode | precision | size / patch | batch | result | peak memory |", "|---|---|---|---|---|---|---|---|"]
+             "| task | layout | mode | dispatch | precision | size / patch | batch | result | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
+                         f"{r['size']}² | {r['batch']} | failed: {r['error'][:80]} | |")
+            continue
         if r["task"] == "inference":
             res = f"{r['ms_per_image']:.1f} ms/image ({r['images_per_s']:.1f} img/s)"
             size = f"{r['size']}²"
         else:
             res = f"{r['patches_per_s']:.1f} patches/s"
             size = f"{r['patch']}²"
-        lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r['precision']} | {size} | {r['batch']} | "
+        lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
+                     f"{size} | {r['batch']} | "
                      f"{res} | {r['peak_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"
 

@@ -59,7 +59,9 @@ def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool) -
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def inference_seconds(model, device, size: int, batch: int, precision: str, warmup: int, repeats: int) -> float:
+def inference_seconds(model, device, size: int, batch: int, precision: str, warmup: int, repeats: int,
+                      cuda_graph: bool = False) -> float:
+    """Median seconds of one no-grad forward; ``cuda_graph`` times the replay of a captured CUDA graph."""
     x = torch.rand(batch, 3, size, size, device=device)
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -69,7 +71,25 @@ def inference_seconds(model, device, size: int, batch: int, precision: str, warm
         with torch.no_grad(), autocast(device, precision):
             model(x)
 
+    if cuda_graph:
+        run = _captured(run, device)
     return timeit(run, device, warmup, repeats)
+
+
+def _captured(fn, device: torch.device):
+    """Capture ``fn`` (which must not synchronise with the host: dense dispatch) in a CUDA graph."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs asks
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def train_patches_per_second(model, device, batch: int, patch: int, precision: str, warmup: int,

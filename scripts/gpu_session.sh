@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (see docs/performance.md and docs/model-card.md):
-#   1. the benchmark table: eager fp32/bf16 at 256/512/1024 (batch 1, 8) and training (batch 8, 16); compiled bf16;
+#   1. a forward profile at 256², then inference at 256/1024 (batch 1, 8), fp32/bf16, dense/sparse dispatch, eager
+#      and CUDA-graph replay, then bf16 training at batch 16;
 #   2. bf16-vs-fp32 loss-curve check;
 #   3. MoCE-IR-S all-in-one training for TRAIN_SECONDS (denoise 15/25/50, derain, synthetic dehaze),
 #      continuing from FINE_TUNE_FROM when given.
@@ -12,13 +13,19 @@ BENCH=${BENCH:-1}; RUN=/tmp/moceir_run; FINE_TUNE_FROM=${FINE_TUNE_FROM:-}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch,lightning;print(torch.__version__, lightning.__version__)"; } > "$OUT/env.txt" 2>&1
 if [ "$BENCH" = 1 ]; then
-  (cd benchmarks && timeout 100 python3 bench.py --device cuda --repeats 5 --max_pixels 2.2e6 --out /tmp/bench_eager.json) > "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 75 python3 bench.py --device cuda --modes compiled --precisions bf16 --sizes 256 \
-      --batches 1 --train_batches 16 --repeats 5 --out /tmp/bench_compiled.json) >> "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 35 python3 precision_check.py --device cuda --steps 50 --out /tmp/precision.json) >> "$OUT/bench.log" 2>&1
+  # Cheapest and most telling first: is batch-1 inference bound by launches (profile), does dense or sparse
+  # dispatch win, do CUDA graphs help. cuDNN autotuning is off: it cost minutes per shape on a fresh machine.
+  (cd benchmarks && timeout 40 python3 profile_forward.py --device cuda --size 256 --dispatch dense --out "$OUT/profile_256_dense.md") > "$OUT/bench.log" 2>&1
+  (cd benchmarks && timeout 80 python3 bench.py --device cuda --cudnn_benchmark off --sizes 256 1024 --batches 1 8 \
+      --max_pixels 2.2e6 --precisions fp32 bf16 --dispatches dense sparse --modes eager graphs --skip_train \
+      --repeats 5 --out /tmp/bench_eager.json) >> "$OUT/bench.log" 2>&1
+  (cd benchmarks && timeout 60 python3 bench.py --device cuda --cudnn_benchmark off --sizes 256 --batches 1 \
+      --precisions bf16 --dispatches dense --train_batches 16 --train_warmup 2 --train_repeats 5 --repeats 3 \
+      --out /tmp/bench_train.json) >> "$OUT/bench.log" 2>&1
+  (cd benchmarks && timeout 30 python3 precision_check.py --device cuda --steps 50 --out /tmp/precision.json) >> "$OUT/bench.log" 2>&1
   python3 - "$OUT/bench.json" <<'PY'
 import json, sys, os
-merged = {n: json.load(open(f"/tmp/{n}.json")) for n in ("bench_eager", "bench_compiled", "precision") if os.path.exists(f"/tmp/{n}.json")}
+merged = {n: json.load(open(f"/tmp/{n}.json")) for n in ("bench_eager", "bench_train", "precision") if os.path.exists(f"/tmp/{n}.json")}
 json.dump(merged, open(sys.argv[1], "w"), indent=1)
 PY
 fi
@@ -27,7 +34,7 @@ STEPS=$(python3 - <<'PY'
 import json, os
 rate = 60.0  # patches/s if the benchmark did not run
 try:
-    rows = json.load(open("/tmp/bench_eager.json"))["rows"]
+    rows = json.load(open("/tmp/bench_train.json"))["rows"]
     rate = next(r["patches_per_s"] for r in rows if r["task"] == "train" and r["batch"] == 16 and r["precision"] == "bf16")
 except Exception:
     pass

@@ -35,6 +35,14 @@ def test_fp16_safetensors_loads_into_fp32(tmp_path, tiny):
     assert next(loaded.parameters()).dtype == torch.float32
 
 
+def test_note_is_stored_and_printed_by_the_cli(tmp_path, tiny):
+    from moceir.cli import _checkpoint_note
+
+    path = moceir.save_model(tiny, tmp_path / "m.safetensors", note="a test model, 3 steps")
+    assert _checkpoint_note(str(path)) == "a test model, 3 steps"
+    assert _checkpoint_note(str(moceir.save_model(tiny, tmp_path / "plain.safetensors"))) == ""
+
+
 @pytest.mark.parametrize("wrap", ["plain", "module", "compiled", "lightning"])
 def test_state_dict_formats_infer_config(tmp_path, tiny, wrap):
     sd = tiny.state_dict()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import moceir
+from moceir.models import fused
 from moceir.models.router import importance_loss, load_loss
 
 from conftest import GOLDEN, fill_deterministic
@@ -125,9 +126,19 @@ def test_upstream_lightning_checkpoint_loads_and_reproduces():
     assert np.abs(got - g["output_router_noise_seed0"]).max() < np.abs(g["output"] - g["output_router_noise_seed0"]).max() / 5
 
 
+@pytest.mark.parametrize("cpu_fusion", [True, False])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-def test_channels_last_fast_path_matches_goldens(dispatch):
-    """The channels-last attention and LayerNorm paths and both dispatch modes reproduce upstream too."""
+def test_channels_last_fast_path_matches_goldens(dispatch, cpu_fusion):
+    """The channels-last attention and LayerNorm paths, both dispatch modes, with and without the oneDNN
+    fused CPU path, reproduce upstream too."""
+    fused.set_enabled(cpu_fusion)
+    try:
+        _check_channels_last_forward(dispatch)
+    finally:
+        fused.set_enabled(True)
+
+
+def _check_channels_last_forward(dispatch: str) -> None:
     g = _golden("moce_ir_s_forward")
     model = moceir.create_model("MoCE_IR_S").eval().set_dispatch(dispatch)
     fill_deterministic(model, float(g["fill_std"]))

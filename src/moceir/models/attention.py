@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .layers import LayerNorm2d, conv1x1, depthwise, is_channels_last
 
 
@@ -62,9 +63,10 @@ class ChannelAttention(nn.Module):
         self.qkv_dwconv = depthwise(dim * 3, 3, bias)
         self.project_out = conv1x1(dim, dim, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W] -> [B, C, H, W], plus ``residual`` when given."""
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature))
+        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature), residual)
 
 
 class ChannelCrossAttention(nn.Module):
@@ -80,10 +82,20 @@ class ChannelCrossAttention(nn.Module):
         self.kv_dwconv = depthwise(dim * 2, 7, bias)
         self.project_out = conv1x1(dim, dim, bias)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x, y: [B, C, H, W] -> [B, C, H, W], plus ``residual`` when given."""
         q = self.q_dwconv(self.q(x))
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
-        return self.project_out(channel_attention(q, k, v, self.heads, self.temperature))
+        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature), residual)
+
+
+def _project(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``conv(x) (+ residual)``; the addition is fused into the convolution on the CPU inference path."""
+    if residual is None:
+        return conv(x)
+    if fused.applies(x):
+        return fused.conv_binary(x, residual, conv, "add")
+    return residual + conv(x)
 
 
 def patch_fft_product(q: torch.Tensor, k: torch.Tensor, patch: int) -> torch.Tensor:

@@ -22,8 +22,8 @@ class EncoderBlock(nn.Module):
         self.ffn = FeedForward(dim, expansion, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norms[0](x))
-        return x + self.ffn(self.norms[1](x))
+        x = self.mixer(self.norms[0](x), residual=x)
+        return self.ffn(self.norms[1](x), residual=x)
 
 
 class DecoderBlock(nn.Module):
@@ -47,8 +47,8 @@ class DecoderBlock(nn.Module):
         u = self.norms[0](x)
         s = self.shared(self.proj[0](u))
         a, route = self.adapter(self.proj[1](u), freq_emb, s, add_noise, force)
-        x = self.mixer(a, s) + x
-        return x + self.ffn(self.norms[1](x)), route
+        x = self.mixer(a, s, residual=x)
+        return self.ffn(self.norms[1](x), residual=x), route
 
 
 class EncoderGroup(nn.Module):

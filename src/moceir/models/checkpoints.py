@@ -162,8 +162,11 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it)."""
+def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None) -> Path:
+    """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it).
+
+    ``note`` is stored in the metadata; :func:`load_model` callers such as the CLI print it.
+    """
     from safetensors.torch import save_file
 
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
@@ -171,7 +174,10 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"})
+    metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"}
+    if note:
+        metadata["note"] = note
+    save_file(sd, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)
     tmp.replace(path)
     return path

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .attention import FFTAttention
 from .config import MoCEConfig
 from .layers import conv1x1
@@ -27,6 +28,9 @@ class ComplexityExpert(nn.Module):
         self.body = FFTAttention(rank, patch_size)
 
     def forward(self, x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        if fused.applies(x) and fused.applies(shared):
+            gate = fused.conv(shared, self.proj[1], "swish")
+            return fused.conv_binary(self.body(self.proj[0](x)) * gate, x, self.proj[2], "add")
         return self.proj[2](self.body(self.proj[0](x)) * F.silu(self.proj[1](shared))) + x
 
 

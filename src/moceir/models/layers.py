@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 
 def is_channels_last(x: torch.Tensor) -> bool:
     """True for a [B, C, H, W] tensor whose channels are innermost in memory (C > 1)."""
@@ -63,9 +65,24 @@ class FeedForward(nn.Module):
         self.dwconv = depthwise(2 * hidden, 3, bias)
         self.project_out = conv1x1(hidden, dim, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, C, H, W] -> [B, C, H, W], plus ``residual`` when given."""
+        if fused.applies(x):
+            return self._fused(x, residual)
         a, b = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        return self.project_out(F.gelu(a) * b)
+        out = self.project_out(F.gelu(a) * b)
+        return out if residual is None else residual + out
+
+    def _fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        # Each half runs as its own 1x1 + depthwise pair, so GELU, the gate and the residual become post-ops.
+        h = self.project_out.in_channels
+        first, second = slice(0, h), slice(h, 2 * h)
+        a = fused.conv(fused.conv(x, self.project_in, channels=first), self.dwconv, "gelu", channels=first)
+        b = fused.conv(x, self.project_in, channels=second)
+        gated = fused.conv_binary(b, a, self.dwconv, "mul", channels=second)
+        if residual is None:
+            return fused.conv(gated, self.project_out)
+        return fused.conv_binary(gated, residual, self.project_out, "add")
 
 
 class PatchEmbed(nn.Module):
