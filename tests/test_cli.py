@@ -188,3 +188,21 @@ def test_restore_batches_same_size_images_like_single(tmp_path, tiny_ckpt):
     for name in ("s0.png", "s1.png", "s2.png", "other.png"):
         a, b = load_image(tmp_path / "1" / name).rgb, load_image(tmp_path / "4" / name).rgb
         assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_export_writes_fp16_with_note_and_never_overwrites(tmp_path, tiny_ckpt, capsys):
+    out = tmp_path / "shipped.safetensors"
+    assert main(["export", tiny_ckpt, str(out), "--dtype", "fp16", "--note", "tiny, for a test"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["note"] == "tiny, for a test"
+        assert f.get_tensor(f.keys()[0]).dtype == torch.float16
+    assert moceir.load_model(out).config == moceir.load_model(tiny_ckpt).config
+    before = out.read_bytes()
+    assert main(["export", tiny_ckpt, str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("nope")
+    assert main(["export", str(bad), str(tmp_path / "x.safetensors")]) == 2
+    assert "bad.ckpt" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()

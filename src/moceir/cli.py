@@ -398,6 +398,27 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import load_model, save_model
+    from .models.checkpoints import CheckpointError
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; choose another name or pass --overwrite", file=sys.stderr)
+        return 1
+    try:
+        model = load_model(args.checkpoint, device="cpu")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2  # as restore: the checkpoint itself is unusable
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    path = save_model(model, out, dtype=dtype, note=args.note)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- parser
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(PRESETS), help="preset; optional when the checkpoint describes itself")
@@ -488,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report: size, time and experts per image")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_restore)
+
+    p = sub.add_parser("export", help="write any checkpoint as self-describing safetensors (e.g. fp16 to ship)")
+    p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
+    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--note", help="text stored in the file and printed when the model is used")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("plot-logs", help="PNG plots of loss, balance loss and LR of a training run")
     p.add_argument("run_dir")
