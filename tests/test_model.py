@@ -158,3 +158,13 @@ def test_dense_dispatch_under_bf16_autocast(routed_model, mixed_batch):
         model.zero_grad(set_to_none=True)
         model.eval().set_dispatch("auto")
     assert torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_dense_dispatch_compiles_to_one_graph(training):
+    """No host synchronisation under dense dispatch: torch.compile sees one graph (so CUDA graphs can apply)."""
+    model = moceir.create_model("MoCE_IR_tiny").set_dispatch("dense").train(training)
+    with torch.set_grad_enabled(training):
+        explained = torch._dynamo.explain(model)(torch.rand(2, 3, 16, 16))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
