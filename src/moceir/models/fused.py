@@ -47,35 +47,26 @@ def applies(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-def _geometry(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
-    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
-
-
-def conv(x: torch.Tensor, conv: nn.Conv2d, unary: str = "none", channels: slice | None = None) -> torch.Tensor:
-    """``unary(conv(x))`` in one oneDNN call; unary is "none", "gelu" (erf) or "swish" (SiLU).
+def conv(x: torch.Tensor, layer: nn.Conv2d, unary: str = "none", channels: slice | None = None) -> torch.Tensor:
+    """``unary(layer(x))`` in one oneDNN call; unary is "none", "gelu" (erf) or "swish" (SiLU).
 
     ``channels`` selects a slice of the output channels (for a depthwise conv, of the input channels too).
     """
-    weight, bias = _weights(conv, channels)
-    padding, stride, dilation, groups = _geometry(conv)
-    if channels is not None and groups > 1:
-        groups = weight.shape[0]
     algorithm = "none" if unary == "gelu" else None
-    return _OPS.default(x, weight, bias, padding, stride, dilation, groups, unary, [], algorithm)
+    return _OPS.default(x, *_conv_args(layer, channels), unary, [], algorithm)
 
 
-def conv_binary(x: torch.Tensor, other: torch.Tensor, conv: nn.Conv2d, binary: str,
+def conv_binary(x: torch.Tensor, other: torch.Tensor, layer: nn.Conv2d, binary: str,
                 channels: slice | None = None) -> torch.Tensor:
-    """``conv(x) <binary> other`` in one oneDNN call; binary is "add" or "mul"; other has conv's output shape."""
-    weight, bias = _weights(conv, channels)
-    padding, stride, dilation, groups = _geometry(conv)
-    if channels is not None and groups > 1:
-        groups = weight.shape[0]
-    return _OPS.binary(x, other, weight, bias, padding, stride, dilation, groups, binary, None, None, [], None)
+    """``layer(x) <binary> other`` in one oneDNN call; binary is "add" or "mul"; other has the output's shape."""
+    return _OPS.binary(x, other, *_conv_args(layer, channels), binary, None, None, [], None)
 
 
-def _weights(conv: nn.Conv2d, channels: slice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if channels is None:
-        return conv.weight, conv.bias
-    bias = None if conv.bias is None else conv.bias[channels]
-    return conv.weight[channels], bias
+def _conv_args(layer: nn.Conv2d, channels: slice | None) -> tuple:
+    """(weight, bias, padding, stride, dilation, groups) of ``layer``, restricted to ``channels``."""
+    weight, bias, groups = layer.weight, layer.bias, layer.groups
+    if channels is not None:
+        weight, bias = weight[channels], None if bias is None else bias[channels]
+        if groups > 1:  # depthwise: one group per kept channel
+            groups = weight.shape[0]
+    return weight, bias, list(layer.padding), list(layer.stride), list(layer.dilation), groups
