@@ -18,6 +18,7 @@ import torch
 
 import moceir
 from common import timeit
+from moceir.models import fused
 from moceir.runtime import tune_cpu_allocator
 
 
@@ -63,7 +64,8 @@ def main() -> None:
         "upstream (NCHW)": (up.to(device), x),
         "upstream + channels_last": None,
         "moceir (NCHW)": (ours.to(device), x),
-        "moceir + channels_last": None,
+        "moceir + channels_last, CPU fusion off": None,
+        "moceir + channels_last": None,  # what the moceir command runs (CPU fusion on where it applies)
     }
     outs = {}
     for name in list(variants):
@@ -72,9 +74,11 @@ def main() -> None:
             model = base.to(memory_format=torch.channels_last)
             variants[name] = (model, x.contiguous(memory_format=torch.channels_last))
         model, inp = variants[name]
+        fused.set_enabled("fusion off" not in name)
         with torch.no_grad():
             outs[name] = model(inp).float()
             rows[name] = timeit(lambda: model(inp), device, warmup=1, repeats=a.repeats)
+        fused.set_enabled(True)
         if name.startswith("upstream"):  # restore NCHW for the next variant's own conversion
             up.to(memory_format=torch.contiguous_format)
         else:
