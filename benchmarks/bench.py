@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from common import build, inference_seconds, peak_memory_mb, reset_peak, train_patches_per_second
+from moceir.models import fused
 
 
 def _device_name(device: torch.device) -> str:
@@ -38,6 +39,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["eager"],
                    help="eager, compiled (torch.compile) and/or graphs (CUDA graph replay; inference rows only)")
     p.add_argument("--dispatches", nargs="+", default=["auto"], help="expert dispatch: auto, dense and/or sparse")
+    p.add_argument("--cpu_fusions", nargs="+", default=["on"], choices=["on", "off"],
+                   help="oneDNN-fused CPU inference path (moceir/models/fused.py) on and/or off")
     p.add_argument("--cudnn_benchmark", choices=["on", "off"], default="on",
                    help="cuDNN autotuning (on CUDA); off avoids minutes of tuning on a fresh machine")
     p.add_argument("--layouts", nargs="+", default=["channels_last"], help="channels_last and/or nchw")
@@ -58,11 +61,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps({"meta": {"device": _device_name(device), "partial": True}, "rows": rows}))
 
-    configs = [(layout, mode, dispatch, precision) for layout in a.layouts for mode in a.modes
-               for dispatch in a.dispatches for precision in a.precisions
-               if not (precision != "fp32" and device.type == "cpu")]
-    for layout, mode, dispatch, precision in configs:
+    configs = [(layout, mode, dispatch, precision, fusion) for layout in a.layouts for mode in a.modes
+               for dispatch in a.dispatches for precision in a.precisions for fusion in a.cpu_fusions
+               if not (precision != "fp32" and device.type == "cpu") and not (fusion == "off" and device.type != "cpu")]
+    for layout, mode, dispatch, precision, fusion in configs:
         key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision}
+        if device.type == "cpu":
+            key["cpu_fusion"] = fusion
+        fused.set_enabled(fusion == "on")
         model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
         for size in a.sizes:
             for batch in a.batches:
@@ -79,7 +85,7 @@ def main() -> None:
                 record({"task": "inference", **key, "size": size, "batch": batch, "ms_per_image": 1000 * sec / batch,
                         "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
                         "wall_s": time.perf_counter() - t0})
-        if a.skip_train or mode == "graphs":
+        if a.skip_train or mode == "graphs" or fusion == "off":  # training never takes the fused path
             continue
         for batch in a.train_batches:
             model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
@@ -109,13 +115,14 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
                          f"{r['size']}² | {r['batch']} | failed: {r['error'][:80]} | |")
             continue
+        mode = r["mode"] + (", fusion off" if r.get("cpu_fusion") == "off" else "")
         if r["task"] == "inference":
             res = f"{r['ms_per_image']:.1f} ms/image ({r['images_per_s']:.1f} img/s)"
             size = f"{r['size']}²"
         else:
             res = f"{r['patches_per_s']:.1f} patches/s"
             size = f"{r['patch']}²"
-        lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
+        lines.append(f"| {r['task']} | {r['layout']} | {mode} | {r.get('dispatch', 'auto')} | {r['precision']} | "
                      f"{size} | {r['batch']} | "
                      f"{res} | {r['peak_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"

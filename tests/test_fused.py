@@ -20,10 +20,10 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 def test_feedforward_fused_matches_reference(with_residual):
     torch.manual_seed(0)
     ffn = FeedForward(16, 2.66, bias=True).to(memory_format=torch.channels_last)
-    x, r = _cl(torch.randn(2, 16, 24, 40)), _cl(torch.randn(2, 16, 24, 40))
+    x, r = _cl(torch.randn(2, 16, 64, 72)), _cl(torch.randn(2, 16, 64, 72))
     residual = r if with_residual else None
     with torch.no_grad():
-        assert fused.applies(x)
+        assert fused.applies(x) and not fused.applies(x[:, :, :32, :32].contiguous(memory_format=torch.channels_last))
         got = ffn(x, residual)
         with fused.disabled():
             assert not fused.applies(x)
@@ -33,11 +33,13 @@ def test_feedforward_fused_matches_reference(with_residual):
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
 def test_network_fused_matches_reference_batch_1_and_8(dispatch):
-    """Tiny model, channels-last, 8 images; images are forced onto different experts in every layer."""
+    """Tiny model, channels-last, 8 images; images are forced onto different experts in every layer.
+
+    At 64x64 the first level takes the fused path and the deeper (smaller) levels the reference path."""
     model = moceir.create_model("MoCE_IR_tiny").eval().set_dispatch(dispatch)
     fill_deterministic(model, 0.1)
     model = model.to(memory_format=torch.channels_last)
-    x = _cl(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    x = _cl(torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
     experts = (torch.arange(8)[None] + torch.arange(model.num_moe_layers)[:, None]) % 4  # [layers, B]
     with torch.no_grad():
         got = model(x, experts=experts)
@@ -51,7 +53,7 @@ def test_network_fused_matches_reference_batch_1_and_8(dispatch):
 def test_fused_path_is_taken_only_without_autograd(monkeypatch):
     """With gradients on (training) the reference path runs; under no_grad on CPU the fused one does."""
     model = moceir.create_model("MoCE_IR_tiny").eval().to(memory_format=torch.channels_last)
-    x = _cl(torch.rand(1, 3, 16, 16))
+    x = _cl(torch.rand(1, 3, 64, 64))
 
     class Taken(Exception):
         pass

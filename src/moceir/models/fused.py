@@ -21,6 +21,9 @@ from torch import nn
 
 _OPS = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _enabled = os.environ.get("MOCEIR_NO_CPU_FUSION", "") in ("", "0")
+# Below about 64x64 pixels per feature map the fused calls cost more than they save (benchmarks/bench.py rows;
+# per FFN: 0.58x the time at 256x256, 1.0x at 64x64, 1.2x at 16x16).
+MIN_PIXELS = 64 * 64
 
 
 def set_enabled(enabled: bool) -> None:
@@ -41,9 +44,10 @@ def disabled() -> Iterator[None]:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """True when ``x`` ([B, C, H, W]) may take the fused path: CPU, float32, channels-last, no autograd."""
+    """True when ``x`` ([B, C, H, W]) may take the fused path: CPU, float32, channels-last, no autograd, and
+    at least ``MIN_PIXELS`` pixels."""
     return (_enabled and _OPS is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 4
+            and x.dtype == torch.float32 and x.dim() == 4 and x.shape[2] * x.shape[3] >= MIN_PIXELS
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
