@@ -36,7 +36,8 @@ def main(restored_dir: str, out: str) -> None:
             axes[row, col].imshow(img)
             axes[row, col].set_title(title, fontsize=10)
             axes[row, col].axis("off")
-    fig.suptitle("bundled default model (MoCE-IR-S, 624 training steps): PSNR against the ground truth", fontsize=11)
+    fig.suptitle("bundled default model (MoCE-IR-S, 954 training steps in two runs; see docs/model-card.md): "
+                 "PSNR against the ground truth", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(out)
