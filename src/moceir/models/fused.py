@@ -4,8 +4,12 @@ On the CPU most of the network's time outside the convolutions goes to elementwi
 feature maps: the FFN's GELU and gate, and the residual additions. oneDNN applies such operations as
 "post-ops" inside the convolution, while its output is still in cache. PyTorch exposes this through
 ``torch.ops.mkldnn._convolution_pointwise`` (what inductor emits for CPU graphs). That op has no autograd, so
-the fused path is taken only when gradients are off, on float32 channels-last CPU tensors; everything else
-takes the reference path, which it matches to float rounding (``tests/test_fused.py``).
+the fused path is taken only when gradients are off, on float32 channels-last CPU tensors of at least
+``MIN_PIXELS``; everything else takes the reference path, which it matches to float rounding
+(``tests/test_fused.py``). In torch 2.13 a depthwise convolution's "mul" runs as an in-place multiply right after
+the convolution rather than as a true post-op: it saves an allocation, not a pass.
+
+Measured effect and memory cost: docs/performance.md ("What made the CPU faster").
 
 ``MOCEIR_NO_CPU_FUSION=1`` or :func:`set_enabled` turns the fused path off.
 """
