@@ -6,6 +6,9 @@
 #   3. MoCE-IR-S all-in-one training for TRAIN_SECONDS (denoise 15/25/50, derain, synthetic dehaze),
 #      continuing from FINE_TUNE_FROM when given.
 # Results go to $OUT (at most 8 files there). Runs with PYTHONPATH=src: no install needed on the GPU machine.
+# Prepare on the CPU first: `python scripts/pack_gpu_data.py` writes the training images to .gpu/data (35 MiB),
+# then run this script on the device with carry [".gpu"]; to continue the shipped model, set
+# FINE_TUNE_FROM=src/moceir/weights/default.safetensors.
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; DATA=${DATA:-$PWD/.gpu/data}; TRAIN_SECONDS=${TRAIN_SECONDS:-290}
