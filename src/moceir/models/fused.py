@@ -25,8 +25,8 @@ from torch import nn
 
 _OPS = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _enabled = os.environ.get("MOCEIR_NO_CPU_FUSION", "") in ("", "0")
-# Below about 64x64 pixels per feature map the fused calls cost more than they save (benchmarks/bench.py rows;
-# per FFN: 0.58x the time at 256x256, 1.0x at 64x64, 1.2x at 16x16).
+# Below about 64x64 pixels per feature map the fused calls cost more than they save (benchmarks/fusion_sizes.py,
+# per FFN: 0.54-0.74x the reference time at 256x256, 0.86-0.95x at 64x64, 0.97-1.03x at 32x32, 1.10x at 16x16).
 MIN_PIXELS = 64 * 64
 
 
