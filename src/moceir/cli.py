@@ -84,6 +84,13 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _dtype(name: str):
+    """torch dtype for "fp16" / "bf16"; None for "fp32" (keep float32)."""
+    import torch
+
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def _checkpoint_note(path: str) -> str:
     """The 'note' a bundled/safetensors checkpoint carries (e.g. that it is a small CPU-trained model)."""
     from .models.checkpoints import resolve_path
@@ -312,7 +319,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = set(files)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = _dtype(args.precision)
     budget = _memory_budget(device)
     report: list[dict] = []
     failed: list[str] = list(errors)
@@ -399,8 +406,6 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from . import load_model, save_model
     from .models.checkpoints import CheckpointError
 
@@ -413,8 +418,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # as restore: the checkpoint itself is unusable
-    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    path = save_model(model, out, dtype=dtype, note=args.note)
+    path = save_model(model, out, dtype=_dtype(args.dtype), note=args.note)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
     return 0
 
