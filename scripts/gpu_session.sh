@@ -60,7 +60,7 @@ from pathlib import Path
 import moceir
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 model = moceir.load_model(run / "model.safetensors")
-path = moceir.save_model(model, out / "model_fp16.safetensors", dtype=torch.float16)
+path = moceir.save_model(model, out / "model_fp16.safetensors", dtype=torch.float16, overwrite=True)
 blob = path.read_bytes(); path.unlink()
 half = len(blob) // 2 + 1
 (out / "model_fp16.part0").write_bytes(blob[:half]); (out / "model_fp16.part1").write_bytes(blob[half:])

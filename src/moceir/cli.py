@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
+import math
 import os
 import sys
-import time
 from pathlib import Path
 
 from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
@@ -15,24 +14,60 @@ from .losses import LOSS_TYPES
 from .models.config import COMPLEXITY_SCALES, PRESETS, RANK_TYPES
 
 
+def _number(kind, v: str):
+    try:
+        x = kind(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if kind is float and not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
+    return x
+
+
 def _positive(kind=int):
     def parse(v: str):
-        x = kind(v)
+        x = _number(kind, v)
         if x <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
         return x
     return parse
 
 
-def _non_negative(v: str) -> int:
-    x = int(v)
+def _finite(v: str) -> float:
+    return _number(float, v)
+
+
+def _non_negative_float(v: str) -> float:
+    x = _number(float, v)
     if x < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return x
 
 
+def _non_negative(v: str) -> int:
+    x = _number(int, v)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return x
+
+
+def _bytes(v: str) -> float:
+    """'4GB', '512MB', '2.5GiB' or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = v.strip().upper()
+    num = text.rstrip("KMGTIB")
+    unit = text[len(num):]
+    try:
+        x = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GB or 512MB, got {v!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {v!r}")
+    return x
+
+
 def _patch(v: str) -> int:
-    x = int(v)
+    x = _number(int, v)
     if x <= 0 or x % 8:
         raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {v}")
     return x
@@ -46,21 +81,21 @@ def _repeat(v: str) -> tuple[str, int]:
 
 
 def _add_arch_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("architecture (default: the --model preset)")
-    g.add_argument("--dim", type=_positive())
-    g.add_argument("--num_blocks", nargs="+", type=_non_negative)
-    g.add_argument("--num_dec_blocks", nargs="+", type=_positive())
-    g.add_argument("--latent_dim", type=_positive())
-    g.add_argument("--num_exp_blocks", type=_positive())
-    g.add_argument("--num_refinement_blocks", type=_non_negative)
-    g.add_argument("--heads", nargs="+", type=_positive())
-    g.add_argument("--stage_depth", nargs="+", type=_positive())
+    g = p.add_argument_group("architecture (default: the --model preset, or what the checkpoint describes)")
+    g.add_argument("--dim", type=_positive(), help="width of the first level")
+    g.add_argument("--num_blocks", nargs="+", type=_non_negative, help="encoder blocks per level, then latent blocks")
+    g.add_argument("--num_dec_blocks", nargs="+", type=_positive(), help="decoder blocks per level, shallowest first")
+    g.add_argument("--latent_dim", type=_positive(), help="expert rank for the non-spread rank types")
+    g.add_argument("--num_exp_blocks", type=_positive(), help="complexity experts per MoE layer")
+    g.add_argument("--num_refinement_blocks", type=_non_negative, help="refinement blocks after the decoder")
+    g.add_argument("--heads", nargs="+", type=_positive(), help="attention heads per level")
+    g.add_argument("--stage_depth", nargs="+", type=_positive(), help="kept for upstream compatibility")
     g.add_argument("--with_complexity", action=argparse.BooleanOptionalAction, default=None,
-                   help="complexity-biased balance loss (default on: the paper's method; --no-with_complexity to drop)")
-    g.add_argument("--complexity_scale", choices=COMPLEXITY_SCALES)
-    g.add_argument("--rank_type", choices=RANK_TYPES)
-    g.add_argument("--depth_type")
-    g.add_argument("--topk", type=_positive())
+                   help="complexity-biased balance loss (on unless --no-with_complexity: the paper's method)")
+    g.add_argument("--complexity_scale", choices=COMPLEXITY_SCALES, help="how expert complexity is normalised")
+    g.add_argument("--rank_type", choices=RANK_TYPES, help="rule for the experts' ranks")
+    g.add_argument("--depth_type", help="kept for upstream compatibility (depth never changes the output)")
+    g.add_argument("--topk", type=_positive(), help="experts chosen per image and MoE layer")
 
 
 ARCH_FIELDS = ("dim", "num_blocks", "num_dec_blocks", "latent_dim", "num_exp_blocks", "num_refinement_blocks",
@@ -75,13 +110,9 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _device(name: str):
-    import torch
+    from .pipeline import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _dtype(name: str):
@@ -93,15 +124,18 @@ def _dtype(name: str):
 
 def _checkpoint_note(path: str) -> str:
     """The 'note' a bundled/safetensors checkpoint carries (e.g. that it is a small CPU-trained model)."""
-    from .models.checkpoints import resolve_path
-
-    p = resolve_path(path)
-    if p.suffix != ".safetensors":
-        return ""
     from safetensors import safe_open
 
-    with safe_open(str(p), framework="pt") as f:
-        return (f.metadata() or {}).get("note", "")
+    from .models.checkpoints import resolve_path
+
+    try:
+        p = resolve_path(path)
+        if p.suffix != ".safetensors":
+            return ""
+        with safe_open(str(p), framework="pt") as f:
+            return str((f.metadata() or {}).get("note", ""))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model with the real reason
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -112,7 +146,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .flops import expert_flops_per_pixel, moe_layer_scales, network_flops
     from .models import create_model
 
-    model = create_model(args.target) if args.target in PRESETS else load_model(args.target)
+    from .models.checkpoints import CheckpointError
+
+    try:
+        model = create_model(args.target) if args.target in PRESETS else load_model(args.target)
+    except CheckpointError as e:
+        hint = "" if Path(args.target).exists() else f" (presets: {', '.join(PRESETS)})"
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
     cfg = model.config
     print(f"model: {args.target}")
     for k, v in cfg.to_dict().items():
@@ -135,16 +176,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainSettings, train
+    from .pipeline import UsageError
+    from .training import TrainingSetupError, TrainSettings, train
 
     if args.trainset == "standard" and not args.de_type:
-        raise SystemExit("error: --de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
+        raise UsageError("--de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
     if args.batch_size < args.accum_grad:
-        raise SystemExit(f"error: --batch_size {args.batch_size} is below --accum_grad {args.accum_grad}: "
+        raise UsageError(f"--batch_size {args.batch_size} is below --accum_grad {args.accum_grad}: "
                          "each step takes batch_size // accum_grad images (as upstream)")
     data_dir = Path(args.data_file_dir)
     if not data_dir.is_dir():
-        raise SystemExit(f"error: --data_file_dir {data_dir} does not exist; point it at the folder holding "
+        raise UsageError(f"--data_file_dir {data_dir} does not exist; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
     config = _config_from_args(args)
     settings = TrainSettings(
@@ -158,7 +200,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         dispatch=args.dispatch, channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)
-    run_dir = train(config, settings)
+    try:
+        run_dir = train(config, settings)
+    except TrainingSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {run_dir} (last.ckpt, model.safetensors, training_curves.png, logs/)")
     return 0
 
@@ -166,28 +212,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- test
 def _load_for_eval(args: argparse.Namespace):
     from . import load_model
+    from .pipeline import UsageError
     from .training import resolve_checkpoint
 
     if args.ckpt:
         path = args.ckpt
     elif args.checkpoint_id:
-        path = str(resolve_checkpoint(args.checkpoint_id, args.ckpt_dir))
+        try:
+            path = str(resolve_checkpoint(args.checkpoint_id, args.ckpt_dir))
+        except FileNotFoundError as e:
+            raise UsageError(f"--checkpoint_id: {e}") from None
     else:
         path = "default"
     config = _config_from_args(args) if args.model else None
     device = _device(args.device)
     model = load_model(path, device=device, config=config, channels_last=True)
     note = _checkpoint_note(path)
-    if note:
+    if note and not args.quiet:
         print(f"model note: {note}")
     return model, device, path
 
 
 def _cdd11_subset(args: argparse.Namespace) -> str:
+    from .pipeline import UsageError
+
     if "cdd11" not in args.benchmarks:
         return "all"
     if not args.trainset.startswith("CDD11_"):
-        raise SystemExit("error: --benchmarks cdd11 needs --trainset CDD11_<all|single|double|triple|folder>")
+        raise UsageError("--benchmarks cdd11 needs --trainset CDD11_<all|single|double|triple|folder>")
     return args.trainset.split("_", 1)[1]
 
 
@@ -202,11 +254,17 @@ def cmd_test(args: argparse.Namespace) -> int:
     for bench in args.benchmarks:
         save_dir = out_dir / "images" / bench if args.save_results else None
         try:
-            results.append(evaluate_benchmark(model, args.data_file_dir, bench, device, args.y_channel, save_dir,
-                                              subset))
+            result = evaluate_benchmark(model, args.data_file_dir, bench, device, args.y_channel, save_dir,
+                                        subset, progress=not args.quiet, context_pad=args.context_pad)
         except (DatasetLayoutError, ValueError) as e:
             print(f"error: {bench}: {e}", file=sys.stderr)
             failed = True
+            continue
+        for line in result.errors:
+            print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
+        failed = failed or bool(result.errors)
+        if result.rows:
+            results.append(result)
     if results:
         title = f"moceir test: {path}"
         print(markdown_table(results, title))
@@ -220,23 +278,40 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from .evaluation import BenchmarkResult, evaluate_benchmark, routing_counts, routing_flops
     from .plots import plot_routing_heatmap
 
+    from .pipeline import UsageError, write_atomically
+
+    out = Path(args.output_path)
+    files = {name: out / name for name in ("routing_heatmap.png", "routing.md", "routing.json")}
+    existing = [str(p) for p in files.values() if os.path.lexists(p)]
+    if existing and not args.overwrite:
+        raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
     model, device, path = _load_for_eval(args)
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
-        saved = json.loads(Path(args.from_results).read_text())["per_image"]
+        try:
+            saved = json.loads(Path(args.from_results).read_text())["per_image"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--from_results {args.from_results}: not a results.json of `moceir test` "
+                             f"({type(e).__name__})") from None
         results = [BenchmarkResult(b, saved[b]) for b in args.benchmarks if b in saved]
         missing = [b for b in args.benchmarks if b not in saved]
         if missing:
-            raise SystemExit(f"error: {args.from_results} has no results for {missing}")
+            raise UsageError(f"{args.from_results} has no results for {missing}")
     else:
         subset = _cdd11_subset(args)
-        results = [evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset)
-                   for b in args.benchmarks]
+        results = []
+        for b in args.benchmarks:
+            r = evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset,
+                                   progress=not args.quiet)
+            for line in r.errors:
+                print(f"error: {b}: {line} (skipped)", file=sys.stderr)
+            results.append(r)
     counts = routing_counts(results, model.num_moe_layers, model.config.num_exp_blocks)
-    out = Path(args.output_path)
     out.mkdir(parents=True, exist_ok=True)
     names = [r.name for r in results]
-    png = plot_routing_heatmap(counts, names, out / "routing_heatmap.png",
-                               f"experts picked per task and MoE layer ({Path(path).name})")
+    title = f"experts picked per task and MoE layer ({Path(path).name})"
+    write_atomically(files["routing_heatmap.png"], lambda tmp: plot_routing_heatmap(counts, names, tmp, title),
+                     args.overwrite)
+    png = files["routing_heatmap.png"]
     flops = routing_flops(model, results)
     lines = ["| benchmark | " + " | ".join(f"L{i}" for i in range(counts.shape[1])) + " |",
              "|---|" + "---|" * counts.shape[1]]
@@ -247,149 +322,38 @@ def cmd_routing(args: argparse.Namespace) -> int:
     lines += [f"| {f['benchmark']} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
               f"{100 * f['share']:.1f}% |" for f in flops]
     table = "\n".join(lines) + "\n"
-    (out / "routing.md").write_text(table)
-    (out / "routing.json").write_text(json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops},
-                                                 indent=1))
+    data = json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops}, indent=1)
+    write_atomically(files["routing.md"], lambda tmp: tmp.write_text(table), args.overwrite)
+    write_atomically(files["routing.json"], lambda tmp: tmp.write_text(data), args.overwrite)
     print(table)
     print(f"wrote {png}, {out / 'routing.md'}, {out / 'routing.json'}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------- restore
-def _gather_inputs(specs: list[str]) -> tuple[list[Path], list[str]]:
-    from .io import list_images
-
-    files, errors = [], []
-    for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                errors.append(f"{p}: folder has no images (png, jpg, bmp, tif, webp); nothing to restore there")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file())
-            if not matches:
-                errors.append(f"{spec}: no such file, folder or matching glob")
-            files += matches
-    unique = list(dict.fromkeys(f.resolve() for f in files))
-    return unique, errors
-
-
-def _memory_budget(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.7 * free
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return 0.25 * info.get("MemAvailable", info["MemTotal"])
-    except OSError:
-        return 4e9
-
-
 def cmd_restore(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from . import load_model
-    from .inference import auto_tile, restore_tensor
-    from .io import ImageReadError, load_image, save_image
     from .models.checkpoints import CheckpointError
+    from .pipeline import UsageError, restore_files
 
-    device = _device(args.device)
-    if args.precision != "fp32" and device.type != "cuda":
-        raise SystemExit(f"error: --precision {args.precision} needs a CUDA device; use fp32 on {device.type}")
+    def say(line: str) -> None:
+        if line.startswith("error") or not args.quiet:
+            print(line, file=sys.stderr)
+
     try:
-        model = load_model(args.checkpoint, device=device, channels_last=True)
-    except CheckpointError as e:
+        note = "" if args.quiet else _checkpoint_note(args.checkpoint)
+        if note:
+            print(f"model: {note}")
+        rows = restore_files(args.inputs, args.output, args.checkpoint, device=args.device, tile=args.tile,
+                             tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
+                             batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
+                             overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
+                             max_memory=args.max_memory, num_workers=args.num_workers, progress=not args.quiet,
+                             log=say)
+    except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    note = _checkpoint_note(args.checkpoint)
-    if note:
-        print(f"model: {note}")
-    files, errors = _gather_inputs(args.inputs)
-    for e in errors:
-        print(f"error: {e}", file=sys.stderr)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = set(files)
-    dtype = _dtype(args.precision)
-    budget = _memory_budget(device)
-    report: list[dict] = []
-    failed: list[str] = list(errors)
-
-    def fail(path: Path, e: BaseException) -> None:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "out of memory" in msg.lower() or isinstance(e, MemoryError):
-            msg = "out of memory; retry with --tile 256 (or smaller) and --batch_size 1"
-        line = msg if str(path) in msg else f"{path}: {msg}"
-        failed.append(line)
-        print(f"error: {line}", file=sys.stderr)
-
-    def run(batch: list[tuple]) -> None:
-        """Restore same-size images together (a tiled image always alone) and write each atomically."""
-        tile = batch[0][3]
-        try:
-            x = torch.from_numpy(np.stack([img.rgb.transpose(2, 0, 1) for _, _, img, _ in batch])).to(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                y, experts = restore_tensor(model, x, tile, args.tile_overlap, args.tile_routing, return_experts=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - t0) / len(batch)
-            y = y.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        except (RuntimeError, MemoryError) as e:
-            for path, *_ in batch:
-                fail(path, e)
-            return
-        for i, (path, target, img, _) in enumerate(batch):
-            try:
-                tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")
-                save_image(tmp, y[i], img.alpha, img.bit_depth, img.grayscale)
-                os.replace(tmp, target)
-            except (OSError, ValueError) as e:
-                fail(path, e)
-                continue
-            report.append({"input": str(path), "output": str(target), "size": list(img.rgb.shape[:2]),
-                           "seconds": round(seconds, 3), "batch": len(batch), "tile": tile,
-                           "experts": experts[:, min(i, experts.shape[1] - 1), 0].tolist()})
-
-    pending: list[tuple] = []
-    with tqdm(total=len(files), desc="restoring", unit="img", disable=args.quiet) as bar:
-        for path in files:
-            ext = ("." + args.ext.lstrip(".")) if args.ext else path.suffix
-            target = (out_dir / f"{path.stem}{args.suffix}{ext}").resolve()
-            try:
-                if target in inputs:
-                    raise ValueError(f"output {target} would overwrite an input; choose another -o or --suffix")
-                if target.exists() and not args.overwrite:
-                    raise ValueError(f"output {target} exists; pass --overwrite to replace it")
-                img = load_image(path)
-            except (ImageReadError, ValueError, OSError) as e:
-                fail(path, e)
-                bar.update(1)
-                continue
-            h, w = img.rgb.shape[:2]
-            item = (path, target, img, args.tile or auto_tile(model, h, w, budget))
-            if pending and (item[3] is not None or pending[0][3] is not None or len(pending) >= args.batch_size
-                            or pending[0][2].rgb.shape != img.rgb.shape):
-                run(pending)
-                bar.update(len(pending))
-                pending = []
-            pending.append(item)
-        if pending:
-            run(pending)
-            bar.update(len(pending))
-    if args.report:
-        Path(args.report).write_text(json.dumps({"checkpoint": args.checkpoint, "images": report,
-                                                 "errors": failed}, indent=1))
-    print(f"restored {len(report)} image(s) into {out_dir}; {len(failed)} failed")
+    failed = sum("error" in r for r in rows)
+    print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
     return 1 if failed else 0
 
 
@@ -418,113 +382,147 @@ def cmd_export(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2  # as restore: the checkpoint itself is unusable
-    path = save_model(model, out, dtype=_dtype(args.dtype), note=args.note)
+    path = save_model(model, out, dtype=_dtype(args.dtype), note=args.note, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; flags without one (None) show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        if action.default == "":
+            return text + " (default: none)"
+        return super()._get_help_string(action)
+
+
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(PRESETS), help="preset; optional when the checkpoint describes itself")
-    p.add_argument("--ckpt", help="checkpoint path (any format moceir.load_model reads)")
+    p.add_argument("--ckpt", help="checkpoint path (any format moceir.load_model reads); default: the bundled "
+                                  "model unless --checkpoint_id is given")
     p.add_argument("--checkpoint_id", help="run name under --ckpt_dir (uses its last.ckpt)")
-    p.add_argument("--ckpt_dir", default="checkpoints")
-    p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS)
+    p.add_argument("--ckpt_dir", default="checkpoints", help="folder of training runs")
+    p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS, help="test sets to evaluate")
     p.add_argument("--trainset", default="standard", help="CDD11_<subset> selects the cdd11 test subset")
     p.add_argument("--de_type", nargs="*", help="accepted for upstream compatibility; not needed")
-    p.add_argument("--data_file_dir", default="datasets")
-    p.add_argument("--output_path", default="output/")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_arch_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moceir", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moceir", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="configuration, parameter count and FLOPs of a preset or checkpoint")
-    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint path")
-    p.add_argument("--size", type=_patch, default=256)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    p = command("info", "configuration, parameter count and FLOPs of a preset or checkpoint")
+    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
+    p.add_argument("--size", type=_patch, default=256, help="side of the square image the FLOPs are counted for")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("train", help="train with PyTorch Lightning (upstream's flags)")
-    p.add_argument("--model", choices=list(PRESETS), default="MoCE_IR_S")
-    p.add_argument("--epochs", type=_positive(), default=120)
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after N optimizer steps (the LR schedule spans them)")
+    p = command("train", "train with PyTorch Lightning (upstream's flags)")
+    p.add_argument("--model", choices=list(PRESETS), default="MoCE_IR_S", help="architecture preset")
+    p.add_argument("--epochs", type=_positive(), default=120, help="training epochs")
+    p.add_argument("--max_steps", type=int, default=-1, help="stop after N optimizer steps (the LR schedule spans "
+                                                               "them); -1: no limit")
     p.add_argument("--max_time", help="wall-clock limit DD:HH:MM:SS")
-    p.add_argument("--batch_size", type=_positive(), default=8, help="per device (with --accum_grad a: batch_size//a per step, as upstream)")
-    p.add_argument("--lr", type=_positive(float), default=2e-4)
-    p.add_argument("--warmup_epochs", type=float, default=15)
-    p.add_argument("--schedule_epochs", type=_positive(float), default=150)
-    p.add_argument("--de_type", nargs="+", choices=TASKS)
-    p.add_argument("--trainset", choices=TRAINSETS, default="standard")
+    p.add_argument("--batch_size", type=_positive(), default=8,
+                   help="per device (with --accum_grad a: batch_size//a per step, as upstream)")
+    p.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup_epochs", type=_non_negative_float, default=15, help="linear warm-up length")
+    p.add_argument("--schedule_epochs", type=_positive(float), default=150, help="cosine schedule length")
+    p.add_argument("--de_type", nargs="+", choices=TASKS, help="degradation tasks to train on")
+    p.add_argument("--trainset", choices=TRAINSETS, default="standard", help="training set layout")
     p.add_argument("--dehaze_source", choices=DEHAZE_SOURCES, default="reside",
                    help="synthetic: haze made on the clean BSD images (RESIDE OTS substitute)")
     p.add_argument("--repeat", type=_repeat, action="append", help="override a task's repeat factor, e.g. derain=20")
     p.add_argument("--holdout_val", action="store_true", help="keep the RainTrainL validation split (ids %% 10 == 0) out")
     p.add_argument("--loss_type", type=str.lower, choices=LOSS_TYPES, default="l1", help="L1 or FFT (case-insensitive)")
-    p.add_argument("--fft_loss_weight", type=float, default=0.1)
-    p.add_argument("--balance_loss_weight", type=float, default=0.01)
-    p.add_argument("--patch_size", type=_patch, default=128)
-    p.add_argument("--num_workers", type=_non_negative, default=4)
-    p.add_argument("--accum_grad", type=_positive(), default=1)
+    p.add_argument("--fft_loss_weight", type=_non_negative_float, default=0.1, help="weight of the FFT term "
+                                                                                      "with --loss_type fft")
+    p.add_argument("--balance_loss_weight", type=_non_negative_float, default=0.01,
+                   help="weight of the router's balance loss")
+    p.add_argument("--patch_size", type=_patch, default=128, help="training crop side")
+    p.add_argument("--num_workers", type=_non_negative, default=4, help="data loader processes")
+    p.add_argument("--accum_grad", type=_positive(), default=1, help="gradient accumulation steps")
     p.add_argument("--resume_from", help="run name under --ckpt_dir or a checkpoint path: restores optimizer and step")
     p.add_argument("--fine_tune_from", help="any checkpoint moceir.load_model reads: weights only, fresh optimizer")
-    p.add_argument("--data_file_dir", default="datasets")
-    p.add_argument("--ckpt_dir", default="checkpoints")
-    p.add_argument("--run_name")
+    p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
+    p.add_argument("--ckpt_dir", default="checkpoints", help="where run folders are made")
+    p.add_argument("--run_name", help="run folder name (default: a timestamp)")
     p.add_argument("--num_gpus", "--gpus", type=_non_negative, default=None, help="0: CPU (default: 1 if CUDA)")
     p.add_argument("--num_cpu_processes", type=_positive(), default=1, help="CPU DDP (gloo) processes")
-    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
+                   help="Lightning precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--dispatch", choices=["auto", "dense", "sparse"], default="auto")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save_every_n_epochs", type=_positive(), default=5)
-    p.add_argument("--log_every_n_steps", type=_positive(), default=10)
+    p.add_argument("--dispatch", choices=["auto", "dense", "sparse"], default="auto",
+                   help="expert dispatch: dense on CUDA, sparse on CPU when auto")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory layout")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--save_every_n_epochs", type=_positive(), default=5, help="checkpoint period")
+    p.add_argument("--log_every_n_steps", type=_positive(), default=10, help="logging period")
     _add_arch_flags(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("test", help="PSNR/SSIM on the benchmarks (upstream's protocol)")
+    p = command("test", "PSNR/SSIM on the benchmarks (upstream's protocol)")
     _add_eval_flags(p)
+    p.add_argument("--output_path", default="output/", help="where results.md/json/csv are written")
     p.add_argument("--save_results", action="store_true", help="write the restored PNGs")
     p.add_argument("--y_channel", action="store_true", help="also report PSNR/SSIM on the Y channel")
+    p.add_argument("--context_pad", type=_non_negative, default=0,
+                   help="reflected context around each image (0: upstream's protocol)")
     p.set_defaults(fn=cmd_test)
 
-    p = sub.add_parser("routing", help="which expert each task picks per MoE layer: heatmap, table, FLOPs")
+    p = command("routing", "which expert each task picks per MoE layer: heatmap, table, FLOPs")
     _add_eval_flags(p)
+    p.add_argument("--output_path", default="routing", help="folder for routing_heatmap.png, routing.md/json")
     p.add_argument("--from_results", help="results.json of `moceir test` with the same checkpoint: no re-run")
-    p.set_defaults(fn=cmd_routing, output_path="docs/routing")
+    p.add_argument("--overwrite", action="store_true", help="replace existing routing files")
+    p.set_defaults(fn=cmd_routing)
 
-    p = sub.add_parser("restore", help="restore images (files, folders, globs) with the bundled or a given model")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("-o", "--output", default="restored")
-    p.add_argument("--checkpoint", default="default")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p = command("restore", "restore images (files, folders, globs) with the bundled or a given model")
+    p.add_argument("inputs", nargs="+", help="image files, folders (not recursive) or globs")
+    p.add_argument("-o", "--output", default="restored", help="folder for the restored images")
+    p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision (CUDA)")
     p.add_argument("--batch_size", type=_positive(), default=4, help="same-size images restored together")
-    p.add_argument("--tile", type=_patch, help="tile size (default: automatic when the image would not fit)")
-    p.add_argument("--tile_overlap", type=_non_negative, default=32)
+    p.add_argument("--tile", type=_patch, help="tile size (default: automatic when the image would not fit "
+                                               "--max_memory)")
+    p.add_argument("--tile_overlap", type=_non_negative, default=32, help="pixels shared by neighbouring tiles")
     p.add_argument("--tile_routing", choices=["tile", "global"], default="tile",
                    help="tile: each tile picks its experts; global: one decision from a downscaled pass")
+    p.add_argument("--max_memory", type=_bytes, help="memory budget for automatic tiling, e.g. 4GB (default: "
+                                                     "half the free RAM, at most 2.5 GB; on CUDA 70%% of free memory)")
+    p.add_argument("--context_pad", type=_non_negative, default=16,
+                   help="reflected context around each image, cropped away (removes dark borders; 0: off)")
+    p.add_argument("--num_workers", type=_non_negative, default=0, help="loader processes decoding ahead")
     p.add_argument("--ext", help="output format, e.g. png (default: the input's)")
     p.add_argument("--suffix", default="", help="appended to output names")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs and report (never inputs)")
     p.add_argument("--report", help="write a JSON report: size, time and experts per image")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes; errors only")
     p.set_defaults(fn=cmd_restore)
 
-    p = sub.add_parser("export", help="write any checkpoint as self-describing safetensors (e.g. fp16 to ship)")
+    p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship)")
     p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
     p.add_argument("output", help="the .safetensors file to write")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
     p.add_argument("--note", help="text stored in the file and printed when the model is used")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("plot-logs", help="PNG plots of loss, balance loss and LR of a training run")
-    p.add_argument("run_dir")
-    p.add_argument("--out")
+    p = command("plot-logs", "PNG plots of loss, balance loss and LR of a training run")
+    p.add_argument("run_dir", help="a training run folder (holding logs/metrics.csv)")
+    p.add_argument("--out", help="PNG path (default: <run_dir>/training_curves.png)")
     p.set_defaults(fn=cmd_plot_logs)
     return parser
 
@@ -534,4 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()
-    return int(args.fn(args) or 0)
+    from .models.checkpoints import CheckpointError
+    from .pipeline import UsageError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (CheckpointError, UsageError) as e:  # unusable checkpoint or options: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .data.datasets import BenchmarkDataset, benchmark_pairs
 from .inference import restore_tensor
-from .io import save_image
+from .io import ImageReadError, save_image
 from .metrics import psnr, ssim
 from .models import MoCEIR
 
@@ -23,6 +23,7 @@ from .models import MoCEIR
 class BenchmarkResult:
     name: str
     rows: list[dict] = field(default_factory=list)  # per image: name, psnr, ssim (+ y variants), input_psnr, experts
+    errors: list[str] = field(default_factory=list)  # one line per image that could not be scored
 
     def mean(self, key: str) -> float:
         return float(np.mean([r[key] for r in self.rows])) if self.rows else float("nan")
@@ -32,19 +33,41 @@ class BenchmarkResult:
         return {"benchmark": self.name, "images": len(self.rows), **{k: round(self.mean(k), 4) for k in keys}}
 
 
+def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]:
+    """A benchmark item, or a one-line reason why it cannot be scored (unreadable file, sizes that differ)."""
+    pair = ds.pairs[idx]
+    try:
+        item = ds[idx]
+    except ImageReadError as e:
+        return None, str(e)
+    if item["lq"].shape != item["gt"].shape:
+        (_, h, w), (_, gh, gw) = item["lq"].shape, item["gt"].shape
+        return None, (f"{pair.degraded}: {h}x{w} (after the crop to multiples of 16) does not match its clean "
+                      f"image {pair.clean} ({gh}x{gw}); fix or remove the pair")
+    return item, None
+
+
 def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
                        y_channel: bool = False, save_dir: Path | None = None, cdd11_subset: str = "all",
-                       progress: bool = True) -> BenchmarkResult:
-    """Centre-crop to multiples of 16, clamp to [0, 1], PSNR/SSIM on RGB with data_range 1 (upstream)."""
+                       progress: bool = True, context_pad: int = 0) -> BenchmarkResult:
+    """Centre-crop to multiples of 16, clamp to [0, 1], PSNR/SSIM on RGB with data_range 1 (upstream).
+
+    Images that cannot be read or whose pair sizes differ are skipped and listed in ``result.errors``.
+    ``context_pad`` > 0 departs from upstream's protocol (see :func:`moceir.inference.restore_tensor`).
+    """
     ds = BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
     result = BenchmarkResult(benchmark)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-    for item in tqdm(ds, desc=benchmark, disable=not progress, leave=False):
+    for idx in tqdm(range(len(ds)), desc=benchmark, disable=not progress, leave=False):
+        item, error = _load_item(ds, idx)
+        if item is None:
+            result.errors.append(error)
+            continue
         lq = item["lq"][None].to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            out, experts = restore_tensor(model, lq, return_experts=True)
+            out, experts = restore_tensor(model, lq, return_experts=True, context_pad=context_pad)
         seconds = time.perf_counter() - t0
         restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
         clean = item["gt"].permute(1, 2, 0).numpy()
@@ -79,7 +102,8 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     paths = {"md": out_dir / "results.md", "json": out_dir / "results.json", "csv": out_dir / "per_image.csv"}
     paths["md"].write_text(markdown_table(results, title))
     paths["json"].write_text(json.dumps({"title": title, "summary": [r.summary() for r in results],
-                                         "per_image": {r.name: r.rows for r in results}}, indent=1))
+                                         "per_image": {r.name: r.rows for r in results},
+                                         "errors": {r.name: r.errors for r in results if r.errors}}, indent=1))
     with open(paths["csv"], "w", newline="") as f:
         keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts"]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")

@@ -4,6 +4,7 @@ batching, and ``restore`` for numpy arrays, PIL images and tensors."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,17 +57,27 @@ def global_experts(model: MoCEIR, x: torch.Tensor, max_side: int = 512) -> torch
 
 @torch.no_grad()
 def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, overlap: int = 32,
-                   routing: str = "tile", return_experts: bool = False):
+                   routing: str = "tile", return_experts: bool = False,
+                   on_tile: Callable[[int, int], None] | None = None, context_pad: int = 0):
     """Restore [B, 3, H, W] in [0, 1] of any size -> [B, 3, H, W] (same size; not clamped).
 
     With ``tile``, the image is processed in overlapping tile x tile windows blended with linear ramps, so
     memory is bounded by the tile size. ``routing="tile"`` lets each tile pick its experts;
     ``routing="global"`` routes every tile by one decision from a downscaled pass of the whole image.
     With ``return_experts`` also returns the experts ([layers, B, k]; for tiles, of the global pass or the
-    first tile).
+    first tile). ``on_tile(done, total)`` is called after each tile. ``context_pad`` px of reflected context
+    are added on every side and cropped away again: the network zero-pads its convolutions, which darkens a
+    frame of a few pixels at the image border without it.
     """
     if routing not in ROUTING_MODES:
         raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    pad = min(context_pad, x.shape[-2] - 1, x.shape[-1] - 1)
+    if pad > 0:
+        h, w = x.shape[-2:]
+        xc = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        y, experts = restore_tensor(model, xc, tile, overlap, routing, True, on_tile)
+        y = y[..., pad:pad + h, pad:pad + w]
+        return (y, experts) if return_experts else y
     m = model.config.size_multiple
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
@@ -83,74 +94,165 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
     weight = torch.zeros((1, 1, hp, wp), device=x.device, dtype=torch.float32)
     stride = tile - overlap
     first = None
-    for top in _tile_starts(hp, tile, stride):
-        for left in _tile_starts(wp, tile, stride):
-            patch = xp[..., top:top + tile, left:left + tile]
-            res = model(patch, return_aux=True, experts=forced)
-            if first is None:
-                first = res.expert_indices
-            th, tw = patch.shape[-2:]
-            wy = _blend_window(th, overlap if th == tile and hp > tile else 0, x.device)
-            wx = _blend_window(tw, overlap if tw == tile and wp > tile else 0, x.device)
-            win = (wy[:, None] * wx[None, :])[None, None]
-            out[..., top:top + th, left:left + tw] += res.image.float() * win
-            weight[..., top:top + th, left:left + tw] += win
-    y = (out / weight)[..., :h, :w]
+    windows = [(top, left) for top in _tile_starts(hp, tile, stride) for left in _tile_starts(wp, tile, stride)]
+    for n, (top, left) in enumerate(windows, 1):
+        patch = xp[..., top:top + tile, left:left + tile]
+        res = model(patch, return_aux=True, experts=forced)
+        if first is None:
+            first = res.expert_indices
+        th, tw = patch.shape[-2:]
+        wy = _blend_window(th, overlap if th == tile and hp > tile else 0, x.device)
+        wx = _blend_window(tw, overlap if tw == tile and wp > tile else 0, x.device)
+        win = (wy[:, None] * wx[None, :])[None, None]
+        out[..., top:top + th, left:left + tw] += res.image.float() * win
+        weight[..., top:top + th, left:left + tw] += win
+        del res, patch
+        if on_tile is not None:
+            on_tile(n, len(windows))
+    del xp
+    y = out.div_(weight)[..., :h, :w]
     return (y, forced if forced is not None else first) if return_experts else y
 
 
+# The memory model behind automatic tiling (CPU, fp32, channels-last; calibrated by
+# `python benchmarks/memory.py --calibrate`, see docs/performance.md):
+#   peak ≈ RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * H * W + TILE_BYTES_PER_PIXEL_PER_DIM * dim * tile_pixels
+RUNTIME_BYTES = 600e6  # torch, oneDNN and the loaded model before any image
+IMAGE_BYTES_PER_PIXEL = 64.0  # whole-image float32 copies: decoded, padded, blended output and weights, encoding
+TILE_BYTES_PER_PIXEL_PER_DIM = 75.0  # activations of one forward pass, with the allocator's slack across tiles
+DEFAULT_CPU_BUDGET = 2.5e9  # restore stays within about 3 GB of RSS unless told otherwise (--max_memory)
+
+
 def bytes_per_pixel(model: MoCEIR) -> float:
-    """fp32 inference peak memory per input pixel, with a margin: `python benchmarks/memory.py --size 1024`
-    measured 2.3 kB/pixel for MoCE-IR-S (dim 32) on CPU, and tiles add allocator fragmentation on top;
-    this returns 3.2 kB at dim 32."""
-    return 100.0 * model.config.dim
+    """Estimated peak bytes of one forward pass per input pixel (fp32): 2.4 kB at dim 32."""
+    return TILE_BYTES_PER_PIXEL_PER_DIM * model.config.dim
 
 
-def auto_tile(model: MoCEIR, h: int, w: int, budget_bytes: float) -> int | None:
-    """A tile size that keeps the estimated peak under ``budget_bytes``, or None if the whole image fits."""
-    if h * w * bytes_per_pixel(model) <= budget_bytes:
+def estimate_peak_bytes(model: MoCEIR, h: int, w: int, tile: int | None = None) -> float:
+    """Estimated peak memory of restoring one h x w image, whole (tile None) or in tile x tile windows."""
+    pixels = h * w if tile is None else min(h, tile) * min(w, tile)
+    return RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * h * w + bytes_per_pixel(model) * pixels
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes restore may use: on CUDA 70% of free device memory; on CPU half the available RAM, at most
+    DEFAULT_CPU_BUDGET."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.7 * free
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        available = info.get("MemAvailable", info["MemTotal"])
+    except (OSError, KeyError, ValueError, IndexError):
+        return DEFAULT_CPU_BUDGET
+    return min(0.5 * available, DEFAULT_CPU_BUDGET)
+
+
+def auto_tile(model: MoCEIR, h: int, w: int, budget_bytes: float, minimum: int = 128) -> int | None:
+    """The largest tile whose estimated peak stays within ``budget_bytes``, or None if the whole image fits.
+
+    When even the whole-image buffers exceed the budget, the smallest tile (``minimum``) is used.
+    """
+    if estimate_peak_bytes(model, h, w) <= budget_bytes:
         return None
-    side = int(math.sqrt(budget_bytes / bytes_per_pixel(model)))
-    return max(64, side - side % model.config.size_multiple)
+    room = budget_bytes - RUNTIME_BYTES - IMAGE_BYTES_PER_PIXEL * h * w
+    side = int(math.sqrt(max(room, 0.0) / bytes_per_pixel(model)))
+    m = model.config.size_multiple
+    return max(minimum, side - side % m)
+
+
+def _check_values(x: torch.Tensor | np.ndarray, what: str) -> None:
+    t = torch.as_tensor(x)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} holds NaN or infinite values; restore needs finite pixels")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"{what} is a float image with values in [{lo:.3g}, {hi:.3g}]; floats must lie in "
+                         "[0, 1] (divide 0..255 data by 255, or pass uint8)")
 
 
 def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile: int | None = None,
-            overlap: int = 32, routing: str = "tile"):
-    """Restore one image and return the same kind:
+            overlap: int = 32, routing: str = "tile", context_pad: int = 16, max_memory: float | None = None):
+    """Restore one image (or a batch of tensors) and return it in the kind, layout and dtype it came in.
 
-    - numpy [H, W, 3] (uint8 -> uint8, float in [0, 1] -> float32), or [H, W] grayscale;
-    - PIL image (mode kept; alpha passed through);
-    - tensor [3, H, W] or [B, 3, H, W] in [0, 1].
+    Accepted ``image`` kinds:
+      - numpy array [H, W, 3] or [H, W]: uint8 and uint16 are scaled by their range; floats must be in [0, 1];
+      - PIL image: any mode PIL converts to RGB; L/LA stay gray and an alpha channel is passed through;
+      - torch tensor [3, H, W], [B, 3, H, W] or [H, W, 3]: uint8 scaled by 255; floats must be in [0, 1].
+    NaN or infinite pixels, floats outside [0, 1] and other shapes raise ValueError; other kinds TypeError.
+
+    device: where to run (default: the model's device). tile / overlap / routing: see :func:`restore_tensor`;
+    with ``tile=None`` an image whose estimated peak memory exceeds ``max_memory`` bytes (default
+    :func:`memory_budget`) is tiled automatically. context_pad: reflected context in pixels (0: none).
+    The model's training/eval mode is left as it was. Returns the restored image, values clamped to range.
     """
     from PIL import Image
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    if isinstance(image, torch.Tensor):
-        x = image[None] if image.dim() == 3 else image
-        y = restore_tensor(model, x.to(device, torch.float32), tile, overlap, routing).clamp(0, 1)
-        return (y[0] if image.dim() == 3 else y).to(image.device, image.dtype)
-    if isinstance(image, Image.Image):
-        alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-        arr = np.asarray(image.convert("RGB"))
-        out = Image.fromarray(restore(model, arr, device, tile, overlap, routing))
-        if image.mode in ("L", "LA"):
-            out = out.convert("L")
-        if alpha is not None:
-            out.putalpha(alpha)
-        return out
-    if isinstance(image, np.ndarray):
-        arr = image
-        gray = arr.ndim == 2
-        if gray:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"expected an [H, W, 3] or [H, W] array, got shape {image.shape}")
-        is_int = np.issubdtype(arr.dtype, np.integer)
-        scale = float(np.iinfo(arr.dtype).max) if is_int else 1.0
-        x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div(scale)[None]
-        y = restore_tensor(model, x.to(device), tile, overlap, routing).clamp(0, 1)[0].cpu().numpy().transpose(1, 2, 0)
-        if gray:
-            y = y.mean(axis=2)
-        return np.round(y * scale).astype(image.dtype) if is_int else y.astype(np.float32)
-    raise TypeError(f"restore takes a numpy array, PIL image or tensor, not {type(image).__name__}")
+    try:
+        if isinstance(image, Image.Image):
+            return _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_memory)
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            return _restore_array(model, image, device, tile, overlap, routing, context_pad, max_memory)
+        raise TypeError(f"restore takes a numpy array, PIL image or torch tensor, not {type(image).__name__}")
+    finally:
+        model.train(was_training)
+
+
+def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_memory):
+    from PIL import Image
+
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    arr = np.asarray(image.convert("RGB"))
+    out = Image.fromarray(_restore_array(model, arr, device, tile, overlap, routing, context_pad, max_memory))
+    if image.mode in ("L", "LA"):
+        out = out.convert("L")
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
+def _restore_array(model, image, device, tile, overlap, routing, context_pad, max_memory):
+    """numpy or torch, [H, W], [H, W, 3], [3, H, W] or [B, 3, H, W] -> the same kind, layout and dtype."""
+    is_torch = isinstance(image, torch.Tensor)
+    t = image.detach() if is_torch else torch.from_numpy(np.array(image))  # a copy: inputs may be read-only
+    shape = tuple(t.shape)
+    if t.dim() == 2:
+        layout, x = "HW", t[None, None].expand(1, 3, *shape)
+    elif t.dim() == 3 and shape[-1] == 3 and (not is_torch or shape[0] != 3):
+        layout, x = "HWC", t.permute(2, 0, 1)[None]
+    elif is_torch and t.dim() == 3 and shape[0] == 3:
+        layout, x = "CHW", t[None]
+    elif is_torch and t.dim() == 4 and shape[1] == 3:
+        layout, x = "BCHW", t
+    else:
+        accepted = "[3, H, W], [B, 3, H, W] or [H, W, 3]" if is_torch else "[H, W, 3] or [H, W]"
+        raise ValueError(f"image of shape {list(shape)}: accepted layouts are {accepted}")
+    if t.dtype in (torch.uint8, torch.uint16, torch.int16, torch.int32) or not t.dtype.is_floating_point:
+        if t.dtype not in (torch.uint8, torch.uint16):
+            raise ValueError(f"integer images must be uint8 or uint16, got {t.dtype}")
+        scale = 255.0 if t.dtype == torch.uint8 else 65535.0
+        x = x.float() / scale
+    else:
+        scale = None
+        _check_values(x, "image")
+    x = x.to(device, torch.float32)
+    if tile is None:
+        budget = max_memory if max_memory is not None else memory_budget(device)
+        tile = auto_tile(model, x.shape[-2] + 2 * context_pad, x.shape[-1] + 2 * context_pad, budget)
+    y = restore_tensor(model, x, tile, overlap, routing, context_pad=context_pad).clamp_(0, 1)
+    if layout == "HW":
+        y = y[0].mean(0)
+    elif layout == "HWC":
+        y = y[0].permute(1, 2, 0)
+    elif layout == "CHW":
+        y = y[0]
+    if scale is not None:
+        y = torch.round(y * scale)
+    y = y.to(t.dtype if is_torch else (torch.float32 if scale is None else t.dtype)).cpu()
+    if is_torch:
+        return y.to(image.device)
+    return y.numpy()

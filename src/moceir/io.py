@@ -33,7 +33,7 @@ class LoadedImage:
     """An image as the network sees it plus what is needed to write it back like the input.
 
     rgb: float32 [H, W, 3] in [0, 1]; alpha: float32 [H, W] or None; bit_depth: 8 or 16; grayscale: input had one
-    channel.
+    channel; frames: how many frames (GIF, WebP) or pages (TIFF) the file holds.
     """
 
     rgb: np.ndarray
@@ -41,6 +41,7 @@ class LoadedImage:
     bit_depth: int
     grayscale: bool
     format: str
+    frames: int = 1  # frames or pages in the file; only the first is read
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -58,11 +59,26 @@ def _load_16bit(path: Path) -> np.ndarray:
         planes = info["planes"]
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
     else:
-        import tifffile
-
-        arr = tifffile.imread(str(path))
-        arr = arr[..., None] if arr.ndim == 2 else arr
+        arr = _read_tiff_page(path)
     return arr.astype(np.float32) / 65535.0
+
+
+def _read_tiff_page(path: Path) -> np.ndarray:
+    """The first page of a TIFF as [H, W, C], planar (channels-first) layouts included."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as t:
+        page = t.pages[0]
+        arr = page.asarray()
+        axes = page.axes
+    if arr.ndim == 2:
+        return arr[..., None]
+    if arr.ndim == 3 and axes[0] in "SC" and axes[1:] == "YX":  # planar config "separate": [C, H, W]
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ImageReadError(f"{path}: a TIFF of shape {arr.shape} (axes {axes}) is not a gray, RGB or RGBA "
+                             "image; convert it to one (e.g. an 8- or 16-bit RGB PNG)")
+    return arr
 
 
 def load_image(path: str | Path) -> LoadedImage:
@@ -70,21 +86,29 @@ def load_image(path: str | Path) -> LoadedImage:
     path = Path(path)
     try:
         with Image.open(path) as im:
-            im.load()
+            frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
-            sixteen = (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "TIFF" and _tiff_is_16bit(path))
-            if sixteen:
+            if fmt == "TIFF" and _tiff_is_16bit(path):
                 arr = _load_16bit(path)
                 gray = arr.shape[2] in (1, 2)
                 alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
                 rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
-                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt)
+                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
+            im.load()
+            if fmt == "PNG" and _png_bit_depth(path) == 16:
+                arr = _load_16bit(path)
+                gray = arr.shape[2] in (1, 2)
+                alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
+                rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
+                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1", "I", "F")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-                return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt)
-            return LoadedImage(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, None, 8, grayscale, fmt)
+                return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
+                                   frames)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            return LoadedImage(rgb, None, 8, grayscale, fmt, frames)
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: image too large ({e}); restore a downscaled copy, or raise "
                              "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
@@ -114,9 +138,11 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     planes = [rgb.mean(axis=2, keepdims=True) if grayscale else rgb]
     if alpha is not None and suffix not in (".jpg", ".jpeg"):
         planes.append(alpha[..., None])
-    data = np.clip(np.concatenate(planes, axis=2), 0.0, 1.0)
+    data = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0].astype(np.float32, copy=True)
+    np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
     if bit_depth == 16 and suffix in (".png", ".tif", ".tiff"):
-        u16 = np.round(data * 65535).astype(np.uint16)
+        data *= 65535
+        u16 = np.round(data, out=data).astype(np.uint16)
         if suffix == ".png":
             import png
 
@@ -129,7 +155,8 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
 
             tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16)
         return
-    u8 = np.round(data * 255).astype(np.uint8)
+    data *= 255
+    u8 = np.round(data, out=data).astype(np.uint8)
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
     im.save(path, **kwargs)

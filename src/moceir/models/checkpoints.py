@@ -8,7 +8,9 @@ Files are read with ``weights_only=True``: a checkpoint never runs code.
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,11 +79,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             sd = obj.get("state_dict", obj.get("model", obj))
     except CheckpointError:
         raise
-    except Exception as e:  # truncated zip, wrong format, pickled code refused by weights_only
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0]} "
+    except pickle.UnpicklingError:  # weights_only refused a pickled object; torch's advice to disable that is wrong here
+        raise CheckpointError(f"cannot read checkpoint {p}: it holds pickled Python objects besides tensors, which "
+                              "moceir never loads (they can run code); re-save it as a state_dict or safetensors") from None
+    except Exception as e:  # empty or truncated file, wrong format
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}{_first_line(e)} "
                               "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return strip_wrappers(sd), config
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{p}: its state_dict is a {type(sd).__name__}, not a mapping of names to tensors")
+    if config is not None and not isinstance(config, Mapping):
+        raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
+    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return strip_wrappers(sd), (dict(config) if config is not None else None)
+
+
+def _first_line(e: BaseException) -> str:
+    """': <first line of the message>' or '' for an exception with an empty message."""
+    lines = str(e).strip().splitlines()
+    return f": {lines[0]}" if lines else ""
 
 
 def _count(sd: Mapping[str, Any], pattern: str) -> int:
@@ -112,9 +127,9 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> MoCEConfig:
                     num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
                     num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
                     ffn_expansion_factor=expansion, bias="output.bias" in sd, num_exp_blocks=n_exp,
-                    complexity_scale="max" if torch.isclose(complexity.max(), torch.tensor(1.0)) else "min")
-    except KeyError as e:
-        raise CheckpointError(f"not a MoCE-IR state_dict: missing {e}") from None
+                    complexity_scale="max" if math.isclose(float(complexity.max()), 1.0, rel_tol=1e-3) else "min")
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"not a MoCE-IR state_dict: missing or malformed {e}") from None
     for rank_type in RANK_TYPES:
         for latent in range(1, 65) if rank_type != "spread" else (2,):
             try:
@@ -124,6 +139,56 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> MoCEConfig:
             if cfg.expert_ranks(cfg.dim) == ranks:
                 return cfg
     raise CheckpointError(f"cannot infer the expert rank rule from ranks {ranks}")
+
+
+# What a configuration may ask for: far above every published MoCE-IR, far below what exhausts a machine.
+CONFIG_LIMITS = {"dim": 512, "levels": 6, "blocks_per_level": 64, "heads": 64, "num_exp_blocks": 8,
+                 "num_refinement_blocks": 64, "ffn_expansion_factor": 8.0}
+SHAPE_FIELDS = ("dim", "inp_channels", "out_channels", "num_blocks", "num_dec_blocks", "heads",
+                "num_refinement_blocks", "bias", "num_exp_blocks")
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCEConfig:
+    """Validate an embedded configuration (types and CONFIG_LIMITS) before anything is built from it."""
+    try:
+        config = MoCEConfig.from_dict(dict(d))
+        numbers = [config.dim, config.num_refinement_blocks, config.num_exp_blocks, config.topk, config.latent_dim,
+                   *config.num_blocks, *config.num_dec_blocks, *config.heads]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("size fields must be integers")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} is not a valid configuration "
+                              f"({_first_line(e)[2:]}); re-export the checkpoint or pass --model") from None
+    lim = CONFIG_LIMITS
+    too_big = [name for name, bad in (
+        ("dim", not 1 <= config.dim <= lim["dim"]),
+        ("num_blocks", config.levels > lim["levels"] or max(config.num_blocks) > lim["blocks_per_level"]),
+        ("num_dec_blocks", max(config.num_dec_blocks) > lim["blocks_per_level"]),
+        ("heads", max(config.heads) > lim["heads"] or min(config.heads) < 1),
+        ("num_exp_blocks", not 1 <= config.num_exp_blocks <= lim["num_exp_blocks"]),
+        ("num_refinement_blocks", config.num_refinement_blocks > lim["num_refinement_blocks"]),
+        ("ffn_expansion_factor", not 0 < config.ffn_expansion_factor <= lim["ffn_expansion_factor"]),
+    ) if bad]
+    if too_big:
+        raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} asks for {', '.join(too_big)} beyond moceir's "
+                              f"limits {CONFIG_LIMITS}; the file is damaged or not a MoCE-IR model")
+    return config
+
+
+def check_config_matches(config: MoCEConfig, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse an embedded config that contradicts the tensor shapes, before a network is built from it."""
+    inferred = infer_config(sd)
+    diff = [f"{f}={getattr(config, f)!r} but the weights say {getattr(inferred, f)!r}" for f in SHAPE_FIELDS
+            if getattr(config, f) != getattr(inferred, f)]
+    if not math.isclose(config.ffn_expansion_factor, inferred.ffn_expansion_factor, rel_tol=0.02):
+        diff.append(f"ffn_expansion_factor={config.ffn_expansion_factor} but the weights say "
+                    f"{inferred.ffn_expansion_factor:.3g}")
+    if not diff and config.expert_ranks(config.dim) != inferred.expert_ranks(inferred.dim):
+        diff = [f"expert ranks {config.expert_ranks(config.dim)} but the weights say "
+                f"{inferred.expert_ranks(inferred.dim)}"]
+    if diff:
+        raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} contradicts its weights ({'; '.join(diff)}); "
+                              "the file is damaged or was edited")
 
 
 def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -143,17 +208,21 @@ def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source
 
 
 def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
-               config: MoCEConfig | None = None, channels_last: bool = False, **overrides: Any) -> MoCEIR:
+               config: MoCEConfig | None = None, channels_last: bool = True, **overrides: Any) -> MoCEIR:
     """Build the network described by a checkpoint and load its weights, strictly; returns it in eval mode.
 
     ``path`` may be an upstream Lightning ``last.ckpt``, our checkpoint, a plain state_dict, a
     ``.safetensors`` file or ``"default"`` (the bundled model). ``config`` replaces the embedded or
     inferred configuration; ``overrides`` change fields of it (e.g. ``eval_router_noise=True``).
-    ``channels_last`` stores the weights channels-last: the same outputs, faster convolutions.
+    ``channels_last`` (default) stores the weights channels-last: the same outputs, faster convolutions.
     """
     sd, embedded = read_checkpoint(path)
     if config is None:
-        config = MoCEConfig.from_dict(embedded) if embedded else infer_config(sd)
+        if embedded:
+            config = config_from_dict(embedded, str(path))
+            check_config_matches(config, sd, str(path))
+        else:
+            config = infer_config(sd)
     if overrides:
         config = config.replace(**overrides)
     model = MoCEIR(config)
@@ -162,13 +231,17 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None) -> Path:
+def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None,
+               overwrite: bool = False) -> Path:
     """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it).
 
-    ``note`` is stored in the metadata; :func:`load_model` callers such as the CLI print it.
+    ``note`` is stored in the metadata; :func:`load_model` callers such as the CLI print it. An existing
+    ``path`` raises FileExistsError unless ``overwrite`` (as ``moceir export``); the write is atomic.
     """
     from safetensors.torch import save_file
 
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in model.state_dict().items()}
     path = Path(path)

@@ -1,0 +1,326 @@
+"""Hostile and odd inputs to restore, routing, test and the Python API (issue 10): nothing lost, nothing silent."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import moceir
+from moceir.cli import main
+from moceir.io import load_image, save_image
+
+from conftest import fill_deterministic
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    fill_deterministic(model, 0.05)
+    return model
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_model):
+    return str(moceir.save_model(tiny_model, tmp_path / "tiny.safetensors"))
+
+
+def _img(path, seed=0, size=(16, 24)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(path, np.random.default_rng(seed).random((*size, 3)).astype(np.float32))
+    return path
+
+
+def _restore(*argv):
+    return main(["restore", *map(str, argv), "--quiet"])
+
+
+def _one_line(err: str) -> None:
+    assert "Traceback" not in err and err.strip(), err
+
+
+# ------------------------------------------------------------------------------------------------ data loss
+def test_item1_same_name_inputs_get_distinct_outputs(tmp_path, tiny_ckpt, capsys):
+    a, b = _img(tmp_path / "a" / "x.png", 1), _img(tmp_path / "b" / "x.png", 2)
+    out = tmp_path / "out"
+    assert main(["restore", str(a), str(b), "-o", str(out), "--checkpoint", tiny_ckpt,
+                 "--report", str(tmp_path / "r.json")]) == 0
+    assert "share the output name x.png" in capsys.readouterr().err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["x_a.png", "x_b.png"]
+    rows = json.loads((tmp_path / "r.json").read_text())["images"]
+    assert {r["input"]: Path_name(r["output"]) for r in rows} == {str(a): "x_a.png", str(b): "x_b.png"}
+    # each output is the restoration of its own input
+    one = tmp_path / "one"
+    assert _restore(a, "-o", one, "--checkpoint", tiny_ckpt) == 0
+    assert np.array_equal(load_image(one / "x.png").rgb, load_image(out / "x_a.png").rgb)
+
+
+def Path_name(p: str) -> str:
+    return os.path.basename(p)
+
+
+def test_item1_same_stem_other_extension_with_ext(tmp_path, tiny_ckpt):
+    _img(tmp_path / "c" / "y.png", 1)
+    Image.fromarray((np.random.default_rng(2).random((16, 24, 3)) * 255).astype(np.uint8)).save(tmp_path / "c" / "y.jpg")
+    out = tmp_path / "out"
+    assert _restore(tmp_path / "c" / "y.png", tmp_path / "c" / "y.jpg", "-o", out, "--ext", "png",
+                    "--checkpoint", tiny_ckpt) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["y_jpg.png", "y_png.png"]
+
+
+def test_item1_case_insensitive_names_do_not_collide(tmp_path, tiny_ckpt):
+    from moceir.pipeline import plan_outputs
+
+    jobs, notes = plan_outputs([tmp_path / "p" / "A.png", tmp_path / "q" / "a.png"], tmp_path / "o")
+    assert len({j.output.name.lower() for j in jobs}) == 2 and notes
+
+
+def test_item2_report_never_overwrites_an_input(tmp_path, tiny_ckpt, capsys):
+    victim = _img(tmp_path / "p" / "victim.png")
+    before = victim.read_bytes()
+    code = _restore(victim, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", victim)
+    err = capsys.readouterr().err
+    assert code == 2 and "--report" in err and "inputs" in err
+    assert victim.read_bytes() == before and not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_item2_report_never_overwrites_an_existing_file(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "x.png")
+    report = tmp_path / "notes.txt"
+    report.write_text("keep me")
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", report) == 2
+    assert report.read_text() == "keep me" and "--overwrite" in capsys.readouterr().err
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", report, "--overwrite") == 0
+    assert json.loads(report.read_text())["images"][0]["height"] == 16
+
+
+def test_item2_report_in_missing_folder_fails_before_work(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "x.png")
+    code = _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", tmp_path / "no" / "r.json")
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_item2_report_is_not_an_output(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "in" / "x.png")
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", tmp_path / "o" / "x.png") == 2
+    assert "output" in capsys.readouterr().err
+
+
+def test_item3_routing_writes_a_new_folder_and_never_replaces(tmp_path, tiny_layout, tiny_ckpt, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["routing", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_15", "--data_file_dir", str(tiny_layout),
+            "--quiet"]
+    assert main(args) == 0
+    assert (tmp_path / "routing" / "routing.json").exists()  # under the current folder, not the repository
+    before = (tmp_path / "routing" / "routing.md").read_text()
+    (tmp_path / "routing" / "routing.md").write_text("mine")
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "routing" / "routing.md").read_text() == "mine"
+    assert main(args + ["--overwrite"]) == 0
+    assert (tmp_path / "routing" / "routing.md").read_text() == before
+
+
+def test_item4_dangling_symlink_in_output_is_not_written_through(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "in" / "x.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.png"
+    (out / "x.png").symlink_to(outside)
+    assert _restore(src, "-o", out, "--checkpoint", tiny_ckpt) == 1
+    assert "exists" in capsys.readouterr().err and not outside.exists()
+    assert _restore(src, "-o", out, "--checkpoint", tiny_ckpt, "--overwrite") == 0
+    assert not outside.exists() and not (out / "x.png").is_symlink()  # the link itself was replaced
+    assert load_image(out / "x.png").rgb.shape == (16, 24, 3)
+
+
+def test_item4_symlink_to_a_file_is_replaced_not_followed(tmp_path, tiny_ckpt):
+    src = _img(tmp_path / "in" / "x.png")
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.png").symlink_to(target)
+    assert _restore(src, "-o", out, "--checkpoint", tiny_ckpt, "--overwrite") == 0
+    assert target.read_text() == "precious"
+
+
+def test_item6_planar_16bit_tiff(tmp_path, tiny_ckpt):
+    import tifffile
+
+    u16 = (np.random.default_rng(0).random((3, 20, 28)) * 65535).astype(np.uint16)
+    src = tmp_path / "in" / "planar.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, u16, photometric="rgb", planarconfig="separate")
+    img = load_image(src)
+    assert img.rgb.shape == (20, 28, 3) and img.bit_depth == 16
+    np.testing.assert_allclose(img.rgb, u16.transpose(1, 2, 0) / 65535, atol=1e-6)
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 0
+    assert load_image(tmp_path / "o" / "planar.tif").rgb.shape == (20, 28, 3)
+
+
+def test_item6_tiff_of_unusable_shape_is_refused(tmp_path, tiny_ckpt, capsys):
+    import tifffile
+
+    src = tmp_path / "in" / "stack.tif"
+    src.parent.mkdir()
+    tifffile.imwrite(src, np.zeros((20, 28, 7), np.uint16), planarconfig="contig", photometric="minisblack")
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    assert "stack.tif" in err and len(err.strip().splitlines()) == 1
+
+
+def test_item7_first_frame_of_animation_is_announced(tmp_path, tiny_ckpt, capsys):
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((16, 24, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    src = tmp_path / "in" / "anim.gif"
+    src.parent.mkdir()
+    frames[0].save(src, save_all=True, append_images=frames[1:])
+    assert main(["restore", str(src), "-o", str(tmp_path / "o"), "--checkpoint", tiny_ckpt]) == 0
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "anim.gif" in ln]
+    assert len(notes) == 1 and "3 frames" in notes[0] and "first" in notes[0]
+    import tifffile
+
+    tif = tmp_path / "in2" / "pages.tif"
+    tif.parent.mkdir()
+    tifffile.imwrite(tif, (rng.random((2, 16, 24, 3)) * 255).astype(np.uint8), photometric="rgb")
+    assert main(["restore", str(tif), "-o", str(tmp_path / "o2"), "--checkpoint", tiny_ckpt]) == 0
+    assert "2 frames" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ moceir test
+def test_item17_corrupt_benchmark_image_is_skipped_and_named(tmp_path, tiny_layout, tiny_ckpt, capsys):
+    bad = tiny_layout / "denoising/cBSD68/original_png/0002.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    hazy = sorted((tiny_layout / "dehazing/SOTS/outdoor/hazy").iterdir())[0]
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(hazy)  # its clean image is 40x48
+    out = tmp_path / "res"
+    code = main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_25", "dehaze", "lolv1", "--data_file_dir",
+                 str(tiny_layout), "--output_path", str(out), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "0002.png" in err and hazy.name in err and "does not match" in err and "Traceback" not in err
+    summary = {s["benchmark"]: s["images"] for s in json.loads((out / "results.json").read_text())["summary"]}
+    assert summary == {"denoise_25": 2, "dehaze": 2, "lolv1": 3}
+
+
+# ------------------------------------------------------------------------------------------------ Python API
+def test_item18_uint8_tensor_is_scaled(tiny_model):
+    arr = (np.random.default_rng(0).random((3, 16, 24)) * 255).astype(np.uint8)
+    out = moceir.restore(tiny_model, torch.from_numpy(arr))
+    as_float = moceir.restore(tiny_model, torch.from_numpy(arr).float() / 255)
+    assert out.dtype == torch.uint8 and out.max() > 1
+    assert (out.float() - as_float * 255).abs().max() <= 1.0
+
+
+def test_item18_float_outside_unit_range_is_refused(tiny_model):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        moceir.restore(tiny_model, np.full((16, 16, 3), 200.0, np.float32))
+
+
+def test_item18_hwc_tensor_is_accepted(tiny_model):
+    x = torch.rand(16, 24, 3)
+    y = moceir.restore(tiny_model, x)
+    assert y.shape == (16, 24, 3)
+    torch.testing.assert_close(y, moceir.restore(tiny_model, x.permute(2, 0, 1)).permute(1, 2, 0))
+    with pytest.raises(ValueError, match="accepted layouts"):
+        moceir.restore(tiny_model, torch.rand(5, 16, 24))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_item18_non_finite_input_is_refused(tiny_model, bad):
+    x = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    x[3, 4, 1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        moceir.restore(tiny_model, x)
+
+
+def test_item18_training_mode_is_kept(tiny_model):
+    tiny_model.train()
+    try:
+        moceir.restore(tiny_model, np.zeros((16, 16, 3), np.uint8))
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
+
+
+def test_item18_restore_is_documented():
+    doc = moceir.restore.__doc__
+    assert "uint8" in doc and "[0, 1]" in doc and "Returns" in doc and "tile" in doc
+
+
+def test_item19_save_model_never_overwrites_without_asking(tmp_path, tiny_model):
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        moceir.save_model(tiny_model, path, note="other")
+    assert path.read_bytes() == before
+    moceir.save_model(tiny_model, path, note="other", overwrite=True)
+    assert path.read_bytes() != before
+
+
+# ------------------------------------------------------------------------------------------------ first ten minutes
+@pytest.mark.parametrize("command", ["info", "train", "test", "routing", "restore", "export", "plot-logs"])
+def test_item21_every_flag_has_help(command):
+    from moceir.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+    text = sub.format_help()
+    assert "(default:" in text or command == "plot-logs"
+
+
+def test_item21_defaults_are_shown(capsys):
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: restored)" in text and "(default: 32)" in text and "(default: auto)" in text
+    assert "bundled model" in text
+
+
+def test_item21_test_has_quiet_and_info_nosuch_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["test", "--help"])
+    assert "--quiet" in capsys.readouterr().out
+    assert main(["info", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "nosuch" in err and "MoCE_IR_S" in err
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--lr", "nan"), ("--balance_loss_weight", "nan"),
+                                        ("--fft_loss_weight", "-inf"), ("--warmup_epochs", "nan")])
+def test_item12_non_finite_settings_are_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--de_type", "derain", f"{flag}={value}"])
+    assert e.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+def test_item22_report_names_height_and_width(tmp_path, tiny_ckpt):
+    src = _img(tmp_path / "x.png", size=(16, 40))
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--report", tmp_path / "r.json") == 0
+    row = json.loads((tmp_path / "r.json").read_text())["images"][0]
+    assert row["height"] == 16 and row["width"] == 40
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "x.png")
+    (tmp_path / "o").write_text("a file")
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_restore_files_api_returns_rows(tmp_path, tiny_model):
+    a = _img(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "bad.png").write_text("no")
+    rows = moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None)
+    assert [os.path.basename(r["input"]) for r in rows] == ["a.png", "bad.png"]
+    assert "error" in rows[1] and rows[0]["output"].endswith("a.png") and str(a) == rows[0]["input"]
