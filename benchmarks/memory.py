@@ -1,7 +1,12 @@
 """Peak memory of one fp32 inference at a given size, in a fresh process (CPU: peak RSS; CUDA: peak allocated).
 
     python benchmarks/memory.py --size 1024
-    python benchmarks/memory.py --restore_size 4000x3000    # `moceir restore` of a real photo resized to 4000x3000
+    python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000              # `moceir restore` (CLI)
+    python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000 --api        # moceir.restore (API)
+
+--restore_size restores a real photo resized to each size, each in a fresh process, and prints the time, the
+tile chosen, the peak RSS and the peak that moceir's memory model (moceir.inference.estimate_peak_bytes)
+predicted for it.
 """
 
 import argparse
@@ -20,33 +25,68 @@ def _child_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
+_API_CHILD = """
+import sys, numpy as np, moceir
+from PIL import Image
+arr = np.asarray(Image.open(sys.argv[1]).convert("RGB"))
+kw = {"max_memory": float(sys.argv[2])} if len(sys.argv) > 2 else {}
+out = moceir.restore(moceir.load_model("default"), arr, **kw)
+assert out.shape == arr.shape
+"""
+
+
+def _restore_peak(size: str, source: str, device: str, api: bool, max_memory: str | None) -> None:
+    """Restore `source` resized to WxH in a fresh process; print time, tile, peak RSS and the model's estimate."""
+    import os
+
+    import moceir
+    from moceir.cli import _bytes
+    from moceir.inference import auto_tile, estimate_peak_bytes, memory_budget
+    from moceir.pipeline import DEFAULT_CONTEXT_PAD
+    from PIL import Image
+
+    w, h = map(int, size.lower().split("x"))
+    budget = _bytes(max_memory) if max_memory else memory_budget(torch.device(device))
+    model = moceir.create_model("MoCE_IR_S")
+    pad = 2 * DEFAULT_CONTEXT_PAD
+    tile = auto_tile(model, h + pad + 8, w + pad + 8, budget)
+    predicted = estimate_peak_bytes(model, h + pad + 8, w + pad + 8, tile) / 1e6
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / f"photo_{w}x{h}.png"
+        Image.open(source).convert("RGB").resize((w, h), Image.BICUBIC).save(src)
+        if api:
+            cmd = [sys.executable, "-c", _API_CHILD, str(src)] + ([str(budget)] if max_memory else [])
+        else:
+            cmd = [sys.executable, "-m", "moceir", "restore", str(src), "-o", str(Path(tmp) / "out"), "--device",
+                   device, "--quiet"] + (["--max_memory", max_memory] if max_memory else [])
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "2"})
+        stderr = child.stderr.read()
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - t0
+    print(f"{'moceir.restore' if api else 'moceir restore'} {w}x{h} ({w * h / 1e6:.1f} MP) on {device}: "
+          f"exit {child.returncode}, {seconds:.0f} s, budget {budget / 1e9:.2f} GB, tile {tile}, "
+          f"peak RSS {usage.ru_maxrss / 1024:.0f} MB, predicted {predicted:.0f} MB", flush=True)
+    if child.returncode:
+        print(stderr[-2000:])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--model", default="MoCE_IR_S")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--restore_size", help="WxH: time and peak RSS of `moceir restore` on a photo of that size")
+    p.add_argument("--restore_size", nargs="+", help="WxH ...: time and peak RSS of restoring a photo of each size")
+    p.add_argument("--api", action="store_true", help="with --restore_size: moceir.restore instead of the CLI")
+    p.add_argument("--max_memory", help="with --restore_size: the --max_memory budget (default: automatic)")
     p.add_argument("--source", default=str(Path(__file__).resolve().parents[1] / "examples" / "hazy_sots_0001.jpg"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.restore_size:
-        from PIL import Image
-
-        w, h = map(int, a.restore_size.lower().split("x"))
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / f"photo_{w}x{h}.png"
-            Image.open(a.source).convert("RGB").resize((w, h), Image.BICUBIC).save(src)
-            t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "moceir", "restore", str(src), "-o", str(Path(tmp) / "out"), "--device",
-                   a.device, "--report", str(Path(tmp) / "report.json"), "--quiet"]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            seconds = time.perf_counter() - t0
-            report = json.loads((Path(tmp) / "report.json").read_text()) if res.returncode == 0 else {}
-            tile = report.get("images", [{}])[0].get("tile")
-            print(f"moceir restore {w}x{h} on {a.device}: exit {res.returncode}, {seconds:.0f} s, tile {tile}, "
-                  f"peak RSS {_child_peak_mb():.0f} MB")
-            if res.returncode:
-                print(res.stderr[-2000:])
+        for size in a.restore_size:
+            _restore_peak(size, a.source, a.device, a.api, a.max_memory)
         return
     if not a.child:
         subprocess.run([sys.executable, __file__, "--child", "--size", str(a.size), "--model", a.model,

@@ -531,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
-    tune_cpu_allocator()
+    if args.command != "restore":  # restore keeps its memory bound instead (see moceir/runtime.py)
+        tune_cpu_allocator()
     from .models.checkpoints import CheckpointError
     from .pipeline import UsageError
 

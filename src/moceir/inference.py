@@ -114,17 +114,19 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
     return (y, forced if forced is not None else first) if return_experts else y
 
 
-# The memory model behind automatic tiling (CPU, fp32, channels-last; calibrated by
-# `python benchmarks/memory.py --calibrate`, see docs/performance.md):
+# The memory model behind automatic tiling (CPU, fp32, channels-last, glibc's default allocator settings;
+# checked by `python benchmarks/memory.py --restore_size ...`, see docs/performance.md):
 #   peak ≈ RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * H * W + TILE_BYTES_PER_PIXEL_PER_DIM * dim * tile_pixels
-RUNTIME_BYTES = 600e6  # torch, oneDNN and the loaded model before any image
+# A forward pass has a large fixed part (oneDNN's reordered weights and scratch, FFT plans): MoCE-IR-S peaked at
+# 1.18 GB above the loaded model at 512x512 and 2.2 GB at 1024x1024, i.e. about 0.85 GB + 1.3 kB per pixel.
+RUNTIME_BYTES = 1.15e9  # torch and the loaded model (0.3 GB) plus the fixed part of a forward pass
 IMAGE_BYTES_PER_PIXEL = 64.0  # whole-image float32 copies: decoded, padded, blended output and weights, encoding
-TILE_BYTES_PER_PIXEL_PER_DIM = 75.0  # activations of one forward pass, with the allocator's slack across tiles
+TILE_BYTES_PER_PIXEL_PER_DIM = 55.0  # activations per input pixel, with slack across tiles: 1.76 kB at dim 32
 DEFAULT_CPU_BUDGET = 2.5e9  # restore stays within about 3 GB of RSS unless told otherwise (--max_memory)
 
 
 def bytes_per_pixel(model: MoCEIR) -> float:
-    """Estimated peak bytes of one forward pass per input pixel (fp32): 2.4 kB at dim 32."""
+    """Estimated bytes of one forward pass per input pixel above its fixed part (fp32): 1.76 kB at dim 32."""
     return TILE_BYTES_PER_PIXEL_PER_DIM * model.config.dim
 
 

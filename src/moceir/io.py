@@ -120,6 +120,17 @@ def load_image(path: str | Path) -> LoadedImage:
                              "the file is truncated, empty or not an image") from None
 
 
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) from the file header, after EXIF orientation; None where the header cannot say."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        return (w, h) if rotated else (h, w)
+    except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
+        return None
+
+
 def _tiff_is_16bit(path: Path) -> bool:
     import tifffile
 

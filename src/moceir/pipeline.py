@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .inference import ROUTING_MODES, auto_tile, memory_budget, restore_tensor
-from .io import IMAGE_EXTS, ImageReadError, LoadedImage, list_images, load_image, save_image
+from .io import IMAGE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image, save_image
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT_PAD = 16
@@ -172,26 +173,103 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
             tmp.unlink()
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes one file per item in a loader worker: (index, LoadedImage or None, error line or None)."""
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How images are restored; see :func:`restore_files` for each field."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    tile: int | None = None
+    tile_overlap: int = 32
+    tile_routing: str = "tile"
+    batch_size: int = 4
+    precision: str = "fp32"
+    context_pad: int = DEFAULT_CONTEXT_PAD
+    max_memory: float | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile_routing not in ROUTING_MODES:
+            raise UsageError(f"tile_routing must be one of {ROUTING_MODES}, got {self.tile_routing!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.batch_size < 1 or self.tile_overlap < 0 or self.context_pad < 0 or (self.tile or 1) < 1:
+            raise UsageError("batch_size and tile must be >= 1, tile_overlap and context_pad >= 0")
+        if self.max_memory is not None and not (math.isfinite(self.max_memory) and self.max_memory > 0):
+            raise UsageError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
+
+
+@dataclass
+class Plan:
+    """Everything decided before an image is decoded: outputs, refusals, and batches of same-size images."""
+
+    jobs: list[Job]
+    batches: list[list[int]]  # indices into jobs; each batch restored in one pass (a tiled image alone)
+    failures: list[dict]  # rows of inputs refused up front
+    report: Path | None
+
+
+def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, options: RestoreOptions,
+                 ext: str | None = None, suffix: str = "", report: str | Path | None = None,
+                 budget: float | None = None, log: Callable[[str], None] = print) -> Plan:
+    """Gather inputs, name and check outputs, check the report path, group same-size images into batches.
+
+    Raises UsageError for options that cannot work (nothing has been written then).
+    """
+    out_dir = Path(output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
+    files, errors = gather_inputs(inputs)
+    failures = [{"input": spec, "error": e} for spec, e in errors]
+    jobs, notes = plan_outputs(files, out_dir, ext, suffix)
+    for row in failures:
+        log(f"error: {row['error']}")
+    for n in notes:
+        log(f"note: {n}")
+    input_set = set(files)
+    report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite)
+                   if report is not None else None)
+    by_size: dict[tuple[int, int] | int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        problem = output_problem(job, input_set, options.overwrite)
+        if problem:
+            failures.append({"input": str(job.input), "error": problem})
+            log(f"error: {problem}")
+            continue
+        size = image_size(job.input)
+        alone = size is None or options.tile is not None or (
+            budget is not None and auto_tile(model, *_padded(size, options.context_pad), budget) is not None)
+        by_size.setdefault(-i - 1 if alone else size, []).append(i)
+    batches = [group[k:k + options.batch_size] for group in by_size.values()
+               for k in range(0, len(group), options.batch_size)]
+    return Plan(jobs, sorted(batches), failures, report_path)
+
+
+def _padded(size: tuple[int, int], context_pad: int) -> tuple[int, int]:
+    h, w = size
+    side = 2 * max(0, min(context_pad, h - 1, w - 1))
+    return h + side + 8, w + side + 8
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes one file per item, in a loader worker: (index, LoadedImage or None, error line or None)."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.jobs)
 
     def __getitem__(self, i: int) -> tuple[int, LoadedImage | None, str | None]:
         try:
-            return i, load_image(self.paths[i]), None
+            return i, load_image(self.jobs[i].input), None
         except ImageReadError as e:
             return i, None, str(e)
         except MemoryError:
-            return i, None, f"{self.paths[i]}: out of memory while decoding; restore a downscaled copy"
+            return i, None, f"{self.jobs[i].input}: out of memory while decoding; restore a downscaled copy"
 
 
-def _as_is(item: Any) -> Any:
-    return item
+def as_list(items: list) -> list:
+    """collate_fn that keeps decoded images as they are."""
+    return items
 
 
 def _error_line(path: Path, e: BaseException) -> str:
@@ -201,7 +279,8 @@ def _error_line(path: Path, e: BaseException) -> str:
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
-def _load(model: Any, device: torch.device) -> Any:
+def load_network(model: Any, device: torch.device) -> Any:
+    """A checkpoint path or "default" -> the loaded network on ``device``; a network is moved there."""
     from .models import MoCEIR
     from .models.checkpoints import load_model
 
@@ -212,150 +291,166 @@ def _load(model: Any, device: torch.device) -> Any:
     return model
 
 
+class Restorer:
+    """Restores decoded batches and hands each result to a background writer; collects the report rows.
+
+    Used by :func:`restore_files` in one process and by each rank of a distributed run.
+    """
+
+    def __init__(self, net: Any, device: torch.device, jobs: list[Job], options: RestoreOptions, budget: float,
+                 log: Callable[[str], None], progress: bool = True,
+                 on_tile: Callable[[int, int], None] | None = None):
+        self.net, self.device, self.jobs, self.opts, self.budget = net, device, jobs, options, budget
+        self.log, self.progress, self.on_tile = log, progress, on_tile
+        self.rows: dict[int, dict] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moceir-writer")
+        self._pending: list[Future] = []
+
+    def fail(self, i: int, e: BaseException | str) -> None:
+        line = e if isinstance(e, str) else _error_line(self.jobs[i].input, e)
+        self.rows[i] = {"input": str(self.jobs[i].input), "error": line}
+        self.log(f"error: {line}")
+
+    def process(self, items: list[tuple[int, LoadedImage | None, str | None]]) -> None:
+        """Restore one planned batch (decode failures are reported; images of another size go alone)."""
+        good = []
+        for i, img, err in items:
+            if err is not None:
+                self.fail(i, err)
+            else:
+                if img.frames > 1:
+                    self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
+                good.append((i, img))
+        shapes = {img.rgb.shape for _, img in good}
+        groups = [good] if len(shapes) == 1 else [[g] for g in good]
+        for group in groups:
+            if group:
+                self.submit(self.compute(group))
+
+    def compute(self, group: list[tuple[int, LoadedImage]]) -> list[tuple[int, np.ndarray, LoadedImage, dict]]:
+        """Restore same-size images in one pass -> [(job index, restored [H, W, 3] float, image, report row)].
+
+        A failure (e.g. out of memory) is reported for each image of the group, which then returns nothing.
+        """
+        from tqdm import tqdm
+
+        h, w = group[0][1].rgb.shape[:2]
+        opts = self.opts
+        tile = opts.tile or auto_tile(self.net, *_padded((h, w), opts.context_pad), self.budget)
+        tiles_bar = None
+        try:
+            x = torch.from_numpy(np.stack([img.rgb.transpose(2, 0, 1) for _, img in group])).to(self.device)
+            on_tile = self.on_tile
+            if tile is not None and self.progress:
+                tiles_bar = tqdm(desc=f"  tiles of {self.jobs[group[0][0]].input.name}", unit="tile", leave=False)
+
+                def on_tile(done: int, total: int) -> None:
+                    tiles_bar.total = total
+                    tiles_bar.update(1)
+                    if self.on_tile is not None:
+                        self.on_tile(done, total)
+            dtype = PRECISIONS[opts.precision]
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                y, experts = restore_tensor(self.net, x, tile, opts.tile_overlap, opts.tile_routing,
+                                            return_experts=True, on_tile=on_tile, context_pad=opts.context_pad)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = (time.perf_counter() - t0) / len(group)
+            del x
+            y = y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        except (RuntimeError, MemoryError) as e:
+            for i, _ in group:
+                self.fail(i, e)
+            return []
+        finally:
+            if tiles_bar is not None:
+                tiles_bar.close()
+        experts = torch.as_tensor(experts).cpu()
+        return [(i, y[b], img, {"input": str(self.jobs[i].input), "output": str(self.jobs[i].output), "height": h,
+                                "width": w, "seconds": round(seconds, 3), "batch": len(group), "tile": tile,
+                                "experts": experts[:, min(b, experts.shape[1] - 1), 0].tolist()})
+                for b, (i, img) in enumerate(group)]
+
+    def submit(self, results: list[tuple[int, np.ndarray, LoadedImage, dict]]) -> None:
+        """Queue restored images for the background writer (at most 2 x batch_size wait at a time)."""
+        for i, y, img, row in results:
+            while sum(not f.done() for f in self._pending) >= 2 * self.opts.batch_size:
+                next(f for f in self._pending if not f.done()).result()
+            self._pending.append(self._writer.submit(self._write, i, y, img, row))
+
+    def _write(self, i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
+        try:
+            write_atomically(self.jobs[i].output,
+                             lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale),
+                             self.opts.overwrite)
+            self.rows[i] = row
+        except (OSError, ValueError) as e:
+            self.fail(i, e)
+
+    def close(self) -> dict[int, dict]:
+        """Wait for every output to be written; returns the rows by job index."""
+        self._writer.shutdown(wait=True)
+        return self.rows
+
+
+def write_report(path: Path, model: Any, rows: list[dict], overwrite: bool) -> None:
+    doc = {"checkpoint": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
+           "images": [r for r in rows if "error" not in r], "errors": [r["error"] for r in rows if "error" in r]}
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
+
+
 def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path, model: Any = "default", *,
                   device: str | torch.device = "auto", tile: int | None = None, tile_overlap: int = 32,
                   tile_routing: str = "tile", batch_size: int = 4, precision: str = "fp32", ext: str | None = None,
                   suffix: str = "", overwrite: bool = False, report: str | Path | None = None,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
-                  progress: bool = True, log: Callable[[str], None] | None = None) -> list[dict]:
+                  progress: bool = True, log: Callable[[str], None] | None = None,
+                  on_tile: Callable[[int, int], None] | None = None) -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
-    model: "default", a checkpoint path or a loaded network. Images of one size go through the network
+    model: "default", a checkpoint path or a loaded network. Same-size images go through the network
     ``batch_size`` at a time; an image whose estimated peak memory exceeds ``max_memory`` bytes (default:
-    :func:`moceir.inference.memory_budget`) is tiled (``tile`` forces a tile size). ``context_pad`` px of
-    reflected context are added around each image and cropped away, which removes the dark frame that the
-    network's zero-padded convolutions leave (0 turns it off). ``num_workers`` loader processes decode ahead.
+    :func:`moceir.inference.memory_budget`) is tiled (``tile`` forces a tile size; ``tile_overlap`` and
+    ``tile_routing`` as in :func:`moceir.inference.restore_tensor`). ``context_pad`` px of reflected context are
+    added around each image and cropped away, which removes the dark frame that the network's zero-padded
+    convolutions leave (0 turns it off). ``num_workers`` loader processes decode ahead; a background thread
+    writes. ``ext`` (e.g. "png") and ``suffix`` shape output names; ``overwrite`` allows replacing existing
+    outputs (never inputs); ``report`` is a JSON file to write. ``log`` receives notes and error lines;
+    ``on_tile(done, total)`` is called after each tile of a tiled image (e.g. for a progress bar in a page).
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
-    per MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError` for options
-    that cannot work, before any image is read, and ``CheckpointError`` for an unusable checkpoint.
+    chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
+    for options that cannot work, before any image is read, and ``CheckpointError`` for an unusable checkpoint.
     """
     from tqdm import tqdm
 
     say = log or (lambda line: print(line, file=sys.stderr))
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    if tile_routing not in ROUTING_MODES:
-        raise UsageError(f"tile_routing must be one of {ROUTING_MODES}, got {tile_routing!r}")
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    if batch_size < 1 or tile_overlap < 0 or context_pad < 0 or num_workers < 0:
-        raise UsageError("batch_size must be >= 1 and tile_overlap, context_pad, num_workers >= 0")
+    opts = RestoreOptions(tile, tile_overlap, tile_routing, batch_size, precision, context_pad, max_memory, overwrite)
+    if num_workers < 0:
+        raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     device = resolve_device(device)
-    dtype = PRECISIONS[precision]
-    if dtype is not None and device.type != "cuda":
+    if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
-    out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
-
-    files, errors = gather_inputs(specs)
-    rows: dict[int, dict] = {}
-    failures = [{"input": spec, "error": e} for spec, e in errors]
-    for row in failures:
-        say(f"error: {row['error']}")
-    jobs, notes = plan_outputs(files, out_dir, ext, suffix)
-    for n in notes:
-        say(f"note: {n}")
-    input_set = set(files)
-    report_path = (check_report_path(report, input_set, {j.output for j in jobs}, overwrite)
-                   if report is not None else None)
-    net = _load(model, device)
+    net = load_network(model, device)
     budget = max_memory if max_memory is not None else memory_budget(device)
-
-    def fail(i: int, e: BaseException | str) -> None:
-        line = e if isinstance(e, str) else _error_line(jobs[i].input, e)
-        rows[i] = {"input": str(jobs[i].input), "error": line}
-        say(f"error: {line}")
-
-    todo = []
-    for i, job in enumerate(jobs):
-        problem = output_problem(job, input_set, overwrite)
-        if problem:
-            fail(i, problem)
-        else:
-            todo.append(i)
-    if todo:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moceir-writer")
-    pending_writes: list[Future] = []
-
-    def write(i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
-        try:
-            write_atomically(jobs[i].output, lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale),
-                             overwrite)
-            rows[i] = row
-        except (OSError, ValueError) as e:
-            fail(i, e)
-
-    def run(batch: list[tuple[int, LoadedImage, int | None]], bar: tqdm) -> None:
-        """Restore same-size images together (a tiled image always alone); hand each result to the writer."""
-        tile_size = batch[0][2]
-        tiles_bar = None
-        try:
-            x = torch.from_numpy(np.stack([img.rgb.transpose(2, 0, 1) for _, img, _ in batch])).to(device)
-            on_tile = None
-            if tile_size is not None and progress:
-                tiles_bar = tqdm(desc=f"  tiles of {jobs[batch[0][0]].input.name}", unit="tile", leave=False)
-                on_tile = lambda done, total: (setattr(tiles_bar, "total", total), tiles_bar.update(1))  # noqa: E731
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                y, experts = restore_tensor(net, x, tile_size, tile_overlap, tile_routing, return_experts=True,
-                                            on_tile=on_tile, context_pad=context_pad)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - t0) / len(batch)
-            h, w = batch[0][1].rgb.shape[:2]
-            y = y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-            del x
-        except (RuntimeError, MemoryError) as e:
-            for i, *_ in batch:
-                fail(i, e)
-            return
-        finally:
-            if tiles_bar is not None:
-                tiles_bar.close()
-        for b, (i, img, _) in enumerate(batch):
-            row = {"input": str(jobs[i].input), "output": str(jobs[i].output), "height": h, "width": w,
-                   "seconds": round(seconds, 3), "batch": len(batch), "tile": tile_size,
-                   "experts": experts[:, min(b, experts.shape[1] - 1), 0].tolist()}
-            while len([f for f in pending_writes if not f.done()]) >= 2 * batch_size:  # bound queued outputs
-                next(f for f in pending_writes if not f.done()).result()
-            pending_writes.append(writer.submit(write, i, y[b], img, row))
-
-    loader = torch.utils.data.DataLoader(_ImageFiles([jobs[i].input for i in todo]), batch_size=None,
-                                         num_workers=num_workers, collate_fn=_as_is)
-    m = net.config.size_multiple
-    pending: list[tuple[int, LoadedImage, int | None]] = []
+    plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, say)
+    if plan.batches:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
+    loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
+                                         collate_fn=as_list)
+    todo = sum(len(b) for b in plan.batches)
     try:
-        with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="restoring", unit="img",
+        with tqdm(total=len(plan.jobs), initial=len(plan.jobs) - todo, desc="restoring", unit="img",
                   disable=not progress) as bar:
-            for k, img, err in loader:
-                i = todo[k]
-                if err is not None:
-                    fail(i, err)
-                    bar.update(1)
-                    continue
-                if img.frames > 1:
-                    say(f"note: {jobs[i].input} has {img.frames} frames; only the first is restored")
-                h, w = img.rgb.shape[:2]
-                side = 2 * min(context_pad, h - 1, w - 1)
-                tile_size = tile or auto_tile(net, h + side + m, w + side + m, budget)
-                if pending and (tile_size is not None or pending[0][2] is not None or len(pending) >= batch_size
-                                or pending[0][1].rgb.shape != img.rgb.shape):
-                    run(pending, bar)
-                    bar.update(len(pending))
-                    pending = []
-                pending.append((i, img, tile_size))
-            if pending:
-                run(pending, bar)
-                bar.update(len(pending))
+            for items in loader:
+                restorer.process(items)
+                bar.update(len(items))
     finally:
-        writer.shutdown(wait=True)
-    ordered = failures + [rows[i] for i in sorted(rows)]
-    if report_path is not None:
-        doc = {"checkpoint": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-               "images": [r for r in ordered if "error" not in r], "errors": [r["error"] for r in ordered
-                                                                              if "error" in r]}
-        write_atomically(report_path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
+        rows = restorer.close()
+    ordered = plan.failures + [rows[i] for i in sorted(rows)]
+    if plan.report is not None:
+        write_report(plan.report, model, ordered, overwrite)
     return ordered
