@@ -210,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- test
-def _load_for_eval(args: argparse.Namespace):
+def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     from . import load_model
     from .pipeline import UsageError
     from .training import resolve_checkpoint
@@ -225,7 +225,7 @@ def _load_for_eval(args: argparse.Namespace):
     else:
         path = "default"
     config = _config_from_args(args) if args.model else None
-    device = _device(args.device)
+    device = _device("cpu" if cpu else args.device)  # a distributed run moves the network to each rank's device
     model = load_model(path, device=device, config=config, channels_last=True)
     note = _checkpoint_note(path)
     if note and not args.quiet:
@@ -244,28 +244,44 @@ def _cdd11_subset(args: argparse.Namespace) -> str:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    from .data.datasets import DatasetLayoutError
-    from .evaluation import evaluate_benchmark, markdown_table, write_reports
+    from functools import partial
 
-    model, device, path = _load_for_eval(args)
+    from .data.datasets import DatasetLayoutError
+    from .distributed import Launch, evaluate_distributed, global_rank
+    from .evaluation import benchmark_dataset, collect, markdown_table, score_image, write_reports
+
+    launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
+    model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)
     subset = _cdd11_subset(args)
     out_dir = Path(args.output_path)
-    results, failed = [], False
+    failed = False
+    entries = []
     for bench in args.benchmarks:
-        save_dir = out_dir / "images" / bench if args.save_results else None
         try:
-            result = evaluate_benchmark(model, args.data_file_dir, bench, device, args.y_channel, save_dir,
-                                        subset, progress=not args.quiet, context_pad=args.context_pad)
+            entries.append((bench, benchmark_dataset(args.data_file_dir, bench, subset)))
         except (DatasetLayoutError, ValueError) as e:
             print(f"error: {bench}: {e}", file=sys.stderr)
             failed = True
-            continue
-        for line in result.errors:
-            print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
+    score = partial(score_image, y_channel=args.y_channel, context_pad=args.context_pad)
+    saves = [(ds, out_dir / "images" / bench if args.save_results else None) for bench, ds in entries]
+    if launch.world_size > 1:
+        scored = evaluate_distributed(model, saves, score, launch)
+    else:
+        from tqdm import tqdm
+
+        scored = [[score(model, entry, i, device) for i in tqdm(range(len(entry[0])), desc=bench, leave=False,
+                                                                 disable=args.quiet)]
+                  for (bench, _), entry in zip(entries, saves)]
+    results = []
+    for (bench, _), rows in zip(entries, scored):
+        result = collect(bench, rows)
+        if global_rank() == 0:
+            for line in result.errors:
+                print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
         failed = failed or bool(result.errors)
         if result.rows:
             results.append(result)
-    if results:
+    if results and global_rank() == 0:
         title = f"moceir test: {path}"
         print(markdown_table(results, title))
         paths = write_reports(results, out_dir, title)
@@ -332,8 +348,9 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- restore
 def cmd_restore(args: argparse.Namespace) -> int:
+    from .distributed import global_rank
     from .models.checkpoints import CheckpointError
-    from .pipeline import UsageError, restore_files
+    from .pipeline import UsageError, _launched_rank, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
@@ -347,13 +364,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
                              tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
                              batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
                              overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
-                             max_memory=args.max_memory, num_workers=args.num_workers, progress=not args.quiet,
-                             log=say)
+                             max_memory=args.max_memory, num_workers=args.num_workers,
+                             progress=not args.quiet and _launched_rank() == 0, log=say, num_gpus=args.num_gpus or 0,
+                             num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes)
     except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = sum("error" in r for r in rows)
-    print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
+    if global_rank() == 0:
+        print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
     return 1 if failed else 0
 
 
@@ -398,6 +417,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default == "":
             return text + " (default: none)"
         return super()._get_help_string(action)
+
+
+def _add_scale_flags(p: argparse.ArgumentParser, training: bool = False) -> None:
+    g = p.add_argument_group("scale-out (Lightning DDP; under torchrun or SLURM's srun the launcher's processes are used)")
+    g.add_argument("--num_gpus", "--gpus", type=_non_negative, default=None,
+                   help="GPUs per node (0: CPU; default: 1 if CUDA)" if training else "GPUs per node (default: none)")
+    g.add_argument("--num_nodes", type=_positive(), default=1, help="machines taking part")
+    g.add_argument("--num_cpu_processes", type=_positive(), default=1, help="CPU processes per node (gloo)")
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -457,8 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
     p.add_argument("--ckpt_dir", default="checkpoints", help="where run folders are made")
     p.add_argument("--run_name", help="run folder name (default: a timestamp)")
-    p.add_argument("--num_gpus", "--gpus", type=_non_negative, default=None, help="0: CPU (default: 1 if CUDA)")
-    p.add_argument("--num_cpu_processes", type=_positive(), default=1, help="CPU DDP (gloo) processes")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
                    help="Lightning precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -470,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every_n_epochs", type=_positive(), default=5, help="checkpoint period")
     p.add_argument("--log_every_n_steps", type=_positive(), default=10, help="logging period")
     _add_arch_flags(p)
+    _add_scale_flags(p, training=True)
     p.set_defaults(fn=cmd_train)
 
     p = command("test", "PSNR/SSIM on the benchmarks (upstream's protocol)")
@@ -479,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y_channel", action="store_true", help="also report PSNR/SSIM on the Y channel")
     p.add_argument("--context_pad", type=_non_negative, default=0,
                    help="reflected context around each image (0: upstream's protocol)")
+    _add_scale_flags(p)
     p.set_defaults(fn=cmd_test)
 
     p = command("routing", "which expert each task picks per MoE layer: heatmap, table, FLOPs")
@@ -505,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_pad", type=_non_negative, default=16,
                    help="reflected context around each image, cropped away (removes dark borders; 0: off)")
     p.add_argument("--num_workers", type=_non_negative, default=0, help="loader processes decoding ahead")
+    _add_scale_flags(p)
     p.add_argument("--ext", help="output format, e.g. png (default: the input's)")
     p.add_argument("--suffix", default="", help="appended to output names")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and report (never inputs)")

@@ -47,6 +47,43 @@ def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]
     return item, None
 
 
+def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx: int, device: torch.device,
+                y_channel: bool = False, context_pad: int = 0) -> dict | str:
+    """Restore and score image ``idx`` of ``entry = (dataset, save_dir)`` -> its row, or a one-line error."""
+    ds, save_dir = entry
+    item, error = _load_item(ds, idx)
+    if item is None:
+        return error
+    lq = item["lq"][None].to(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out, experts = restore_tensor(model, lq, return_experts=True, context_pad=context_pad)
+    seconds = time.perf_counter() - t0
+    restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
+    clean = item["gt"].permute(1, 2, 0).numpy()
+    degraded = item["lq"].permute(1, 2, 0).numpy()
+    row = {"name": item["name"], "psnr": psnr(clean, restored), "ssim": ssim(clean, restored),
+           "input_psnr": psnr(clean, degraded), "seconds": round(seconds, 4),
+           "experts": experts[:, 0, 0].tolist(), "size": list(clean.shape[:2])}
+    if y_channel:
+        row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
+        row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        save_image(save_dir / f"{Path(item['name']).stem}.png", restored)
+    return row
+
+
+def benchmark_dataset(data_dir: str | Path, benchmark: str, cdd11_subset: str = "all") -> BenchmarkDataset:
+    """The benchmark's test pairs; raises DatasetLayoutError naming a missing folder."""
+    return BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
+
+
+def collect(name: str, scored: list[dict | str]) -> BenchmarkResult:
+    """Rows and error lines of one benchmark, in image order."""
+    return BenchmarkResult(name, [r for r in scored if isinstance(r, dict)], [r for r in scored if isinstance(r, str)])
+
+
 def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
                        y_channel: bool = False, save_dir: Path | None = None, cdd11_subset: str = "all",
                        progress: bool = True, context_pad: int = 0) -> BenchmarkResult:
@@ -55,33 +92,10 @@ def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, devi
     Images that cannot be read or whose pair sizes differ are skipped and listed in ``result.errors``.
     ``context_pad`` > 0 departs from upstream's protocol (see :func:`moceir.inference.restore_tensor`).
     """
-    ds = BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
-    result = BenchmarkResult(benchmark)
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    for idx in tqdm(range(len(ds)), desc=benchmark, disable=not progress, leave=False):
-        item, error = _load_item(ds, idx)
-        if item is None:
-            result.errors.append(error)
-            continue
-        lq = item["lq"][None].to(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out, experts = restore_tensor(model, lq, return_experts=True, context_pad=context_pad)
-        seconds = time.perf_counter() - t0
-        restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
-        clean = item["gt"].permute(1, 2, 0).numpy()
-        degraded = item["lq"].permute(1, 2, 0).numpy()
-        row = {"name": item["name"], "psnr": psnr(clean, restored), "ssim": ssim(clean, restored),
-               "input_psnr": psnr(clean, degraded), "seconds": round(seconds, 4),
-               "experts": experts[:, 0, 0].tolist(), "size": list(clean.shape[:2])}
-        if y_channel:
-            row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
-            row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
-        result.rows.append(row)
-        if save_dir is not None:
-            save_image(save_dir / f"{Path(item['name']).stem}.png", restored)
-    return result
+    ds = benchmark_dataset(data_dir, benchmark, cdd11_subset)
+    scored = [score_image(model, (ds, save_dir), i, device, y_channel, context_pad)
+              for i in tqdm(range(len(ds)), desc=benchmark, disable=not progress, leave=False)]
+    return collect(benchmark, scored)
 
 
 def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:

@@ -43,6 +43,14 @@ class Job:
     output: Path
 
 
+def _launched_rank() -> int:
+    """The rank a launcher (Lightning's ddp re-run, torchrun, SLURM) gave this process; 0 when none did."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return int(os.environ[var])
+    return 0
+
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """"auto" -> CUDA if available else CPU; a CUDA request without CUDA is a UsageError."""
     if isinstance(name, torch.device):
@@ -406,7 +414,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
                   suffix: str = "", overwrite: bool = False, report: str | Path | None = None,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
                   progress: bool = True, log: Callable[[str], None] | None = None,
-                  on_tile: Callable[[int, int], None] | None = None) -> list[dict]:
+                  on_tile: Callable[[int, int], None] | None = None, num_gpus: int = 0, num_nodes: int = 1,
+                  num_cpu_processes: int = 1, strategy: str = "ddp") -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
     model: "default", a checkpoint path or a loaded network. Same-size images go through the network
@@ -419,25 +428,41 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     outputs (never inputs); ``report`` is a JSON file to write. ``log`` receives notes and error lines;
     ``on_tile(done, total)`` is called after each tile of a tiled image (e.g. for a progress bar in a page).
 
+    ``num_gpus`` (per node), ``num_nodes`` and ``num_cpu_processes`` (per node, on CPU) spread the images over
+    processes with Lightning (:mod:`moceir.distributed`); each image is restored exactly once and the outputs
+    equal a one-process run. With ``strategy="ddp"`` the calling script is re-run per process (the CLI,
+    ``torchrun``, SLURM); from a notebook use ``"ddp_spawn"``. Every rank returns all rows; rank 0 writes the report.
+
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
     chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
     for options that cannot work, before any image is read, and ``CheckpointError`` for an unusable checkpoint.
     """
     from tqdm import tqdm
 
+    from .distributed import Launch, global_rank, restore_distributed
+
+    launch = Launch(num_gpus, num_nodes, num_cpu_processes, strategy)
     say = log or (lambda line: print(line, file=sys.stderr))
+    quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
+    plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     opts = RestoreOptions(tile, tile_overlap, tile_routing, batch_size, precision, context_pad, max_memory, overwrite)
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
-    device = resolve_device(device)
+    device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
     if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
-    net = load_network(model, device)
+    net = load_network(model, torch.device("cpu") if launch.world_size > 1 else device)
     budget = max_memory if max_memory is not None else memory_budget(device)
-    plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, say)
+    plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)
     if plan.batches:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
+    if launch.world_size > 1:
+        rows = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
+        ordered = plan.failures + [rows[i] for i in sorted(rows)]
+        if plan.report is not None and global_rank() == 0:
+            write_report(plan.report, model, ordered, overwrite)
+        return ordered
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
     loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
                                          collate_fn=as_list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,20 @@ def _read_metrics(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (np.array([s for s, _ in v]), np.array([y for _, y in v])) for k, v in series.items()}
 
 
+def loss_label(run_dir: str | Path) -> str:
+    """The training loss a run used, from its settings.json: "L1 + 0.01·balance", "L1 + 0.1·FFT + 0.01·balance"."""
+    try:
+        s = json.loads((Path(run_dir) / "settings.json").read_text())["settings"]
+        terms = ["L1"]
+        if str(s["loss_type"]).lower() == "fft":
+            terms.append(f"{s['fft_loss_weight']:g}·FFT")
+        if s["balance_loss_weight"]:
+            terms.append(f"{s['balance_loss_weight']:g}·balance")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "L1 (+ FFT) + balance"
+    return " + ".join(terms)
+
+
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     if len(y) < 3 or window < 2:
         return y
@@ -31,8 +46,11 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot_training_logs(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Training loss, balance loss and learning rate over steps -> PNG (default run_dir/training_curves.png)."""
+def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss: str | None = None) -> Path:
+    """Training loss, balance loss and learning rate over steps -> PNG (default run_dir/training_curves.png).
+
+    ``loss`` names the training loss in the title; by default it is read from the run's settings.json.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +58,7 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None) -> Pa
 
     run_dir = Path(run_dir)
     m = _read_metrics(run_dir)
-    panels = [("train/loss", "training loss (L1 + FFT + balance)", True), ("train/l1", "L1", True),
+    panels = [("train/loss", f"training loss ({loss or loss_label(run_dir)})", True), ("train/l1", "L1", True),
               ("train/balance", "balance loss (per MoE layer, mean)", False), ("train/lr", "learning rate", False)]
     panels = [p for p in panels if p[0] in m]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)

@@ -2,11 +2,15 @@
 
 The network lives under ``self.net``, so checkpoints hold ``net.*`` keys exactly like upstream's train.py
 (each side loads the other's ``last.ckpt``); ours also embed the model config under ``moceir_config``.
+Everything that can be checked before training (settings, hardware, data layout, every training image) is
+checked before the first step and reported as one :class:`TrainingSetupError` line.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 import os
 import time
@@ -17,16 +21,31 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from .data.datasets import PairedPatchDataset, build_train_pairs
+from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
-from .models.checkpoints import CONFIG_KEY, load_model, save_model
+from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
+
+
+class TrainingSetupError(ValueError):
+    """Training cannot start (bad data, settings or hardware); the message is one line saying what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class NonFiniteLossError(TrainingSetupError):
+    """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,15 @@ class TrainSettings:
     fine_tune_from: str | None = None
     log_every_n_steps: int = 10
 
+    def validate(self) -> None:
+        """Raise :class:`TrainingSetupError` for a loss weight, rate or schedule length that is not finite."""
+        numbers = {"--lr": (self.lr, False), "--schedule_epochs": (self.schedule_epochs, False),
+                   "--warmup_epochs": (self.warmup_epochs, True), "--fft_loss_weight": (self.fft_loss_weight, True),
+                   "--balance_loss_weight": (self.balance_loss_weight, True)}
+        for flag, (value, zero_ok) in numbers.items():
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                raise TrainingSetupError(f"{flag} is {value}; pass a finite number {'>= 0' if zero_ok else '> 0'}")
+
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warmup from 0, then cosine decay to 0 at ``total`` (upstream's LinearWarmupCosineAnnealingLR)."""
@@ -90,6 +118,9 @@ class MoCEModule(pl.LightningModule):
         s = self.settings
         parts = restoration_loss(out.image, batch["gt"], out.balance_loss, s.loss_type, s.fft_loss_weight,
                                  s.balance_loss_weight)
+        if not torch.isfinite(parts["loss"]):
+            raise NonFiniteLossError(f"the training loss became {parts['loss'].item()} at step {self.global_step}; "
+                                     f"lower --lr (now {s.lr:g}) or check the data; earlier checkpoints are kept")
         now = time.perf_counter()
         if self._tick is not None:
             world = self.trainer.world_size if self._trainer is not None else 1
@@ -117,6 +148,68 @@ class MoCEModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.net.config.to_dict()
+        if _epoch_complete(self.trainer):
+            _count_epoch_completed(checkpoint)
+
+
+def _epoch_complete(trainer: pl.Trainer) -> bool:
+    """Whether every batch of the current epoch has run (False when max_steps or max_time cut it short)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+
+
+def _count_epoch_completed(checkpoint: dict) -> None:
+    """Record a finished epoch as completed and the next one as not yet started.
+
+    Lightning saves at epoch end before it counts the epoch, and with ``max_steps`` it then resumes inside the
+    finished epoch: one extra batch there, rows logged under the old epoch, an extra ``epoch=E-step=S.ckpt``.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches or epochs["total"]["completed"] != epochs["total"]["processed"] - 1:
+        return
+    for part in ("total", "current"):
+        epochs[part]["completed"] = epochs[part]["processed"]
+    batches["current"] = dict.fromkeys(batches["current"], 0)
+    batches["is_last_batch"] = False
+
+
+def require_finite(net: torch.nn.Module, what: str) -> None:
+    """Raise :class:`NonFiniteLossError` instead of saving ``what`` from weights holding NaN or inf."""
+    bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"{len(bad)} weight tensor(s) became NaN or inf (e.g. {bad[0]}); {what} was not "
+                                 "written, earlier checkpoints are kept; lower --lr or check the data")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, but ``epoch=E-step=S.ckpt`` only for complete epochs, ``last.ckpt`` at every
+    epoch end and at the end of training, and nothing from non-finite weights."""
+
+    def __init__(self, *args: Any, resuming: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resuming = resuming
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if _epoch_complete(trainer) and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        require_finite(trainer.lightning_module, Path(filepath).name)
+        super()._save_checkpoint(trainer, filepath)
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath: str) -> None:  # replaces Lightning's private check
+        """Warn of earlier checkpoints unless resuming: settings.json, data_check.json and logs/ are always there."""
+        if not self.resuming and dirpath and any(Path(dirpath).glob("*.ckpt")):
+            rank_zero_warn(f"run folder {dirpath} already holds checkpoints; new ones are written beside them")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -128,6 +221,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
+
+
+class _ResumedWriter(ExperimentWriter):
+    """Writes ``metrics.csv`` starting from the rows of ``history`` logged before ``start_step``."""
+
+    def __init__(self, log_dir: str, history: Path | None, start_step: int):
+        super().__init__(log_dir)
+        rows, keys = _read_rows(history) if history else ([], [])
+        rows = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) < start_step]
+        if rows:
+            self.metrics_keys = sorted(keys)
+            with open(self.metrics_file_path + ".tmp", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(self.metrics_file_path + ".tmp", self.metrics_file_path)
+        elif os.path.isfile(self.metrics_file_path):
+            os.remove(self.metrics_file_path)
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning's version warns and deletes metrics.csv; __init__ keeps the rows a resume continues."""
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger into ``run/logs/metrics.csv`` that, on resume, keeps the earlier rows instead of erasing them."""
+
+    def __init__(self, run_dir: Path, history: Path | None = None, start_step: int = 0):
+        super().__init__(run_dir, name="logs", version="")
+        self._history, self._start_step = history, start_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedWriter(self.log_dir, self._history, self._start_step)
+        return self._experiment
 
 
 class PlotAtEnd(Callback):
@@ -159,71 +297,132 @@ def resolve_checkpoint(ref: str, ckpt_dir: str) -> Path:
     raise FileNotFoundError(f"no checkpoint at {ref} nor {Path(ckpt_dir) / ref / 'last.ckpt'}")
 
 
-def build_dataloader(settings: TrainSettings, batch_size: int) -> tuple[DataLoader, dict[str, int]]:
-    per_task = build_train_pairs(settings.data_file_dir, list(settings.de_type), settings.trainset,
-                                 settings.dehaze_source, settings.repeats, settings.holdout_val)
+def _checkpoint_to_resume(settings: TrainSettings) -> tuple[Path | None, int]:
+    """The checkpoint ``--resume_from`` names and the optimizer step it was saved at (0 without resume)."""
+    if not settings.resume_from:
+        return None, 0
+    try:
+        path = resolve_checkpoint(settings.resume_from, settings.ckpt_dir)
+    except FileNotFoundError as e:
+        raise TrainingSetupError(f"--resume_from: {e}; pass a run name under --ckpt_dir or a .ckpt path") from None
+    try:
+        return path, int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception as e:
+        raise TrainingSetupError(f"--resume_from: cannot read {path} ({type(e).__name__}: {e}); "
+                                 "pass a complete Lightning checkpoint such as last.ckpt") from None
+
+
+def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
+    if not settings.fine_tune_from:
+        return None
+    try:
+        return load_model(resolve_checkpoint(settings.fine_tune_from, settings.ckpt_dir))
+    except (FileNotFoundError, CheckpointError) as e:
+        raise TrainingSetupError(f"--fine_tune_from: {e}") from None
+
+
+def _hardware(settings: TrainSettings) -> tuple[str, int, Any]:
+    """(accelerator, devices, strategy); more GPUs than this machine has is an error, not a Lightning traceback."""
+    available = torch.cuda.device_count()
+    gpus = settings.num_gpus if settings.num_gpus is not None else min(1, available)
+    if gpus > available:
+        raise TrainingSetupError(f"--num_gpus {gpus} but this machine has {available} CUDA device(s); "
+                                 f"pass --num_gpus {available}{' (0 trains on the CPU)' if available else ''}")
+    accelerator, devices = ("gpu", gpus) if gpus > 0 else ("cpu", settings.num_cpu_processes)
+    if devices == 1:
+        return accelerator, devices, "auto"
+    dense = settings.dispatch == "dense" or (settings.dispatch == "auto" and accelerator == "gpu")
+    # Sparse dispatch skips experts no image picked; DDP must then look for unused parameters.
+    return accelerator, devices, DDPStrategy(find_unused_parameters=not dense)
+
+
+def build_dataloader(settings: TrainSettings, batch_size: int) -> tuple[DataLoader, dict[str, list]]:
+    """The shuffled patch loader and the (repeated) pairs per task; a bad layout is a TrainingSetupError."""
+    try:
+        per_task = build_train_pairs(settings.data_file_dir, list(settings.de_type), settings.trainset,
+                                     settings.dehaze_source, settings.repeats, settings.holdout_val)
+    except (DatasetLayoutError, ValueError) as e:
+        raise TrainingSetupError(str(e)) from None
     pairs = [p for task_pairs in per_task.values() for p in task_pairs]
     loader = DataLoader(PairedPatchDataset(pairs, settings.patch_size), batch_size=batch_size, shuffle=True,
                         drop_last=True, num_workers=settings.num_workers, pin_memory=torch.cuda.is_available(),
                         persistent_workers=settings.num_workers > 0)
     if len(loader) == 0:
-        raise ValueError(f"{len(pairs)} training patches make no full batch of {batch_size}; lower --batch_size")
-    return loader, {k: len(v) for k, v in per_task.items()}
+        raise TrainingSetupError(f"{len(pairs)} training patches make no full batch of {batch_size}; "
+                                 "lower --batch_size")
+    return loader, per_task
+
+
+def _check_images(per_task: dict[str, list], run_dir: Path) -> None:
+    """Open every training image once (cached in run_dir/data_check.json); all bad files in one error."""
+    report = run_dir / "data_check.json"
+    problems = check_training_images([p for pairs in per_task.values() for p in pairs], report)
+    if problems:
+        shown = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
+        raise TrainingSetupError(f"{len(problems)} unusable training image(s): {shown}"
+                                 f"{' ...' if len(problems) > 3 else ''} see {report}; replace or remove them")
+
+
+def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_step: int) -> pl.Trainer:
+    accelerator, devices, strategy = _hardware(settings)
+    history = resume.parent / "logs" / "metrics.csv" if resume else None
+    checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
+                                save_last=True, resuming=resume is not None)
+    try:
+        return pl.Trainer(
+            max_epochs=settings.epochs, max_steps=settings.max_steps, max_time=settings.max_time,
+            accelerator=accelerator, devices=devices, strategy=strategy, precision=settings.precision,
+            accumulate_grad_batches=settings.accum_grad, default_root_dir=run_dir,
+            logger=[TensorBoardLogger(run_dir, name="logs", version=""),
+                    ResumableCSVLogger(run_dir, history, start_step)],
+            callbacks=[checkpoints, TQDMProgressBar(refresh_rate=10), PlotAtEnd(run_dir)],
+            plugins=[AtomicCheckpointIO()], log_every_n_steps=settings.log_every_n_steps,
+            enable_model_summary=False,
+        )
+    except (MisconfigurationException, ValueError) as e:
+        raise TrainingSetupError(f"cannot set up the trainer: {e}") from None
 
 
 def train(config: MoCEConfig, settings: TrainSettings) -> Path:
-    """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors)."""
+    """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json).
+
+    Settings, checkpoints to resume or fine-tune from, hardware and the data layout are checked before the run
+    folder is made; every training image is checked before the first step.
+    """
+    settings.validate()
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    micro_batch = max(1, settings.batch_size // settings.accum_grad)
-    loader, sizes = build_dataloader(settings, micro_batch)  # fails before anything is written if data is missing
-    run_name = settings.run_name or datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
-    run_dir = Path(settings.ckpt_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"training patches per task: {sizes}; run folder: {run_dir}")
+    resume, start_step = _checkpoint_to_resume(settings)
+    source = _fine_tune_source(settings)
+    loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
+    run_dir = Path(settings.ckpt_dir) / (settings.run_name or datetime.now().strftime("%Y_%m_%d_%H_%M_%S"))
+    trainer = _trainer(settings, run_dir, resume, start_step)
 
-    if settings.fine_tune_from:
-        net = load_model(resolve_checkpoint(settings.fine_tune_from, settings.ckpt_dir))
-        module = MoCEModule(net.config, settings)
-        module.net.load_state_dict(net.state_dict())
-    else:
-        module = MoCEModule(config, settings)
+    module = MoCEModule(source.config if source else config, settings)
+    if source:
+        module.net.load_state_dict(source.state_dict())
     if settings.channels_last:
         module.net.to(memory_format=torch.channels_last)
     if settings.compile:
         module.net.compile()
 
-    gpus = settings.num_gpus if settings.num_gpus is not None else int(torch.cuda.is_available())
-    accelerator, devices = ("gpu", gpus) if gpus > 0 else ("cpu", settings.num_cpu_processes)
-    if devices > 1:
-        dense = settings.dispatch == "dense" or (settings.dispatch == "auto" and accelerator == "gpu")
-        # Sparse dispatch skips experts no image picked; DDP must then look for unused parameters.
-        strategy: Any = DDPStrategy(find_unused_parameters=not dense)
-    else:
-        strategy = "auto"
-    ckpt = ModelCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
-                           save_last=True)
-    trainer = pl.Trainer(
-        max_epochs=settings.epochs, max_steps=settings.max_steps, max_time=settings.max_time,
-        accelerator=accelerator, devices=devices, strategy=strategy, precision=settings.precision,
-        accumulate_grad_batches=settings.accum_grad, default_root_dir=run_dir,
-        logger=[TensorBoardLogger(run_dir, name="logs", version=""), CSVLogger(run_dir, name="logs", version="")],
-        callbacks=[ckpt, TQDMProgressBar(refresh_rate=10), PlotAtEnd(run_dir)],
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=settings.log_every_n_steps,
-        enable_model_summary=False,
-    )
-    resume = resolve_checkpoint(settings.resume_from, settings.ckpt_dir) if settings.resume_from else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_images(per_task, run_dir)
+    sizes = {task: len(pairs) for task, pairs in per_task.items()}
+    print(f"training patches per task: {sizes}; run folder: {run_dir}")
+    if trainer.is_global_zero:
+        (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings))
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     if trainer.is_global_zero:
-        save_model(module.net, run_dir / "model.safetensors")
-        (run_dir / "settings.json").write_text(_settings_json(config, settings, trainer))
+        require_finite(module.net, "model.safetensors")
+        save_model(module.net, run_dir / "model.safetensors", overwrite=True)
+        (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings, trainer))
     return run_dir
 
 
-def _settings_json(config: MoCEConfig, settings: TrainSettings, trainer: pl.Trainer) -> str:
-    import json
-
-    d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "global_step": trainer.global_step,
-         "epoch": trainer.current_epoch}
+def _settings_json(config: MoCEConfig, settings: TrainSettings, trainer: pl.Trainer | None = None) -> str:
+    """The run's model config and settings; global_step and epoch once training has ended."""
+    d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings),
+         "global_step": trainer.global_step if trainer else None, "epoch": trainer.current_epoch if trainer else None}
     d["settings"]["de_type"] = list(settings.de_type)
     return json.dumps(d, indent=1)

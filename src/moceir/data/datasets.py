@@ -7,14 +7,19 @@ Tasks and benchmarks are named by strings, never by list position.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from ..io import IMAGE_EXTS, read_rgb
 from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
@@ -28,6 +33,7 @@ DEHAZE_SOURCES = ("reside", "synthetic")
 # Upstream's repeat factors, which balance the tasks of the standard training set.
 UPSTREAM_REPEATS = {"denoise_15": 3, "denoise_25": 3, "denoise_50": 3, "derain": 120, "dehaze": 1, "deblur": 5,
                     "synllie": 20, "cdd11": 2}
+CROP_BASE = 16  # training images are centre-cropped to multiples of this before patches are cut
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -176,8 +182,8 @@ class PairedPatchDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         pair, p, rng = self.pairs[idx], self.patch_size, _rng()
-        clean = _fit(crop_to_multiple(read_rgb(pair.clean), 16), p)
-        degraded = None if pair.degraded is None else _fit(crop_to_multiple(read_rgb(pair.degraded), 16), p)
+        clean = _fit(crop_to_multiple(read_rgb(pair.clean), CROP_BASE), p)
+        degraded = None if pair.degraded is None else _fit(crop_to_multiple(read_rgb(pair.degraded), CROP_BASE), p)
         if degraded is not None and degraded.shape != clean.shape:
             raise DatasetLayoutError(f"{pair.degraded} is {degraded.shape[:2]} but its clean image {pair.clean} is "
                                      f"{clean.shape[:2]}; the pair must have the same size")
@@ -211,6 +217,85 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
     if unknown or not de_type:
         raise ValueError(f"unknown --de_type {unknown or de_type}; valid: {', '.join(TASKS)}")
     return {t: train_pairs(root, t, dehaze_source, holdout) * factors[t] for t in de_type}
+
+
+def image_size(path: str) -> list[int] | str:
+    """[width, height] of an image that decodes, else why it does not (JPEGs are decoded at 1/8 scale: cheap)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            im.draft(None, (max(1, w // 8), max(1, h // 8)))
+            im.convert("RGB")  # as read_rgb does
+        return [w, h]
+    except Exception as e:
+        return f"cannot be decoded ({type(e).__name__}: {e})"
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _pair_problem(pair: Pair, sizes: dict[str, list[int] | str]) -> tuple[str, str] | None:
+    """A pair whose images differ in size once cropped to CROP_BASE, or are smaller than CROP_BASE."""
+    for path in (pair.clean, pair.degraded):
+        size = sizes.get(str(path)) if path else None
+        if isinstance(size, list) and min(size) < CROP_BASE:
+            return str(path), f"{size[0]}x{size[1]} is smaller than {CROP_BASE} pixels"
+    if pair.degraded is None:
+        return None
+    a, b = sizes[str(pair.degraded)], sizes[str(pair.clean)]
+    if isinstance(a, list) and isinstance(b, list) and [v // CROP_BASE for v in a] != [v // CROP_BASE for v in b]:
+        return str(pair.degraded), f"{a[0]}x{a[1]} but its clean image {pair.clean.name} is {b[0]}x{b[1]}"
+    return None
+
+
+def _cached_entry(path: str, cached: dict) -> dict:
+    """{"stamp": [bytes, mtime_ns]} plus "size" when the file is missing or unchanged since ``cached``."""
+    entry, hit = {"stamp": _stamp(path)}, cached.get(os.path.abspath(path))
+    if entry["stamp"] is None:
+        entry["size"] = "is missing"
+    elif isinstance(hit, dict) and hit.get("stamp") == entry["stamp"] and "size" in hit:
+        entry["size"] = hit["size"]
+    return entry
+
+
+def check_training_images(pairs: list[Pair], report: Path, workers: int = 8) -> dict[str, str]:
+    """Decode every image of ``pairs`` once (in threads) and compare each pair's sizes -> {file: problem}.
+
+    The result is written to ``report`` (JSON), whose entries, keyed by path, file size and mtime, let a later
+    call (a resumed run) skip the files that did not change.
+    """
+    try:
+        old = json.loads(report.read_text())
+        cached = dict(old["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        old, cached = None, {}
+    files = sorted({str(p) for pair in pairs for p in (pair.clean, pair.degraded) if p is not None})
+    entries = {f: _cached_entry(f, cached) for f in files}
+    todo = [f for f, e in entries.items() if "size" not in e]
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = list(tqdm(pool.map(image_size, todo), total=len(todo), desc="checking training images",
+                            unit="img", disable=not todo))
+    for f, size in zip(todo, decoded):
+        entries[f]["size"] = size
+    sizes = {f: e["size"] for f, e in entries.items()}
+    problems = {f: size for f, size in sizes.items() if isinstance(size, str)}
+    for found in filter(None, (_pair_problem(pair, sizes) for pair in set(pairs))):
+        problems.setdefault(*found)
+    data = {"problems": dict(sorted(problems.items())), "files": {os.path.abspath(f): e for f, e in entries.items()}}
+    if data != old:
+        _write_json(report, data)
+    return data["problems"]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 class BenchmarkDataset(Dataset):

@@ -1,0 +1,184 @@
+"""Restore and evaluate across processes, GPUs and nodes with Lightning's ``Trainer.predict``.
+
+Every rank builds the same plan (the same inputs, outputs and batches), takes every world_size-th batch, restores
+it with the same :class:`moceir.pipeline.Restorer` as one process does, and writes its own outputs through a
+prediction writer. No input is padded or duplicated, so each is restored exactly once. Report rows and benchmark
+scores are gathered on every rank; rank 0 writes the report and the tables.
+
+Launching follows Lightning: with strategy "ddp" the command re-runs itself once per local process (or is started
+by ``torchrun`` / SLURM's ``srun``, which Lightning detects); "ddp_spawn" starts the processes from Python, for
+use from a notebook.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as_list
+
+# Our batch sampler is a fixed plan that already returns every index; Lightning cannot know that and says so.
+warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where to run: ``num_gpus`` per node (0: CPU), ``num_nodes``, ``num_cpu_processes`` per node on CPU."""
+
+    num_gpus: int = 0
+    num_nodes: int = 1
+    num_cpu_processes: int = 1
+    strategy: str = "ddp"
+
+    @property
+    def world_size(self) -> int:
+        return (self.num_gpus or self.num_cpu_processes) * self.num_nodes
+
+    def trainer(self) -> pl.Trainer:
+        if self.num_gpus and not torch.cuda.is_available():
+            raise UsageError(f"--num_gpus {self.num_gpus} needs CUDA, which this machine lacks; use "
+                             "--num_cpu_processes N on a CPU")
+        if self.strategy not in ("ddp", "ddp_spawn"):
+            raise UsageError(f"strategy must be ddp or ddp_spawn, got {self.strategy!r}")
+        for name in ("lightning.pytorch", "lightning.fabric"):  # its banner and tips are noise in a restore
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return pl.Trainer(accelerator="gpu" if self.num_gpus else "cpu", devices=self.num_gpus or self.num_cpu_processes,
+                          num_nodes=self.num_nodes, strategy=self.strategy if self.world_size > 1 else "auto",
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, use_distributed_sampler=False)
+
+
+def global_rank() -> int:
+    """This process's rank in a distributed run (0 when there is none)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, on every rank (a list of one outside a distributed run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class PlannedBatches(torch.utils.data.Sampler):
+    """A fixed list of batches (lists of indices), as a batch sampler; no padding, no shuffling."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _RestoreTask(pl.LightningModule):
+    """predict_step restores one planned batch; the writer callback hands its results to the rank's Restorer."""
+
+    def __init__(self, net: torch.nn.Module, plan: Plan, options: RestoreOptions, budget: float,
+                 num_workers: int, log: Callable[[str], None]):
+        super().__init__()
+        self.net, self.plan, self.options, self.budget = net, plan, options, budget
+        self.num_workers, self.log = num_workers, log
+        self.restorer: Restorer | None = None
+        self.rows: dict[int, dict] = {}
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        mine = PlannedBatches(self.plan.batches[self.trainer.global_rank::self.trainer.world_size])
+        return torch.utils.data.DataLoader(ImageFiles(self.plan.jobs), batch_sampler=mine,
+                                           num_workers=self.num_workers, collate_fn=as_list)
+
+    def on_predict_start(self) -> None:
+        self.net.eval()
+        self.restorer = Restorer(self.net, self.device, self.plan.jobs, self.options, self.budget, self.log,
+                                 progress=False)
+
+    def predict_step(self, items: list, batch_idx: int) -> list:
+        good = []
+        for i, img, err in items:
+            if err is not None:
+                self.restorer.fail(i, err)
+            else:
+                good.append((i, img))
+        shapes = {img.rgb.shape for _, img in good}
+        groups = [good] if len(shapes) == 1 else [[g] for g in good]
+        return [r for g in groups if g for r in self.restorer.compute(g)]
+
+    def on_predict_end(self) -> None:
+        rows = self.restorer.close()
+        self.rows = {i: r for part in _gather(rows) for i, r in part.items()}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # decoded images stay on the host; the Restorer moves each batch
+
+
+class RestoredImageWriter(BasePredictionWriter):
+    """Writes each rank's restored images as its batches finish (atomically, through the Restorer's writer)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        pl_module.restorer.submit(prediction)
+
+
+def restore_distributed(net: torch.nn.Module, plan: Plan, options: RestoreOptions, budget: float, launch: Launch,
+                        num_workers: int = 0, log: Callable[[str], None] = print) -> dict[int, dict]:
+    """Restore ``plan`` across ``launch``'s processes; returns every rank's rows by job index, on every rank."""
+    task = _RestoreTask(net, plan, options, budget, num_workers, log)
+    trainer = launch.trainer()
+    trainer.callbacks.append(RestoredImageWriter())
+    trainer.predict(task, return_predictions=False)
+    return task.rows
+
+
+class _EvaluateTask(pl.LightningModule):
+    """One predict dataloader per benchmark; each rank scores every world_size-th image of each."""
+
+    def __init__(self, net: torch.nn.Module, datasets: list, score: Callable[..., dict | str]):
+        super().__init__()
+        self.net, self.datasets, self.score = net, datasets, score
+        self.rows: list[dict[int, dict | str]] = [{} for _ in datasets]
+
+    def predict_dataloader(self) -> list[torch.utils.data.DataLoader]:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return [torch.utils.data.DataLoader(list(range(rank, len(ds), world)), batch_size=None) for ds in self.datasets]
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch
+
+    def predict_step(self, idx: int, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.rows[dataloader_idx][int(idx)] = self.score(self.net, self.datasets[dataloader_idx], int(idx),
+                                                         self.device)
+
+    def on_predict_end(self) -> None:
+        merged: list[dict[int, dict | str]] = [{} for _ in self.datasets]
+        for part in _gather(self.rows):
+            for d, rows in enumerate(part):
+                merged[d].update(rows)
+        self.rows = merged
+
+
+def evaluate_distributed(net: torch.nn.Module, datasets: list, score: Callable[..., dict | str],
+                         launch: Launch) -> list[list[dict | str]]:
+    """``score(net, dataset, index, device)`` for every image of every dataset, across ``launch``'s processes.
+
+    Returns, per dataset, the results in image order (the same on every rank).
+    """
+    task = _EvaluateTask(net, datasets, score)
+    launch.trainer().predict(task, return_predictions=False)
+    return [[rows[i] for i in sorted(rows)] for rows in task.rows]

@@ -1,0 +1,218 @@
+"""Hostile-pass fixes to training: resume bookkeeping and logs, bad settings, data and hardware, NaN losses.
+
+Every run is the tiny preset on a few 64x64 RainTrainL pairs: 6 patches at batch 3, so an epoch is 2 steps.
+"""
+
+import csv
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import moceir.data.datasets as datasets
+import moceir.training as training
+from moceir.cli import main
+from moceir.models import get_config
+from moceir.training import TrainingSetupError, TrainSettings, train
+
+from conftest import make_tiny_layout
+
+
+def _train(data: Path, ck: Path, *extra: str) -> int:
+    return main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", str(data),
+                 "--batch_size", "3", "--patch_size", "16", "--num_workers", "0", "--ckpt_dir", str(ck),
+                 "--num_gpus", "0", "--log_every_n_steps", "1", "--repeat", "derain=2", "--save_every_n_epochs", "1",
+                 *extra])
+
+
+def _rows(run: Path) -> list[tuple[int, int]]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return [(int(r["epoch"]), int(r["step"])) for r in csv.DictReader(f)]
+
+
+def _ckpts(run: Path) -> set[str]:
+    return {p.name for p in run.glob("*.ckpt")}
+
+
+def _one_error_line(capsys) -> str:
+    """The one "error: ..." line on stderr (progress bars may share its start)."""
+    err = [line[line.index("error: "):] for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return make_tiny_layout(tmp_path / "data", size=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """4 steps uninterrupted, and the same 4 stopped at 2 (epoch end) and 3 (mid-epoch), resumed in one folder."""
+    root = tmp_path_factory.mktemp("runs")
+    data, ck = make_tiny_layout(root / "data", size=(64, 64)), root / "ck"
+    with warnings.catch_warnings(record=True) as fresh_warnings:
+        warnings.simplefilter("always")
+        assert _train(data, ck, "--max_steps", "4", "--run_name", "full") == 0
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "part") == 0
+    for steps in ("3", "4"):
+        assert _train(data, ck, "--max_steps", steps, "--run_name", "part", "--resume_from", "part") == 0
+    return {"full": ck / "full", "part": ck / "part", "warnings": [str(w.message) for w in fresh_warnings]}
+
+
+def test_item5_resumed_run_keeps_every_logged_step(runs):
+    from moceir.plots import _read_metrics
+
+    assert [step for _, step in _rows(runs["part"])] == list(range(4))
+    steps, _ = _read_metrics(runs["part"])["train/loss"]
+    assert steps.tolist() == list(range(4))  # the plots show both parts
+
+
+def test_item16_resume_matches_uninterrupted_epochs_and_checkpoints(runs):
+    assert _ckpts(runs["part"]) == _ckpts(runs["full"]) == {"epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"}
+    assert _rows(runs["part"]) == _rows(runs["full"]) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    for run in (runs["full"], runs["part"]):
+        last = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+        assert (last["epoch"], last["global_step"]) == (1, 4)
+
+
+def test_item23_no_directory_not_empty_warning_on_fresh_run(runs):
+    assert not [w for w in runs["warnings"] if "not empty" in w], runs["warnings"]
+
+
+def test_item23_plot_title_names_the_losses_used(runs, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from moceir.plots import plot_training_logs
+
+    titles = []
+    real_set_title = Axes.set_title
+    monkeypatch.setattr(Axes, "set_title", lambda ax, label, *a, **k: titles.append(label) or
+                        real_set_title(ax, label, *a, **k))
+    plot_training_logs(runs["full"], tmp_path / "l1.png")
+    assert titles[0] == "training loss (L1 + 0.01·balance)"
+    fft_run = tmp_path / "fft"
+    shutil.copytree(runs["full"] / "logs", fft_run / "logs")
+    settings = json.loads((runs["full"] / "settings.json").read_text())
+    settings["settings"].update(loss_type="fft", fft_loss_weight=0.1)
+    (fft_run / "settings.json").write_text(json.dumps(settings))
+    titles.clear()
+    plot_training_logs(fft_run)
+    assert titles[0] == "training loss (L1 + 0.1·FFT + 0.01·balance)"
+
+
+@pytest.mark.parametrize("field,value,flag", [("lr", float("inf"), "--lr"), ("lr", float("nan"), "--lr"),
+                                              ("balance_loss_weight", float("nan"), "--balance_loss_weight"),
+                                              ("fft_loss_weight", float("inf"), "--fft_loss_weight"),
+                                              ("warmup_epochs", float("nan"), "--warmup_epochs"),
+                                              ("schedule_epochs", float("inf"), "--schedule_epochs")])
+def test_item12_non_finite_settings_are_refused(tmp_path, field, value, flag):
+    settings = TrainSettings(de_type=("derain",), data_file_dir=str(tmp_path / "nowhere"),
+                             ckpt_dir=str(tmp_path / "ck"), num_gpus=0, **{field: value})
+    with pytest.raises(TrainingSetupError, match=flag):
+        train(get_config("MoCE_IR_tiny"), settings)
+    assert not (tmp_path / "ck").exists()
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity whose gradient is NaN: the loss stays finite while the next optimizer step poisons the weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _finite(path: Path) -> bool:
+    from moceir import load_model
+
+    return all(torch.isfinite(p).all() for p in load_model(path).parameters())
+
+
+def test_item12_nan_weights_never_overwrite_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    run = ck / "r"
+    good = {name: (run / name).read_bytes() for name in ("last.ckpt", "model.safetensors")}
+    calls = []
+    real_loss = training.restoration_loss
+
+    def poisoned(*args, **kwargs):  # the 2nd step of the resumed run (the last of epoch 1) gets NaN gradients
+        parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            parts["loss"] = _NanGrad.apply(parts["loss"])
+        return parts
+
+    monkeypatch.setattr(training, "restoration_loss", poisoned)
+    assert _train(data, ck, "--max_steps", "6", "--run_name", "r", "--resume_from", "r") == 2
+    assert "NaN or inf" in _one_error_line(capsys)
+    assert {name: (run / name).read_bytes() for name in good} == good
+    assert _ckpts(run) == {"epoch=0-step=2.ckpt", "last.ckpt"} and _finite(run / "last.ckpt")
+
+
+def test_item12_exploding_lr_stops_with_one_line(data, tmp_path, capsys):
+    run = tmp_path / "ck" / "boom"
+    assert _train(data, tmp_path / "ck", "--max_steps", "6", "--run_name", "boom", "--lr", "1e30") == 2
+    assert "the training loss became" in _one_error_line(capsys)
+    for name in ("last.ckpt", "model.safetensors"):
+        assert not (run / name).exists() or _finite(run / name)
+
+
+def _write(path: Path, size: tuple[int, int]) -> None:
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_item13_bad_images_are_all_listed_before_training(data, tmp_path, monkeypatch, capsys):
+    rain = data / "deraining" / "RainTrainL"
+    broken = rain / "rainy" / "rain-2.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    _write(rain / "gt" / "norain-10.png", (32, 64))  # its rainy image is 64x64
+    run = tmp_path / "ck" / "r"
+    assert _train(data, tmp_path / "ck", "--max_steps", "3", "--run_name", "r") == 2
+    line = _one_error_line(capsys)
+    assert "2 unusable training image(s)" in line and "rain-2.png" in line and "rain-10.png" in line
+    assert str(run / "data_check.json") in line
+    assert not (run / "last.ckpt").exists() and not (run / "logs").exists()  # no step ran
+    report = json.loads((run / "data_check.json").read_text())
+    assert sorted(Path(f).name for f in report["problems"]) == ["rain-10.png", "rain-2.png"]
+
+    _write(broken, (64, 64))
+    _write(rain / "gt" / "norain-10.png", (64, 64))
+    checked = []
+    real_size = datasets.image_size
+    monkeypatch.setattr(datasets, "image_size", lambda p: checked.append(Path(p).name) or real_size(p))
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0
+    assert sorted(checked) == ["norain-10.png", "rain-2.png"]  # unchanged files come from data_check.json
+
+
+def test_item14_unmatched_rainy_file_is_one_line(data, tmp_path, capsys):
+    shutil.copy(data / "deraining/RainTrainL/rainy/rain-1.png", data / "deraining/RainTrainL/rainy/rain-99.png")
+    assert _train(data, tmp_path / "ck", "--max_steps", "1") == 2
+    assert "rain-99.png" in _one_error_line(capsys)
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="needs a machine with fewer than 4 GPUs")
+def test_item15_more_gpus_than_present_is_one_line_and_leaves_no_folder(data, tmp_path, capsys):
+    argv = ["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", str(data),
+            "--ckpt_dir", str(tmp_path / "ck"), "--num_gpus", "4", "--run_name", "r", "--num_workers", "0"]
+    assert main(argv) == 2
+    assert "--num_gpus 4" in _one_error_line(capsys)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_item15_missing_dehaze_layout_is_one_line_and_leaves_no_folder(data, tmp_path, capsys):
+    assert _train(data, tmp_path / "ck", "--de_type", "dehaze", "--max_steps", "1") == 2
+    line = _one_error_line(capsys)
+    assert "RESIDE" in line and "--dehaze_source synthetic" in line
+    assert not (tmp_path / "ck").exists()
