@@ -63,3 +63,29 @@ def test_two_process_test_equals_one_process(tmp_path, tiny_layout, tiny_ckpt):
     assert a["summary"] == b["summary"] and [s["images"] for s in b["summary"]] == [3, 3]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert all(strip(a["per_image"][k]) == strip(b["per_image"][k]) for k in a["per_image"])
+
+
+def test_two_node_torchrun_training_writes_one_checkpoint(tmp_path, tiny_layout):
+    """Two `torchrun --nnodes 2` launches on this machine (one process per "node", gloo) train one run."""
+    import socket
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    train = ["-m", "moceir", "train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir",
+             str(tiny_layout), "--batch_size", "1", "--patch_size", "16", "--num_workers", "0", "--ckpt_dir",
+             str(tmp_path / "ck"), "--run_name", "two_nodes", "--num_gpus", "0", "--num_nodes", "2",
+             "--repeat", "derain=2", "--epochs", "1", "--save_every_n_epochs", "1", "--log_every_n_steps", "1"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                               "1", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                               *train], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+             for rank in (0, 1)]
+    logs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    run = tmp_path / "ck" / "two_nodes"
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    # 3 pairs x 2 repeats = 6 samples over a world of 2 at batch 1: 3 steps in the epoch
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
+    assert sorted(p.name for p in run.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    assert "GLOBAL_RANK: 1" in logs[0] + logs[1] and "MEMBER: 2/2" in logs[0] + logs[1]

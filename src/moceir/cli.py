@@ -123,19 +123,9 @@ def _dtype(name: str):
 
 
 def _checkpoint_note(path: str) -> str:
-    """The 'note' a bundled/safetensors checkpoint carries (e.g. that it is a small CPU-trained model)."""
-    from safetensors import safe_open
+    from .models.checkpoints import checkpoint_note
 
-    from .models.checkpoints import resolve_path
-
-    try:
-        p = resolve_path(path)
-        if p.suffix != ".safetensors":
-            return ""
-        with safe_open(str(p), framework="pt") as f:
-            return str((f.metadata() or {}).get("note", ""))
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model with the real reason
-        return ""
+    return checkpoint_note(path)
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -196,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         accum_grad=args.accum_grad, patch_size=args.patch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
         schedule_epochs=args.schedule_epochs, loss_type=args.loss_type, fft_loss_weight=args.fft_loss_weight,
         balance_loss_weight=args.balance_loss_weight, num_workers=args.num_workers, num_gpus=args.num_gpus,
-        num_cpu_processes=args.num_cpu_processes, precision=args.precision, compile=args.compile,
+        num_cpu_processes=args.num_cpu_processes, num_nodes=args.num_nodes, precision=args.precision, compile=args.compile,
         dispatch=args.dispatch, channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)
@@ -250,8 +240,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     from .distributed import Launch, evaluate_distributed, global_rank
     from .evaluation import benchmark_dataset, collect, markdown_table, score_image, write_reports
 
+    from .models.experts import set_expert_bypass
+
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
     model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)
+    set_expert_bypass(model, args.experts == "skip")
     subset = _cdd11_subset(args)
     out_dir = Path(args.output_path)
     failed = False
@@ -265,7 +258,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     score = partial(score_image, y_channel=args.y_channel, context_pad=args.context_pad)
     saves = [(ds, out_dir / "images" / bench if args.save_results else None) for bench, ds in entries]
     if launch.world_size > 1:
-        scored = evaluate_distributed(model, saves, score, launch)
+        scored = evaluate_distributed(model, saves, [len(ds) for ds, _ in saves], score, launch)
     else:
         from tqdm import tqdm
 
@@ -360,7 +353,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         note = "" if args.quiet else _checkpoint_note(args.checkpoint)
         if note:
             print(f"model: {note}")
-        rows = restore_files(args.inputs, args.output, args.checkpoint, device=args.device, tile=args.tile,
+        model = args.checkpoint
+        if args.experts == "skip":
+            from .models.checkpoints import load_model
+            from .models.experts import set_expert_bypass
+
+            model = set_expert_bypass(load_model(args.checkpoint))
+        rows = restore_files(args.inputs, args.output, model, device=args.device, tile=args.tile,
                              tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
                              batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
                              overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
@@ -374,6 +373,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if global_rank() == 0:
         print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
     return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import GradioMissing, launch
+
+    try:
+        launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_pixels=args.max_pixels,
+               concurrency=args.concurrency)
+    except GradioMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the port is taken or the address cannot be bound
+        reason = str(e).split(". ")[0]
+        print(f"error: cannot serve at {args.host}:{args.port} ({reason}); choose another --port", file=sys.stderr)
+        return 2
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- plot-logs
@@ -505,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y_channel", action="store_true", help="also report PSNR/SSIM on the Y channel")
     p.add_argument("--context_pad", type=_non_negative, default=0,
                    help="reflected context around each image (0: upstream's protocol)")
+    p.add_argument("--experts", choices=["run", "skip"], default="run",
+                   help="skip: every complexity expert replaced by the identity (an ablation: what do they add?)")
     _add_scale_flags(p)
     p.set_defaults(fn=cmd_test)
 
@@ -532,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context_pad", type=_non_negative, default=16,
                    help="reflected context around each image, cropped away (removes dark borders; 0: off)")
     p.add_argument("--num_workers", type=_non_negative, default=0, help="loader processes decoding ahead")
+    p.add_argument("--experts", choices=["run", "skip"], default="run",
+                   help="skip: bypass every complexity expert (an ablation; also skips their cost)")
     _add_scale_flags(p)
     p.add_argument("--ext", help="output format, e.g. png (default: the input's)")
     p.add_argument("--suffix", default="", help="appended to output names")
@@ -539,6 +559,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report: size, time and experts per image")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; errors only")
     p.set_defaults(fn=cmd_restore)
+
+    p = command("demo", "a web page on this machine: restore a photo, compare before/after, see which experts ran "
+                        "(needs pip install -e '.[demo]')")
+    p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on; 0.0.0.0 opens the page to your network (it has no login)")
+    p.add_argument("--port", type=_positive(), default=7860, help="port to serve on")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--max_pixels", type=_positive(float), default=24e6,
+                   help="largest image the page accepts (width x height); larger ones: moceir restore")
+    p.add_argument("--concurrency", type=_positive(), default=1,
+                   help="restores that run at once; more requests wait in a queue")
+    p.set_defaults(fn=cmd_demo)
 
     p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship)")
     p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
@@ -559,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
-    if args.command != "restore":  # restore keeps its memory bound instead (see moceir/runtime.py)
+    if args.command not in ("restore", "demo"):  # these keep their memory bound instead (see moceir/runtime.py)
         tune_cpu_allocator()
     from .models.checkpoints import CheckpointError
     from .pipeline import UsageError

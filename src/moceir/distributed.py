@@ -5,9 +5,8 @@ it with the same :class:`moceir.pipeline.Restorer` as one process does, and writ
 prediction writer. No input is padded or duplicated, so each is restored exactly once. Report rows and benchmark
 scores are gathered on every rank; rank 0 writes the report and the tables.
 
-Launching follows Lightning: with strategy "ddp" the command re-runs itself once per local process (or is started
-by ``torchrun`` / SLURM's ``srun``, which Lightning detects); "ddp_spawn" starts the processes from Python, for
-use from a notebook.
+Launching follows Lightning's "ddp" strategy: the command re-runs itself once per local process, or is started by
+``torchrun`` / SLURM's ``srun``, which Lightning detects.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as_list
 
-# Our batch sampler is a fixed plan that already returns every index; Lightning cannot know that and says so.
-warnings.filterwarnings("ignore", message=".*custom batch sampler.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
@@ -36,7 +33,6 @@ class Launch:
     num_gpus: int = 0
     num_nodes: int = 1
     num_cpu_processes: int = 1
-    strategy: str = "ddp"
 
     @property
     def world_size(self) -> int:
@@ -46,12 +42,10 @@ class Launch:
         if self.num_gpus and not torch.cuda.is_available():
             raise UsageError(f"--num_gpus {self.num_gpus} needs CUDA, which this machine lacks; use "
                              "--num_cpu_processes N on a CPU")
-        if self.strategy not in ("ddp", "ddp_spawn"):
-            raise UsageError(f"strategy must be ddp or ddp_spawn, got {self.strategy!r}")
         for name in ("lightning.pytorch", "lightning.fabric"):  # its banner and tips are noise in a restore
             logging.getLogger(name).setLevel(logging.WARNING)
         return pl.Trainer(accelerator="gpu" if self.num_gpus else "cpu", devices=self.num_gpus or self.num_cpu_processes,
-                          num_nodes=self.num_nodes, strategy=self.strategy if self.world_size > 1 else "auto",
+                          num_nodes=self.num_nodes, strategy="ddp" if self.world_size > 1 else "auto",
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, use_distributed_sampler=False)
 
@@ -72,8 +66,15 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def share(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Every world-th batch from ``rank``, topped up with empty batches so that all ranks run equally many steps
+    (Lightning's predict loop stops every rank at the shortest rank's count). Nothing is duplicated."""
+    mine = batches[rank::world]
+    return mine + [[] for _ in range(-(-len(batches) // world) - len(mine))]
+
+
 class PlannedBatches(torch.utils.data.Sampler):
-    """A fixed list of batches (lists of indices), as a batch sampler; no padding, no shuffling."""
+    """A fixed list of batches (lists of indices), as a batch sampler; no shuffling."""
 
     def __init__(self, batches: list[list[int]]):
         self.batches = batches
@@ -96,10 +97,10 @@ class _RestoreTask(pl.LightningModule):
         self.restorer: Restorer | None = None
         self.rows: dict[int, dict] = {}
 
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        mine = PlannedBatches(self.plan.batches[self.trainer.global_rank::self.trainer.world_size])
-        return torch.utils.data.DataLoader(ImageFiles(self.plan.jobs), batch_sampler=mine,
-                                           num_workers=self.num_workers, collate_fn=as_list)
+    def predict_dataloader(self) -> _AsPlanned:
+        mine = PlannedBatches(share(self.plan.batches, self.trainer.global_rank, self.trainer.world_size))
+        return _AsPlanned(torch.utils.data.DataLoader(ImageFiles(self.plan.jobs), batch_sampler=mine,
+                                                      num_workers=self.num_workers, collate_fn=as_list))
 
     def on_predict_start(self) -> None:
         self.net.eval()
@@ -146,24 +147,53 @@ def restore_distributed(net: torch.nn.Module, plan: Plan, options: RestoreOption
     return task.rows
 
 
+class _AsPlanned:
+    """Hands a DataLoader to Lightning as a plain iterable, so that Lightning uses the planned batches as they
+    are instead of rebuilding the loader around its own sampler wrappers."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Item i is i: the scoring function reads the image itself."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 class _EvaluateTask(pl.LightningModule):
     """One predict dataloader per benchmark; each rank scores every world_size-th image of each."""
 
-    def __init__(self, net: torch.nn.Module, datasets: list, score: Callable[..., dict | str]):
+    def __init__(self, net: torch.nn.Module, datasets: list, sizes: list[int], score: Callable[..., dict | str]):
         super().__init__()
-        self.net, self.datasets, self.score = net, datasets, score
+        self.net, self.datasets, self.sizes, self.score = net, datasets, sizes, score
         self.rows: list[dict[int, dict | str]] = [{} for _ in datasets]
 
-    def predict_dataloader(self) -> list[torch.utils.data.DataLoader]:
+    def predict_dataloader(self) -> list[_AsPlanned]:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        return [torch.utils.data.DataLoader(list(range(rank, len(ds), world)), batch_size=None) for ds in self.datasets]
+        return [_AsPlanned(torch.utils.data.DataLoader(
+            _Indices(n), collate_fn=as_list, batch_sampler=PlannedBatches(share([[i] for i in range(n)], rank, world))))
+            for n in self.sizes]
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch
 
-    def predict_step(self, idx: int, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.rows[dataloader_idx][int(idx)] = self.score(self.net, self.datasets[dataloader_idx], int(idx),
-                                                         self.device)
+    def predict_step(self, indices: list[int], batch_idx: int, dataloader_idx: int = 0) -> None:
+        for idx in indices:
+            self.rows[dataloader_idx][idx] = self.score(self.net, self.datasets[dataloader_idx], idx, self.device)
 
     def on_predict_end(self) -> None:
         merged: list[dict[int, dict | str]] = [{} for _ in self.datasets]
@@ -173,12 +203,11 @@ class _EvaluateTask(pl.LightningModule):
         self.rows = merged
 
 
-def evaluate_distributed(net: torch.nn.Module, datasets: list, score: Callable[..., dict | str],
+def evaluate_distributed(net: torch.nn.Module, datasets: list, sizes: list[int], score: Callable[..., dict | str],
                          launch: Launch) -> list[list[dict | str]]:
-    """``score(net, dataset, index, device)`` for every image of every dataset, across ``launch``'s processes.
-
-    Returns, per dataset, the results in image order (the same on every rank).
+    """``score(net, datasets[d], index, device)`` for index in range(sizes[d]) of every d, across ``launch``'s
+    processes. Returns, per dataset, the results in image order (the same on every rank).
     """
-    task = _EvaluateTask(net, datasets, score)
+    task = _EvaluateTask(net, datasets, sizes, score)
     launch.trainer().predict(task, return_predictions=False)
     return [[rows[i] for i in sorted(rows)] for rows in task.rows]

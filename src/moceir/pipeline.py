@@ -415,7 +415,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
                   progress: bool = True, log: Callable[[str], None] | None = None,
                   on_tile: Callable[[int, int], None] | None = None, num_gpus: int = 0, num_nodes: int = 1,
-                  num_cpu_processes: int = 1, strategy: str = "ddp") -> list[dict]:
+                  num_cpu_processes: int = 1) -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
     model: "default", a checkpoint path or a loaded network. Same-size images go through the network
@@ -430,8 +430,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     ``num_gpus`` (per node), ``num_nodes`` and ``num_cpu_processes`` (per node, on CPU) spread the images over
     processes with Lightning (:mod:`moceir.distributed`); each image is restored exactly once and the outputs
-    equal a one-process run. With ``strategy="ddp"`` the calling script is re-run per process (the CLI,
-    ``torchrun``, SLURM); from a notebook use ``"ddp_spawn"``. Every rank returns all rows; rank 0 writes the report.
+    equal a one-process run. The calling script is re-run once per local process (Lightning's "ddp" launcher) or
+    started by ``torchrun`` / SLURM. Every rank returns all rows; rank 0 writes the report.
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
     chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
@@ -441,7 +441,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     from .distributed import Launch, global_rank, restore_distributed
 
-    launch = Launch(num_gpus, num_nodes, num_cpu_processes, strategy)
+    launch = Launch(num_gpus, num_nodes, num_cpu_processes)
     say = log or (lambda line: print(line, file=sys.stderr))
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say

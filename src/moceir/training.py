@@ -73,6 +73,7 @@ class TrainSettings:
     num_workers: int = 4
     num_gpus: int | None = None  # None: 1 if CUDA is available, else CPU
     num_cpu_processes: int = 1  # CPU DDP (gloo) processes when training without GPUs
+    num_nodes: int = 1  # machines; under torchrun or SLURM Lightning takes ranks from the launcher
     precision: str = "32-true"
     compile: bool = False
     dispatch: str = "auto"
@@ -329,7 +330,7 @@ def _hardware(settings: TrainSettings) -> tuple[str, int, Any]:
         raise TrainingSetupError(f"--num_gpus {gpus} but this machine has {available} CUDA device(s); "
                                  f"pass --num_gpus {available}{' (0 trains on the CPU)' if available else ''}")
     accelerator, devices = ("gpu", gpus) if gpus > 0 else ("cpu", settings.num_cpu_processes)
-    if devices == 1:
+    if devices == 1 and settings.num_nodes == 1:
         return accelerator, devices, "auto"
     dense = settings.dispatch == "dense" or (settings.dispatch == "auto" and accelerator == "gpu")
     # Sparse dispatch skips experts no image picked; DDP must then look for unused parameters.
@@ -371,7 +372,8 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_
     try:
         return pl.Trainer(
             max_epochs=settings.epochs, max_steps=settings.max_steps, max_time=settings.max_time,
-            accelerator=accelerator, devices=devices, strategy=strategy, precision=settings.precision,
+            accelerator=accelerator, devices=devices, num_nodes=settings.num_nodes, strategy=strategy,
+            precision=settings.precision,
             accumulate_grad_batches=settings.accum_grad, default_root_dir=run_dir,
             logger=[TensorBoardLogger(run_dir, name="logs", version=""),
                     ResumableCSVLogger(run_dir, history, start_step)],
@@ -381,6 +383,25 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_
         )
     except (MisconfigurationException, ValueError) as e:
         raise TrainingSetupError(f"cannot set up the trainer: {e}") from None
+
+
+def _run_name(settings: TrainSettings) -> str:
+    """--run_name, else one name that every process of the run agrees on.
+
+    Processes that Lightning starts for DDP inherit MOCEIR_RUN_NAME from the first one; a SLURM job uses its
+    job id (so a requeued job finds its run folder); separate launches on several nodes need --run_name.
+    """
+    if settings.run_name:
+        return settings.run_name
+    name = os.environ.get("MOCEIR_RUN_NAME") or (f"slurm_{os.environ['SLURM_JOB_ID']}"
+                                                 if os.environ.get("SLURM_JOB_ID") else None)
+    if name is None:
+        if settings.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TrainingSetupError("--run_name is required when several launched processes train together "
+                                     "(each must write to the same run folder)")
+        name = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
+        os.environ["MOCEIR_RUN_NAME"] = name
+    return name
 
 
 def train(config: MoCEConfig, settings: TrainSettings) -> Path:
@@ -395,7 +416,7 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     resume, start_step = _checkpoint_to_resume(settings)
     source = _fine_tune_source(settings)
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
-    run_dir = Path(settings.ckpt_dir) / (settings.run_name or datetime.now().strftime("%Y_%m_%d_%H_%M_%S"))
+    run_dir = Path(settings.ckpt_dir) / _run_name(settings)
     trainer = _trainer(settings, run_dir, resume, start_step)
 
     module = MoCEModule(source.config if source else config, settings)

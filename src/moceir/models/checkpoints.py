@@ -60,6 +60,20 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
+def checkpoint_note(path: str | Path) -> str:
+    """The 'note' a safetensors checkpoint carries (e.g. that the bundled model is early and weak); "" if none."""
+    try:
+        p = resolve_path(path)
+        if p.suffix != ".safetensors":
+            return ""
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            return str((f.metadata() or {}).get("note", ""))
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model with the real reason
+        return ""
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Read any supported file -> (network state_dict with upstream names, embedded config dict or None)."""
     p = resolve_path(path)

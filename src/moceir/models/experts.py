@@ -55,6 +55,7 @@ class MoCEAdapter(nn.Module):
         self.routing = Router(dim, freq_dim, config.num_exp_blocks, config.topk, complexity,
                               config.with_complexity, config.complexity_scale)
         self.dispatch = "auto"
+        self.bypass = False  # ablation: every expert is the identity (its branch zero, the residual kept)
 
     def expert(self, i: int) -> ComplexityExpert:
         return self.experts[i][0]
@@ -63,6 +64,8 @@ class MoCEAdapter(nn.Module):
                 force: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """x, shared: [B, C, H, W]; freq_emb: [B, F]; force: [B, k] or None -> ([B, C, H, W], routing)."""
         route = self.routing(x, freq_emb, add_noise, force)
+        if self.bypass:  # expert(x, s) = x for every expert: the gated sum is x times the summed gates
+            return self.proj_out(x * route.gates.sum(1).view(-1, 1, 1, 1).to(x.dtype)), route
         mode = self.dispatch
         if mode == "auto":
             mode = "dense" if x.is_cuda else "sparse"
@@ -88,3 +91,14 @@ class MoCEAdapter(nn.Module):
                 return self.expert(i)(x, shared) * gate
             out = out.index_add(0, rows, self.expert(i)(x[rows], shared[rows]) * gate)
         return out
+
+
+def set_expert_bypass(model: nn.Module, bypass: bool = True) -> nn.Module:
+    """Replace every complexity expert by the identity (``bypass=True``) or restore them; returns ``model``.
+
+    The routing still runs and is reported. This measures what the experts contribute to the output.
+    """
+    for module in model.modules():
+        if isinstance(module, MoCEAdapter):
+            module.bypass = bypass
+    return model

@@ -1,0 +1,146 @@
+"""`moceir demo`: its API endpoints scripted with gradio_client against the app served in-process on a free
+localhost port, and the package working without Gradio.
+
+The app fixture is session-scoped and shared with tests/test_demo_browser.py: one model load, one server.
+Without the demo extra these tests skip, except under CI=true, where they fail and name the install script.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_datasets
+
+INSTALL_SCRIPT = "scripts/install_demo_test_deps.sh"
+MAX_PIXELS = 50_000  # the test app's cap: the crops below pass, the bundled 256x256 example does not
+CBSD68_IMAGE = "0011.png"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "noisy_sigma25_cbsd68_0011.png"
+
+
+def require(what: str, modules: tuple[str, ...] = (), programs: tuple[str, ...] = ()) -> None:
+    """Skip when a module or program is missing; under CI (CI=true) fail instead, naming the install script."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing += [p for p in programs if shutil.which(p) is None]
+    if missing:
+        message = f"needs {what} ({', '.join(missing)} missing; run {INSTALL_SCRIPT})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI must not skip the demo tests")
+        pytest.skip(message)
+
+
+def cbsd68_crop(top: int, left: int, h: int, w: int) -> np.ndarray:
+    from moceir.io import read_rgb
+
+    return read_rgb(require_datasets() / "denoising/cBSD68/original_png" / CBSD68_IMAGE)[top:top + h, left:left + w]
+
+
+def noisy_crop(folder: Path, name: str, h: int, w: int) -> tuple[np.ndarray, Path]:
+    """A clean CBSD68 crop and its σ=25 noisy copy (the evaluation's seeding), written as ``folder/name``."""
+    from moceir.data.degradations import add_gaussian_noise, seeded_rng
+
+    clean = cbsd68_crop(100, 200, h, w)
+    path = folder / name
+    Image.fromarray(add_gaussian_noise(clean, 25, seeded_rng(CBSD68_IMAGE, 25))).save(path)
+    return clean, path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_url():
+    """The demo with the bundled default model, served on 127.0.0.1 for the whole session."""
+    require("the demo extra", modules=("gradio", "gradio_client"))
+    from moceir import demo
+
+    app = demo.launch("default", port=_free_port(), device="cpu", max_pixels=MAX_PIXELS, block=False)
+    yield app.local_url
+    demo.close_app(app)
+
+
+@pytest.fixture(scope="module")
+def client(demo_url, tmp_path_factory):
+    from gradio_client import Client
+
+    return Client(demo_url, verbose=False, analytics_enabled=False,
+                  download_files=str(tmp_path_factory.mktemp("client")))
+
+
+def _psnr(clean: np.ndarray, path: str | Path) -> float:
+    from moceir.metrics import psnr
+
+    return psnr(clean.astype(np.float32) / 255, np.asarray(Image.open(path).convert("RGB"), np.float32) / 255)
+
+
+def test_restore_endpoint_keeps_the_size_and_denoises(client, tmp_path):
+    from gradio_client import handle_file
+
+    clean, noisy = noisy_crop(tmp_path, "crop.png", 96, 120)  # 120: not a multiple of 8
+    restored, comparison, table, summary = client.predict(handle_file(str(noisy)), api_name="/restore")
+    assert Path(restored).name == "crop_restored.png"
+    assert Image.open(restored).size == (120, 96)
+    gain = _psnr(clean, restored) - _psnr(clean, noisy)
+    assert gain > 5, f"the bundled model should denoise σ=25 by well over 5 dB, got {gain:.2f}"
+    assert len(comparison) == 2 and all(Image.open(p).size == (120, 96) for p in comparison)
+    rows = table["data"]
+    assert [r[0] for r in rows] == [f"L{i}" for i in range(10)]
+    assert all(r[2] in ("E0", "E1", "E2", "E3") for r in rows)
+    assert "crop.png" in summary and "of running all 4 experts in each of the 10 MoE layers" in summary
+
+
+def test_restore_endpoint_explains_bad_uploads_and_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is text, not a PNG")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "full.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes((tmp_path / "full.png").read_bytes()[:120])
+    for path, words in ((not_image, "not an image"), (truncated, "truncated"), (EXAMPLE, "above this page's limit")):
+        with pytest.raises(AppError) as err:
+            client.predict(handle_file(str(path)), api_name="/restore")
+        assert path.name in str(err.value) and words in str(err.value)
+        assert str(tmp_path) not in str(err.value)  # the page names the file, not server paths
+    _, noisy = noisy_crop(tmp_path, "after_errors.png", 32, 48)
+    restored = client.predict(handle_file(str(noisy)), api_name="/restore")[0]
+    assert Image.open(restored).size == (48, 32)
+
+
+def test_degrade_endpoint_adds_the_evaluation_noise_and_scores_it(client, tmp_path):
+    from gradio_client import handle_file
+
+    from moceir.data.degradations import add_gaussian_noise, seeded_rng
+
+    clean = cbsd68_crop(100, 200, 96, 128)  # multiples of 16: the benchmark's centre crop keeps it whole
+    Image.fromarray(clean).save(tmp_path / CBSD68_IMAGE)  # the noise is seeded by the file's name, as in `moceir test`
+    comparison, metrics, table, _ = client.predict(handle_file(str(tmp_path / CBSD68_IMAGE)), "Gaussian noise σ=25",
+                                                   api_name="/degrade_and_restore")
+    expected = add_gaussian_noise(clean, 25, seeded_rng(CBSD68_IMAGE, 25))
+    np.testing.assert_array_equal(np.asarray(Image.open(comparison[0]).convert("RGB")), expected)
+    (_, degraded_psnr, _), (_, restored_psnr, _), (_, gain, _) = metrics["data"]
+    assert float(restored_psnr) > float(degraded_psnr) + 5 and float(gain) > 5
+    assert len(table["data"]) == 10
+
+
+def test_the_package_works_without_gradio():
+    """`import moceir` and the CLI never import Gradio; without it the demo says how to install it."""
+    code = ("import sys; sys.modules['gradio'] = None\n"  # makes `import gradio` fail, as if not installed
+            "import moceir, moceir.cli, moceir.demo\n"
+            "try:\n    moceir.demo.build_app()\nexcept moceir.demo.GradioMissing as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "moceir demo needs Gradio, an optional extra: pip install -e '.[demo]'"
