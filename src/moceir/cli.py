@@ -134,18 +134,27 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from . import load_model
     from .flops import expert_flops_per_pixel, moe_layer_scales, network_flops
-    from .models import create_model
+    from .models import MoCEIR, create_model
 
     from .models.checkpoints import CheckpointError
 
+    engine = ""
     try:
-        model = create_model(args.target) if args.target in PRESETS else load_model(args.target)
+        if args.target.lower().endswith(".onnx"):
+            from .pipeline import load_network
+
+            onnx = load_network(args.target, torch.device("cpu"))
+            model, engine = MoCEIR(onnx.config), "ONNX (ONNX Runtime); counts from its config"
+            if onnx.note:
+                print(f"note: {onnx.note}")
+        else:
+            model = create_model(args.target) if args.target in PRESETS else load_model(args.target)
     except CheckpointError as e:
         hint = "" if Path(args.target).exists() else f" (presets: {', '.join(PRESETS)})"
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     cfg = model.config
-    print(f"model: {args.target}")
+    print(f"model: {args.target}{f' [{engine}]' if engine else ''}")
     for k, v in cfg.to_dict().items():
         print(f"  {k:24s} {v}")
     n = sum(p.numel() for p in model.parameters())
@@ -404,19 +413,34 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from . import load_model, save_model
-    from .models.checkpoints import CheckpointError
+    from .pipeline import UsageError
 
     out = Path(args.output)
+    fmt = args.format or EXPORT_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
+                         "or pass --format")
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; choose another name or pass --overwrite", file=sys.stderr)
         return 1
-    try:
-        model = load_model(args.checkpoint, device="cpu")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2  # as restore: the checkpoint itself is unusable
+    model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
+    if fmt == "onnx":
+        from .onnx import export_onnx
+
+        if args.dtype != "fp32":
+            raise UsageError("ONNX export is fp32 only; drop --dtype")
+        try:
+            path = export_onnx(model, out, note=args.note, overwrite=args.overwrite)
+        except ImportError as e:
+            raise UsageError(str(e)) from None
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX fp32, dynamic batch/height/width in "
+              f"multiples of {model.config.size_multiple}, config in its metadata)")
+        return 0
     path = save_model(model, out, dtype=_dtype(args.dtype), note=args.note, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
     return 0
@@ -573,9 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restores that run at once; more requests wait in a queue")
     p.set_defaults(fn=cmd_demo)
 
-    p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship)")
+    p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship) or ONNX")
     p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
-    p.add_argument("output", help="the .safetensors file to write")
+    p.add_argument("output", help="the file to write: .safetensors or .onnx (the suffix picks the format)")
+    p.add_argument("--format", choices=["safetensors", "onnx"], help="override the format the suffix implies")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
     p.add_argument("--note", help="text stored in the file and printed when the model is used")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

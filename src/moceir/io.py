@@ -81,6 +81,14 @@ def _read_tiff_page(path: Path) -> np.ndarray:
     return arr
 
 
+def _sixteen_bit(path: Path, fmt: str, frames: int) -> LoadedImage:
+    arr = _load_16bit(path)
+    gray = arr.shape[2] in (1, 2)
+    alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
+    rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
+    return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
+
+
 def load_image(path: str | Path) -> LoadedImage:
     """Read 8/16-bit gray, RGB or RGBA (PNG, JPEG, TIFF, WebP, BMP), applying the EXIF orientation."""
     path = Path(path)
@@ -88,19 +96,11 @@ def load_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
-            if fmt == "TIFF" and _tiff_is_16bit(path):
-                arr = _load_16bit(path)
-                gray = arr.shape[2] in (1, 2)
-                alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
-                rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
-                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
+            if fmt == "TIFF" and _tiff_is_16bit(path):  # before im.load(): PIL cannot decode planar 16-bit TIFF
+                return _sixteen_bit(path, fmt, frames)
             im.load()
             if fmt == "PNG" and _png_bit_depth(path) == 16:
-                arr = _load_16bit(path)
-                gray = arr.shape[2] in (1, 2)
-                alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
-                rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
-                return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
+                return _sixteen_bit(path, fmt, frames)
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1", "I", "F")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

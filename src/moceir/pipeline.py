@@ -287,11 +287,49 @@ def _error_line(path: Path, e: BaseException) -> str:
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
-def load_network(model: Any, device: torch.device) -> Any:
-    """A checkpoint path or "default" -> the loaded network on ``device``; a network is moved there."""
-    from .models import MoCEIR
-    from .models.checkpoints import load_model
+class OnnxNetwork:
+    """An ONNX Runtime model (:func:`moceir.onnx.load_onnx`) behind the calls restore_tensor makes of a network.
 
+    It runs on ONNX Runtime's providers; its results come back as CPU tensors.
+    """
+
+    def __init__(self, onnx_model: Any):
+        from types import SimpleNamespace
+
+        self.onnx, self.config, self.note = onnx_model, onnx_model.config, onnx_model.note
+        self.num_moe_layers = onnx_model.num_moe_layers
+        self._output = SimpleNamespace
+
+    def __call__(self, x: torch.Tensor, return_aux: bool = False, experts: torch.Tensor | None = None) -> Any:
+        if experts is not None:
+            raise UsageError("--tile_routing global needs the PyTorch model; ONNX models route each tile (tile)")
+        image, chosen = self.onnx(x.float())
+        return self._output(image=image, expert_indices=chosen) if return_aux else image
+
+    def eval(self) -> "OnnxNetwork":
+        return self
+
+
+def load_network(model: Any, device: torch.device) -> Any:
+    """A checkpoint path, "default" or a ``.onnx`` file -> the network on ``device``; a network is moved there.
+
+    ``.onnx`` files run in ONNX Runtime (:class:`OnnxNetwork`) on the CPU, or on CUDA where its GPU package is
+    installed and ``device`` is a GPU.
+    """
+    from .models import MoCEIR
+    from .models.checkpoints import CheckpointError, load_model
+
+    if isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx"):
+        from .onnx import load_onnx
+
+        providers = None if device.type == "cuda" else ["CPUExecutionProvider"]
+        try:
+            return OnnxNetwork(load_onnx(model, providers=providers))
+        except (OSError, ValueError, ImportError) as e:
+            raise CheckpointError(f"cannot use ONNX model {model}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors for a damaged file
+            raise CheckpointError(f"cannot read ONNX model {model}: {type(e).__name__} (is the file complete and "
+                                  "written by `moceir export ... model.onnx`?)") from None
     if isinstance(model, (str, Path)):
         return load_model(model, device=device)
     if isinstance(model, MoCEIR):
