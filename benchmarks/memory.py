@@ -3,6 +3,7 @@
     python benchmarks/memory.py --size 1024
     python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000              # `moceir restore` (CLI)
     python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000 --api        # moceir.restore (API)
+    python benchmarks/memory.py --tiled 1200x1000 --tile 512 [--tuned_allocator]          # tiles, allocator on/off
 
 --restore_size restores a real photo resized to each size, each in a fresh process, and prints the time, the
 tile chosen, the peak RSS and the peak that moceir's memory model (moceir.inference.estimate_peak_bytes)
@@ -73,6 +74,28 @@ def _restore_peak(size: str, source: str, device: str, api: bool, max_memory: st
         print(stderr[-2000:])
 
 
+def _tiled_peak(size: str, tile: int, tuned: bool) -> None:
+    """Peak RSS (VmHWM) of the bundled model on a random image in tiles, in this process (run it fresh)."""
+    import moceir
+    from moceir.inference import restore_tensor
+    from moceir.runtime import tune_cpu_allocator
+
+    if tuned:
+        tune_cpu_allocator()
+
+    def hwm_mb() -> float:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return int(status["VmHWM"].split()[0]) / 1024
+
+    torch.set_num_threads(2)
+    model = moceir.load_model("default")
+    h, w = map(int, size.lower().split("x"))
+    with torch.no_grad():
+        restore_tensor(model, torch.rand(1, 3, h, w), tile, 32)
+    print(f"{h}x{w} in {tile}x{tile} tiles, allocator {'tuned' if tuned else 'glibc defaults'}: "
+          f"peak RSS {hwm_mb():.0f} MB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
@@ -82,11 +105,17 @@ def main() -> None:
     p.add_argument("--api", action="store_true", help="with --restore_size: moceir.restore instead of the CLI")
     p.add_argument("--max_memory", help="with --restore_size: the --max_memory budget (default: automatic)")
     p.add_argument("--source", default=str(Path(__file__).resolve().parents[1] / "examples" / "hazy_sots_0001.jpg"))
+    p.add_argument("--tiled", help="HxW: peak RSS of restore_tensor on a random HxW image in --tile tiles")
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--tuned_allocator", action="store_true", help="with --tiled: apply moceir's glibc tuning first")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.restore_size:
         for size in a.restore_size:
             _restore_peak(size, a.source, a.device, a.api, a.max_memory)
+        return
+    if a.tiled:
+        _tiled_peak(a.tiled, a.tile, a.tuned_allocator)
         return
     if not a.child:
         subprocess.run([sys.executable, __file__, "--child", "--size", str(a.size), "--model", a.model,
