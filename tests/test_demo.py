@@ -21,7 +21,7 @@ from PIL import Image
 
 from conftest import require_datasets
 
-INSTALL_SCRIPT = "scripts/install_demo_test_deps.sh"
+INSTALL_SCRIPT = "scripts/install_optional_test_deps.sh"
 MAX_PIXELS = 50_000  # the test app's cap: the crops below pass, the bundled 256x256 example does not
 CBSD68_IMAGE = "0011.png"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "noisy_sigma25_cbsd68_0011.png"

@@ -2,7 +2,7 @@
 upload, restore, compare, read the expert table, download, then a broken upload and a second restore.
 
 Uses the app that tests/test_demo.py serves (one server for both files). Skips without Chromium, its driver,
-Selenium or the demo extra, except under CI=true, where that fails and names scripts/install_demo_test_deps.sh.
+Selenium or the demo extra, except under CI=true, where that fails and names scripts/install_optional_test_deps.sh.
 MOCEIR_WRITE_DEMO_SCREENSHOT=1 saves the page after the first restore as docs/demo.png.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the demo's tests need beyond `pip install -e '.[demo,test]'`: headless Chromium and its WebDriver
+# What the demo's and the ONNX tests need beyond `pip install -e '.[test]'`: headless Chromium and its WebDriver
 # (Debian packages, no browser download) for tests/test_demo_browser.py, and the Python extras.
 # Run as root (or with sudo) inside the project's virtual environment. Safe to run again.
 set -euo pipefail
@@ -11,5 +11,5 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
-pip install -q -e '.[demo,test]' 'selenium>=4.20'
+pip install -q -e '.[demo,onnx,test]' 'selenium>=4.20'
 echo "demo test deps: $(chromium --version 2>/dev/null | head -1), $(chromedriver --version 2>/dev/null | head -1)"
