@@ -10,6 +10,9 @@ from moceir.models.router import importance_loss, load_loss
 
 from conftest import GOLDEN, fill_deterministic
 
+# Every golden that runs the experts' patch FFT product runs with each way of computing it.
+FFT_IMPLS = pytest.mark.parametrize("fft_impl", ["fft", "matmul"])
+
 
 def _golden(name: str) -> dict:
     path = GOLDEN / f"{name}.npz"
@@ -18,13 +21,14 @@ def _golden(name: str) -> dict:
     return dict(np.load(path))
 
 
+@FFT_IMPLS
 @pytest.mark.parametrize("preset,name,cases", [
     ("MoCE_IR_S", "moce_ir_s_forward", ["square", "rect"]),
     ("MoCE_IR", "moce_ir_forward", ["square"]),
 ])
-def test_network_forward_matches_upstream(preset, name, cases):
+def test_network_forward_matches_upstream(preset, name, cases, fft_impl):
     g = _golden(name)
-    model = moceir.create_model(preset).eval()
+    model = moceir.create_model(preset, fft_impl=fft_impl).eval()
     fill_deterministic(model, float(g["fill_std"]))
     for case in cases:
         x = torch.from_numpy(g[f"{case}_input"])
@@ -57,10 +61,10 @@ def _rel(y: torch.Tensor, ref: np.ndarray) -> float:
 MODULE_BLOCKS = ["dec.0.2.layers.0", "dec.2.2.layers.1"]
 
 
-@pytest.fixture(scope="module")
-def module_golden():
+@pytest.fixture(scope="module", params=["fft", "matmul"], ids=lambda impl: f"fft_impl={impl}")
+def module_golden(request):
     g = _golden("moce_ir_s_modules")
-    model = moceir.create_model("MoCE_IR_S").eval()
+    model = moceir.create_model("MoCE_IR_S", fft_impl=request.param).eval()
     fill_deterministic(model, float(g["fill_std"]))
     return model, {k: torch.from_numpy(v) if v.ndim else v for k, v in g.items()}
 
@@ -107,14 +111,15 @@ def test_modules_router_experts_adapter(module_golden, path):
         adapter.dispatch = "auto"
 
 
-def test_upstream_lightning_checkpoint_loads_and_reproduces():
+@FFT_IMPLS
+def test_upstream_lightning_checkpoint_loads_and_reproduces(fft_impl):
     g = _golden("upstream_tiny_forward")
-    model = moceir.load_model(GOLDEN / "upstream_tiny_last.ckpt")
+    model = moceir.load_model(GOLDEN / "upstream_tiny_last.ckpt", fft_impl=fft_impl)
     assert model.config.dim == 8 and model.config.heads == (1, 1, 2, 2)
     x = torch.from_numpy(g["input"])
     with torch.no_grad():
         np.testing.assert_allclose(model(x).numpy(), g["output"], atol=1e-4, rtol=0)
-    noisy = moceir.load_model(GOLDEN / "upstream_tiny_last.ckpt", eval_router_noise=True)
+    noisy = moceir.load_model(GOLDEN / "upstream_tiny_last.ckpt", eval_router_noise=True, fft_impl=fft_impl)
     outs = []
     for i in range(len(x)):  # upstream's golden: manual_seed(0) before each image's forward
         torch.manual_seed(0)
@@ -126,21 +131,22 @@ def test_upstream_lightning_checkpoint_loads_and_reproduces():
     assert np.abs(got - g["output_router_noise_seed0"]).max() < np.abs(g["output"] - g["output_router_noise_seed0"]).max() / 5
 
 
+@FFT_IMPLS
 @pytest.mark.parametrize("cpu_fusion", [True, False])
 @pytest.mark.parametrize("dispatch", ["dense", "sparse"])
-def test_channels_last_fast_path_matches_goldens(dispatch, cpu_fusion):
+def test_channels_last_fast_path_matches_goldens(dispatch, cpu_fusion, fft_impl):
     """The channels-last attention and LayerNorm paths, both dispatch modes, with and without the oneDNN
     fused CPU path, reproduce upstream too."""
     fused.set_enabled(cpu_fusion)
     try:
-        _check_channels_last_forward(dispatch)
+        _check_channels_last_forward(dispatch, fft_impl)
     finally:
         fused.set_enabled(True)
 
 
-def _check_channels_last_forward(dispatch: str) -> None:
+def _check_channels_last_forward(dispatch: str, fft_impl: str) -> None:
     g = _golden("moce_ir_s_forward")
-    model = moceir.create_model("MoCE_IR_S").eval().set_dispatch(dispatch)
+    model = moceir.create_model("MoCE_IR_S", fft_impl=fft_impl).eval().set_dispatch(dispatch)
     fill_deterministic(model, float(g["fill_std"]))
     model = model.to(memory_format=torch.channels_last)
     for case in ("square", "rect"):
@@ -151,9 +157,10 @@ def _check_channels_last_forward(dispatch: str) -> None:
         np.testing.assert_array_equal(out.experts.numpy(), g[f"{case}_experts"])
 
 
-def test_channels_last_modules_match_goldens():
+@FFT_IMPLS
+def test_channels_last_modules_match_goldens(fft_impl):
     g = _golden("moce_ir_s_modules")
-    model = moceir.create_model("MoCE_IR_S").eval()
+    model = moceir.create_model("MoCE_IR_S", fft_impl=fft_impl).eval()
     fill_deterministic(model, float(g["fill_std"]))
     model = model.to(memory_format=torch.channels_last)
     cl = {k: torch.from_numpy(v).contiguous(memory_format=torch.channels_last) if v.ndim == 4 else torch.from_numpy(v)

@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 RANK_TYPES = ("spread", "constant", "lin", "double", "exp", "fact")
 COMPLEXITY_SCALES = ("max", "min")
+# How the experts' per-patch FFT product is computed (moceir.models.attention.PATCH_PRODUCTS): "fft" with
+# torch.fft, "matmul" with real DFT matrices (no complex tensors: exportable to ONNX). Same result to fp32 rounding.
+FFT_IMPLS = ("fft", "matmul")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class MoCEConfig:
     with_complexity: bool = True  # weight the importance loss by expert complexity (training only)
     complexity_scale: str = "max"
     eval_router_noise: bool = False  # upstream quirk: router noise also in eval (set True to reproduce it)
+    fft_impl: str = "fft"  # experts' patch FFT product: "fft" or "matmul" (FFT_IMPLS); no effect on the weights
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "num_dec_blocks", "heads", "stage_depth"):
@@ -50,6 +54,8 @@ class MoCEConfig:
             raise ValueError(f"heads needs {levels} entries, got {self.heads}")
         if self.rank_type not in RANK_TYPES:
             raise ValueError(f"rank_type must be one of {RANK_TYPES}, got {self.rank_type!r}")
+        if self.fft_impl not in FFT_IMPLS:
+            raise ValueError(f"fft_impl must be one of {FFT_IMPLS}, got {self.fft_impl!r}")
         if self.complexity_scale not in COMPLEXITY_SCALES:
             raise ValueError(f"complexity_scale must be one of {COMPLEXITY_SCALES}, got {self.complexity_scale!r}")
         if not 1 <= self.topk <= self.num_exp_blocks:

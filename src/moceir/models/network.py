@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import FFTAttention
 from .blocks import DecoderGroup, EncoderGroup
 from .config import MoCEConfig
 from .experts import DISPATCH_MODES, MoCEAdapter
@@ -69,6 +70,9 @@ class MoCEIR(nn.Module):
             ]))
         self.refinement = EncoderGroup(c.dim, heads[0], c.num_refinement_blocks, c.ffn_expansion_factor)
         self.output = nn.Conv2d(c.dim, c.out_channels, 3, padding=1, bias=c.bias)
+        for m in self.modules():  # the experts build their FFTAttention without the config
+            if isinstance(m, FFTAttention):
+                m.fft_impl = c.fft_impl
 
     @property
     def adapters(self) -> list[MoCEAdapter]:

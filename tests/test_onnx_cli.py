@@ -1,0 +1,62 @@
+"""ONNX through the command line: export by suffix, restore and info through the same pipeline as PyTorch."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import moceir
+from moceir.cli import main
+from moceir.io import load_image, save_image
+
+from conftest import fill_deterministic
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install 'moceir[onnx]')")
+    root = tmp_path_factory.mktemp("onnx")
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.05)
+    ckpt = moceir.save_model(model, root / "tiny.safetensors")
+    assert main(["export", str(ckpt), str(root / "tiny.onnx"), "--note", "tiny for a test", "--no-optimize"]) == 0
+    return root, str(ckpt), str(root / "tiny.onnx")
+
+
+def test_export_refuses_unknown_suffix_and_existing_file(exported, capsys):
+    root, ckpt, onnx = exported
+    assert main(["export", ckpt, str(root / "model.pt")]) == 2
+    assert "suffix" in capsys.readouterr().err and not (root / "model.pt").exists()
+    before = (root / "tiny.onnx").read_bytes()
+    assert main(["export", ckpt, onnx]) == 1
+    assert (root / "tiny.onnx").read_bytes() == before
+
+
+def test_restore_with_onnx_equals_pytorch(exported, tmp_path):
+    root, ckpt, onnx = exported
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for name, size in (("a.png", (24, 32)), ("b.png", (24, 32)), ("odd.png", (37, 21))):
+        save_image(tmp_path / "in" / name, rng.random((*size, 3)).astype(np.float32))
+    for engine, model in (("torch", ckpt), ("onnx", onnx)):
+        assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / engine), "--checkpoint", model,
+                     "--quiet", "--report", str(tmp_path / f"{engine}.json")]) == 0
+    for name in ("a.png", "b.png", "odd.png"):
+        a, b = load_image(tmp_path / "torch" / name).rgb, load_image(tmp_path / "onnx" / name).rgb
+        assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_info_describes_an_onnx_model(exported, capsys):
+    assert main(["info", exported[2], "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX" in out and "tiny for a test" in out and "parameters:" in out
+
+
+def test_damaged_onnx_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    assert main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "bad.onnx"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.onnx" in err
