@@ -41,3 +41,16 @@ def test_test_command_with_experts_skipped(tmp_path, tiny_layout):
     assert len(scores["skip"]) == 3
     # for this small random network the experts change the scores only slightly
     assert all(abs(a["psnr"] - b["psnr"]) < 0.5 for a, b in zip(scores["run"], scores["skip"]))
+
+
+def test_routing_reports_psnr_with_experts_bypassed(tmp_path, tiny_layout):
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.1)
+    ckpt = str(moceir.save_model(model, tmp_path / "m.safetensors"))
+    out = tmp_path / "routing"
+    assert main(["routing", "--ckpt", ckpt, "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(out), "--quiet"]) == 0
+    data = json.loads((out / "routing.json").read_text())
+    assert set(data["psnr_experts_bypassed"]) == {"denoise_25"}
+    assert abs(data["psnr_experts_bypassed"]["denoise_25"] - data["psnr"]["denoise_25"]) < 0.5
+    assert "PSNR, experts bypassed" in (out / "routing.md").read_text()

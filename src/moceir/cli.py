@@ -323,6 +323,15 @@ def cmd_routing(args: argparse.Namespace) -> int:
             for line in r.errors:
                 print(f"error: {b}: {line} (skipped)", file=sys.stderr)
             results.append(r)
+    bypassed = {}
+    if args.bypass_column and not args.from_results:  # the ablation: the same images with every expert bypassed
+        from .models.experts import set_expert_bypass
+
+        set_expert_bypass(model, True)
+        for r in results:
+            bypassed[r.name] = evaluate_benchmark(model, args.data_file_dir, r.name, device, cdd11_subset=subset,
+                                                  progress=not args.quiet).mean("psnr")
+        set_expert_bypass(model, False)
     counts = routing_counts(results, model.num_moe_layers, model.config.num_exp_blocks)
     out.mkdir(parents=True, exist_ok=True)
     names = [r.name for r in results]
@@ -336,11 +345,17 @@ def cmd_routing(args: argparse.Namespace) -> int:
     for name, c in zip(names, counts):
         lines.append(f"| {name} | " + " | ".join("/".join(str(v) for v in layer) for layer in c) + " |")
     lines += ["", "Each cell: images per expert E0/E1/E2/E3 in that MoE layer.", "",
-              "| benchmark | expert GFLOPs spent / image | all experts / image | share |", "|---|---|---|---|"]
-    lines += [f"| {f['benchmark']} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
-              f"{100 * f['share']:.1f}% |" for f in flops]
+              "| benchmark | expert GFLOPs spent / image | all experts / image | share | PSNR | PSNR, experts bypassed |",
+              "|---|---|---|---|---|---|"]
+    psnr = {r.name: r.mean("psnr") for r in results}
+    for f in flops:
+        name = f["benchmark"]
+        skipped = f"{bypassed[name]:.3f}" if name in bypassed else "-"
+        lines.append(f"| {name} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
+                     f"{100 * f['share']:.1f}% | {psnr[name]:.3f} | {skipped} |")
     table = "\n".join(lines) + "\n"
-    data = json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops}, indent=1)
+    data = json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
+                       "psnr_experts_bypassed": bypassed}, indent=1)
     write_atomically(files["routing.md"], lambda tmp: tmp.write_text(table), args.overwrite)
     write_atomically(files["routing.json"], lambda tmp: tmp.write_text(data), args.overwrite)
     print(table)
@@ -555,6 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", default="routing", help="folder for routing_heatmap.png, routing.md/json")
     p.add_argument("--from_results", help="results.json of `moceir test` with the same checkpoint: no re-run")
     p.add_argument("--overwrite", action="store_true", help="replace existing routing files")
+    p.add_argument("--bypass_column", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score every benchmark with the experts bypassed (twice the time; not with "
+                        "--from_results)")
     p.set_defaults(fn=cmd_routing)
 
     p = command("restore", "restore images (files, folders, globs) with the bundled or a given model")

@@ -1,0 +1,47 @@
+"""Flat-region check: does the model leave a periodic texture on smooth regions? (issue 14, per relay run)
+
+    python benchmarks/flat_region.py --checkpoint default
+
+A synthetic sky: a smooth vertical gradient (each row constant), 256x256, clean and with uniform synthetic haze
+(moceir.data.degradations.add_haze, constant depth). Restored with context_pad 0 and 16. The residual texture is
+the standard deviation of the horizontal high-pass (x[:, 1:] - x[:, :-1]) of the output, on rows that should be
+constant, in 8-bit grey levels; the clean input has 0. Also the mean brightness change, which shows darkening.
+"""
+
+import argparse
+
+import numpy as np
+
+import moceir
+from moceir.data.degradations import add_haze
+
+
+def sky(h: int = 256, w: int = 256) -> np.ndarray:
+    top, bottom = np.array([0.45, 0.62, 0.85]), np.array([0.80, 0.86, 0.92])
+    t = np.linspace(0, 1, h)[:, None, None]
+    return np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.float32)
+
+
+def texture_levels(img: np.ndarray) -> float:
+    """Std of the horizontal first difference, in 8-bit levels (0 for rows that are constant)."""
+    return float(np.diff(img, axis=1).std() * 255)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="default")
+    a = p.parse_args()
+    model = moceir.load_model(a.checkpoint)
+    clean = sky()
+    hazy = add_haze(clean, np.full(clean.shape[:2], 0.5, np.float32), beta=1.2, airlight=0.9).astype(np.float32)
+    print("| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change |")
+    print("|---|---|---|---|---|")
+    for name, img in (("clean sky", clean), ("hazy sky", hazy)):
+        for pad in (0, 16):
+            out = moceir.restore(model, img, context_pad=pad)
+            print(f"| {name} | {pad} | {texture_levels(img):.2f} | {texture_levels(out):.2f} | "
+                  f"{(out.mean() - img.mean()) * 255:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
