@@ -117,9 +117,9 @@ def _device(name: str):
 
 def _dtype(name: str):
     """torch dtype for "fp16" / "bf16"; None for "fp32" (keep float32)."""
-    import torch
+    from .pipeline import PRECISIONS
 
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return PRECISIONS[name]
 
 
 def _checkpoint_note(path: str) -> str:
@@ -366,33 +366,28 @@ def cmd_routing(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- restore
 def cmd_restore(args: argparse.Namespace) -> int:
     from .distributed import global_rank
-    from .models.checkpoints import CheckpointError
-    from .pipeline import UsageError, _launched_rank, restore_files
+    from .pipeline import _launched_rank, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
             print(line, file=sys.stderr)
 
-    try:
-        note = "" if args.quiet else _checkpoint_note(args.checkpoint)
-        if note:
-            print(f"model: {note}")
-        model = args.checkpoint
-        if args.experts == "skip":
-            from .models.checkpoints import load_model
-            from .models.experts import set_expert_bypass
+    note = "" if args.quiet else _checkpoint_note(args.checkpoint)
+    if note:
+        print(f"model: {note}")
+    model = args.checkpoint
+    if args.experts == "skip":
+        from .models.checkpoints import load_model
+        from .models.experts import set_expert_bypass
 
-            model = set_expert_bypass(load_model(args.checkpoint))
-        rows = restore_files(args.inputs, args.output, model, device=args.device, tile=args.tile,
-                             tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
-                             batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
-                             overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
-                             max_memory=args.max_memory, num_workers=args.num_workers,
-                             progress=not args.quiet and _launched_rank() == 0, log=say, num_gpus=args.num_gpus or 0,
-                             num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes)
-    except (CheckpointError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model = set_expert_bypass(load_model(args.checkpoint))
+    rows = restore_files(args.inputs, args.output, model, device=args.device, tile=args.tile,
+                         tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
+                         batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
+                         overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
+                         max_memory=args.max_memory, num_workers=args.num_workers,
+                         progress=not args.quiet and _launched_rank() == 0, log=say, num_gpus=args.num_gpus or 0,
+                         num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes)
     failed = sum("error" in r for r in rows)
     if global_rank() == 0:
         print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")

@@ -108,15 +108,7 @@ class _RestoreTask(pl.LightningModule):
                                  progress=False)
 
     def predict_step(self, items: list, batch_idx: int) -> list:
-        good = []
-        for i, img, err in items:
-            if err is not None:
-                self.restorer.fail(i, err)
-            else:
-                good.append((i, img))
-        shapes = {img.rgb.shape for _, img in good}
-        groups = [good] if len(shapes) == 1 else [[g] for g in good]
-        return [r for g in groups if g for r in self.restorer.compute(g)]
+        return [r for group in self.restorer.groups(items) for r in self.restorer.compute(group)]
 
     def on_predict_end(self) -> None:
         rows = self.restorer.close()

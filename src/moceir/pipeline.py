@@ -358,7 +358,15 @@ class Restorer:
         self.log(f"error: {line}")
 
     def process(self, items: list[tuple[int, LoadedImage | None, str | None]]) -> None:
-        """Restore one planned batch (decode failures are reported; images of another size go alone)."""
+        """Restore one planned batch and queue its outputs for the writer."""
+        for group in self.groups(items):
+            self.submit(self.compute(group))
+
+    def groups(self, items: list[tuple[int, LoadedImage | None, str | None]]) -> list[list[tuple[int, LoadedImage]]]:
+        """A planned batch of decoded items -> groups to restore in one pass each.
+
+        Decode failures are reported here; images whose decoded size differs from the header's go alone.
+        """
         good = []
         for i, img, err in items:
             if err is not None:
@@ -367,11 +375,9 @@ class Restorer:
                 if img.frames > 1:
                     self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
                 good.append((i, img))
-        shapes = {img.rgb.shape for _, img in good}
-        groups = [good] if len(shapes) == 1 else [[g] for g in good]
-        for group in groups:
-            if group:
-                self.submit(self.compute(group))
+        if len({img.rgb.shape for _, img in good}) <= 1:
+            return [good] if good else []
+        return [[g] for g in good]
 
     def compute(self, group: list[tuple[int, LoadedImage]]) -> list[tuple[int, np.ndarray, LoadedImage, dict]]:
         """Restore same-size images in one pass -> [(job index, restored [H, W, 3] float, image, report row)].
