@@ -46,6 +46,10 @@ def _restore_peak(size: str, source: str, device: str, api: bool, max_memory: st
     from moceir.pipeline import DEFAULT_CONTEXT_PAD
     from PIL import Image
 
+    if not api:  # the command tunes glibc's allocator, and the memory model follows (moceir.runtime)
+        from moceir.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
     w, h = map(int, size.lower().split("x"))
     budget = _bytes(max_memory) if max_memory else memory_budget(torch.device(device))
     model = moceir.create_model("MoCE_IR_S")

@@ -6,6 +6,8 @@
 The folder holds `--images` JPEGs (quality 90) cycled from cBSD68 (481x321 and 321x481). Each configuration runs
 `python -m moceir restore FOLDER -o OUT --quiet --batch_size B --num_workers W` in a fresh process; the time
 includes starting Python and loading the model, which the first line measures on its own (one image).
+With 2 threads on a 2-core machine that runs anything else, OpenMP's threads wait for each other and single
+images take up to 6x longer at random: use `--threads 1` there.
 """
 
 import argparse
@@ -20,8 +22,8 @@ from pathlib import Path
 from PIL import Image
 
 
-def run(folder: Path, out: Path, extra: list[str], src: str | None) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
+def run(folder: Path, out: Path, extra: list[str], src: str | None, threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if src:
         env["PYTHONPATH"] = src
     shutil.rmtree(out, ignore_errors=True)
@@ -37,6 +39,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                   help="OMP_NUM_THREADS of each run (1 gives stable figures on a machine shared with other work)")
     p.add_argument("--baseline_src", help="the src/ folder of another moceir checkout, run first for comparison")
     a = p.parse_args()
     clean = sorted((Path(a.data_file_dir) / "denoising/cBSD68/original_png").glob("*.png"))
@@ -48,7 +52,7 @@ def main() -> None:
             Image.open(clean[i % len(clean)]).convert("RGB").save(folder / f"{i:04d}.jpg", quality=90)
         shutil.copy(folder / "0000.jpg", one / "0000.jpg")
         out = Path(tmp) / "out"
-        startup = run(one, out, [], None)
+        startup = run(one, out, [], None, a.threads)
         print(f"start-up and one image: {startup:.1f} s")
         print("| code | workers | batch | seconds | images/s | images/s without start-up |")
         print("|---|---|---|---|---|---|")
@@ -56,7 +60,7 @@ def main() -> None:
                   [("this checkout", w, None) for w in a.workers]
         for name, workers, src in configs:
             extra = ["--batch_size", str(a.batch_size)] + (["--num_workers", str(workers)] if workers is not None else [])
-            seconds = run(folder, out, extra, src)
+            seconds = run(folder, out, extra, src, a.threads)
             net = max(seconds - startup, 1e-9)
             print(f"| {name} | {'-' if workers is None else workers} | {a.batch_size} | {seconds:.1f} | "
                   f"{a.images / seconds:.2f} | {a.images / net:.2f} |", flush=True)

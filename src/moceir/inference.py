@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import MoCEIR
+from .runtime import allocator_tuned, release_freed_memory
 
 ROUTING_MODES = ("tile", "global")
 
@@ -107,6 +108,7 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
         out[..., top:top + th, left:left + tw] += res.image.float() * win
         weight[..., top:top + th, left:left + tw] += win
         del res, patch
+        release_freed_memory()
         if on_tile is not None:
             on_tile(n, len(windows))
     del xp
@@ -114,26 +116,40 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
     return (y, forced if forced is not None else first) if return_experts else y
 
 
-# The memory model behind automatic tiling (CPU, fp32, channels-last, glibc's default allocator settings;
-# checked by `python benchmarks/memory.py --restore_size ...`, see docs/performance.md):
-#   peak ≈ RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * H * W + TILE_BYTES_PER_PIXEL_PER_DIM * dim * tile_pixels
+# The memory model behind automatic tiling (CPU, fp32, channels-last; checked by
+# `python benchmarks/memory.py --restore_size ...`, see docs/performance.md):
+#   peak ≈ RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * H * W + per-pixel bytes * dim * forward-pass pixels
 # A forward pass has a large fixed part (oneDNN's reordered weights and scratch, FFT plans): MoCE-IR-S peaked at
 # 1.18 GB above the loaded model at 512x512 and 2.2 GB at 1024x1024, i.e. about 0.85 GB + 1.3 kB per pixel.
+# With glibc's allocator tuned (moceir.runtime.tune_cpu_allocator, which the command line applies) freed blocks
+# stay in a fragmented heap and a forward pass peaks higher: 4.7 GB at 760x760 (6.4 kB per pixel above the rest).
 RUNTIME_BYTES = 1.15e9  # torch and the loaded model (0.3 GB) plus the fixed part of a forward pass
 IMAGE_BYTES_PER_PIXEL = 64.0  # whole-image float32 copies: decoded, padded, blended output and weights, encoding
 TILE_BYTES_PER_PIXEL_PER_DIM = 55.0  # activations per input pixel, with slack across tiles: 1.76 kB at dim 32
+TUNED_TILE_BYTES_PER_PIXEL_PER_DIM = 200.0  # the same with the tuned allocator: 6.4 kB at dim 32
 DEFAULT_CPU_BUDGET = 2.5e9  # restore stays within about 3 GB of RSS unless told otherwise (--max_memory)
 
 
 def bytes_per_pixel(model: MoCEIR) -> float:
-    """Estimated bytes of one forward pass per input pixel above its fixed part (fp32): 1.76 kB at dim 32."""
-    return TILE_BYTES_PER_PIXEL_PER_DIM * model.config.dim
+    """Estimated bytes of one forward pass per input pixel above its fixed part (fp32): 1.76 kB at dim 32, or
+    6.4 kB when this process tuned glibc's allocator."""
+    per_dim = TUNED_TILE_BYTES_PER_PIXEL_PER_DIM if allocator_tuned() else TILE_BYTES_PER_PIXEL_PER_DIM
+    return per_dim * model.config.dim
 
 
-def estimate_peak_bytes(model: MoCEIR, h: int, w: int, tile: int | None = None) -> float:
-    """Estimated peak memory of restoring one h x w image, whole (tile None) or in tile x tile windows."""
-    pixels = h * w if tile is None else min(h, tile) * min(w, tile)
-    return RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * h * w + bytes_per_pixel(model) * pixels
+def estimate_peak_bytes(model: MoCEIR, h: int, w: int, tile: int | None = None, batch: int = 1) -> float:
+    """Estimated peak memory of restoring ``batch`` h x w images together, whole (tile None) or (one image) in
+    tile x tile windows."""
+    pixels = batch * h * w if tile is None else min(h, tile) * min(w, tile)
+    return RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * batch * h * w + bytes_per_pixel(model) * pixels
+
+
+def batch_that_fits(model: MoCEIR, h: int, w: int, budget_bytes: float, at_most: int) -> int:
+    """How many untiled h x w images (1 to ``at_most``) can be restored together within ``budget_bytes``."""
+    n = at_most
+    while n > 1 and estimate_peak_bytes(model, h, w, batch=n) > budget_bytes:
+        n -= 1
+    return n
 
 
 def memory_budget(device: torch.device) -> float:
@@ -151,15 +167,17 @@ def memory_budget(device: torch.device) -> float:
     return min(0.5 * available, DEFAULT_CPU_BUDGET)
 
 
-def auto_tile(model: MoCEIR, h: int, w: int, budget_bytes: float, minimum: int = 128) -> int | None:
-    """The largest tile whose estimated peak stays within ``budget_bytes``, or None if the whole image fits.
+def auto_tile(model: MoCEIR, h: int, w: int, budget_bytes: float, minimum: int = 128, batch: int = 1) -> int | None:
+    """The largest tile whose estimated peak stays within ``budget_bytes``, or None if one whole image fits
+    (restore ``batch`` images together when they fit too: see :func:`batch_that_fits`). For a batch restored in
+    tiles (each window holds ``batch`` tiles) the tile is sized for all of them.
 
     When even the whole-image buffers exceed the budget, the smallest tile (``minimum``) is used.
     """
     if estimate_peak_bytes(model, h, w) <= budget_bytes:
         return None
-    room = budget_bytes - RUNTIME_BYTES - IMAGE_BYTES_PER_PIXEL * h * w
-    side = int(math.sqrt(max(room, 0.0) / bytes_per_pixel(model)))
+    room = budget_bytes - RUNTIME_BYTES - IMAGE_BYTES_PER_PIXEL * batch * h * w
+    side = int(math.sqrt(max(room, 0.0) / (batch * bytes_per_pixel(model))))
     m = model.config.size_multiple
     return max(minimum, side - side % m)
 
@@ -242,10 +260,15 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         scale = None
         _check_values(x, "image")
     x = x.to(device, torch.float32)
+    chunk = x.shape[0]
     if tile is None:
         budget = max_memory if max_memory is not None else memory_budget(device)
-        tile = auto_tile(model, x.shape[-2] + 2 * context_pad, x.shape[-1] + 2 * context_pad, budget)
-    y = restore_tensor(model, x, tile, overlap, routing, context_pad=context_pad).clamp_(0, 1)
+        hp, wp = x.shape[-2] + 2 * context_pad, x.shape[-1] + 2 * context_pad
+        tile = auto_tile(model, hp, wp, budget, batch=x.shape[0])
+        if tile is None:  # each image fits whole: as many together as fit
+            chunk = batch_that_fits(model, hp, wp, budget, x.shape[0])
+    y = torch.cat([restore_tensor(model, c, tile, overlap, routing, context_pad=context_pad)
+                   for c in x.split(chunk)]).clamp_(0, 1)
     if layout == "HW":
         y = y[0].mean(0)
     elif layout == "HWC":

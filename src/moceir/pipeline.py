@@ -17,14 +17,14 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .inference import ROUTING_MODES, auto_tile, memory_budget, restore_tensor
+from .inference import ROUTING_MODES, auto_tile, batch_that_fits, memory_budget, restore_tensor
 from .io import IMAGE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image, save_image
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,7 +188,7 @@ class RestoreOptions:
     tile: int | None = None
     tile_overlap: int = 32
     tile_routing: str = "tile"
-    batch_size: int = 4
+    batch_size: int | None = None  # None: 1 on CPU, 4 on CUDA (see restore_files)
     precision: str = "fp32"
     context_pad: int = DEFAULT_CONTEXT_PAD
     max_memory: float | None = None
@@ -199,7 +199,7 @@ class RestoreOptions:
             raise UsageError(f"tile_routing must be one of {ROUTING_MODES}, got {self.tile_routing!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size < 1 or self.tile_overlap < 0 or self.context_pad < 0 or (self.tile or 1) < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.tile_overlap < 0 or self.context_pad < 0 or (self.tile or 1) < 1:
             raise UsageError("batch_size and tile must be >= 1, tile_overlap and context_pad >= 0")
         if self.max_memory is not None and not (math.isfinite(self.max_memory) and self.max_memory > 0):
             raise UsageError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
@@ -246,8 +246,12 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
         alone = size is None or options.tile is not None or (
             budget is not None and auto_tile(model, *_padded(size, options.context_pad), budget) is not None)
         by_size.setdefault(-i - 1 if alone else size, []).append(i)
-    batches = [group[k:k + options.batch_size] for group in by_size.values()
-               for k in range(0, len(group), options.batch_size)]
+    batches = []
+    for size, group in by_size.items():
+        n = options.batch_size or 1
+        if budget is not None and isinstance(size, tuple):  # never more together than the budget allows
+            n = batch_that_fits(model, *_padded(size, options.context_pad), budget, n)
+        batches += [group[k:k + n] for k in range(0, len(group), n)]
     return Plan(jobs, sorted(batches), failures, report_path)
 
 
@@ -454,7 +458,7 @@ def write_report(path: Path, model: Any, rows: list[dict], overwrite: bool) -> N
 
 def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path, model: Any = "default", *,
                   device: str | torch.device = "auto", tile: int | None = None, tile_overlap: int = 32,
-                  tile_routing: str = "tile", batch_size: int = 4, precision: str = "fp32", ext: str | None = None,
+                  tile_routing: str = "tile", batch_size: int | None = None, precision: str = "fp32", ext: str | None = None,
                   suffix: str = "", overwrite: bool = False, report: str | Path | None = None,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
                   progress: bool = True, log: Callable[[str], None] | None = None,
@@ -463,7 +467,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
     model: "default", a checkpoint path or a loaded network. Same-size images go through the network
-    ``batch_size`` at a time; an image whose estimated peak memory exceeds ``max_memory`` bytes (default:
+    ``batch_size`` at a time (default: 1 on CPU, where batches ran slower per image, 4 on CUDA), and never more
+    than the memory budget allows; an image whose estimated peak memory exceeds ``max_memory`` bytes (default:
     :func:`moceir.inference.memory_budget`) is tiled (``tile`` forces a tile size; ``tile_overlap`` and
     ``tile_routing`` as in :func:`moceir.inference.restore_tensor`). ``context_pad`` px of reflected context are
     added around each image and cropped away, which removes the dark frame that the network's zero-padded
@@ -496,6 +501,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
     if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
+    opts = replace(opts, batch_size=batch_size if batch_size is not None else 4 if device.type == "cuda" else 1)
     net = load_network(model, torch.device("cpu") if launch.world_size > 1 else device)
     budget = max_memory if max_memory is not None else memory_budget(device)
     plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -17,17 +19,21 @@ def _libc():
         return None
 
 
+_tuned = False
+
+
 def tune_cpu_allocator(keep_bytes: int = 256 << 20) -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS after every tensor.
 
     The network allocates and frees activations of tens to hundreds of MB per layer; by default glibc serves
     each from a fresh mmap and unmaps it on free, so every layer pays page faults (on 2 cores, 512x512
-    MoCE-IR-S spent 12 s of 37 s CPU time in the kernel). Raising the mmap and trim thresholds keeps that
-    memory in the heap. Returns False where this is not glibc, or when MOCEIR_NO_ALLOCATOR_TUNING=1.
-    The process's RSS then stays near its peak. ``moceir restore`` does not apply it: across tiles the kept
-    memory nearly doubled the peak (2.4 GB against 1.4 GB for 512x512 tiles of MoCE-IR-S), which the memory
-    bound of restore cannot afford, for a few percent of speed.
+    MoCE-IR-S spent 12 s of 37 s CPU time in the kernel; restoring 481x321 images, 55 s of 122 s). Raising the
+    mmap and trim thresholds keeps that memory in the heap, 1.2 to 2x faster. The price is fragmentation: a
+    forward pass then peaks higher (4.7 GB against 1.8 GB at 760x760), which the memory model of automatic tiling
+    takes into account (:func:`allocator_tuned`, :func:`moceir.inference.bytes_per_pixel`).
+    Returns False where this is not glibc, or when MOCEIR_NO_ALLOCATOR_TUNING=1.
     """
+    global _tuned
     if not sys.platform.startswith("linux") or os.environ.get("MOCEIR_NO_ALLOCATOR_TUNING") == "1":
         return False
     libc = _libc()
@@ -36,4 +42,19 @@ def tune_cpu_allocator(keep_bytes: int = 256 << 20) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, keep_bytes) and mallopt(_M_TRIM_THRESHOLD, 2 * keep_bytes - 1)
-    return bool(ok and mallopt(_M_TOP_PAD, 256 << 20))
+    _tuned = bool(ok and mallopt(_M_TOP_PAD, 256 << 20))
+    return _tuned
+
+
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_cpu_allocator` took effect in this process."""
+    return _tuned
+
+
+def release_freed_memory() -> None:
+    """Give memory that the tuned allocator keeps back to the OS (glibc ``malloc_trim``); between tiles, so that
+    one tile's freed blocks do not pile up under the next one's. A no-op unless the allocator is tuned."""
+    if _tuned:
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
