@@ -1,70 +1,240 @@
 #!/usr/bin/env bash
-# One prepared GPU session (see docs/performance.md and docs/model-card.md):
-#   1. a forward profile at 256², then inference at 256/1024 (batch 1, 8), fp32/bf16, dense/sparse dispatch, eager
-#      and CUDA-graph replay, then bf16 training at batch 16;
-#   2. bf16-vs-fp32 loss-curve check;
-#   3. MoCE-IR-S all-in-one training for TRAIN_SECONDS (denoise 15/25/50, derain, synthetic dehaze),
-#      continuing from FINE_TUNE_FROM when given.
-# Results go to $OUT (at most 8 files there). Runs with PYTHONPATH=src: no install needed on the GPU machine.
-# Prepare on the CPU first: `python scripts/pack_gpu_data.py` writes the training images to .gpu/data (35 MiB),
-# then run this script on the device with carry [".gpu"]; to continue the shipped model, set
-# FINE_TUNE_FROM=src/moceir/weights/default.safetensors.
+# The GPU window as one command, under 10 minutes (docs/gpu-window.md):
+#   phase 1 (PHASE1_S): training throughput of upstream against moceir, eager against torch.compile modes, fp32
+#     against bf16, batch 8 and 16, each fast configuration checked against eager (benchmarks/train_throughput.py);
+#   phase 2 (the rest): MoCE-IR-S training from the bundled weights with the fastest configuration that passed,
+#     falling back to the known-good one (eager, bf16-mixed, channels-last, batch 16) if the fast one fails at start,
+#     logs no step within START_S or stops on a non-finite loss; an EMA of the weights is kept beside them;
+#   then the raw and EMA weights as fp16 safetensors in one tar, split into parts under 15 MiB.
+# $OUT gets at most 8 files, each as soon as it exists: bench.jsonl (a row per configuration as measured, then the
+# selection), session.log, metrics.csv (copied while training), settings.json, summary.json, models.part0..N.
+#
+#   bash scripts/prepare_gpu_window.sh      # first, on the CPU machine: .gpu/upstream and .gpu/data
+#   bash scripts/gpu_session.sh             # on the GPU machine, with carry [".gpu"] and timeout_s 600
+#   bash scripts/gpu_session.sh --dry-run   # the same code path on the CPU: MoCE_IR_tiny, 16² patches, few steps
+#
+# Settings are the environment variables below. Runs with PYTHONPATH=src: no install needed on the GPU machine.
+# Reassemble the weights: cat models.part* > models.tar && tar -xf models.tar
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/out}; DATA=${DATA:-$PWD/.gpu/data}; TRAIN_SECONDS=${TRAIN_SECONDS:-290}
-BENCH=${BENCH:-1}; RUN=/tmp/moceir_run; FINE_TUNE_FROM=${FINE_TUNE_FROM:-}
-mkdir -p "$OUT"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch,lightning;print(torch.__version__, lightning.__version__)"; } > "$OUT/env.txt" 2>&1
-if [ "$BENCH" = 1 ]; then
-  # Cheapest and most telling first: is batch-1 inference bound by launches (profile), does dense or sparse
-  # dispatch win, do CUDA graphs help. cuDNN autotuning is off: it cost minutes per shape on a fresh machine.
-  (cd benchmarks && timeout 40 python3 profile_forward.py --device cuda --size 256 --dispatch dense --out "$OUT/profile_256_dense.md") > "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 80 python3 bench.py --device cuda --cudnn_benchmark off --sizes 256 1024 --batches 1 8 \
-      --max_pixels 2.2e6 --precisions fp32 bf16 --dispatches dense sparse --modes eager graphs --skip_train \
-      --repeats 5 --out /tmp/bench_eager.json) >> "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 60 python3 bench.py --device cuda --cudnn_benchmark off --sizes 256 --batches 1 \
-      --precisions bf16 --dispatches dense --train_batches 16 --train_warmup 2 --train_repeats 5 --repeats 3 \
-      --out /tmp/bench_train.json) >> "$OUT/bench.log" 2>&1
-  (cd benchmarks && timeout 30 python3 precision_check.py --device cuda --steps 50 --out /tmp/precision.json) >> "$OUT/bench.log" 2>&1
-  python3 - "$OUT/bench.json" <<'PY'
-import json, sys, os
-merged = {n: json.load(open(f"/tmp/{n}.json")) for n in ("bench_eager", "bench_train", "precision") if os.path.exists(f"/tmp/{n}.json")}
-json.dump(merged, open(sys.argv[1], "w"), indent=1)
-PY
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-$ROOT/out}
+if [ $DRY = 1 ]; then
+  # One thread: the dry run checks the code path, not speed. With two OpenMP threads on two shared cores a tiny
+  # step took 0.2 to 7.7 s, against 0.07 to 0.13 s with one.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  : "${MODEL:=MoCE_IR_tiny}" "${PATCH:=16}" "${PLAN:=dry}" "${PHASE1_S:=45}" "${DEADLINE_S:=110}"
+  : "${START_S:=60}" "${STARTUP_S:=15}" "${PACK_S:=12}" "${WORKERS:=0}" "${EMA:=0.9}" "${LOG_EVERY:=2}"
+  : "${STEPS:=6}" "${INJECT_FAILURE:=1}" "${FINE_TUNE_FROM:=tests/fixtures/golden/upstream_tiny_last.ckpt}"
+  if [ -z "${WORK:-}" ]; then
+    WORK=$(mktemp -d /tmp/moceir_window.XXXXXX)
+    trap 'rm -rf "$WORK"' EXIT
+  fi
+else
+  : "${MODEL:=MoCE_IR_S}" "${PATCH:=128}" "${PLAN:=gpu}" "${PHASE1_S:=170}" "${DEADLINE_S:=540}"
+  : "${START_S:=150}" "${STARTUP_S:=45}" "${PACK_S:=40}" "${WORKERS:=14}" "${EMA:=0.999}" "${LOG_EVERY:=10}"
+  : "${STEPS:=}" "${INJECT_FAILURE:=0}" "${FINE_TUNE_FROM:=src/moceir/weights/default.safetensors}"
+  WORK=${WORK:-/tmp/moceir_window}
 fi
-# Steps for TRAIN_SECONDS at the measured bf16 batch-16 rate (eager, channels_last), 85% for data loading and logging.
-STEPS=$(python3 - <<'PY'
-import json, os
-rate = 60.0  # patches/s if the benchmark did not run
-try:
-    rows = json.load(open("/tmp/bench_train.json"))["rows"]
-    rate = next(r["patches_per_s"] for r in rows if r["task"] == "train" and r["batch"] == 16 and r["precision"] == "bf16")
-except Exception:
-    pass
-print(max(200, int(0.85 * rate / 16 * float(os.environ.get("TRAIN_SECONDS", "290")))))
-PY
-)
-echo "training steps: $STEPS" > "$OUT/train.log"
-FT=(); [ -n "$FINE_TUNE_FROM" ] && FT=(--fine_tune_from "$FINE_TUNE_FROM")
-timeout $((TRAIN_SECONDS + 90)) python3 -m moceir train --model MoCE_IR_S \
-  --de_type denoise_15 denoise_25 denoise_50 derain dehaze --dehaze_source synthetic --holdout_val \
-  --repeat derain=12 --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01 \
-  --batch_size 16 --patch_size 128 --precision bf16-mixed --num_workers 14 --lr 2e-4 \
-  --warmup_epochs 3 --schedule_epochs 100 --epochs 1000 --max_steps "$STEPS" \
-  --max_time "$(printf '00:00:%02d:%02d' $(((TRAIN_SECONDS + 20) / 60)) $(((TRAIN_SECONDS + 20) % 60)))" --save_every_n_epochs 1000 --log_every_n_steps 10 \
-  --data_file_dir "$DATA" --ckpt_dir /tmp --run_name moceir_run "${FT[@]}" >> "$OUT/train.log" 2>&1
-echo "train exit: $?" >> "$OUT/train.log"
-python3 - "$RUN" "$OUT" <<'PY'
-import sys, torch, shutil
+DATA=${DATA:-}
+DATASETS=${DATASETS:-$ROOT/../shared/datasets}
+UPSTREAM=${UPSTREAM:-$ROOT/.gpu/upstream/src}
+LOG=$OUT/session.log
+rm -rf "$WORK"
+mkdir -p "$OUT" "$WORK/runs"
+: > "$LOG"
+export WORK OUT DRY EMA FINE_TUNE_FROM
+
+say() {  # to the terminal, and to the log on a line of its own (progress bars end without a newline)
+  echo "[+${SECONDS}s] $*"
+  printf '\n[+%ss] %s\n' "$SECONDS" "$*" >> "$LOG"
+}
+left() { echo $((DEADLINE_S - SECONDS)); }
+hms() { printf '00:%02d:%02d:%02d' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
+SETSID=$(command -v setsid)  # a training attempt in its own process group: a kill takes its loader workers too
+
+# ------------------------------------------------------------------------------------------- phase 0: environment
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__,
+'cuda', torch.cuda.is_available(), 'threads', torch.get_num_threads())"; } > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt" >> "$LOG"
+if [ -z "$DATA" ]; then
+  if [ $DRY = 1 ]; then  # a few images through the same packer; random ones where the datasets are absent
+    DATA=$WORK/data
+    if [ -d "$DATASETS/denoising/BSD400" ]; then
+      python3 scripts/pack_gpu_data.py --data_file_dir "$DATASETS" --out "$DATA" --limit 6 --method 0 >> "$LOG" 2>&1
+    else
+      python3 scripts/pack_gpu_data.py --synthetic 6 --out "$DATA" >> "$LOG" 2>&1
+    fi
+  else
+    DATA=$ROOT/.gpu/data
+  fi
+fi
+[ -d "$DATA" ] || say "error: no training data at $DATA (run scripts/prepare_gpu_window.sh first); phase 2 will fail"
+say "dry run: $DRY; model $MODEL, patch $PATCH, data $DATA, deadline ${DEADLINE_S} s"
+
+# ------------------------------------------------------------------------------------------- phase 1: matrix
+say "phase 1: training-throughput matrix '$PLAN' within ${PHASE1_S} s"
+(cd benchmarks && timeout $((PHASE1_S + 30)) python3 train_throughput.py --matrix "$PLAN" --model "$MODEL" \
+  --patch_size "$PATCH" --budget_s "$PHASE1_S" --upstream_src "$UPSTREAM" --out "$OUT/bench.jsonl") >> "$LOG" 2>&1
+say "phase 1 exit: $?"
+if SELECTION=$(cd benchmarks && python3 train_throughput.py --selection "$OUT/bench.jsonl" 2>>"$LOG"); then
+  eval "$SELECTION"
+else
+  say "no selection line: training with the known-good configuration"
+  KNOWN_KEY="moceir eager bf16 known-good"; FAST_KEY=$KNOWN_KEY; FAST_RATE=; KNOWN_RATE=
+  KNOWN_FLAGS="--compile none --precision bf16-mixed --batch_size $([ $DRY = 1 ] && echo 4 || echo 16) \
+--dispatch dense --channels_last --fft_impl fft"
+  FAST_FLAGS=$KNOWN_FLAGS
+fi
+say "fastest that passed: $FAST_KEY (${FAST_RATE:-?} patches/s); known-good: $KNOWN_KEY"
+
+# ------------------------------------------------------------------------------------------- phase 2: training
+COMMON=(--model "$MODEL" --de_type denoise_15 denoise_25 denoise_50 derain dehaze --dehaze_source synthetic
+  --holdout_val --repeat derain=12 --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01
+  --patch_size "$PATCH" --num_workers "$WORKERS" --lr 2e-4 --warmup_epochs 3 --schedule_epochs 100 --epochs 1000
+  --save_every_n_epochs 1000 --log_every_n_steps "$LOG_EVERY" --data_file_dir "$DATA" --ckpt_dir "$WORK/runs"
+  --fine_tune_from "$FINE_TUNE_FROM" --ema_decay "$EMA")
+
+steps_for() {  # $1 seconds of training, $2 patches/s (may be empty), $3 batch -> optimizer steps
+  [ -n "$STEPS" ] && { echo "$STEPS"; return; }
+  python3 -c "import sys; s, r, b = float(sys.argv[1]), float(sys.argv[2] or 60), int(sys.argv[3])
+print(max(200, int(0.85 * r / b * s)))" "$1" "$2" "$3"  # 85%: data loading and logging
+}
+
+attempt() {  # $1 name, $2 wall seconds, $3 patches/s, $4 config key, then moceir train flags. Sets RC and WHY.
+  local name=$1 wall=$2 rate=$3 key=$4 run=$WORK/runs/$1 t0=$SECONDS started=0 pid
+  shift 4
+  local train_s=$((wall - STARTUP_S)) batch
+  batch=$(echo "$*" | sed -n 's/.*--batch_size \([0-9]*\).*/\1/p')
+  local steps
+  steps=$(steps_for "$train_s" "$rate" "$batch")
+  say "training '$name' ($key): $steps steps, max_time $(hms "$train_s"), flags: $*"
+  WHY=""
+  local from
+  from=$(wc -l < "$LOG")
+  $SETSID python3 -m moceir train "${COMMON[@]}" --run_name "$name" --max_steps "$steps" \
+    --max_time "$(hms "$train_s")" "$@" >> "$LOG" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    if [ -f "$run/logs/metrics.csv" ]; then
+      started=1
+      cp "$run/logs/metrics.csv" "$OUT/metrics.csv"
+    fi
+    if [ $started = 0 ] && [ $((SECONDS - t0)) -gt "$START_S" ]; then
+      WHY="no logged step within START_S=${START_S} s"
+    elif [ $((SECONDS - t0)) -gt $((wall + 30)) ]; then
+      WHY="still running $((wall + 30)) s after its start"
+    fi
+    [ -n "$WHY" ] && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid"; break; }
+  done
+  wait "$pid"
+  RC=$?
+  [ -f "$run/logs/metrics.csv" ] && cp "$run/logs/metrics.csv" "$OUT/metrics.csv"
+  if [ -z "$WHY" ] && [ "$RC" != 0 ]; then
+    WHY="exit code $RC: $(tail -n +"$from" "$LOG" | grep -a 'error: ' | tail -1 | sed 's/.*error: //' | cut -c1-300)"
+  elif [ -z "$WHY" ] && [ ! -f "$run/model.safetensors" ]; then
+    WHY="exit code 0 but no model.safetensors"
+  fi
+  [ -n "$WHY" ] && [ "$RC" = 0 ] && RC=1
+  python3 -c "import json, sys; print(json.dumps(dict(zip(['name', 'config', 'rc', 'why', 'wall_s', 'flags'],
+[sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6]]))))" \
+    "$name" "$key" "$RC" "$WHY" "$((SECONDS - t0))" "$*" >> "$WORK/attempts.jsonl"
+  say "training '$name' ended: rc $RC${WHY:+ ($WHY)}"
+}
+
+finish() {  # $1 stage (phase1, final): summary.json; at the end also the models and the run's files
+  python3 - "$1" <<'PY' >> "$LOG" 2>&1
+import csv, json, math, os, shutil, statistics, sys, tarfile
 from pathlib import Path
-import moceir
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-model = moceir.load_model(run / "model.safetensors")
-path = moceir.save_model(model, out / "model_fp16.safetensors", dtype=torch.float16, overwrite=True)
-blob = path.read_bytes(); path.unlink()
-half = len(blob) // 2 + 1
-(out / "model_fp16.part0").write_bytes(blob[:half]); (out / "model_fp16.part1").write_bytes(blob[half:])
-shutil.copy(run / "logs" / "metrics.csv", out / "metrics.csv")
-shutil.copy(run / "settings.json", out / "settings.json")
+
+stage, work, out = sys.argv[1], Path(os.environ["WORK"]), Path(os.environ["OUT"])
+rows = [json.loads(l) for l in (out / "bench.jsonl").read_text().splitlines() if l.strip()] \
+    if (out / "bench.jsonl").exists() else []
+attempts = [json.loads(l) for l in (work / "attempts.jsonl").read_text().splitlines()] \
+    if (work / "attempts.jsonl").exists() else []
+statuses = {}
+for r in rows:
+    if r.get("kind") == "row":
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+summary = {"stage": stage, "dry_run": os.environ["DRY"] == "1", "elapsed_s": int(os.environ["ELAPSED"]),
+           "env": (work / "env.txt").read_text().splitlines(),
+           "phase1": {"rows_by_status": statuses, "selection": next((r for r in rows if r.get("kind") == "selection"),
+                                                                      None)},
+           "attempts": attempts}
+good = [a for a in attempts if a["rc"] == 0]
+if stage == "final":
+    import torch
+    import moceir
+
+    fast_failed = bool(attempts) and attempts[0]["rc"] != 0
+    summary["fallback"] = {"happened": fast_failed and len(attempts) > 1,
+                           "reason": attempts[0]["why"] if fast_failed else None}
+    if good:
+        run = work / "runs" / good[-1]["name"]
+        ema = f"EMA of the weights, decay {os.environ['EMA']}"
+        files = [("model_fp16.safetensors", run / "model.safetensors", "raw weights"),
+                 ("model_ema_fp16.safetensors", run / "model_ema.safetensors", ema)]
+        with tarfile.open(work / "models.tar", "w") as tar:
+            for name, src, what in files:
+                if src.exists():
+                    path = moceir.save_model(moceir.load_model(src), work / name, dtype=torch.float16, overwrite=True,
+                                             note=f"{what}; GPU window run '{good[-1]['name']}'")
+                    tar.add(path, arcname=name)
+        blob = (work / "models.tar").read_bytes()
+        part = 15 * 2**20
+        for i in range(math.ceil(len(blob) / part)):
+            (out / f"models.part{i}").write_bytes(blob[i * part:(i + 1) * part])
+        for name in ("settings.json",):
+            shutil.copy(run / name, out / name)
+        shutil.copy(run / "logs" / "metrics.csv", out / "metrics.csv")
+        with open(run / "logs" / "metrics.csv") as f:
+            logged = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        rates = [float(r["patches_per_s"]) for r in logged if r.get("patches_per_s")]
+        settings = json.loads((run / "settings.json").read_text())
+        summary["trained"] = {
+            "run": good[-1]["name"], "config": good[-1]["config"], "flags": good[-1]["flags"],
+            "steps": settings.get("global_step"), "patches_per_s_median": statistics.median(rates) if rates else None,
+            "final_loss": float(logged[-1]["train/loss"]) if logged else None,
+            "fine_tune_from": os.environ["FINE_TUNE_FROM"], "ema_decay": float(os.environ["EMA"]),
+            "models": [n for n, src, _ in files if src.exists()]}
+    else:
+        summary["trained"] = None
+    summary["files"] = sorted(p.name for p in out.iterdir()) + (["summary.json"] if not (out / "summary.json").exists()
+                                                                 else [])
+    summary["reassemble"] = "cat models.part* > models.tar && tar -xf models.tar"
+tmp = out / ".summary.json.tmp"
+tmp.write_text(json.dumps(summary, indent=1))
+tmp.replace(out / "summary.json")
+print(f"summary.json written ({stage})")
 PY
-ls -la "$OUT"
+}
+
+export ELAPSED=$SECONDS
+finish phase1
+INJECT=()
+[ "$INJECT_FAILURE" = 1 ] && INJECT=(--lr 1e30)  # the dry run's fast attempt must blow up: the fallback path runs
+read -r -a FAST <<< "$FAST_FLAGS"
+read -r -a KNOWN <<< "$KNOWN_FLAGS"
+RC=0
+if [ $(($(left) - PACK_S)) -gt $((STARTUP_S + 10)) ]; then
+  attempt fast $(($(left) - PACK_S)) "$FAST_RATE" "$FAST_KEY" "${FAST[@]}" "${INJECT[@]}"
+else
+  say "no time left to train"
+fi
+if [ "$RC" != 0 ]; then
+  if [ $(($(left) - PACK_S)) -gt $((STARTUP_S + 10)) ]; then
+    say "falling back to the known-good configuration"
+    attempt known-good $(($(left) - PACK_S)) "$KNOWN_RATE" "$KNOWN_KEY" "${KNOWN[@]}"
+  else
+    say "no time left for the fallback"
+  fi
+fi
+export ELAPSED=$SECONDS
+finish final
+say "done in ${SECONDS} s"
+ls -la "$OUT" | tee -a "$LOG"

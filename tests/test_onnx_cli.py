@@ -60,3 +60,18 @@ def test_damaged_onnx_is_one_line(tmp_path, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.onnx" in err
+
+
+def test_export_hides_torch_internal_notices(caplog, recwarn):
+    import logging
+    import warnings
+
+    from moceir.onnx import _quiet_exporter
+
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with caplog.at_level(logging.WARNING), _quiet_exporter():
+        log.warning("torchvision is not installed. Skipping torchvision::nms")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
+    assert not caplog.records and not [w for w in recwarn if "LeafSpec" in str(w.message)]
+    log.warning("after the export, notices show again")
+    assert caplog.records

@@ -196,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule_epochs=args.schedule_epochs, loss_type=args.loss_type, fft_loss_weight=args.fft_loss_weight,
         balance_loss_weight=args.balance_loss_weight, num_workers=args.num_workers, num_gpus=args.num_gpus,
         num_cpu_processes=args.num_cpu_processes, num_nodes=args.num_nodes, precision=args.precision, compile=args.compile,
-        dispatch=args.dispatch, channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
+        fused_adamw=args.fused_adamw, fft_impl=args.fft_impl, ema_decay=args.ema_decay, dispatch=args.dispatch,
+        channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)
     try:
@@ -536,7 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_name", help="run folder name (default: a timestamp)")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
                    help="Lightning precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--compile", nargs="?", const="default", default="none",
+                   choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the network in this mode (--compile alone: default)")
+    p.add_argument("--fused_adamw", action="store_true", help="fused AdamW: one kernel per step for all weights")
+    p.add_argument("--fft_impl", choices=["fft", "matmul"],
+                   help="experts' FFT product while training: fft, or matmul (real-valued, which Inductor compiles); "
+                        "saved files keep the config's (default: the config's)")
+    p.add_argument("--ema_decay", type=_non_negative_float, default=0.0,
+                   help="keep an exponential moving average of the weights (e.g. 0.999; 0: off), saved as "
+                        "model_ema.safetensors in the run folder")
     p.add_argument("--dispatch", choices=["auto", "dense", "sparse"], default="auto",
                    help="expert dispatch: dense on CUDA, sparse on CPU when auto")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
@@ -576,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision (CUDA)")
-    p.add_argument("--batch_size", type=_positive(), default=4, help="same-size images restored together")
+    p.add_argument("--batch_size", type=_positive(), help="same-size images restored together (default: 1 on CPU, "
+                                                          "where batches ran slower per image; 4 on CUDA)")
     p.add_argument("--tile", type=_patch, help="tile size (default: automatic when the image would not fit "
                                                "--max_memory)")
     p.add_argument("--tile_overlap", type=_non_negative, default=32, help="pixels shared by neighbouring tiles")
@@ -633,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
-    if args.command not in ("restore", "demo"):  # these keep their memory bound instead (see moceir/runtime.py)
-        tune_cpu_allocator()
+    if args.command != "demo":  # a long-lived server: keep glibc's defaults, which return memory after each photo
+        tune_cpu_allocator()  # restore's memory model follows it (moceir.inference.bytes_per_pixel)
     from .models.checkpoints import CheckpointError
     from .pipeline import UsageError
 

@@ -23,9 +23,12 @@ Needs ``pip install 'moceir[onnx]'`` (onnx, onnxscript for the exporter, onnxrun
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -48,6 +51,21 @@ def _require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"ONNX support needs the {module} package: {INSTALL_HINT}") from None
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Hide the exporter's notes that concern torch, not the user: one line per torchvision operator when
+    torchvision is absent, and a deprecation inside torch's own pytree code."""
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        log.setLevel(level)
 
 
 @torch.library.custom_op("moceir::patch_product", mutates_args=())
@@ -157,7 +175,7 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
     dims = torch.export.Dim
     shapes = {"x": {0: dims("batch", min=1), 2: m * dims("h", min=1), 3: m * dims("w", min=1)}}
     # The oneDNN-fused CPU path is a runtime fast path of eager PyTorch, not part of the exported graph.
-    with torch.no_grad(), fused.disabled():
+    with torch.no_grad(), fused.disabled(), _quiet_exporter():
         program = torch.onnx.export(_Exported(net).eval(), (sample,), dynamo=True, dynamic_shapes=shapes,
                                     input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                     opset_version=opset, verbose=False, optimize=optimize,

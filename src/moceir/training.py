@@ -4,6 +4,11 @@ The network lives under ``self.net``, so checkpoints hold ``net.*`` keys exactly
 (each side loads the other's ``last.ckpt``); ours also embed the model config under ``moceir_config``.
 Everything that can be checked before training (settings, hardware, data layout, every training image) is
 checked before the first step and reported as one :class:`TrainingSetupError` line.
+
+The training step never waits for the device (no ``.item()``, no ``if tensor``): the loss is checked for NaN/inf
+on the device and read once per logging period, and host-side numbers are logged as CPU tensors (Lightning
+copies a Python float to the module's device with a blocking copy). Speed options: ``compile`` (a torch.compile
+mode), ``fused_adamw``, ``fft_impl``; ``ema_decay`` keeps an exponential moving average of the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from torch.utils.data import DataLoader
 from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
+from .models.attention import FFTAttention
 from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
+from .models.config import FFT_IMPLS
 
 
 class TrainingSetupError(ValueError):
@@ -46,6 +53,9 @@ class TrainingSetupError(ValueError):
 
 class NonFiniteLossError(TrainingSetupError):
     """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # "none": eager
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,10 @@ class TrainSettings:
     num_cpu_processes: int = 1  # CPU DDP (gloo) processes when training without GPUs
     num_nodes: int = 1  # machines; under torchrun or SLURM Lightning takes ranks from the launcher
     precision: str = "32-true"
-    compile: bool = False
+    compile: str = "none"  # a COMPILE_MODES entry for torch.compile of the network (True/False: default/none)
+    fused_adamw: bool = False  # AdamW(fused=True): one kernel per step for all parameters
+    fft_impl: str | None = None  # experts' FFT product while training ("fft"/"matmul"); None: the config's
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights (model_ema.safetensors); e.g. 0.999
     dispatch: str = "auto"
     channels_last: bool = True  # faster convolutions on CPU (oneDNN) and GPU (cuDNN); same results
     seed: int = 0
@@ -86,6 +99,10 @@ class TrainSettings:
     fine_tune_from: str | None = None
     log_every_n_steps: int = 10
 
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # the flag used to be a boolean
+            object.__setattr__(self, "compile", "default" if self.compile else "none")
+
     def validate(self) -> None:
         """Raise :class:`TrainingSetupError` for a loss weight, rate or schedule length that is not finite."""
         numbers = {"--lr": (self.lr, False), "--schedule_epochs": (self.schedule_epochs, False),
@@ -94,6 +111,13 @@ class TrainSettings:
         for flag, (value, zero_ok) in numbers.items():
             if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
                 raise TrainingSetupError(f"{flag} is {value}; pass a finite number {'>= 0' if zero_ok else '> 0'}")
+        if not 0 <= self.ema_decay < 1:
+            raise TrainingSetupError(f"--ema_decay is {self.ema_decay}; pass 0 (off) or a number in (0, 1) "
+                                     "such as 0.999")
+        if self.compile not in COMPILE_MODES:
+            raise TrainingSetupError(f"--compile is {self.compile!r}; pass one of {', '.join(COMPILE_MODES)}")
+        if self.fft_impl not in (None, *FFT_IMPLS):
+            raise TrainingSetupError(f"--fft_impl is {self.fft_impl!r}; pass one of {', '.join(FFT_IMPLS)}")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -110,33 +134,62 @@ class MoCEModule(pl.LightningModule):
     def __init__(self, config: MoCEConfig, settings: TrainSettings):
         super().__init__()
         self.net = MoCEIR(config).set_dispatch(settings.dispatch)
+        if settings.fft_impl:
+            set_fft_impl(self.net, settings.fft_impl)
         self.settings = settings
-        self._tick: float | None = None
+        self._tick: float | None = None  # start of the current logging period (host clock)
+        self._seen = 0  # patches stepped since then
+        self._nonfinite: torch.Tensor | None = None  # [] int32 on the device: steps whose loss was NaN/inf
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        lq = batch["lq"].contiguous(memory_format=torch.channels_last) if self.settings.channels_last else batch["lq"]
-        out = self.net(lq)
         s = self.settings
+        if s.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier CUDA-graph outputs may be reused
+        lq = batch["lq"].contiguous(memory_format=torch.channels_last) if s.channels_last else batch["lq"]
+        out = self.net(lq)
         parts = restoration_loss(out.image, batch["gt"], out.balance_loss, s.loss_type, s.fft_loss_weight,
                                  s.balance_loss_weight)
-        if not torch.isfinite(parts["loss"]):
-            raise NonFiniteLossError(f"the training loss became {parts['loss'].item()} at step {self.global_step}; "
-                                     f"lower --lr (now {s.lr:g}) or check the data; earlier checkpoints are kept")
-        now = time.perf_counter()
-        if self._tick is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("patches_per_s", batch["lq"].shape[0] * world / (now - self._tick), prog_bar=True)
-        self._tick = now
+        bad = (~torch.isfinite(parts["loss"].detach())).int()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        self._log_speed(batch["lq"].shape[0])
         self.log("train/loss", parts["loss"], prog_bar=True, sync_dist=True)
         for name in ("l1", "fft", "balance"):
             if name in parts:
                 self.log(f"train/{name}", parts[name], sync_dist=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
         return parts["loss"]
+
+    def _log_speed(self, batch_size: int) -> None:
+        """patches/s averaged over the logging period (host clock; the log step's sync bounds each period)."""
+        now = time.perf_counter()
+        if self._tick is None:
+            self._tick = now
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self._seen += batch_size * world
+        self.log("patches_per_s", torch.tensor(self._seen / (now - self._tick)), prog_bar=True)
+        if (self.global_step + 1) % self.settings.log_every_n_steps == 0:
+            self._tick, self._seen = now, 0
+
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
+        if (batch_idx + 1) % self.settings.log_every_n_steps == 0:
+            self.raise_if_nonfinite()
+
+    def on_train_end(self) -> None:
+        self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss since the start was NaN/inf (one host sync)."""
+        if self._nonfinite is not None and int(self._nonfinite) > 0:
+            raise NonFiniteLossError(f"the training loss became NaN or inf ({int(self._nonfinite)} step(s) up to step "
+                                     f"{self.global_step}); lower --lr (now {self.settings.lr:g}) or check the data; "
+                                     "earlier checkpoints are kept")
 
     def configure_optimizers(self) -> Any:
         s = self.settings
-        opt = torch.optim.AdamW(self.parameters(), lr=s.lr)
+        # fused: one kernel for all parameters. capturable is not needed: only the network is compiled (and, with
+        # reduce-overhead, graph-captured); the optimizer step runs eagerly with the learning rate as a float.
+        opt = torch.optim.AdamW(self.parameters(), lr=s.lr, fused=s.fused_adamw or None)
         total = self.trainer.estimated_stepping_batches
         if s.max_steps > 0:
             warmup = int(total * s.warmup_epochs / s.schedule_epochs)
@@ -181,6 +234,68 @@ def require_finite(net: torch.nn.Module, what: str) -> None:
     if bad:
         raise NonFiniteLossError(f"{len(bad)} weight tensor(s) became NaN or inf (e.g. {bad[0]}); {what} was not "
                                  "written, earlier checkpoints are kept; lower --lr or check the data")
+
+
+def set_fft_impl(net: MoCEIR, impl: str) -> None:
+    """Run the experts' FFT product as ``impl`` ("fft" or "matmul": real-valued, which Inductor compiles).
+
+    Only the kernels change: ``net.config`` (and so every saved file) keeps its own ``fft_impl``.
+    """
+    for m in net.modules():
+        if isinstance(m, FFTAttention):
+            m.fft_impl = impl
+
+
+class WeightEMA(Callback):
+    """Exponential moving average of the network's parameters: ``ema = decay * ema + (1 - decay) * weights``.
+
+    Kept on the parameters' device in fp32 and updated after every optimizer step with one fused lerp (no host
+    synchronisation). It starts from the weights at the start of training (after ``--fine_tune_from``) and
+    travels in Lightning checkpoints, so a resumed run continues it.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self._live: list[torch.Tensor] = []
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self._step = -1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        named = [(n, p) for n, p in pl_module.net.named_parameters()]
+        self.names, self._live = [n for n, _ in named], [p for _, p in named]
+        loaded = self._loaded or {}
+        self.params = [loaded[n].to(p.device, p.dtype) if n in loaded else p.detach().clone() for n, p in named]
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self._step:  # an optimizer step happened (not every batch with accum_grad)
+            self._step = trainer.global_step
+            self.update()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.params, [p.detach() for p in self._live], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "params": self.averaged()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict.get("params")
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> averaged value (on the CPU)."""
+        return {n: p.detach().cpu() for n, p in zip(self.names, self.params)}
+
+    def network(self, net: MoCEIR) -> MoCEIR:
+        """A CPU copy of ``net`` holding the averaged parameters (buffers from ``net``)."""
+        ema = MoCEIR(net.config)
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        state.update(self.averaged())
+        ema.load_state_dict(state)
+        return ema
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -364,7 +479,8 @@ def _check_images(per_task: dict[str, list], run_dir: Path) -> None:
                                  f"{' ...' if len(problems) > 3 else ''} see {report}; replace or remove them")
 
 
-def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_step: int) -> pl.Trainer:
+def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_step: int,
+             extra: tuple[Callback, ...] = ()) -> pl.Trainer:
     accelerator, devices, strategy = _hardware(settings)
     history = resume.parent / "logs" / "metrics.csv" if resume else None
     checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
@@ -377,7 +493,7 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_
             accumulate_grad_batches=settings.accum_grad, default_root_dir=run_dir,
             logger=[TensorBoardLogger(run_dir, name="logs", version=""),
                     ResumableCSVLogger(run_dir, history, start_step)],
-            callbacks=[checkpoints, TQDMProgressBar(refresh_rate=10), PlotAtEnd(run_dir)],
+            callbacks=[*extra, checkpoints, TQDMProgressBar(refresh_rate=10), PlotAtEnd(run_dir)],
             plugins=[AtomicCheckpointIO()], log_every_n_steps=settings.log_every_n_steps,
             enable_model_summary=False,
         )
@@ -405,7 +521,8 @@ def _run_name(settings: TrainSettings) -> str:
 
 
 def train(config: MoCEConfig, settings: TrainSettings) -> Path:
-    """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json).
+    """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json, and
+    model_ema.safetensors with ``ema_decay``).
 
     Settings, checkpoints to resume or fine-tune from, hardware and the data layout are checked before the run
     folder is made; every training image is checked before the first step.
@@ -417,15 +534,16 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     source = _fine_tune_source(settings)
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)
-    trainer = _trainer(settings, run_dir, resume, start_step)
+    ema = WeightEMA(settings.ema_decay) if settings.ema_decay > 0 else None
+    trainer = _trainer(settings, run_dir, resume, start_step, (ema,) if ema else ())
 
     module = MoCEModule(source.config if source else config, settings)
     if source:
         module.net.load_state_dict(source.state_dict())
     if settings.channels_last:
         module.net.to(memory_format=torch.channels_last)
-    if settings.compile:
-        module.net.compile()
+    if settings.compile != "none":
+        _compile(module.net, settings.compile)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_images(per_task, run_dir)
@@ -437,8 +555,28 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     if trainer.is_global_zero:
         require_finite(module.net, "model.safetensors")
         save_model(module.net, run_dir / "model.safetensors", overwrite=True)
+        if ema is not None:
+            _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
         (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings, trainer))
     return run_dir
+
+
+def _compile(net: MoCEIR, mode: str) -> None:
+    """torch.compile ``net`` in place. Compiled code draws the router noise with eager's generator
+    (``fallback_random``), as benchmarks/train_throughput.py does when it checks a compiled step against eager: the
+    check covers the code that trains, and a compile cached by the benchmark serves training."""
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    net.compile(mode=mode)
+
+
+def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:
+    """The averaged weights as a model file of their own (config embedded): ``moceir.load_model(path)``."""
+    averaged = ema.network(net)
+    require_finite(averaged, path.name)
+    save_model(averaged, path, note=f"exponential moving average of the training weights, decay {ema.decay:g}",
+               overwrite=True)
 
 
 def _settings_json(config: MoCEConfig, settings: TrainSettings, trainer: pl.Trainer | None = None) -> str:

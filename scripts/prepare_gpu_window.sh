@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Prepare the GPU window on the CPU machine (docs/gpu-window.md): upstream's src/ into .gpu/upstream/src and the
+# training images into .gpu/data. Then run `bash scripts/gpu_session.sh` on the device with carry [".gpu"].
+#
+#   scripts/prepare_gpu_window.sh [UPSTREAM]
+#
+# UPSTREAM: a bare git dir of eduardzamfir/MoCE-IR, a checkout of it, or its src/ folder (default: the local mirror).
+# Upstream's code is never committed here: .gpu/ is git-ignored. pip fetches einops, which upstream's network needs.
+# DATASETS (default ../shared/datasets) is packed by scripts/pack_gpu_data.py when .gpu/data is missing; delete
+# .gpu/data to pack it again.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+DATASETS=${DATASETS:-$ROOT/../shared/datasets}
+MIRROR=/work/.mirror/eduardzamfir+MoCE-IR
+SRC=${1:-$([ -d "$MIRROR/repo" ] && echo "$MIRROR/repo" || echo "$MIRROR")}
+DEST=$ROOT/.gpu/upstream
+
+export_upstream() {  # $1: where upstream is; fills $DEST/src and $DEST/REVISION
+  local src=$1 git_dir=""
+  if git --git-dir="$src" rev-parse -q --verify HEAD >/dev/null 2>&1; then git_dir=$src
+  elif git --git-dir="$src/.git" rev-parse -q --verify HEAD >/dev/null 2>&1; then git_dir=$src/.git
+  fi
+  rm -rf "$DEST" && mkdir -p "$DEST"
+  if [ -n "$git_dir" ]; then  # the committed tree, not whatever a checkout has lying around
+    git --git-dir="$git_dir" archive HEAD src | tar -x -C "$DEST"
+    git --git-dir="$git_dir" log -1 --format='%H %cs %s' > "$DEST/REVISION"
+  elif [ -f "$src/src/net/moce_ir.py" ]; then cp -r "$src/src" "$DEST/src"; echo "copied from $src" > "$DEST/REVISION"
+  elif [ -f "$src/net/moce_ir.py" ]; then cp -r "$src" "$DEST/src"; echo "copied from $src" > "$DEST/REVISION"
+  else
+    echo "error: $src is neither a git dir of eduardzamfir/MoCE-IR nor a folder holding src/net/moce_ir.py" >&2
+    return 1
+  fi
+  find "$DEST" -name __pycache__ -prune -exec rm -rf {} +
+  [ -f "$DEST/src/net/moce_ir.py" ] || { echo "error: no src/net/moce_ir.py in $src" >&2; return 1; }
+}
+
+export_upstream "$SRC"
+# Upstream's network imports einops, which moceir does not need: it travels beside upstream's code (pure Python).
+"$PYTHON" -m pip install --quiet --no-deps --target "$DEST/pylib" einops
+echo "upstream: $DEST/src ($(cat "$DEST/REVISION")), its dependencies in $DEST/pylib"
+if [ ! -d "$ROOT/.gpu/data" ]; then
+  "$PYTHON" "$ROOT/scripts/pack_gpu_data.py" --data_file_dir "$DATASETS" --out "$ROOT/.gpu/data"
+fi
+size=$(du -sm "$ROOT/.gpu" | cut -f1)
+echo ".gpu holds ${size} MiB (carry limit 64 MiB, together with the working tree's untracked files)"
+[ "$size" -lt 64 ] || { echo "error: .gpu is ${size} MiB; lower pack_gpu_data.py --quality" >&2; exit 1; }

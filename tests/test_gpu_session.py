@@ -1,0 +1,95 @@
+"""The GPU window (issue 14): `scripts/gpu_session.sh --dry-run` takes the GPU run's code path on the CPU.
+
+One dry run (MoCE_IR_tiny, 16x16 patches, a few steps; about a minute) feeds every test: the matrix rows with
+their checks, the injected failure of the fast configuration and the fallback, the EMA, and the packed models.
+"""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import moceir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from train_throughput import PLANS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
+    env = {**os.environ, "OUT": str(out), "WORK": str(work),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "scripts/gpu_session.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = (out / "session.log").read_text() if (out / "session.log").exists() else ""
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + log[-4000:]
+    return out
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+
+
+def test_every_output_file_and_no_more_than_eight(out):
+    names = {p.name for p in out.iterdir()}
+    assert {"bench.jsonl", "session.log", "metrics.csv", "settings.json", "summary.json", "models.part0"} <= names
+    assert len(names) <= 8, names
+
+
+def test_matrix_has_a_row_per_configuration_and_checks_the_fast_ones(out):
+    rows = {r["key"]: r for r in _rows(out) if r["kind"] == "row"}
+    planned = [c for _, _, configs in PLANS["dry"]().groups for c in configs]
+    assert set(rows) == {c.key for c in planned}
+    for cfg in planned:
+        row = rows[cfg.key]
+        if cfg.impl == "upstream":
+            assert row["status"] in ("ok", "not available"), row
+        elif cfg.mode != "eager":  # a cold Inductor cache cannot compile within the dry run's limit
+            assert row["status"] in ("ok", "timeout", "skipped"), row
+        else:
+            assert row["status"] == "ok" and row["check"]["passed"] and row["patches_per_s"] > 0, row
+            assert row["check"]["reference"] == (cfg.reference().key if cfg.reference() else None)
+    assert rows["moceir eager bf16 b4"]["check"]["reference"] == "moceir eager fp32 b4"
+
+
+def test_selection_names_a_checked_configuration(out):
+    sel = [r for r in _rows(out) if r["kind"] == "selection"]
+    assert len(sel) == 1 and sel[0]["known_good"] == "moceir eager bf16 b4"
+    assert "--batch_size" in sel[0]["fastest_flags"] and sel[0]["fastest_patches_per_s"] > 0
+
+
+def test_the_failed_fast_attempt_falls_back_to_the_known_good_one(out):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == "final" and summary["dry_run"]
+    assert summary["fallback"]["happened"] and "NaN or inf" in summary["fallback"]["reason"]
+    assert [a["name"] for a in summary["attempts"]] == ["fast", "known-good"]
+    trained = summary["trained"]
+    assert trained["config"] == "moceir eager bf16 b4" and trained["steps"] == 6
+    assert math.isfinite(trained["final_loss"]) and trained["patches_per_s_median"] > 0
+    assert trained["models"] == ["model_fp16.safetensors", "model_ema_fp16.safetensors"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["global_step"] == 6 and settings["settings"]["ema_decay"] == 0.9
+
+
+def test_metrics_hold_the_trained_steps(out):
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert "train/loss" in lines[0] and len(lines) >= 3
+
+
+def test_model_parts_reassemble_into_loadable_raw_and_ema_weights(out, tmp_path):
+    blob = b"".join((out / f"models.part{i}").read_bytes() for i in range(len(list(out.glob("models.part*")))))
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(tmp_path, filter="data")
+    raw = moceir.load_model(tmp_path / "model_fp16.safetensors")
+    ema = moceir.load_model(tmp_path / "model_ema_fp16.safetensors")
+    assert raw.config == ema.config and raw.config.dim == 8
+    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))
