@@ -3,7 +3,11 @@
     python benchmarks/bench.py --device cpu  --out docs/bench_cpu.json
     python benchmarks/bench.py --device cuda --out bench_gpu.json
 
-Prints a Markdown table (also written next to --out). Every row is one configuration measured in this run.
+    python benchmarks/bench.py --sizes 256 1024 --modes eager graphs --dispatches dense --skip_train --jsonl bench.jsonl
+
+Prints a Markdown table (also written next to --out). Every row is one configuration measured in this run; a
+configuration that cannot run on this device (bf16 or CUDA graphs on the CPU) gets a row saying why.
+--jsonl appends each row, as measured, to a JSON-lines file (the GPU window's bench.jsonl).
 """
 
 from __future__ import annotations
@@ -19,11 +23,30 @@ import torch
 from common import build, inference_seconds, peak_memory_mb, reset_peak, train_patches_per_second
 from moceir.models import fused
 
+# Issue 14's GPU inference targets, ms per image at batch 1, by image side. Rows record them and, on CUDA, whether
+# they were met.
+TARGET_MS = {(256, 1): 5.0, (1024, 1): 40.0}
+
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def judged(row: dict, on_cuda: bool) -> dict:
+    """An inference ``row`` with the target it is judged against and, on CUDA, whether it met it."""
+    target = TARGET_MS.get((row.get("size"), row.get("batch")))
+    met = row["ms_per_image"] <= target if on_cuda and target and "ms_per_image" in row else None
+    return {**row, "target_ms": target, "met": met}
+
+
+def _skip_reason(device: torch.device, mode: str, precision: str) -> str | None:
+    if precision != "fp32" and device.type == "cpu":
+        return f"{precision} is not timed on the CPU"
+    if mode == "graphs" and device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return None
 
 
 def main() -> None:
@@ -49,6 +72,7 @@ def main() -> None:
     p.add_argument("--train_warmup", type=int, default=3)
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--jsonl", help="also append each row to these JSON lines, as measured (kind: inference/train)")
     a = p.parse_args()
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -57,17 +81,29 @@ def main() -> None:
     rows = []
 
     def record(row: dict) -> None:
+        if row["task"] == "inference":
+            row = judged(row, device.type == "cuda")
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps({"meta": {"device": _device_name(device), "partial": True}, "rows": rows}))
+        if a.jsonl:
+            at = f" {row.get('size', row.get('patch'))} b{row['batch']}" if "batch" in row else ""
+            line = {"kind": row["task"], "key": f"{row['task']} {row['mode']} {row['precision']}{at}",
+                    "status": "skipped" if "skipped" in row else "failed" if "error" in row else "ok",
+                    "model": a.model, "device": _device_name(device), **row}
+            with open(a.jsonl, "a") as f:
+                f.write(json.dumps(line) + "\n")
 
     configs = [(layout, mode, dispatch, precision, fusion) for layout in a.layouts for mode in a.modes
                for dispatch in a.dispatches for precision in a.precisions for fusion in a.cpu_fusions
-               if not (precision != "fp32" and device.type == "cpu") and not (fusion == "off" and device.type != "cpu")]
+               if not (fusion == "off" and device.type != "cpu")]
     for layout, mode, dispatch, precision, fusion in configs:
         key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision}
         if device.type == "cpu":
             key["cpu_fusion"] = fusion
+        if why := _skip_reason(device, mode, precision):
+            record({"task": "inference", **key, "skipped": why})
+            continue
         fused.set_enabled(fusion == "on")
         model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
         for size in a.sizes:
@@ -111,6 +147,10 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              "| task | layout | mode | dispatch | precision | size / patch | batch | result | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
+                         f"| | skipped: {r['skipped']} | |")
+            continue
         if "error" in r:
             lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
                          f"{r['size']}² | {r['batch']} | failed: {r['error'][:80]} | |")

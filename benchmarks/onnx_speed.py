@@ -4,10 +4,10 @@
     python benchmarks/onnx_speed.py --sizes 256 512 --repeats 3 --memory-size 0
 
 - PyTorch: ``moceir.load_model("default", channels_last=True)`` (eager, sparse dispatch, oneDNN-fused path);
-- ONNX Runtime: ``moceir.onnx.export_onnx`` of the same weights (dense dispatch, fft_impl="matmul"), CPU
-  execution provider, ``--threads`` intra-op threads;
-- "ORT, skip unchosen": the same graph, except that each expert runs inside an ONNX ``If`` (``torch.cond``) taken
-  only when an image of the batch chose it; at batch 1 that skips 3 of 4 experts per MoE layer.
+- "ort": ``moceir.onnx.export_onnx(..., dispatch="dense")`` of the same weights (all experts run, gated;
+  fft_impl="matmul"), CPU execution provider, ``--threads`` intra-op threads;
+- "ort_skip": the default export (``dispatch="conditional"``): each expert runs inside an ONNX ``If`` taken only
+  when an image of the batch chose it; at batch 1 that skips 3 of 4 experts per MoE layer.
 
 ``--sizes`` are timed interleaved in one process (median of ``--repeats``). At ``--memory-size`` each engine runs
 alone in a fresh subprocess: two forwards, the second one timed, and the RSS high-water mark (VmHWM) after loading and at the end
@@ -31,42 +31,15 @@ import torch
 
 import common  # noqa: F401  (importing it applies the allocator tuning, as the moceir command does)
 import moceir
-from moceir.models.experts import MoCEAdapter
 from moceir.onnx import export_onnx, load_onnx
 
 ENGINES = ("pytorch", "ort", "ort_skip")
 
 
-def _skip_unchosen(self: MoCEAdapter, x: torch.Tensor, shared: torch.Tensor, route) -> torch.Tensor:
-    """MoCEAdapter._dense with each expert behind ``torch.cond(any image chose it)`` (an ONNX If node)."""
-    weights = route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)  # [B, E]
-    out = torch.zeros_like(x)
-    for i in range(len(self.experts)):
-        expert = self.expert(i)
-
-        # Flat outputs: cond rejects symbolic 4D strides it cannot prove equal (Max(1, H) against H).
-        def run(x, s, w, expert=expert):
-            return (expert(x, s) * w.view(-1, 1, 1, 1)).reshape(-1)
-
-        def skip(x, s, w):
-            return torch.zeros_like(x).reshape(-1)
-
-        out = out + torch.cond(weights[:, i].sum() > 0, run, skip, (x, shared, weights[:, i])).view(x.shape)
-    return out
-
-
 def export(path: Path, skip_unchosen: bool) -> float:
-    model = moceir.load_model("default")
-    if skip_unchosen:  # export_onnx copies the model, so patch the class method for the duration
-        original = MoCEAdapter._dense
-        MoCEAdapter._dense = _skip_unchosen
     t0 = time.perf_counter()
-    try:
-        export_onnx(model, path, note="benchmarks/onnx_speed.py" + (" skip-unchosen" if skip_unchosen else ""),
-                    overwrite=True)
-    finally:
-        if skip_unchosen:
-            MoCEAdapter._dense = original
+    export_onnx(moceir.load_model("default"), path, overwrite=True, dispatch="conditional" if skip_unchosen else "dense",
+                note="benchmarks/onnx_speed.py" + (" conditional" if skip_unchosen else " dense"))
     return time.perf_counter() - t0
 
 

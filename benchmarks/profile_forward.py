@@ -4,12 +4,14 @@
     python benchmarks/profile_forward.py --device cpu --size 256 --out profile_cpu.md
 
 On CUDA, a device-busy time far below the wall time means the forward is bound by launches and host work
-(CUDA graphs or torch.compile help), not by the kernels. Writes a Markdown summary with the top operators.
+(CUDA graphs or torch.compile help), not by the kernels. Writes a Markdown summary with the top operators;
+--jsonl also appends the figures as one JSON line (kind: profile; the GPU window's bench.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ def main() -> None:
     p.add_argument("--dispatch", default="auto", choices=["auto", "dense", "sparse"])
     p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     p.add_argument("--out", default="profile.md")
+    p.add_argument("--jsonl", help="also append the figures and the top operators to these JSON lines")
     a = p.parse_args()
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = False  # no autotuning: the profile should show steady-state kernels
@@ -55,12 +58,22 @@ def main() -> None:
              "", f"- wall time of one forward, unprofiled: {wall_ms:.1f} ms",
              f"- aten operator calls: {ops}"]
     sort_key = "self_cpu_time_total"
+    row = {"kind": "profile", "key": f"profile {a.precision} {a.size} b{a.batch}", "model": a.model, "size": a.size,
+           "batch": a.batch, "precision": a.precision, "dispatch": a.dispatch, "layout": a.layout,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+           "wall_ms": wall_ms, "aten_ops": ops, "cuda_kernels": None, "device_busy_ms": None, "busy_pct": None}
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.device_time for e in kernels) / 1000
         lines += [f"- CUDA kernels launched: {len(kernels)}",
                   f"- device-busy time (sum of kernel times): {busy_ms:.1f} ms, {100 * busy_ms / wall_ms:.0f}% of the wall time"]
         sort_key = "self_device_time_total"
+        row.update(cuda_kernels=len(kernels), device_busy_ms=busy_ms, busy_pct=100 * busy_ms / wall_ms)
+    if a.jsonl:
+        top = sorted(events, key=lambda e: getattr(e, sort_key), reverse=True)[:10]
+        row["top_ops"] = [{"op": e.key, "self_ms": getattr(e, sort_key) / 1000, "calls": e.count} for e in top]
+        with open(a.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
     lines += ["", "```", events.table(sort_by=sort_key, row_limit=25, max_name_column_width=50), "```"]
     text = "\n".join(lines) + "\n"
     Path(a.out).write_text(text)

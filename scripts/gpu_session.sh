@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU window as one command, under 10 minutes (docs/gpu-window.md):
+#   inference (INFER_S, 0 skips it): benchmarks/bench.py at 256² and 1024², batch 1 and 8, fp32 and bf16, eager and
+#     CUDA-graph replay, each row judged against issue 14's batch-1 targets; one profile_forward.py run at 256²;
 #   phase 1 (PHASE1_S): training throughput of upstream against moceir, eager against torch.compile modes, fp32
 #     against bf16, batch 8 and 16, each fast configuration checked against eager (benchmarks/train_throughput.py);
 #   phase 2 (the rest): MoCE-IR-S training from the bundled weights with the fastest configuration that passed,
 #     falling back to the known-good one (eager, bf16-mixed, channels-last, batch 16) if the fast one fails at start,
 #     logs no step within START_S or stops on a non-finite loss; an EMA of the weights is kept beside them;
 #   then the raw and EMA weights as fp16 safetensors in one tar, split into parts under 15 MiB.
-# $OUT gets at most 8 files, each as soon as it exists: bench.jsonl (a row per configuration as measured, then the
-# selection), session.log, metrics.csv (copied while training), settings.json, summary.json, models.part0..N.
+# $OUT gets at most 8 files, each as soon as it exists: bench.jsonl (the inference and profile rows, a row per
+# training configuration as measured, then the selection), session.log, metrics.csv (copied while training),
+# settings.json, summary.json, models.part0..N.
 #
 #   bash scripts/prepare_gpu_window.sh      # first, on the CPU machine: .gpu/upstream and .gpu/data
 #   bash scripts/gpu_session.sh             # on the GPU machine, with carry [".gpu"] and timeout_s 600
@@ -29,6 +32,8 @@ if [ $DRY = 1 ]; then
   : "${MODEL:=MoCE_IR_tiny}" "${PATCH:=16}" "${PLAN:=dry}" "${PHASE1_S:=45}" "${DEADLINE_S:=110}"
   : "${START_S:=60}" "${STARTUP_S:=15}" "${PACK_S:=12}" "${WORKERS:=0}" "${EMA:=0.9}" "${LOG_EVERY:=2}"
   : "${STEPS:=6}" "${INJECT_FAILURE:=1}" "${FINE_TUNE_FROM:=tests/fixtures/golden/upstream_tiny_last.ckpt}"
+  : "${INFER_S:=20}"
+  INFER_SIZES="64 256" INFER_MAX_PIXELS=65536  # 256² at batch 1 carries a target; 64² gives the batch-8 row cheaply
   if [ -z "${WORK:-}" ]; then
     WORK=$(mktemp -d /tmp/moceir_window.XXXXXX)
     trap 'rm -rf "$WORK"' EXIT
@@ -37,6 +42,8 @@ else
   : "${MODEL:=MoCE_IR_S}" "${PATCH:=128}" "${PLAN:=gpu}" "${PHASE1_S:=170}" "${DEADLINE_S:=540}"
   : "${START_S:=150}" "${STARTUP_S:=45}" "${PACK_S:=40}" "${WORKERS:=14}" "${EMA:=0.999}" "${LOG_EVERY:=10}"
   : "${STEPS:=}" "${INJECT_FAILURE:=0}" "${FINE_TUNE_FROM:=src/moceir/weights/default.safetensors}"
+  : "${INFER_S:=60}"
+  INFER_SIZES="256 1024" INFER_MAX_PIXELS=2.2e6  # not 1024² at batch 8: seconds per row
   WORK=${WORK:-/tmp/moceir_window}
 fi
 DATA=${DATA:-}
@@ -46,7 +53,8 @@ LOG=$OUT/session.log
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/runs"
 : > "$LOG"
-export WORK OUT DRY EMA FINE_TUNE_FROM
+: > "$OUT/bench.jsonl"  # rows are appended from here on
+export WORK OUT DRY EMA FINE_TUNE_FROM INFER_S
 
 say() {  # to the terminal, and to the log on a line of its own (progress bars end without a newline)
   echo "[+${SECONDS}s] $*"
@@ -75,6 +83,31 @@ if [ -z "$DATA" ]; then
 fi
 [ -d "$DATA" ] || say "error: no training data at $DATA (run scripts/prepare_gpu_window.sh first); phase 2 will fail"
 say "dry run: $DRY; model $MODEL, patch $PATCH, data $DATA, deadline ${DEADLINE_S} s"
+
+# ------------------------------------------------------------------------------------------- inference
+# Its time comes out of training's (which gets what is left), not the matrix's. The benchmark gets two thirds of
+# INFER_S, the profile the rest; each row lands in bench.jsonl as measured, so a timeout keeps what was done.
+if [ "$INFER_S" -gt 0 ]; then
+  say "inference: bench.py ($INFER_SIZES) and a profile at 256² within ${INFER_S} s"
+  infer_end=$((SECONDS + INFER_S))
+  bench_s=$((INFER_S * 2 / 3 > 0 ? INFER_S * 2 / 3 : 1))  # timeout 0 would mean no limit
+  # shellcheck disable=SC2086  # INFER_SIZES is a list
+  (cd benchmarks && timeout -k 5 $bench_s python3 bench.py --model "$MODEL" --sizes $INFER_SIZES \
+    --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --modes eager graphs --dispatches dense \
+    --cudnn_benchmark off --skip_train --out "$WORK/inference.json" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
+  bench_rc=$?
+  profile_rc=null
+  if [ $((infer_end - SECONDS)) -gt 2 ]; then
+    (cd benchmarks && timeout -k 5 $((infer_end - SECONDS)) python3 profile_forward.py --model "$MODEL" --size 256 \
+      --batch 1 --precision fp32 --dispatch dense --out "$WORK/profile.md" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
+    profile_rc=$?
+  fi
+  say "inference exit: bench.py $bench_rc, profile_forward.py $profile_rc (124: timed out)"
+  printf '{"infer_s": %s, "bench_rc": %s, "profile_rc": %s}\n' "$INFER_S" "$bench_rc" "$profile_rc" \
+    > "$WORK/inference_phase.json"
+else
+  say "inference: skipped (INFER_S=0)"
+fi
 
 # ------------------------------------------------------------------------------------------- phase 1: matrix
 say "phase 1: training-throughput matrix '$PLAN' within ${PHASE1_S} s"
@@ -153,10 +186,45 @@ import csv, json, math, os, shutil, statistics, sys, tarfile
 from pathlib import Path
 
 stage, work, out = sys.argv[1], Path(os.environ["WORK"]), Path(os.environ["OUT"])
-rows = [json.loads(l) for l in (out / "bench.jsonl").read_text().splitlines() if l.strip()] \
+def parse(line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line cut off by a timeout
+        return None
+
+
+rows = [r for r in map(parse, (out / "bench.jsonl").read_text().splitlines()) if r] \
     if (out / "bench.jsonl").exists() else []
 attempts = [json.loads(l) for l in (work / "attempts.jsonl").read_text().splitlines()] \
     if (work / "attempts.jsonl").exists() else []
+
+
+def inference_summary(rows):
+    """Best batch-1 ms per size (with its target) and best batch-8 images/s, from the inference rows."""
+    phase = work / "inference_phase.json"
+    if os.environ["INFER_S"] == "0":
+        return {"skipped": "INFER_S=0"}
+    inf = [r for r in rows if r.get("kind") == "inference"]
+    ok = [r for r in inf if r["status"] == "ok"]
+    by_status = {}
+    for r in inf:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    best1, best8 = {}, {}
+    for r in ok:
+        size = f"{r['size']}"
+        if r["batch"] == 1 and (size not in best1 or r["ms_per_image"] < best1[size]["ms"]):
+            best1[size] = {"ms": r["ms_per_image"], "mode": r["mode"], "precision": r["precision"],
+                           "target_ms": r["target_ms"], "met": r["met"]}
+        if r["batch"] == 8 and (size not in best8 or r["images_per_s"] > best8[size]["images_per_s"]):
+            best8[size] = {"images_per_s": r["images_per_s"], "mode": r["mode"], "precision": r["precision"]}
+    prof = next((r for r in rows if r.get("kind") == "profile"), None)
+    return {"phase": json.loads(phase.read_text()) if phase.exists() else None, "rows_by_status": by_status,
+            "batch1_best": best1, "batch8_best": best8,
+            "not_measured": [f"{r['key']}: {r.get('skipped') or r.get('error')}" for r in inf if r["status"] != "ok"],
+            "profile": prof and {k: prof[k] for k in ("size", "precision", "wall_ms", "aten_ops", "cuda_kernels",
+                                                      "device_busy_ms", "busy_pct")}}
+
+
 statuses = {}
 for r in rows:
     if r.get("kind") == "row":
@@ -165,7 +233,7 @@ summary = {"stage": stage, "dry_run": os.environ["DRY"] == "1", "elapsed_s": int
            "env": (work / "env.txt").read_text().splitlines(),
            "phase1": {"rows_by_status": statuses, "selection": next((r for r in rows if r.get("kind") == "selection"),
                                                                       None)},
-           "attempts": attempts}
+           "inference": inference_summary(rows), "attempts": attempts}
 good = [a for a in attempts if a["rc"] == 0]
 if stage == "final":
     import torch

@@ -1,7 +1,8 @@
 """The GPU window (issue 14): `scripts/gpu_session.sh --dry-run` takes the GPU run's code path on the CPU.
 
-One dry run (MoCE_IR_tiny, 16x16 patches, a few steps; about a minute) feeds every test: the matrix rows with
-their checks, the injected failure of the fast configuration and the fallback, the EMA, and the packed models.
+One dry run (MoCE_IR_tiny, 16x16 patches, a few steps; about a minute) feeds every test: the inference and
+profile rows, the matrix rows with their checks, the injected failure of the fast configuration and the fallback,
+the EMA, and the packed models.
 """
 
 import io
@@ -43,6 +44,43 @@ def test_every_output_file_and_no_more_than_eight(out):
     names = {p.name for p in out.iterdir()}
     assert {"bench.jsonl", "session.log", "metrics.csv", "settings.json", "summary.json", "models.part0"} <= names
     assert len(names) <= 8, names
+
+
+def test_inference_rows_come_first_with_their_targets(out):
+    rows = _rows(out)
+    kinds = [r["kind"] for r in rows]
+    assert kinds.index("meta") == kinds.index("profile") + 1 and kinds[-1] == "selection"
+    inf = [r for r in rows if r["kind"] == "inference"]
+    assert {(r["mode"], r["precision"]) for r in inf} == {(m, p) for m in ("eager", "graphs") for p in ("fp32", "bf16")}
+    ok = {(r["size"], r["batch"]): r for r in inf if r["status"] == "ok"}
+    # the dry run's --max_pixels keeps 64² at batch 1 and 8 and 256² at batch 1; CPU times eager fp32 only
+    assert set(ok) == {(64, 1), (64, 8), (256, 1)}
+    assert all(r["mode"] == "eager" and r["dispatch"] == "dense" and r["ms_per_image"] > 0 for r in ok.values())
+    assert ok[256, 1]["target_ms"] == 5.0 and ok[64, 1]["target_ms"] is None
+    assert all(r["met"] is None for r in inf)  # judged on CUDA only
+    skipped = {r["key"]: r["skipped"] for r in inf if r["status"] == "skipped"}
+    assert "CUDA graphs" in skipped["inference graphs fp32"] and len(skipped) == 3
+    (profile,) = [r for r in rows if r["kind"] == "profile"]
+    assert profile["size"] == 256 and profile["wall_ms"] > 0 and profile["aten_ops"] > 0 and profile["top_ops"]
+
+
+def test_targets_are_judged_on_cuda_only():
+    code = ("from bench import judged; r = {'size': 1024, 'batch': 1, 'ms_per_image': 39.0}; "
+            "print(judged(r, True)['met'], judged({**r, 'ms_per_image': 41.0}, True)['met'], judged(r, False)['met'], "
+            "judged({**r, 'batch': 8}, True)['target_ms'])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert res.stdout.split() == ["True", "False", "None", "None"], res.stderr[-2000:]
+
+
+def test_summary_has_the_inference_section(out):
+    inf = json.loads((out / "summary.json").read_text())["inference"]
+    assert inf["phase"] == {"infer_s": 20, "bench_rc": 0, "profile_rc": 0}
+    assert inf["batch1_best"]["256"] == {**inf["batch1_best"]["256"], "mode": "eager", "precision": "fp32",
+                                         "target_ms": 5.0, "met": None}
+    assert inf["batch1_best"]["256"]["ms"] > 0 and inf["batch8_best"]["64"]["images_per_s"] > 0
+    assert inf["rows_by_status"] == {"ok": 3, "skipped": 3} and len(inf["not_measured"]) == 3
+    assert inf["profile"]["wall_ms"] > 0 and inf["profile"]["cuda_kernels"] is None
 
 
 def test_matrix_has_a_row_per_configuration_and_checks_the_fast_ones(out):

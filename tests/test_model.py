@@ -38,7 +38,7 @@ def routed_model(mixed_batch):
     return model
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "sparse"])
+@pytest.mark.parametrize("dispatch", ["dense", "sparse", "conditional"])
 def test_batch_equals_per_image_with_different_experts(routed_model, mixed_batch, dispatch):
     routed_model.set_dispatch(dispatch)
     with torch.no_grad():

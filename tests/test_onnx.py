@@ -93,9 +93,12 @@ def routed_tiny(two_images):
     return model
 
 
-@pytest.fixture(scope="module")
-def exported(routed_tiny, tmp_path_factory):
+@pytest.fixture(scope="module", params=["conditional", "dense"])
+def exported(routed_tiny, tmp_path_factory, request):
+    """The routed tiny model exported with each dispatch: experts behind an If each (the default), or all run."""
     _need_onnx()
+    import onnx
+
     from moceir.onnx import export_onnx, load_onnx
 
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
@@ -103,7 +106,10 @@ def exported(routed_tiny, tmp_path_factory):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_onnx(routed_tiny, path)
     # optimize=False halves the export time; the optimized graph (the default) is run by tests/test_onnx_cli.py.
-    assert export_onnx(routed_tiny, path, note="tiny test export", overwrite=True, optimize=False) == path
+    assert export_onnx(routed_tiny, path, note="tiny test export", overwrite=True, optimize=False,
+                       dispatch=request.param) == path
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("If" in ops) == (request.param == "conditional")
     assert not path.with_name(path.name + ".tmp").exists()
     return load_onnx(path, threads=2)
 

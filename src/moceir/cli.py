@@ -446,7 +446,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.dtype != "fp32":
             raise UsageError("ONNX export is fp32 only; drop --dtype")
         try:
-            path = export_onnx(model, out, note=args.note, overwrite=args.overwrite, optimize=args.optimize)
+            path = export_onnx(model, out, note=args.note, overwrite=args.overwrite, optimize=args.optimize,
+                               dispatch=args.dispatch)
         except ImportError as e:
             raise UsageError(str(e)) from None
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX fp32, dynamic batch/height/width in "
@@ -628,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="ONNX: run onnxscript's graph optimizer (about 2x the export time; ONNX Runtime ran 16%% "
                         "faster with it)")
+    p.add_argument("--dispatch", choices=["conditional", "dense"], default="conditional",
+                   help="ONNX: run only the experts some image chose (an If per expert), or all of them, gated")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
     p.add_argument("--note", help="text stored in the file and printed when the model is used")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -7,8 +7,9 @@ The exported graph:
 - outputs ``restored`` (float32 [B, 3, H, W]) and ``experts`` (int64 [layers, B, k]: each MoE layer's chosen
   experts per image, as :attr:`moceir.MoCEOutput.expert_indices`).
 
-Every image goes to its own experts inside the graph, with no host round trip: all experts run on the batch and a
-[B, E] gate matrix built from the router's top-k selects (the "dense" dispatch of MoCEAdapter). The experts' patch
+Every image goes to its own experts inside the graph, with no host round trip: a [B, E] gate matrix built from the
+router's top-k selects, and each expert runs on the batch behind an ``If`` that skips it when no image chose it
+(MoCEAdapter's "conditional" dispatch; ``dispatch="dense"`` runs all of them). The experts' patch
 FFT product is exported through the real-valued path (``fft_impl="matmul"``), so the graph holds no complex
 tensors and no DFT operator.
 
@@ -138,8 +139,8 @@ class _Exported(nn.Module):
         return out.image, out.expert_indices
 
 
-def _exportable_copy(model: MoCEIR) -> MoCEIR:
-    """A CPU float32 copy of ``model`` on the exportable path: fft_impl="matmul" (as one operator), dense
+def _exportable_copy(model: MoCEIR, dispatch: str) -> MoCEIR:
+    """A CPU float32 copy of ``model`` on the exportable path: fft_impl="matmul" (as one operator), the given
     dispatch, eval mode. ``model`` itself is left as it was."""
     if model.config.eval_router_noise:
         raise ValueError("the model adds router noise in eval (eval_router_noise=True); an ONNX export is "
@@ -149,11 +150,14 @@ def _exportable_copy(model: MoCEIR) -> MoCEIR:
     for module in copy.modules():
         if isinstance(module, attention.FFTAttention):
             module.fft_impl = EXPORT_IMPL
-    return copy.eval().set_dispatch("dense")
+    return copy.eval().set_dispatch(dispatch)
+
+
+EXPORT_DISPATCHES = ("conditional", "dense")
 
 
 def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, note: str | None = None,
-                overwrite: bool = False, optimize: bool = True) -> Path:
+                overwrite: bool = False, optimize: bool = True, dispatch: str = "conditional") -> Path:
     """Write ``model`` as an ONNX graph with dynamic batch, height and width (see the module docstring).
 
     The file is written to ``path + ".tmp"`` and then moved into place; an existing ``path`` is replaced only
@@ -161,6 +165,8 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
     ``optimize`` runs the onnxscript graph optimizer: it about doubles the export time (MoCE-IR-S: 227 s against
     121 s on a loaded 2-core machine) and makes ONNX Runtime 16% faster (it turns the SplitToSequence/SequenceAt
     pairs of ``chunk`` into Split, which took 15% of ORT's time). ``optimize=False`` for quick exports (tests).
+    ``dispatch``: "conditional" puts each expert behind an ONNX ``If`` (some image of the batch chose it), so a
+    single image runs one expert per MoE layer; "dense" runs all experts and gates them (docs/onnx-and-fft.md).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -169,7 +175,9 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
         raise ValueError(f"opset must be at least 18 (the patch product is written with opset-18 operators), got {opset}")
     for module in ("onnx", "onnxscript"):
         _require(module)
-    net = _exportable_copy(model)
+    if dispatch not in EXPORT_DISPATCHES:
+        raise ValueError(f"dispatch must be one of {EXPORT_DISPATCHES}, got {dispatch!r}")
+    net = _exportable_copy(model, dispatch)
     config, m = net.config, net.config.size_multiple
     sample = torch.rand(2, config.inp_channels, 2 * m, 3 * m)
     dims = torch.export.Dim
@@ -233,6 +241,7 @@ def load_onnx(path: str | Path, providers: Sequence[str] | None = None, threads:
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} does not exist or is not a file")
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the conditional graph's If branches draw "unused initializer" notes
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

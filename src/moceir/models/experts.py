@@ -12,7 +12,7 @@ from .config import MoCEConfig
 from .layers import conv1x1
 from .router import Router, RouterOutput
 
-DISPATCH_MODES = ("auto", "dense", "sparse")
+DISPATCH_MODES = ("auto", "dense", "sparse", "conditional")
 
 
 class ComplexityExpert(nn.Module):
@@ -42,6 +42,8 @@ class MoCEAdapter(nn.Module):
       synchronisation and static shapes (CUDA graphs / torch.compile friendly);
     - "sparse": each expert runs only on the images routed to it (less arithmetic, needs the routing
       on the host). "auto" picks dense on CUDA and sparse elsewhere.
+    A third, "conditional", is dense with each expert behind ``torch.cond(some image chose it)``: in an exported
+    graph (an ONNX ``If`` per expert) only the chosen experts run, with the dense path's per-image gating.
     """
 
     def __init__(self, dim: int, freq_dim: int, config: MoCEConfig):
@@ -69,7 +71,7 @@ class MoCEAdapter(nn.Module):
         mode = self.dispatch
         if mode == "auto":
             mode = "dense" if x.is_cuda else "sparse"
-        combine = self._dense if mode == "dense" else self._sparse
+        combine = {"dense": self._dense, "sparse": self._sparse, "conditional": self._conditional}[mode]
         return self.proj_out(combine(x, shared, route)), route
 
     def _dense(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
@@ -78,6 +80,21 @@ class MoCEAdapter(nn.Module):
         for i in range(len(self.experts)):
             y = self.expert(i)(x, shared) * weights[:, i].view(-1, 1, 1, 1).to(x.dtype)
             out = y if out is None else out + y
+        return out
+
+    def _conditional(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        weights = route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)  # [B, E]
+        out = torch.zeros_like(x)
+        for i in range(len(self.experts)):
+            # Flat branch outputs: torch.cond cannot prove symbolic 4-D strides of the two branches equal.
+            def run(x, s, w, expert=self.expert(i)):
+                return (expert(x, s) * w.view(-1, 1, 1, 1).to(x.dtype)).reshape(-1)
+
+            def skip(x, s, w):
+                return torch.zeros_like(x).reshape(-1)
+
+            chosen = weights[:, i].sum() > 0  # gates are positive; `amax() > 0` has no ONNX translation
+            out = out + torch.cond(chosen, run, skip, (x, shared, weights[:, i])).view(x.shape)
         return out
 
     def _sparse(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:

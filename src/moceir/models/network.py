@@ -79,7 +79,7 @@ class MoCEIR(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoCEAdapter)]
 
     def set_dispatch(self, mode: str) -> "MoCEIR":
-        """Choose how images reach their experts: "auto", "dense" or "sparse" (see MoCEAdapter)."""
+        """Choose how images reach their experts: "auto", "dense", "sparse" or "conditional" (see MoCEAdapter)."""
         if mode not in DISPATCH_MODES:
             raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {mode!r}")
         for adapter in self.adapters:
