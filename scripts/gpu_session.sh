@@ -52,6 +52,10 @@ UPSTREAM=${UPSTREAM:-$ROOT/.gpu/upstream/src}
 LOG=$OUT/session.log
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/runs"
+# Inductor's cache is this run's own: a compile killed at its time limit can leave a truncated .so behind, and a
+# shared cache (/tmp/torchinductor_$USER) then fails every later run that loads it ("file too short"; seen in CI).
+# Phase 2 still reuses phase 1's compiles, which is all the cache is for here.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}
 : > "$LOG"
 : > "$OUT/bench.jsonl"  # rows are appended from here on
 export WORK OUT DRY EMA FINE_TUNE_FROM INFER_S
