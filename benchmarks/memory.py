@@ -43,7 +43,7 @@ def _restore_peak(size: str, source: str, device: str, api: bool, max_memory: st
     import moceir
     from moceir.cli import _bytes
     from moceir.inference import auto_tile, estimate_peak_bytes, memory_budget
-    from moceir.pipeline import DEFAULT_CONTEXT_PAD
+    from moceir.pipeline import DEFAULT_CONTEXT_PAD, _padded
     from PIL import Image
 
     if not api:  # the command tunes glibc's allocator, and the memory model follows (moceir.runtime)
@@ -53,9 +53,9 @@ def _restore_peak(size: str, source: str, device: str, api: bool, max_memory: st
     w, h = map(int, size.lower().split("x"))
     budget = _bytes(max_memory) if max_memory else memory_budget(torch.device(device))
     model = moceir.create_model("MoCE_IR_S")
-    pad = 2 * DEFAULT_CONTEXT_PAD
-    tile = auto_tile(model, h + pad + 8, w + pad + 8, budget)
-    predicted = estimate_peak_bytes(model, h + pad + 8, w + pad + 8, tile) / 1e6
+    padded = _padded((h, w), DEFAULT_CONTEXT_PAD)  # as the pipeline sizes it
+    tile = auto_tile(model, *padded, budget)
+    predicted = estimate_peak_bytes(model, *padded, tile) / 1e6
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"photo_{w}x{h}.png"
         Image.open(source).convert("RGB").resize((w, h), Image.BICUBIC).save(src)

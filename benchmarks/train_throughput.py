@@ -149,9 +149,10 @@ def _stepper(model, cfg: Config, device):
 
     from common import autocast
     from moceir.losses import restoration_loss
+    from moceir.runtime import compile_network
 
     if cfg.mode != EAGER:
-        model.compile(mode=cfg.mode)
+        compile_network(model, cfg.mode)  # as `moceir train --compile`: eager's random numbers (the check)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=cfg.fused_adamw or None)
 
     def step(lq, gt):
@@ -229,10 +230,6 @@ def run_worker(a: argparse.Namespace) -> None:
     device = torch.device(a.device)
     torch.set_float32_matmul_precision("high")  # as `moceir train` (TF32 on CUDA)
     torch.backends.cudnn.benchmark = False  # autotuning cost minutes on a fresh machine in the first GPU session
-    if any(c.mode != EAGER for c in configs):
-        import torch._inductor.config as inductor
-
-        inductor.fallback_random = True  # compiled code draws the same random numbers as eager (the check)
     for cfg in configs:
         t0 = time.perf_counter()
         try:

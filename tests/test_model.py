@@ -136,6 +136,8 @@ def test_unknown_names_list_the_valid_choices():
         MoCEConfig(dim=8, heads=(3, 1, 1, 1))
     with pytest.raises(ValueError, match="dispatch"):
         moceir.create_model("MoCE_IR_tiny").set_dispatch("fast")
+    with pytest.raises(ValueError, match="fft_impl must be one of"):
+        moceir.create_model("MoCE_IR_tiny").set_fft_impl("fast")
 
 
 def test_input_size_must_be_multiple_of_8():

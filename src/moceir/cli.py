@@ -115,19 +115,6 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def _dtype(name: str):
-    """torch dtype for "fp16" / "bf16"; None for "fp32" (keep float32)."""
-    from .pipeline import PRECISIONS
-
-    return PRECISIONS[name]
-
-
-def _checkpoint_note(path: str) -> str:
-    from .models.checkpoints import checkpoint_note
-
-    return checkpoint_note(path)
-
-
 # ---------------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -212,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- test
 def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     from . import load_model
+    from .models.checkpoints import checkpoint_note
     from .pipeline import UsageError
     from .training import resolve_checkpoint
 
@@ -227,7 +215,7 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     config = _config_from_args(args) if args.model else None
     device = _device("cpu" if cpu else args.device)  # a distributed run moves the network to each rank's device
     model = load_model(path, device=device, config=config, channels_last=True)
-    note = _checkpoint_note(path)
+    note = checkpoint_note(path)
     if note and not args.quiet:
         print(f"model note: {note}")
     return model, device, path
@@ -367,13 +355,14 @@ def cmd_routing(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- restore
 def cmd_restore(args: argparse.Namespace) -> int:
     from .distributed import global_rank
+    from .models.checkpoints import checkpoint_note
     from .pipeline import _launched_rank, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
             print(line, file=sys.stderr)
 
-    note = "" if args.quiet else _checkpoint_note(args.checkpoint)
+    note = "" if args.quiet else checkpoint_note(args.checkpoint)
     if note:
         print(f"model: {note}")
     model = args.checkpoint
@@ -429,7 +418,7 @@ EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import load_model, save_model
-    from .pipeline import UsageError
+    from .pipeline import PRECISIONS, UsageError
 
     out = Path(args.output)
     fmt = args.format or EXPORT_FORMATS.get(out.suffix.lower())
@@ -453,7 +442,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX fp32, dynamic batch/height/width in "
               f"multiples of {model.config.size_multiple}, config in its metadata)")
         return 0
-    path = save_model(model, out, dtype=_dtype(args.dtype), note=args.note, overwrite=args.overwrite)
+    path = save_model(model, out, dtype=PRECISIONS[args.dtype], note=args.note, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
     return 0
 

@@ -147,10 +147,7 @@ def _exportable_copy(model: MoCEIR, dispatch: str) -> MoCEIR:
                          "deterministic: load it with eval_router_noise=False")
     copy = MoCEIR(model.config.replace(fft_impl="matmul"))
     copy.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
-    for module in copy.modules():
-        if isinstance(module, attention.FFTAttention):
-            module.fft_impl = EXPORT_IMPL
-    return copy.eval().set_dispatch(dispatch)
+    return copy.eval().set_fft_impl(EXPORT_IMPL).set_dispatch(dispatch)
 
 
 EXPORT_DISPATCHES = ("conditional", "dense")

@@ -7,6 +7,10 @@ import ctypes.util
 import functools
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -58,3 +62,14 @@ def release_freed_memory() -> None:
         trim = getattr(_libc(), "malloc_trim", None)
         if trim is not None:
             trim(0)
+
+
+def compile_network(net: "torch.nn.Module", mode: str) -> None:
+    """``torch.compile`` ``net`` in place in ``mode``, as ``moceir train --compile`` and
+    benchmarks/train_throughput.py do. Compiled code draws random numbers (the router noise) with eager's
+    generator (Inductor's process-wide ``fallback_random``), so a compiled step can be checked against eager, and a
+    compile cached by the benchmark serves training."""
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    net.compile(mode=mode)

@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader
 from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
-from .models.attention import FFTAttention
 from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
 from .models.config import FFT_IMPLS
+from .runtime import compile_network
 
 
 class TrainingSetupError(ValueError):
@@ -135,7 +135,7 @@ class MoCEModule(pl.LightningModule):
         super().__init__()
         self.net = MoCEIR(config).set_dispatch(settings.dispatch)
         if settings.fft_impl:
-            set_fft_impl(self.net, settings.fft_impl)
+            self.net.set_fft_impl(settings.fft_impl)
         self.settings = settings
         self._tick: float | None = None  # start of the current logging period (host clock)
         self._seen = 0  # patches stepped since then
@@ -234,16 +234,6 @@ def require_finite(net: torch.nn.Module, what: str) -> None:
     if bad:
         raise NonFiniteLossError(f"{len(bad)} weight tensor(s) became NaN or inf (e.g. {bad[0]}); {what} was not "
                                  "written, earlier checkpoints are kept; lower --lr or check the data")
-
-
-def set_fft_impl(net: MoCEIR, impl: str) -> None:
-    """Run the experts' FFT product as ``impl`` ("fft" or "matmul": real-valued, which Inductor compiles).
-
-    Only the kernels change: ``net.config`` (and so every saved file) keeps its own ``fft_impl``.
-    """
-    for m in net.modules():
-        if isinstance(m, FFTAttention):
-            m.fft_impl = impl
 
 
 class WeightEMA(Callback):
@@ -543,7 +533,7 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     if settings.channels_last:
         module.net.to(memory_format=torch.channels_last)
     if settings.compile != "none":
-        _compile(module.net, settings.compile)
+        compile_network(module.net, settings.compile)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_images(per_task, run_dir)
@@ -559,16 +549,6 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
             _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
         (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings, trainer))
     return run_dir
-
-
-def _compile(net: MoCEIR, mode: str) -> None:
-    """torch.compile ``net`` in place. Compiled code draws the router noise with eager's generator
-    (``fallback_random``), as benchmarks/train_throughput.py does when it checks a compiled step against eager: the
-    check covers the code that trains, and a compile cached by the benchmark serves training."""
-    import torch._inductor.config as inductor
-
-    inductor.fallback_random = True
-    net.compile(mode=mode)
 
 
 def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:

@@ -74,8 +74,13 @@ class MoCEAdapter(nn.Module):
         combine = {"dense": self._dense, "sparse": self._sparse, "conditional": self._conditional}[mode]
         return self.proj_out(combine(x, shared, route)), route
 
+    @staticmethod
+    def _gate_matrix(route: RouterOutput) -> torch.Tensor:
+        """[B, E]: each image's gate for each expert, 0 where the expert was not chosen."""
+        return route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)
+
     def _dense(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        weights = route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)  # [B, E]
+        weights = self._gate_matrix(route)
         out = None
         for i in range(len(self.experts)):
             y = self.expert(i)(x, shared) * weights[:, i].view(-1, 1, 1, 1).to(x.dtype)
@@ -83,7 +88,7 @@ class MoCEAdapter(nn.Module):
         return out
 
     def _conditional(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        weights = route.gates.new_zeros(route.logits.shape).scatter(1, route.indices, route.gates)  # [B, E]
+        weights = self._gate_matrix(route)
         out = torch.zeros_like(x)
         for i in range(len(self.experts)):
             # Flat branch outputs: torch.cond cannot prove symbolic 4-D strides of the two branches equal.

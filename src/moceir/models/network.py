@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import FFTAttention
+from .attention import PATCH_PRODUCTS, FFTAttention
 from .blocks import DecoderGroup, EncoderGroup
 from .config import MoCEConfig
 from .experts import DISPATCH_MODES, MoCEAdapter
@@ -70,13 +70,23 @@ class MoCEIR(nn.Module):
             ]))
         self.refinement = EncoderGroup(c.dim, heads[0], c.num_refinement_blocks, c.ffn_expansion_factor)
         self.output = nn.Conv2d(c.dim, c.out_channels, 3, padding=1, bias=c.bias)
-        for m in self.modules():  # the experts build their FFTAttention without the config
-            if isinstance(m, FFTAttention):
-                m.fft_impl = c.fft_impl
+        self.set_fft_impl(c.fft_impl)  # the experts build their FFTAttention without the config
 
     @property
     def adapters(self) -> list[MoCEAdapter]:
         return [m for m in self.modules() if isinstance(m, MoCEAdapter)]
+
+    def set_fft_impl(self, impl: str) -> "MoCEIR":
+        """Compute the experts' patch FFT product as ``impl`` (a key of attention.PATCH_PRODUCTS: "fft", "matmul").
+
+        Only the kernels change: ``self.config`` (and so every file saved from this network) keeps its own value.
+        """
+        if impl not in PATCH_PRODUCTS:
+            raise ValueError(f"fft_impl must be one of {tuple(PATCH_PRODUCTS)}, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, FFTAttention):
+                m.fft_impl = impl
+        return self
 
     def set_dispatch(self, mode: str) -> "MoCEIR":
         """Choose how images reach their experts: "auto", "dense", "sparse" or "conditional" (see MoCEAdapter)."""
