@@ -48,6 +48,16 @@ def test_restore_with_onnx_equals_pytorch(exported, tmp_path):
         assert np.abs(a - b).max() <= 1 / 255
 
 
+def test_experts_skip_with_an_onnx_model_is_one_line(exported, tmp_path, capsys):
+    root, ckpt, onnx = exported
+    save_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--checkpoint", onnx,
+                 "--experts", "skip", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--experts skip needs a PyTorch checkpoint" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_info_describes_an_onnx_model(exported, capsys):
     assert main(["info", exported[2], "--size", "64"]) == 0
     out = capsys.readouterr().out

@@ -356,7 +356,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .distributed import global_rank
     from .models.checkpoints import checkpoint_note
-    from .pipeline import _launched_rank, restore_files
+    from .pipeline import UsageError, _launched_rank, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
@@ -366,6 +366,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if note:
         print(f"model: {note}")
     model = args.checkpoint
+    if args.experts == "skip" and str(args.checkpoint).lower().endswith(".onnx"):
+        raise UsageError(f"--experts skip needs a PyTorch checkpoint; {args.checkpoint} is an ONNX graph, whose "
+                         "experts are fixed at export")
     if args.experts == "skip":
         from .models.checkpoints import load_model
         from .models.experts import set_expert_bypass
