@@ -36,11 +36,11 @@ def test_fp16_safetensors_loads_into_fp32(tmp_path, tiny):
 
 
 def test_note_is_stored_and_printed_by_the_cli(tmp_path, tiny):
-    from moceir.cli import _checkpoint_note
+    from moceir.models.checkpoints import checkpoint_note  # what the CLI calls (restore, test, routing)
 
     path = moceir.save_model(tiny, tmp_path / "m.safetensors", note="a test model, 3 steps")
-    assert _checkpoint_note(str(path)) == "a test model, 3 steps"
-    assert _checkpoint_note(str(moceir.save_model(tiny, tmp_path / "plain.safetensors"))) == ""
+    assert checkpoint_note(str(path)) == "a test model, 3 steps"
+    assert checkpoint_note(str(moceir.save_model(tiny, tmp_path / "plain.safetensors"))) == ""
 
 
 @pytest.mark.parametrize("wrap", ["plain", "module", "compiled", "lightning"])
