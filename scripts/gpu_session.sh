@@ -46,6 +46,10 @@ else
   INFER_SIZES="256 1024" INFER_MAX_PIXELS=2.2e6  # not 1024² at batch 8: seconds per row
   WORK=${WORK:-/tmp/moceir_window}
 fi
+# The relay recipe (docs/gpu-window.md, "The recipe"): 2e-4 is the highest peak LR whose paired loss stayed within
+# 1.1x of 1e-4 in benchmarks/lr_probe.py (1e-3 and up were unstable); derain repeated 24 times is about 44% of the
+# patches (12: 28%), because deraining is the weakest task.
+: "${LR:=2e-4}" "${DERAIN_REPEAT:=24}"
 DATA=${DATA:-}
 DATASETS=${DATASETS:-$ROOT/../shared/datasets}
 UPSTREAM=${UPSTREAM:-$ROOT/.gpu/upstream/src}
@@ -131,8 +135,8 @@ say "fastest that passed: $FAST_KEY (${FAST_RATE:-?} patches/s); known-good: $KN
 
 # ------------------------------------------------------------------------------------------- phase 2: training
 COMMON=(--model "$MODEL" --de_type denoise_15 denoise_25 denoise_50 derain dehaze --dehaze_source synthetic
-  --holdout_val --repeat derain=12 --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01
-  --patch_size "$PATCH" --num_workers "$WORKERS" --lr 2e-4 --warmup_epochs 3 --schedule_epochs 100 --epochs 1000
+  --holdout_val --repeat "derain=$DERAIN_REPEAT" --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01
+  --patch_size "$PATCH" --num_workers "$WORKERS" --lr "$LR" --warmup_epochs 3 --schedule_epochs 100 --epochs 1000
   --save_every_n_epochs 1000 --log_every_n_steps "$LOG_EVERY" --data_file_dir "$DATA" --ckpt_dir "$WORK/runs"
   --fine_tune_from "$FINE_TUNE_FROM" --ema_decay "$EMA")
 

@@ -421,8 +421,11 @@ def _checkpoint_to_resume(settings: TrainSettings) -> tuple[Path | None, int]:
 def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
     if not settings.fine_tune_from:
         return None
+    ref = settings.fine_tune_from
     try:
-        return load_model(resolve_checkpoint(settings.fine_tune_from, settings.ckpt_dir))
+        if ref == "default" and not (Path(settings.ckpt_dir) / ref / "last.ckpt").is_file():
+            return load_model("default")  # the bundled model, unless a run of that name exists
+        return load_model(resolve_checkpoint(ref, settings.ckpt_dir))
     except (FileNotFoundError, CheckpointError) as e:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
 
