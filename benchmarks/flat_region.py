@@ -27,20 +27,28 @@ def texture_levels(img: np.ndarray) -> float:
     return float(np.diff(img, axis=1).std() * 255)
 
 
+def flat_region_rows(model: moceir.MoCEIR) -> list[dict]:
+    """The check's rows: input, context_pad, texture of input and output (levels), mean change (levels)."""
+    clean = sky()
+    hazy = add_haze(clean, np.full(clean.shape[:2], 0.5, np.float32), beta=1.2, airlight=0.9).astype(np.float32)
+    rows = []
+    for name, img in (("clean sky", clean), ("hazy sky", hazy)):
+        for pad in (0, 16):
+            out = moceir.restore(model, img, context_pad=pad)
+            rows.append({"input": name, "context_pad": pad, "texture_in": texture_levels(img),
+                         "texture_out": texture_levels(out), "mean_change": float((out.mean() - img.mean()) * 255)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default")
     a = p.parse_args()
-    model = moceir.load_model(a.checkpoint)
-    clean = sky()
-    hazy = add_haze(clean, np.full(clean.shape[:2], 0.5, np.float32), beta=1.2, airlight=0.9).astype(np.float32)
     print("| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change |")
     print("|---|---|---|---|---|")
-    for name, img in (("clean sky", clean), ("hazy sky", hazy)):
-        for pad in (0, 16):
-            out = moceir.restore(model, img, context_pad=pad)
-            print(f"| {name} | {pad} | {texture_levels(img):.2f} | {texture_levels(out):.2f} | "
-                  f"{(out.mean() - img.mean()) * 255:+.1f} |")
+    for r in flat_region_rows(moceir.load_model(a.checkpoint)):
+        print(f"| {r['input']} | {r['context_pad']} | {r['texture_in']:.2f} | {r['texture_out']:.2f} | "
+              f"{r['mean_change']:+.1f} |")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,10 @@ def main() -> None:
         plot({f"{r['lr']:g}": r["losses"] for r in report["runs"]}, a.out / "loss_curves.png")
         print(markdown(report))
         return
+    names = {lr: f"lr{lr:g}_s{a.steps}_b{a.batch_size}" for lr in a.lrs}
+    taken = [str(a.work / n) for n in names.values() if (a.work / n).exists()]
+    if taken:  # their metrics.csv would mix with the new run's
+        sys.exit(f"error: {', '.join(taken)} exist(s) from an earlier probe; pass another --work or remove them")
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "benchmarks": a.benchmarks,
               "steps": a.steps, "batch_size": a.batch_size, "repeat": a.repeat,
@@ -165,7 +169,7 @@ def main() -> None:
     print(f"start: {report['start']['psnr']}", flush=True)
     curves = {}
     for lr in a.lrs:
-        name = f"lr{lr:g}_s{a.steps}_b{a.batch_size}"
+        name = names[lr]
         run_dir = a.work / name
         t0 = time.perf_counter()
         proc = subprocess.run(train_command(a, lr, name), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -40,3 +40,11 @@ def test_probe_marks_a_diverging_lr_unstable_and_scores_the_other(tmp_path, tiny
     assert not wild["stable"]
     assert "| 1e+30 | **no** |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_probe_refuses_a_work_folder_of_an_earlier_probe(tmp_path):
+    (tmp_path / "runs" / "lr0.001_s40_b8").mkdir(parents=True)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lr_probe.py"), "--lrs", "1e-3",
+                          "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 1 and "lr0.001_s40_b8" in res.stderr and "Traceback" not in res.stderr
