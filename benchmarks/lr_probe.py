@@ -11,8 +11,10 @@ weights. Because every run sees the same batches, losses are compared step by st
 learning rate (the reference): a run is unstable when its loss becomes non-finite, its command fails, or at some
 step its loss exceeds ``--unstable_factor`` times the reference's loss on that batch.
 
-Writes ``results.json``, ``results.md`` and ``loss_curves.png`` into ``--out``; the run folders go to
-``--work`` (not kept in the repository). A short CPU probe tells which learning rates stay stable and which harm
+Writes ``results.json``, ``results.md`` and ``loss_curves.png`` into ``--out`` (an earlier probe's are kept unless
+``--overwrite``); the run folders go to ``--work`` (not kept in the repository; a used one is refused). It needs at
+least two distinct learning rates and 4 steps, and exits 1 with a one-line error when the weights or a validation
+set cannot be read or scored, or when no learning rate trained to the end. A short CPU probe tells which learning rates stay stable and which harm
 the weights at once; it does not tell which one gives the best model after thousands of steps.
 """
 
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 import moceir
+from moceir.data.datasets import BENCHMARKS, DatasetLayoutError
 from moceir.evaluation import evaluate_benchmark
 
 
@@ -74,21 +77,36 @@ def stability(losses: list[tuple[int, float]], reference: list[tuple[int, float]
 
 
 def judge(report: dict, factor: float) -> None:
-    """Set each run's verdict against the run with the lowest learning rate that logged finite losses."""
-    finite = [r for r in report["runs"] if r["losses"] and all(math.isfinite(v) for _, v in r["losses"])]
+    """Set each run's verdict against the run with the lowest learning rate that finished with finite losses."""
+    finite = [r for r in report["runs"]
+              if r["rc"] == 0 and r["losses"] and all(math.isfinite(v) for _, v in r["losses"])]
     reference = min(finite, key=lambda r: r["lr"])["losses"] if finite else []
     for run in report["runs"]:
         ok, run["worst_ratio"], run["mean_ratio"] = stability(run["losses"], reference, factor)
         run["stable"] = ok and run["rc"] == 0
 
 
+class ProbeError(Exception):
+    """Something the probe cannot go on without; the message is the one-line error."""
+
+
 def score(weights: str, a: argparse.Namespace) -> dict[str, float]:
     """Mean PSNR (RGB) per validation benchmark."""
-    model = moceir.load_model(weights).eval()
+    try:
+        model = moceir.load_model(weights).eval()
+    except moceir.CheckpointError as e:
+        raise ProbeError(str(e)) from None
     out = {}
     for bench in a.benchmarks:
-        result = evaluate_benchmark(model, a.data_file_dir, bench, torch.device("cpu"), progress=False)
-        out[bench] = float(np.mean([r["psnr"] for r in result.rows]))
+        try:
+            result = evaluate_benchmark(model, a.data_file_dir, bench, torch.device("cpu"), progress=False)
+        except DatasetLayoutError as e:
+            raise ProbeError(str(e)) from None
+        for line in result.errors:
+            print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
+        if not result.rows:
+            raise ProbeError(f"{bench}: no image of {a.data_file_dir} could be scored; check the data folder")
+        out[bench] = result.mean("psnr")
     return out
 
 
@@ -130,7 +148,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main() -> int:
+    try:
+        return probe()
+    except ProbeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def probe() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_file_dir", default="../shared/datasets")
     p.add_argument("--model", default="MoCE_IR_S", help="preset of the weights in --fine_tune_from")
@@ -143,25 +169,40 @@ def main() -> None:
     p.add_argument("--de_type", nargs="+", default=["denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"])
     p.add_argument("--repeat", nargs="*", default=["derain=12", "dehaze=5"], help="task=factor, as moceir train")
     p.add_argument("--fine_tune_from", default="default")
-    p.add_argument("--benchmarks", nargs="+", default=["raintrainl_val", "denoise_25"])
+    p.add_argument("--benchmarks", nargs="+", default=["raintrainl_val", "denoise_25"], choices=BENCHMARKS,
+                   metavar="BENCHMARK")
     p.add_argument("--unstable_factor", type=float, default=1.5)
     p.add_argument("--work", type=Path, default=Path("runs/lr_probe"))
     p.add_argument("--out", type=Path, default=Path("lr_probe"))
     p.add_argument("--render", action="store_true", help="only rewrite results.md and the plot from results.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier probe in --out")
     a = p.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
+    if a.out.exists() and not a.out.is_dir():
+        raise ProbeError(f"--out {a.out} is a file; pass a folder")
     if a.render:
+        if not (a.out / "results.json").is_file():
+            raise ProbeError(f"--render: no results.json in {a.out}; pass the --out of a probe")
         report = json.loads((a.out / "results.json").read_text())
         judge(report, a.unstable_factor)
         (a.out / "results.json").write_text(json.dumps(report, indent=1, default=float))
         (a.out / "results.md").write_text(markdown(report))
         plot({f"{r['lr']:g}": r["losses"] for r in report["runs"]}, a.out / "loss_curves.png")
         print(markdown(report))
-        return
+        return 0
+    if (a.out / "results.json").exists() and not a.overwrite:
+        raise ProbeError(f"{a.out / 'results.json'} holds an earlier probe; pass --overwrite or another --out")
+    if a.steps < 4:
+        raise ProbeError(f"--steps {a.steps}: at least 4 (step 0's loss precedes any update, so a shorter probe "
+                         "cannot see instability)")
+    a.lrs = sorted(a.lrs)
+    if len(set(a.lrs)) < 2 or len(set(a.lrs)) != len(a.lrs):
+        raise ProbeError(f"--lrs {' '.join(map(str, a.lrs))}: give at least two distinct learning rates (the "
+                         "lowest is the reference the others are judged against)")
     names = {lr: f"lr{lr:g}_s{a.steps}_b{a.batch_size}" for lr in a.lrs}
     taken = [str(a.work / n) for n in names.values() if (a.work / n).exists()]
     if taken:  # their metrics.csv would mix with the new run's
-        sys.exit(f"error: {', '.join(taken)} exist(s) from an earlier probe; pass another --work or remove them")
+        raise ProbeError(f"{', '.join(taken)} exist(s) from an earlier probe; pass another --work or remove them")
+    a.out.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "benchmarks": a.benchmarks,
               "steps": a.steps, "batch_size": a.batch_size, "repeat": a.repeat,
@@ -182,6 +223,8 @@ def main() -> None:
             run["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
         elif weights.exists():
             run["psnr"] = score(str(weights), a)
+            if not all(math.isfinite(v) for v in run["psnr"].values()):
+                run["rc"], run["error"] = 1, "non-finite outputs"
         report["runs"].append(run)
         curves[f"{lr:g}"] = losses
         judge(report, a.unstable_factor)
@@ -191,7 +234,11 @@ def main() -> None:
         (a.out / "results.md").write_text(markdown(report))
         plot(curves, a.out / "loss_curves.png")
     print(markdown(report))
+    if not any(r["rc"] == 0 for r in report["runs"]):
+        print("error: no learning rate trained to the end; see the errors in results.json", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,10 +12,11 @@ bypassed (the model card's expert-bypass column) and on the synthetic flat sky (
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
-own. Scores already in ``--out`` for the same weights (sha256) are reused (``--rescore`` recomputes them), so an
-interrupted judgement resumes.
-Nothing is exported: shipping stays a deliberate ``moceir export`` (printed). Exit code 0 when judged, 1 when a
-model or a validation set cannot be read.
+own. Scores already in ``--out`` computed from the same weights (sha256), data folder and rows are reused
+(``--rescore`` recomputes them), so an interrupted judgement resumes. Nothing is exported: shipping stays a
+deliberate ``moceir export`` (printed). Exit code 0 when judged; 1 when a model or a validation row cannot be
+read or scored, when a candidate's architecture differs from the shipped model's, or when a candidate's outputs
+are not finite (it is then left out of the judgement, which still covers the others).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import moceir  # noqa: E402
-from moceir.data.datasets import DatasetLayoutError  # noqa: E402
+from moceir.data.datasets import BENCHMARKS, DatasetLayoutError  # noqa: E402
 from moceir.evaluation import evaluate_benchmark, write_reports  # noqa: E402
 from moceir.models.checkpoints import resolve_path  # noqa: E402
 from moceir.models.experts import set_expert_bypass  # noqa: E402
@@ -43,6 +44,10 @@ from flat_region import flat_region_rows  # noqa: E402
 ROWS = ("raintrainl_val", "denoise_15", "denoise_25", "denoise_50", "dehaze")
 
 
+class JudgeError(Exception):
+    """A model or a validation row that cannot be judged; the message is the one-line error."""
+
+
 def fingerprint(path: str) -> str:
     """sha256 of the checkpoint file, so that cached scores are reused only for the same weights."""
     return hashlib.sha256(resolve_path(path).read_bytes()).hexdigest()
@@ -50,34 +55,46 @@ def fingerprint(path: str) -> str:
 
 def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
            bypass: bool = False) -> dict[str, float]:
-    """Mean RGB PSNR per validation row; cached in ``out/<label>[_bypassed]/results.json`` with the weights' hash."""
+    """Mean RGB PSNR per validation row, unrounded.
+
+    Cached in ``out/<label>[_bypassed]/scores.json`` together with what they were computed from (the weights'
+    sha256, the data folder, the rows, bypass); reused only when all of it matches.
+    """
     folder = a.out / (label + ("_bypassed" if bypass else ""))
-    cached, stamp = folder / "results.json", folder / "weights.sha256"
-    if cached.exists() and stamp.exists() and stamp.read_text() == source and not a.rescore:
-        saved = json.loads(cached.read_text())
-        psnr = {s["benchmark"]: s["psnr"] for s in saved["summary"]}
-        if all(b in psnr for b in a.benchmarks):
-            return {b: psnr[b] for b in a.benchmarks}
+    cache = folder / "scores.json"
+    key = {"weights_sha256": source, "data_file_dir": str(Path(a.data_file_dir).resolve()),
+           "benchmarks": list(a.benchmarks), "experts_bypassed": bypass}
+    if cache.exists() and not a.rescore:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["psnr"]
+    cache.unlink(missing_ok=True)  # a run interrupted below must not leave an old cache beside new reports
     set_expert_bypass(model, bypass)
-    results = [evaluate_benchmark(model, a.data_file_dir, b, torch.device("cpu"), progress=not a.quiet)
-               for b in a.benchmarks]
-    set_expert_bypass(model, False)
+    try:
+        results = [evaluate_benchmark(model, a.data_file_dir, b, torch.device("cpu"), progress=not a.quiet)
+                   for b in a.benchmarks]
+    finally:
+        set_expert_bypass(model, False)
     for r in results:
         for line in r.errors:
             print(f"error: {label}: {r.name}: {line} (skipped)", file=sys.stderr)
+        if not r.rows:
+            raise JudgeError(f"{r.name}: no image of {a.data_file_dir} could be scored; check the data folder")
+    psnr = {r.name: r.mean("psnr") for r in results}
     write_reports(results, folder, f"{label}{' (experts bypassed)' if bypass else ''}")
-    stamp.write_text(source)
-    return {r.name: r.mean("psnr") for r in results}
+    cache.write_text(json.dumps({"key": key, "psnr": psnr}, indent=1))
+    return psnr
 
 
 def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]]) -> dict:
     """Pick the candidate with the best mean; ship it only if that mean beats the shipped model's."""
     means = {name: float(np.mean(list(s.values()))) for name, s in candidates.items()}
-    picked = max(means, key=means.get)
+    # a NaN score (non-finite outputs) is never picked over a finite one and never shipped
+    picked = max(means, key=lambda n: means[n] if np.isfinite(means[n]) else -np.inf)
     shipped_mean = float(np.mean(list(shipped.values())))
-    worse = [b for b in shipped if candidates[picked][b] < shipped[b]]
-    return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": means[picked] > shipped_mean,
-            "rows_worse": worse}
+    worse = [b for b in shipped if not candidates[picked][b] >= shipped[b]]
+    ship = bool(np.isfinite(means[picked]) and (not np.isfinite(shipped_mean) or means[picked] > shipped_mean))
+    return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": ship, "rows_worse": worse}
 
 
 def report(a: argparse.Namespace, shipped: dict, cands: dict, verdict: dict, bypassed: dict, flat: dict) -> str:
@@ -117,36 +134,63 @@ def cands_paths(a: argparse.Namespace) -> dict[str, str]:
     return {Path(c).stem: c for c in a.candidates}
 
 
+def load_all(a: argparse.Namespace, sources: dict[str, str]) -> tuple[dict, dict]:
+    """Models and sha256 per label; every candidate must have the shipped model's architecture."""
+    models, hashes = {}, {}
+    for name, path in sources.items():
+        try:
+            models[name] = moceir.load_model(path).eval()
+            hashes[name] = fingerprint(path)
+        except moceir.CheckpointError as e:
+            message = str(e) if str(path) in str(e) else f"{path}: {e}"
+            raise JudgeError(message) from None
+    for name, m in models.items():
+        if m.config != models["shipped"].config:
+            raise JudgeError(f"{sources[name]}: its architecture differs from the shipped model's "
+                             f"({a.shipped}); a relay run continues the shipped architecture")
+    return models, hashes
+
+
+def finite_or_error(name: str, path: str, psnr: dict[str, float]) -> bool:
+    bad = [b for b, v in psnr.items() if not np.isfinite(v)]
+    if bad:
+        print(f"error: {path}: its outputs are not finite on {', '.join(bad)} (NaN or inf weights?); "
+              "it cannot ship", file=sys.stderr)
+    return not bad
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("candidates", nargs="+", help="the run's weights (raw and EMA), any format load_model reads")
     p.add_argument("--shipped", default="default", help="the model to beat (default: the bundled one)")
     p.add_argument("--data_file_dir", default="../shared/datasets")
-    p.add_argument("--benchmarks", nargs="+", default=list(ROWS))
+    p.add_argument("--benchmarks", nargs="+", default=list(ROWS), choices=BENCHMARKS, metavar="BENCHMARK")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rescore", action="store_true", help="recompute scores already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args()
     paths = cands_paths(a)
-    if len(paths) != len(a.candidates) or "shipped" in paths:
-        print("error: candidates need distinct file names other than 'shipped' (their names label the folders "
-              "in --out); rename one", file=sys.stderr)
+    labels = ["shipped", *paths]
+    if len(paths) != len(a.candidates) or "shipped" in paths or any(
+            f"{x}_bypassed" == y for x in labels for y in labels):
+        print("error: candidates need distinct file names other than 'shipped' and '<another>_bypassed' (their "
+              "names label the folders in --out); rename one", file=sys.stderr)
         return 1
-    sources = {"shipped": a.shipped, **paths}
-    try:
-        models = {n: moceir.load_model(f) for n, f in sources.items()}
-        hashes = {n: fingerprint(f) for n, f in sources.items()}
-    except moceir.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if a.out.exists() and not a.out.is_dir():
+        print(f"error: --out {a.out} is a file; pass a folder", file=sys.stderr)
         return 1
-    for m in models.values():
-        m.eval()
-    a.out.mkdir(parents=True, exist_ok=True)
     try:
+        models, hashes = load_all(a, {"shipped": a.shipped, **paths})
+        a.out.mkdir(parents=True, exist_ok=True)
         shipped = scores(models["shipped"], "shipped", a, hashes["shipped"])
+        if not finite_or_error("shipped", a.shipped, shipped):
+            return 1
         cands = {n: scores(models[n], n, a, hashes[n]) for n in paths}
-    except DatasetLayoutError as e:
+    except (JudgeError, DatasetLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    unusable = [n for n in paths if not finite_or_error(n, paths[n], cands[n])]
+    if len(unusable) == len(paths):
         return 1
     verdict = judge(shipped, cands)
     picked = verdict["picked"]
@@ -155,10 +199,11 @@ def main() -> int:
     text = report(a, shipped, cands, verdict, bypassed, flat)
     (a.out / "judgement.md").write_text(text)
     (a.out / "judgement.json").write_text(json.dumps(
-        {"shipped": a.shipped, "candidates": paths, "scores": {"shipped": shipped, **cands},
-         "bypassed": bypassed, "flat_region": flat, **verdict}, indent=1))
+        {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
+         "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
+         **verdict}, indent=1))
     print(text)
-    return 0
+    return 1 if unusable else 0
 
 
 if __name__ == "__main__":

@@ -81,3 +81,69 @@ def test_cached_scores_are_reused_only_for_the_same_weights(tmp_path, tiny_layou
     second = json.loads((out / "judgement.json").read_text())
     assert second["scores"]["shipped"] == first["scores"]["identity"]
     assert second["scores"]["shipped"] != first["scores"]["shipped"]
+
+
+def test_a_nan_score_is_never_picked_nor_shipped():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import judge
+
+    nan = float("nan")
+    shipped = {"a": 20.0, "b": 30.0}
+    verdict = judge(shipped, {"broken": {"a": nan, "b": 40.0}, "fine": {"a": 21.0, "b": 31.0}})
+    assert verdict["picked"] == "fine" and verdict["ship"]
+    verdict = judge(shipped, {"broken": {"a": nan, "b": 40.0}})
+    assert not verdict["ship"] and verdict["rows_worse"] == ["a"]
+
+
+def test_hostile_inputs(tmp_path, tiny_layout):
+    """Probes of a fresh-eyes review: each must give a truthful exit code and a one-line error, never a wrong call."""
+    paths = _models(tmp_path)
+    # a resumed judgement of a candidate identical to the shipped model keeps it (cached scores are not rounded)
+    out = tmp_path / "resume"
+    assert _judge(paths, "noisy", ["identity"], tiny_layout, out).returncode == 0
+    copy = tmp_path / "noisy_retrained.safetensors"
+    copy.write_bytes(paths["noisy"].read_bytes())
+    paths["copy"] = copy
+    res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
+    assert res.returncode == 0 and not json.loads((out / "judgement.json").read_text())["ship"]
+    # scores cached for one data folder are not reused for another
+    other = tmp_path / "other_data"
+    from conftest import make_tiny_layout
+    import numpy as np
+    from PIL import Image
+    make_tiny_layout(other)
+    gt = other / "deraining/RainTrainL/rainy/rain-10.png"
+    Image.fromarray(np.full((40, 48, 3), 7, np.uint8)).save(gt)
+    first = json.loads((out / "judgement.json").read_text())["scores"]["shipped"]["raintrainl_val"]
+    assert _judge(paths, "noisy", ["copy"], other, out).returncode == 0
+    assert json.loads((out / "judgement.json").read_text())["scores"]["shipped"]["raintrainl_val"] != first
+    # a validation row with no image to score is an error, not a NaN verdict
+    empty = make_tiny_layout(tmp_path / "n2", n=2)  # ids 1 and 2: the RainTrainL validation split (id 10) is empty
+    res = _judge(paths, "noisy", ["identity"], empty, tmp_path / "e")
+    assert res.returncode == 1 and "raintrainl_val" in res.stderr and "Traceback" not in res.stderr
+    # a candidate whose name would share a cache folder with another label's bypassed scores
+    clash = tmp_path / "shipped_bypassed.safetensors"
+    clash.write_bytes(paths["base"].read_bytes())
+    paths["clash"] = clash
+    res = _judge(paths, "noisy", ["identity", "clash"], tiny_layout, tmp_path / "c")
+    assert res.returncode == 1 and "rename" in res.stderr
+    # another architecture is refused; NaN weights are left out with an error naming the file
+    wide = tmp_path / "wide.safetensors"
+    save_model(moceir.create_model("MoCE_IR_tiny", dim=16), wide)
+    paths["wide"] = wide
+    res = _judge(paths, "noisy", ["wide"], tiny_layout, tmp_path / "w")
+    assert res.returncode == 1 and "wide.safetensors" in res.stderr and "architecture" in res.stderr
+    nan_model = moceir.load_model(paths["base"])
+    with torch.no_grad():
+        nan_model.output.weight.fill_(float("nan"))
+    save_model(nan_model, tmp_path / "nanw.safetensors")
+    paths["nanw"] = tmp_path / "nanw.safetensors"
+    res = _judge(paths, "noisy", ["nanw", "identity"], tiny_layout, tmp_path / "n")
+    verdict = json.loads((tmp_path / "n" / "judgement.json").read_text())
+    assert res.returncode == 1 and "nanw.safetensors" in res.stderr and "not finite" in res.stderr
+    assert verdict["picked"] == "identity" and verdict["unusable"] == ["nanw"]
+    # an --out that is a file
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    res = _judge(paths, "noisy", ["identity"], tiny_layout, note)
+    assert res.returncode == 1 and "notes.txt" in res.stderr and note.read_text() == "mine"

@@ -28,7 +28,7 @@ def test_stability_is_judged_step_by_step_against_the_reference():
 def test_probe_marks_a_diverging_lr_unstable_and_scores_the_other(tmp_path, tiny_layout):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lr_probe.py"), "--model", "MoCE_IR_tiny",
            "--fine_tune_from", str(GOLDEN / "upstream_tiny_last.ckpt"), "--data_file_dir", str(tiny_layout),
-           "--lrs", "1e-4", "1e30", "--steps", "3", "--batch_size", "2", "--patch_size", "16", "--num_workers", "0",
+           "--lrs", "1e-4", "1e30", "--steps", "4", "--batch_size", "2", "--patch_size", "16", "--num_workers", "0",
            "--de_type", "denoise_25", "derain", "--repeat", "derain=2", "--benchmarks", "raintrainl_val",
            "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -36,15 +36,40 @@ def test_probe_marks_a_diverging_lr_unstable_and_scores_the_other(tmp_path, tiny
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     calm, wild = report["runs"]
     assert calm["stable"] and calm["rc"] == 0 and "raintrainl_val" in calm["psnr"]
-    assert len(calm["losses"]) == 3
+    assert len(calm["losses"]) == 4
     assert not wild["stable"]
     assert "| 1e+30 | **no** |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
 
 
-def test_probe_refuses_a_work_folder_of_an_earlier_probe(tmp_path):
+def _probe(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lr_probe.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_probe_refuses_what_it_cannot_judge(tmp_path, tiny_layout):
+    """One-line errors, exit code 1, before any training (probes of a fresh-eyes review)."""
     (tmp_path / "runs" / "lr0.001_s40_b8").mkdir(parents=True)
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lr_probe.py"), "--lrs", "1e-3",
-                          "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert res.returncode == 1 and "lr0.001_s40_b8" in res.stderr and "Traceback" not in res.stderr
+    w, o = ("--work", tmp_path / "runs"), ("--out", tmp_path / "out")
+    cases = [
+        ([*w, *o, "--lrs", "1e-4", "1e-3"], "lr0.001_s40_b8"),  # its metrics.csv would mix with the new run's
+        ([*w, *o, "--lrs", "1e-4"], "two distinct"),  # a single run is its own reference: always "stable"
+        ([*w, *o, "--lrs", "1e-4", "0.0001"], "two distinct"),
+        ([*w, *o, "--lrs", "1e-4", "1e-3", "--steps", "1"], "--steps 1"),  # step 0's loss precedes any update
+        ([*w, "--out", tmp_path / "out" / "none", "--render"], "no results.json"),
+    ]
+    (tmp_path / "file").write_text("mine")
+    cases.append(([*w, "--out", tmp_path / "file", "--lrs", "1e-4", "1e-3"], "is a file"))
+    for args, expected in cases:
+        res = _probe(*args)
+        assert res.returncode == 1 and expected in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_probe_stops_with_one_line_when_a_validation_set_is_empty(tmp_path):
+    from conftest import make_tiny_layout
+    layout = make_tiny_layout(tmp_path / "n2", n=2)  # ids 1 and 2 only: the validation split (id 10) is empty
+    res = _probe("--model", "MoCE_IR_tiny", "--fine_tune_from", GOLDEN / "upstream_tiny_last.ckpt",
+                 "--data_file_dir", layout, "--lrs", "1e-4", "1e-3", "--steps", "4", "--benchmarks", "raintrainl_val",
+                 "--work", tmp_path / "runs", "--out", tmp_path / "out")
+    assert res.returncode == 1 and "raintrainl_val" in res.stderr and "Traceback" not in res.stderr
