@@ -21,7 +21,6 @@ the weights at once; it does not tell which one gives the best model after thous
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -35,7 +34,8 @@ import torch
 
 import moceir
 from moceir.data.datasets import BENCHMARKS, DatasetLayoutError
-from moceir.evaluation import evaluate_benchmark
+from moceir.evaluation import scored_benchmark
+from moceir.plots import read_metrics
 
 
 def train_command(a: argparse.Namespace, lr: float, run_name: str) -> list[str]:
@@ -53,14 +53,12 @@ def train_command(a: argparse.Namespace, lr: float, run_name: str) -> list[str]:
 
 
 def read_losses(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, train/loss) rows of the run's metrics.csv."""
-    rows = []
-    for path in sorted(run_dir.rglob("metrics.csv")):
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    rows.append((int(row["step"]), float(row["train/loss"])))
-    return sorted(rows)
+    """(step, train/loss) of the run's logs/metrics.csv; empty when the run logged nothing."""
+    try:
+        steps, values = read_metrics(run_dir).get("train/loss", ((), ()))
+    except FileNotFoundError:
+        return []
+    return [(int(s), float(v)) for s, v in zip(steps, values)]
 
 
 def stability(losses: list[tuple[int, float]], reference: list[tuple[int, float]],
@@ -99,13 +97,11 @@ def score(weights: str, a: argparse.Namespace) -> dict[str, float]:
     out = {}
     for bench in a.benchmarks:
         try:
-            result = evaluate_benchmark(model, a.data_file_dir, bench, torch.device("cpu"), progress=False)
+            result = scored_benchmark(model, a.data_file_dir, bench, torch.device("cpu"), progress=False)
         except DatasetLayoutError as e:
             raise ProbeError(str(e)) from None
         for line in result.errors:
             print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
-        if not result.rows:
-            raise ProbeError(f"{bench}: no image of {a.data_file_dir} could be scored; check the data folder")
         out[bench] = result.mean("psnr")
     return out
 

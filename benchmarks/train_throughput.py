@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EAGER = "eager"
+# moceir.runtime.COMPILE_MODES; repeated because this orchestrator does not import torch (moceir does)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 

@@ -156,3 +156,17 @@ def test_cdd11_subsets(tmp_path):
     assert len(sets["cdd11"]) == 4  # 2 folders x 1 image x repeat 2
     with pytest.raises(DatasetLayoutError, match="cdd11/test"):
         cdd11_pairs(tmp_path, "test", "all")
+
+
+def test_scored_benchmark_refuses_a_benchmark_with_nothing_scored(tiny_layout):
+    import torch
+
+    import moceir
+    from moceir.evaluation import scored_benchmark
+
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    assert len(scored_benchmark(model, tiny_layout, "dehaze", torch.device("cpu"), progress=False).rows) == 3
+    for hazy in (tiny_layout / "dehazing/SOTS/outdoor/hazy").iterdir():  # every pair's sizes now differ
+        Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(hazy)
+    with pytest.raises(DatasetLayoutError, match=r"dehaze: no image of .* could be scored \(first: "):
+        scored_benchmark(model, tiny_layout, "dehaze", torch.device("cpu"), progress=False)

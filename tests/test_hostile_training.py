@@ -66,10 +66,10 @@ def runs(tmp_path_factory) -> dict:
 
 
 def test_item5_resumed_run_keeps_every_logged_step(runs):
-    from moceir.plots import _read_metrics
+    from moceir.plots import read_metrics
 
     assert [step for _, step in _rows(runs["part"])] == list(range(4))
-    steps, _ = _read_metrics(runs["part"])["train/loss"]
+    steps, _ = read_metrics(runs["part"])["train/loss"]
     assert steps.tolist() == list(range(4))  # the plots show both parts
 
 

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import moceir
 from moceir.models.checkpoints import save_model
 
-from conftest import GOLDEN
+from conftest import GOLDEN, make_tiny_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,9 +110,6 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     assert res.returncode == 0 and not json.loads((out / "judgement.json").read_text())["ship"]
     # scores cached for one data folder are not reused for another
     other = tmp_path / "other_data"
-    from conftest import make_tiny_layout
-    import numpy as np
-    from PIL import Image
     make_tiny_layout(other)
     gt = other / "deraining/RainTrainL/rainy/rain-10.png"
     Image.fromarray(np.full((40, 48, 3), 7, np.uint8)).save(gt)

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lr_probe import stability  # noqa: E402
 
-from conftest import GOLDEN  # noqa: E402
+from conftest import GOLDEN, make_tiny_layout  # noqa: E402
 
 
 def test_stability_is_judged_step_by_step_against_the_reference():
@@ -67,7 +67,6 @@ def test_probe_refuses_what_it_cannot_judge(tmp_path, tiny_layout):
 
 
 def test_probe_stops_with_one_line_when_a_validation_set_is_empty(tmp_path):
-    from conftest import make_tiny_layout
     layout = make_tiny_layout(tmp_path / "n2", n=2)  # ids 1 and 2 only: the validation split (id 10) is empty
     res = _probe("--model", "MoCE_IR_tiny", "--fine_tune_from", GOLDEN / "upstream_tiny_last.ckpt",
                  "--data_file_dir", layout, "--lrs", "1e-4", "1e-3", "--steps", "4", "--benchmarks", "raintrainl_val",

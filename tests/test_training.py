@@ -102,3 +102,12 @@ def test_fine_tune_from_default_is_the_bundled_model(tmp_path):
     model = _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path)))
     bundled = moceir.load_model("default")
     torch.testing.assert_close(model.state_dict()["output.weight"], bundled.state_dict()["output.weight"])
+
+
+def test_fine_tune_from_default_prefers_a_run_of_that_name(tmp_path):
+    import shutil
+
+    from moceir.training import TrainSettings, _fine_tune_source
+    (tmp_path / "default").mkdir()
+    shutil.copy(GOLDEN / "upstream_tiny_last.ckpt", tmp_path / "default" / "last.ckpt")
+    assert _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path))).config.dim == 8

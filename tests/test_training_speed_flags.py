@@ -163,3 +163,17 @@ def test_non_finite_loss_is_caught_at_the_next_log_step(tiny_layout, tmp_path, m
     assert _train(tiny_layout, tmp_path / "ck", "--run_name", "n", "--log_every_n_steps", "2") == 2
     assert len(calls) == 2  # stopped at the second step, the first log step
     assert "the training loss became NaN or inf" in capsys.readouterr().err
+
+
+def test_the_throughput_matrix_offers_the_compile_modes_training_accepts():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moceir.runtime import COMPILE_MODES as modes
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    res = subprocess.run([sys.executable, "-c", "import sys, train_throughput as t; "
+                          "print(list(t.COMPILE_MODES), 'torch' in sys.modules)"],
+                         cwd=bench, capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() and res.stdout.strip() == f"{list(modes)} False", res.stderr[-2000:]

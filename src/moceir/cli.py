@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
 from .losses import LOSS_TYPES
-from .models.config import COMPLEXITY_SCALES, PRESETS, RANK_TYPES
+from .models.config import COMPLEXITY_SCALES, FFT_IMPLS, PRESETS, RANK_TYPES
+from .onnx import EXPORT_DISPATCHES
+from .runtime import COMPILE_MODES
 
 
 def _number(kind, v: str):
@@ -531,10 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
                    help="Lightning precision")
     p.add_argument("--compile", nargs="?", const="default", default="none",
-                   choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   choices=["none", *COMPILE_MODES],
                    help="torch.compile the network in this mode (--compile alone: default)")
     p.add_argument("--fused_adamw", action="store_true", help="fused AdamW: one kernel per step for all weights")
-    p.add_argument("--fft_impl", choices=["fft", "matmul"],
+    p.add_argument("--fft_impl", choices=FFT_IMPLS,
                    help="experts' FFT product while training: fft, or matmul (real-valued, which Inductor compiles); "
                         "saved files keep the config's (default: the config's)")
     p.add_argument("--ema_decay", type=_non_negative_float, default=0.0,
@@ -621,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="ONNX: run onnxscript's graph optimizer (about 2x the export time; ONNX Runtime ran 16%% "
                         "faster with it)")
-    p.add_argument("--dispatch", choices=["conditional", "dense"], default="conditional",
+    p.add_argument("--dispatch", choices=EXPORT_DISPATCHES, default="conditional",
                    help="ONNX: run only the experts some image chose (an If per expert), or all of them, gated")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
     p.add_argument("--note", help="text stored in the file and printed when the model is used")

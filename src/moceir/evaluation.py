@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.datasets import BenchmarkDataset, benchmark_pairs
+from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs
 from .inference import restore_tensor
 from .io import ImageReadError, save_image
 from .metrics import psnr, ssim
@@ -77,6 +77,17 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx:
 def benchmark_dataset(data_dir: str | Path, benchmark: str, cdd11_subset: str = "all") -> BenchmarkDataset:
     """The benchmark's test pairs; raises DatasetLayoutError naming a missing folder."""
     return BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
+
+
+def scored_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
+                     progress: bool = True) -> BenchmarkResult:
+    """:func:`evaluate_benchmark` for a decision that needs a number: raises DatasetLayoutError when no image of
+    the benchmark could be scored (its mean would be NaN). Skipped images stay listed in ``result.errors``."""
+    result = evaluate_benchmark(model, data_dir, benchmark, device, progress=progress)
+    if not result.rows:
+        why = f" (first: {result.errors[0]})" if result.errors else ""
+        raise DatasetLayoutError(f"{benchmark}: no image of {data_dir} could be scored{why}; check the data folder")
+    return result
 
 
 def collect(name: str, scored: list[dict | str]) -> BenchmarkResult:

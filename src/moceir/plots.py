@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _read_metrics(run_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each logged series of a run's logs/metrics.csv: name -> (steps, values)."""
     path = Path(run_dir) / "logs" / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
@@ -57,7 +58,7 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    m = _read_metrics(run_dir)
+    m = read_metrics(run_dir)
     panels = [("train/loss", f"training loss ({loss or loss_label(run_dir)})", True), ("train/l1", "L1", True),
               ("train/balance", "balance loss (per MoE layer, mean)", False), ("train/lr", "learning rate", False)]
     panels = [p for p in panels if p[0] in m]

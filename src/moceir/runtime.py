@@ -64,6 +64,9 @@ def release_freed_memory() -> None:
             trim(0)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes we offer
+
+
 def compile_network(net: "torch.nn.Module", mode: str) -> None:
     """``torch.compile`` ``net`` in place in ``mode``, as ``moceir train --compile`` and
     benchmarks/train_throughput.py do. Compiled code draws random numbers (the router noise) with eager's

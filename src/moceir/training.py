@@ -41,6 +41,7 @@ from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
 from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
 from .models.config import FFT_IMPLS
+from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
 from .runtime import compile_network
 
 
@@ -55,7 +56,7 @@ class NonFiniteLossError(TrainingSetupError):
     """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
 
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")  # "none": eager
+COMPILE_MODES = ("none", *TORCH_COMPILE_MODES)  # "none": eager
 
 
 @dataclass(frozen=True)
@@ -423,9 +424,13 @@ def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
         return None
     ref = settings.fine_tune_from
     try:
-        if ref == "default" and not (Path(settings.ckpt_dir) / ref / "last.ckpt").is_file():
-            return load_model("default")  # the bundled model, unless a run of that name exists
-        return load_model(resolve_checkpoint(ref, settings.ckpt_dir))
+        try:
+            path: str | Path = resolve_checkpoint(ref, settings.ckpt_dir)
+        except FileNotFoundError:
+            if ref != "default":
+                raise
+            path = "default"  # the bundled model, when no file or run has that name
+        return load_model(path)
     except (FileNotFoundError, CheckpointError) as e:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
 
