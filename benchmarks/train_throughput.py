@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EAGER = "eager"
+GRAPHS = "graphs"  # the whole step captured in one CUDA graph by hand: measured, not yet a `moceir train` option
 # moceir.runtime.COMPILE_MODES; repeated because this orchestrator does not import torch (moceir does)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
@@ -42,7 +43,7 @@ class Config:
     """One training configuration of the matrix."""
 
     impl: str = "moceir"  # "moceir" or "upstream" (eduardzamfir/MoCE-IR's network, from --upstream_src)
-    mode: str = EAGER  # "eager" or a torch.compile mode (COMPILE_MODES)
+    mode: str = EAGER  # "eager", GRAPHS or a torch.compile mode (COMPILE_MODES)
     precision: str = "fp32"  # "fp32" or "bf16" autocast
     batch: int = 16
     fused_adamw: bool = False
@@ -63,8 +64,15 @@ class Config:
                 return dataclasses.replace(self, **{name: plain})
         return None
 
+    @property
+    def trainable(self) -> bool:
+        """Whether `moceir train` can train this way (the selection picks only such configurations)."""
+        return self.impl == "moceir" and self.mode != GRAPHS
+
     def train_flags(self) -> list[str]:
         """The `moceir train` flags that train this way (moceir only)."""
+        if not self.trainable:
+            raise ValueError(f"`moceir train` has no flags for {self.key}")
         flags = ["--compile", "none" if self.mode == EAGER else self.mode,
                  "--precision", {"fp32": "32-true", "bf16": "bf16-mixed"}[self.precision],
                  "--batch_size", str(self.batch), "--dispatch", "dense", "--channels_last"]
@@ -85,19 +93,33 @@ class Plan:
 
 
 def _gpu_plan() -> Plan:
+    # Ordered by what the third window (2026-11-27, H200) left unknown. There, six eager rows (about 20-36 s each,
+    # with their reference runs) overran their 90 s group, and the compile group got 57 s and timed out, so no
+    # captured step was measured. Known from it: the eager step is bound by host work, not by the GPU (bf16 took
+    # 380 ms a step at batch 8 and 378 ms at batch 16; fp32 b16 319 ms), so larger batches come nearly free, and
+    # bf16 autocast only adds host work (42 patches/s against fp32's 50). Upstream runs only in fp32 (its bf16
+    # fails in a scatter with mismatched dtypes). So: the baselines and the larger batches first (b64 needs about
+    # 90 GB, an H200; on an H100 its row records the out-of-memory error), one compile with most of the budget,
+    # then the eager variants still unmeasured if time is left. The whole step captured by hand in a CUDA graph
+    # (no compile time) is measured before the compile; `moceir train` cannot train that way yet, so it is never
+    # selected: it tells whether capture alone is worth building into training.
     C = Config
-    compiled = [C(mode=m, precision="bf16", fft_impl="matmul") for m in COMPILE_MODES]
     return Plan(
         groups=[
-            ("moceir eager", 90, [C(precision="fp32"), C(precision="bf16"), C(precision="bf16", batch=8),
-                                  C(precision="fp32", batch=8), C(precision="bf16", fused_adamw=True),
-                                  C(precision="bf16", fft_impl="matmul")]),
-            ("upstream eager", 60, [C("upstream", precision=p, batch=b) for b in (16, 8) for p in ("fp32", "bf16")]),
-            *((f"compile {c.mode}", 120, [c]) for c in compiled),
+            ("moceir eager", 70, [C(precision="fp32"), C(precision="fp32", batch=32), C(precision="fp32", batch=64)]),
+            ("upstream eager", 30, [C("upstream", precision="fp32")]),
+            ("cuda graph", 40, [C(mode=GRAPHS, precision="fp32")]),
+            ("compile reduce-overhead", 130, [C(mode="reduce-overhead", precision="bf16", fft_impl="matmul")]),
+            ("moceir eager variants", 60, [C(precision="bf16"), C(precision="fp32", fused_adamw=True),
+                                           C(precision="fp32", fft_impl="matmul")]),
+            ("compile max-autotune-no-cudagraphs", 130,
+             [C(mode="max-autotune-no-cudagraphs", precision="bf16", fft_impl="matmul")]),
         ],
-        known_good=C(precision="bf16"),
+        known_good=C(precision="fp32"),
         notes={"compiled rows": "bf16, batch 16, fft_impl=matmul only: compiles are slow, and Inductor generates no "
-                                "code for the complex operators of fft_impl=fft (it falls back to eager kernels)"},
+                                "code for the complex operators of fft_impl=fft (it falls back to eager kernels)",
+               "upstream": "fp32 only: upstream's network fails under bf16 autocast (scatter() dtype mismatch, "
+                           "window 3)"},
     )
 
 
@@ -144,9 +166,68 @@ def _build(cfg: Config, model_name: str, device, upstream_src: str | None):
     return net.to(device).train()
 
 
+def _graphed_stepper(model, cfg: Config, device):
+    """:func:`_stepper` for GRAPHS: forward, loss, backward and a capturable AdamW step captured in one CUDA graph.
+
+    Each call copies (lq, gt) into the graph's static inputs and replays it. The warm-up that CUDA graphs need
+    (cuDNN and cuFFT plans, the optimizer's state) runs on a side stream and is then undone (weights restored,
+    moments and step counts zeroed, the caller's CUDA random state put back), so the first replay computes the loss
+    of the initial weights with the router noise the eager reference draws.
+    """
+    import torch
+
+    from moceir.losses import restoration_loss
+
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, capturable=True)
+
+    def body(lq, gt):
+        with torch.autocast("cuda", torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=False):
+            out = model(lq)
+            loss = restoration_loss(out.image, gt, out.balance_loss, "fft")["loss"]
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    static: dict = {}
+
+    def step(lq, gt):
+        if not static:
+            static["lq"], static["gt"] = lq.clone(), gt.clone()
+            initial = {k: v.clone() for k, v in model.state_dict().items()}
+            rng = torch.cuda.get_rng_state(device)  # the router noise the caller seeded, for the first replay
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    opt.zero_grad(set_to_none=True)
+                    body(static["lq"], static["gt"])
+            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.no_grad():
+                model.load_state_dict(initial)  # copies in place: the graph keeps the parameters' addresses
+                for state in opt.state.values():
+                    for v in state.values():
+                        v.zero_()
+            opt.zero_grad(set_to_none=True)  # backward in the graph then writes the gradients, not adds to them
+            static["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(static["graph"]):
+                static["loss"] = body(static["lq"], static["gt"])
+            torch.cuda.set_rng_state(rng, device)  # a replay draws from the generator's state at replay time
+        static["lq"].copy_(lq)
+        static["gt"].copy_(gt)
+        static["graph"].replay()
+        return static["loss"].clone()
+
+    return step
+
+
 def _stepper(model, cfg: Config, device):
     """A function (lq, gt) -> detached loss running one optimizer step of ``model`` as ``cfg`` says."""
     import torch
+
+    if cfg.mode == GRAPHS:
+        return _graphed_stepper(model, cfg, device)
 
     from common import autocast
     from moceir.losses import restoration_loss
@@ -330,7 +411,7 @@ def _passed(row: dict, by_key: dict[str, dict]) -> bool:
 def select(rows: list[dict], plan: Plan) -> dict:
     """The selection line: the fastest moceir row that passed, else the known-good configuration."""
     measured = {r["key"]: r for r in rows if r.get("kind") == "row"}
-    ok = [r for r in measured.values() if r["impl"] == "moceir" and _passed(r, measured)]
+    ok = [r for r in measured.values() if r["impl"] == "moceir" and r["mode"] != GRAPHS and _passed(r, measured)]
     best = max(ok, key=lambda r: r["patches_per_s"], default=None)
     known = plan.known_good
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -374,7 +455,8 @@ def main() -> None:
     p.add_argument("--impl", choices=["moceir", "upstream"], default="moceir", help="one configuration: network")
     p.add_argument("--batch_size", type=int, default=16, help="one configuration: batch")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="one configuration: autocast")
-    p.add_argument("--compile", default=EAGER, choices=[EAGER, *COMPILE_MODES], help="one configuration: mode")
+    p.add_argument("--compile", default=EAGER, choices=[EAGER, GRAPHS, *COMPILE_MODES],
+                   help="one configuration: eager, the step captured in a CUDA graph, or a torch.compile mode")
     p.add_argument("--fused_adamw", action="store_true", help="one configuration: fused AdamW")
     p.add_argument("--fft_impl", choices=["fft", "matmul"], default="fft", help="one configuration: FFT product")
     a = p.parse_args()

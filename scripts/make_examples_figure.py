@@ -36,7 +36,7 @@ def main(restored_dir: str, out: str) -> None:
             axes[row, col].imshow(img)
             axes[row, col].set_title(title, fontsize=10)
             axes[row, col].axis("off")
-    fig.suptitle("bundled default model (MoCE-IR-S, 954 training steps in two runs; see docs/model-card.md): "
+    fig.suptitle("bundled default model (MoCE-IR-S; its training runs are in docs/model-card.md): "
                  "PSNR against the ground truth", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -60,6 +60,9 @@ def test_inference_rows_come_first_with_their_targets(out):
     assert all(r["met"] is None for r in inf)  # judged on CUDA only
     skipped = {r["key"]: r["skipped"] for r in inf if r["status"] == "skipped"}
     assert "CUDA graphs" in skipped["inference graphs fp32"] and len(skipped) == 3
+    ln = [r for r in rows if r["kind"] == "layernorm"]
+    assert [r["channels"] for r in ln] == [32, 64, 128, 256]
+    assert all(r["manual_max_abs_diff"] < 1e-5 and r["var_mean_max_abs_diff"] < 1e-5 for r in ln)
     (profile,) = [r for r in rows if r["kind"] == "profile"]
     assert profile["size"] == 256 and profile["wall_ms"] > 0 and profile["aten_ops"] > 0 and profile["top_ops"]
 
@@ -75,7 +78,9 @@ def test_targets_are_judged_on_cuda_only():
 
 def test_summary_has_the_inference_section(out):
     inf = json.loads((out / "summary.json").read_text())["inference"]
-    assert inf["phase"] == {"infer_s": 20, "bench_rc": 0, "profile_rc": 0}
+    assert inf["phase"] == {"infer_s": 20, "bench_rc": 0, "layernorm_rc": 0, "profile_rc": 0}
+    assert set(inf["layernorm_ms"]) == {"32x64", "64x32", "128x16", "256x8"}
+    assert all(set(v) == {"layer_norm", "manual", "var_mean"} for v in inf["layernorm_ms"].values())
     assert inf["batch1_best"]["256"] == {**inf["batch1_best"]["256"], "mode": "eager", "precision": "fp32",
                                          "target_ms": 5.0, "met": None}
     assert inf["batch1_best"]["256"]["ms"] > 0 and inf["batch8_best"]["64"]["images_per_s"] > 0
@@ -131,3 +136,67 @@ def test_model_parts_reassemble_into_loadable_raw_and_ema_weights(out, tmp_path)
     ema = moceir.load_model(tmp_path / "model_ema_fp16.safetensors")
     assert raw.config == ema.config and raw.config.dim == 8
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), ema.parameters()))
+
+
+def test_gpu_plan_measures_the_baselines_then_gives_a_capture_most_of_the_budget():
+    # Window 3 (H200): the six-row eager group overran its 90 s, the compile group got 57 s and timed out, so no
+    # captured step was measured. The plan now runs the two baselines first, then one capture with ≥ 120 s.
+    plan = PLANS["gpu"]()
+    (g1, t1, c1), (g2, t2, c2), (g3, t3, c3), (g4, t4, c4) = plan.groups[:4]
+    assert [c.key for c in c1 + c2] == ["moceir eager fp32 b16", "moceir eager fp32 b32", "moceir eager fp32 b64",
+                                        "upstream eager fp32 b16"]
+    assert [c.key for c in c3] == ["moceir graphs fp32 b16"] and t1 + t2 + t3 <= 140
+    assert t4 >= 120 and len(c4) == 1 and c4[0].mode == "reduce-overhead"
+    assert plan.known_good.key == "moceir eager fp32 b16"
+    assert not any(c.impl == "upstream" and c.precision == "bf16" for _, _, cs in plan.groups for c in cs)
+    script = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    assert "--precision $([ $DRY = 1 ] && echo bf16-mixed || echo 32-true)" in script  # the fallback = known_good
+
+
+def test_a_captured_step_is_measured_but_never_selected(tmp_path):
+    from train_throughput import GRAPHS, Config, select
+
+    plan = PLANS["gpu"]()
+    graphs = [c for _, _, cs in plan.groups for c in cs if c.mode == GRAPHS]
+    assert graphs and graphs[0].reference().key == "moceir eager fp32 b16" and not graphs[0].trainable
+    with pytest.raises(ValueError, match="no flags"):
+        graphs[0].train_flags()
+
+    def row(cfg, rate):
+        import dataclasses
+        return {"kind": "row", "key": cfg.key, **dataclasses.asdict(cfg), "status": "ok", "patches_per_s": rate,
+                "check": {"reference": cfg.reference().key if cfg.reference() else None, "passed": True}}
+    eager = Config(precision="fp32")
+    sel = select([row(eager, 50.0), row(graphs[0], 120.0)], plan)
+    assert sel["fastest"] == eager.key and sel["fastest_patches_per_s"] == 50.0
+
+
+def test_a_captured_step_on_the_cpu_is_a_failed_row_not_a_crash(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    res = subprocess.run([sys.executable, "train_throughput.py", "--model", "MoCE_IR_tiny", "--patch_size", "16",
+                          "--batch_size", "2", "--compile", "graphs", "--device", "cpu", "--out", str(out)],
+                         cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r["status"] == "failed" and "CUDA graphs need a CUDA device" in r["reason"]
+
+
+def test_the_pack_lowers_its_quality_until_it_fits_and_says_when_it_cannot(tmp_path, datasets_dir):
+    # Window 3: the 64 MiB the device run accepts counts the working tree too; a quality-90 pack did not fit.
+    script = str(ROOT / "scripts" / "pack_gpu_data.py")
+
+    def pack(out, limit_mib):
+        return subprocess.run([sys.executable, script, "--data_file_dir", str(datasets_dir), "--out", str(out),
+                               "--limit", "2", "--method", "0", "--limit_mib", str(limit_mib)],
+                              capture_output=True, text=True, timeout=300)
+
+    full = pack(tmp_path / "full", 100)
+    assert full.returncode == 0 and "at quality 85" in full.stdout, full.stderr[-2000:]
+    size_85 = float(full.stdout.split("quality 85, ")[1].split(" MiB")[0])
+    smaller = pack(tmp_path / "smaller", size_85 * 0.97)
+    assert smaller.returncode == 0, smaller.stderr[-2000:]
+    assert "at quality 85" in smaller.stdout and "at quality 80" in smaller.stdout
+    none = pack(tmp_path / "none", 0.01)
+    assert none.returncode == 1 and "at quality 70 is over --limit_mib 0.01" in none.stderr
+    assert "Traceback" not in none.stderr and none.stderr.strip().splitlines()[-1].startswith("error: ")
