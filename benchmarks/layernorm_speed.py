@@ -10,7 +10,8 @@ the side), three formulations that give the same result to fp32 rounding:
 - ``layer_norm``: ``F.layer_norm`` over the last dim of the NHWC view (the current channels-last path);
 - ``manual``: mean, centre, mean of squares, rsqrt, addcmul along dim 1 (the current NCHW path's formula);
 - ``var_mean``: ``torch.var_mean`` along dim 1, then one normalise-and-scale expression.
-Each row: median ms of ``--repeats`` calls after warm-up, and the largest difference from ``layer_norm``.
+Each row: ms per call (back-to-back calls, median of 3 rounds) and the largest difference from ``layer_norm``.
+Forward only, batch 1, on the channels-last norms of the transformer blocks; the experts' norms take the NCHW path.
 """
 
 from __future__ import annotations
@@ -49,26 +50,31 @@ def shapes(size: int) -> list[tuple[int, int]]:
     return [(32 * 2**i, size // 2**i) for i in range(4)]
 
 
-def median_ms(fn, device: torch.device, repeats: int) -> float:
+def ms_per_call(fn, device: torch.device, calls: int) -> float:
+    """Median over 3 rounds of the mean ms per call of ``calls`` back-to-back calls (one sync per round), so
+    launches overlap the kernels as in the network and a kernel's time, not one launch's latency, is measured."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    rounds = []
+    for _ in range(3):
+        sync()
         t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for _ in range(calls):
+            fn()
+        sync()
+        rounds.append((time.perf_counter() - t0) / calls)
+    return 1000 * statistics.median(rounds)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=1024, help="image side; the shapes follow MoCE-IR-S's levels")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed round")
     p.add_argument("--jsonl", help="also append each row to these JSON lines (kind: layernorm)")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -83,7 +89,7 @@ def main() -> None:
             row = {"kind": "layernorm", "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else "cpu", "channels": channels, "side": side}
             for name, fn in FORMULATIONS.items():
-                row[f"{name}_ms"] = median_ms(lambda fn=fn: fn(x, w, b), device, a.repeats)
+                row[f"{name}_ms"] = ms_per_call(lambda fn=fn: fn(x, w, b), device, a.calls)
                 row[f"{name}_max_abs_diff"] = (fn(x, w, b) - ref).abs().max().item()
         print(json.dumps(row), flush=True)
         if a.jsonl:

@@ -102,18 +102,18 @@ def _gpu_plan() -> Plan:
     # 90 GB, an H200; on an H100 its row records the out-of-memory error), one compile with most of the budget,
     # then the eager variants still unmeasured if time is left. The whole step captured by hand in a CUDA graph
     # (no compile time) is measured before the compile; `moceir train` cannot train that way yet, so it is never
-    # selected: it tells whether capture alone is worth building into training.
+    # selected: it tells whether capture alone is worth building into training. References measured earlier are
+    # reused (`_measured_reference`), so the graph and the compile are checked against eager fp32 b16 without
+    # running it again, and the compile gets what is left of the budget (about 120 s) for compiling.
     C = Config
     return Plan(
         groups=[
-            ("moceir eager", 70, [C(precision="fp32"), C(precision="fp32", batch=32), C(precision="fp32", batch=64)]),
+            ("moceir eager", 80, [C(precision="fp32"), C(precision="fp32", batch=32), C(precision="fp32", batch=64)]),
             ("upstream eager", 30, [C("upstream", precision="fp32")]),
             ("cuda graph", 40, [C(mode=GRAPHS, precision="fp32")]),
-            ("compile reduce-overhead", 130, [C(mode="reduce-overhead", precision="bf16", fft_impl="matmul")]),
+            ("compile reduce-overhead", 150, [C(mode="reduce-overhead", precision="bf16", fft_impl="matmul")]),
             ("moceir eager variants", 60, [C(precision="bf16"), C(precision="fp32", fused_adamw=True),
                                            C(precision="fp32", fft_impl="matmul")]),
-            ("compile max-autotune-no-cudagraphs", 130,
-             [C(mode="max-autotune-no-cudagraphs", precision="bf16", fft_impl="matmul")]),
         ],
         known_good=C(precision="fp32"),
         notes={"compiled rows": "bf16, batch 16, fft_impl=matmul only: compiles are slow, and Inductor generates no "
@@ -262,8 +262,27 @@ def _losses(step, batches) -> list[float]:
     return [float(x) for x in out]  # one host sync, after the steps
 
 
-def measure(cfg: Config, plan: Plan, model_name: str, patch: int, device, upstream_src: str | None) -> dict:
-    """One row: patches/s (median step), peak memory, the first steps' time, and the check against the reference."""
+def _measured_reference(cfg: Config, measured: dict[str, list[float]]) -> tuple[Config, list[float]] | None:
+    """The first configuration down ``cfg``'s chain of references whose check losses were already measured.
+
+    Every row's check holds the losses of its own first steps (same weights, batches and router noise in every
+    row), so a reference measured earlier in the matrix need not be run again: a compile gets those seconds.
+    """
+    ref = cfg.reference()
+    while ref is not None:
+        if ref.key in measured:
+            return ref, measured[ref.key]
+        ref = ref.reference()
+    return None
+
+
+def measure(cfg: Config, plan: Plan, model_name: str, patch: int, device, upstream_src: str | None,
+            measured: dict[str, list[float]] | None = None) -> dict:
+    """One row: patches/s (median step), peak memory, the first steps' time, and the check against the reference.
+
+    ``measured``: check losses of configurations already measured (key -> losses); the reference is taken from
+    there when it or one further down its chain is in it, and run here otherwise.
+    """
     import torch
 
     from common import peak_memory_mb, reset_peak, sync, timeit
@@ -271,8 +290,9 @@ def measure(cfg: Config, plan: Plan, model_name: str, patch: int, device, upstre
 
     batches = fixed_batches(plan.check_steps, cfg.batch, patch, device, channels_last=cfg.impl == "moceir")
     row: dict = {"kind": "row", "key": cfg.key, **dataclasses.asdict(cfg), "patch": patch}
-    ref = cfg.reference()
-    if ref is not None:
+    ref, ref_losses = _measured_reference(cfg, measured or {}) or (cfg.reference(), None)
+    reused = ref_losses is not None
+    if ref is not None and not reused:
         ref_losses = _losses(_stepper(_build(ref, model_name, device, upstream_src), ref, device), batches)
     reset_peak(device)
     step = _stepper(_build(cfg, model_name, device, upstream_src), cfg, device)
@@ -281,11 +301,14 @@ def measure(cfg: Config, plan: Plan, model_name: str, patch: int, device, upstre
     sync(device)
     row["first_steps_s"] = time.perf_counter() - t0  # includes compiling
     if ref is not None:
-        row["check"] = {"reference": ref.key, **compare_losses(ref_losses, losses, cfg.precision)}
+        row["check"] = {"reference": ref.key, "reference_reused": reused,
+                        **compare_losses(ref_losses, losses, cfg.precision)}
     else:
         row["check"] = {"reference": None, "losses": losses, "passed": all(map(math.isfinite, losses))}
     lq, gt = batches[0]
     sec = timeit(lambda: step(lq, gt), device, plan.warmup, plan.repeats)
+    if device.type == "cuda":  # a CUDA graph's replays allocate nothing: its memory is reserved in the graph's pool
+        row["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     row.update(status="ok", patches_per_s=cfg.batch / sec, step_ms=1000 * sec, peak_mb=peak_memory_mb(device),
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu x{torch.get_num_threads()} threads")
@@ -304,6 +327,15 @@ def _append(path: str | None, row: dict) -> None:
     print(json.dumps(shown), flush=True)
 
 
+def _check_losses(rows: list[dict], patch: int) -> dict[str, list[float]]:
+    """Key -> check losses of the rows measured since the matrix's last meta line (none without one)."""
+    metas = [i for i, r in enumerate(rows) if r.get("kind") == "meta"]
+    if not metas:
+        return {}
+    return {r["key"]: r["check"]["losses"] for r in rows[metas[-1]:]
+            if r.get("kind") == "row" and r.get("status") == "ok" and r.get("patch") == patch}
+
+
 def run_worker(a: argparse.Namespace) -> None:
     import torch
 
@@ -312,10 +344,12 @@ def run_worker(a: argparse.Namespace) -> None:
     device = torch.device(a.device)
     torch.set_float32_matmul_precision("high")  # as `moceir train` (TF32 on CUDA)
     torch.backends.cudnn.benchmark = False  # autotuning cost minutes on a fresh machine in the first GPU session
+    measured = _check_losses(read_rows(a.out), a.patch_size) if a.out else {}
     for cfg in configs:
         t0 = time.perf_counter()
         try:
-            row = measure(cfg, plan, a.model, a.patch_size, device, a.upstream_src)
+            row = measure(cfg, plan, a.model, a.patch_size, device, a.upstream_src, measured)
+            measured[row["key"]] = row["check"]["losses"]
         except Exception as err:  # one failed configuration must not end the group
             row = {"kind": "row", "key": cfg.key, **dataclasses.asdict(cfg), "status": "failed",
                    "reason": f"{type(err).__name__}: {err}"[:400]}

@@ -32,7 +32,7 @@ if [ $DRY = 1 ]; then
   : "${MODEL:=MoCE_IR_tiny}" "${PATCH:=16}" "${PLAN:=dry}" "${PHASE1_S:=45}" "${DEADLINE_S:=110}"
   : "${START_S:=60}" "${STARTUP_S:=15}" "${PACK_S:=12}" "${WORKERS:=0}" "${EMA:=0.9}" "${LOG_EVERY:=2}"
   : "${STEPS:=6}" "${INJECT_FAILURE:=1}" "${FINE_TUNE_FROM:=tests/fixtures/golden/upstream_tiny_last.ckpt}"
-  : "${INFER_S:=20}"
+  : "${INFER_S:=30}" "${LN_S:=10}" "${PROFILE_S:=8}"
   INFER_SIZES="64 256" INFER_MAX_PIXELS=65536 INFER_MODES="eager graphs" LN_SIZE=64  # 256² at batch 1 carries a target; 64² gives the batch-8 row cheaply
   if [ -z "${WORK:-}" ]; then
     WORK=$(mktemp -d /tmp/moceir_window.XXXXXX)
@@ -42,7 +42,8 @@ else
   : "${MODEL:=MoCE_IR_S}" "${PATCH:=128}" "${PLAN:=gpu}" "${PHASE1_S:=220}" "${DEADLINE_S:=540}"
   : "${START_S:=150}" "${STARTUP_S:=45}" "${PACK_S:=40}" "${WORKERS:=14}" "${EMA:=0.99}" "${LOG_EVERY:=10}"
   : "${STEPS:=}" "${INJECT_FAILURE:=0}" "${FINE_TUNE_FROM:=src/moceir/weights/default.safetensors}"
-  : "${INFER_S:=70}"
+  # The 256² and 1024² forward profiles were taken in window 3 (docs/runs/gpu-run3): PROFILE_S=0 skips it here.
+  : "${INFER_S:=70}" "${LN_S:=12}" "${PROFILE_S:=0}"
   INFER_SIZES="256 1024" INFER_MAX_PIXELS=2.2e6  # not 1024² at batch 8: seconds per row
   # Eager inference was measured in window 3 (88.7 ms at 256², launch-bound: the GPU busy 25% of the time); the
   # CUDA-graph replay rows are what decide the targets, and eager ones did not leave time for them.
@@ -98,31 +99,36 @@ fi
 say "dry run: $DRY; model $MODEL, patch $PATCH, data $DATA, deadline ${DEADLINE_S} s"
 
 # ------------------------------------------------------------------------------------------- inference
-# Its time comes out of training's (which gets what is left), not the matrix's. The benchmark gets two thirds of
-# INFER_S, the LayerNorm timings up to 15 s, the profile the rest; each row lands in bench.jsonl as measured, so a timeout keeps what was done.
+# Its time comes out of training's (which gets what is left), not the matrix's. The LayerNorm timings get LN_S, the
+# profile PROFILE_S (0 skips it), the benchmark the rest of INFER_S; each row lands in bench.jsonl as measured, so a
+# timeout keeps what was done.
 if [ "$INFER_S" -gt 0 ]; then
-  say "inference: bench.py ($INFER_SIZES) and a profile at 256² within ${INFER_S} s"
+  say "inference: bench.py ($INFER_SIZES), LayerNorm timings and a profile (${PROFILE_S} s) within ${INFER_S} s"
   infer_end=$((SECONDS + INFER_S))
-  bench_s=$((INFER_S * 2 / 3 > 0 ? INFER_S * 2 / 3 : 1))  # timeout 0 would mean no limit
+  bench_s=$((INFER_S - LN_S - PROFILE_S > 0 ? INFER_S - LN_S - PROFILE_S : 1))  # timeout 0 would mean no limit
   # shellcheck disable=SC2086  # INFER_SIZES and INFER_MODES are lists
   (cd benchmarks && timeout -k 5 $bench_s python3 bench.py --model "$MODEL" --sizes $INFER_SIZES \
     --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --modes $INFER_MODES --dispatches dense \
     --cudnn_benchmark off --skip_train --out "$WORK/inference.json" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
   bench_rc=$?
   # The LayerNorm formulations at the network's shapes (window 3's 1024² profile: F.layer_norm 18.5% of the time)
-  (cd benchmarks && timeout -k 5 15 python3 layernorm_speed.py --size "$LN_SIZE" --jsonl "$OUT/bench.jsonl") \
-    >> "$LOG" 2>&1
-  layernorm_rc=$?
+  ln_s=$((infer_end - SECONDS - PROFILE_S))
+  ln_s=$((ln_s < LN_S ? ln_s : LN_S))
+  layernorm_rc=null
+  if [ "$ln_s" -gt 2 ]; then
+    (cd benchmarks && timeout -k 5 $ln_s python3 layernorm_speed.py --size "$LN_SIZE" --jsonl "$OUT/bench.jsonl") \
+      >> "$LOG" 2>&1
+    layernorm_rc=$?
+  fi
   profile_rc=null
-  if [ $((infer_end - SECONDS)) -gt 2 ]; then
+  if [ "$PROFILE_S" -gt 0 ] && [ $((infer_end - SECONDS)) -gt 2 ]; then
     (cd benchmarks && timeout -k 5 $((infer_end - SECONDS)) python3 profile_forward.py --model "$MODEL" --size 256 \
       --batch 1 --precision fp32 --dispatch dense --out "$WORK/profile.md" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
     profile_rc=$?
   fi
-  say "inference exit: bench.py $bench_rc, layernorm_speed.py $layernorm_rc, profile_forward.py $profile_rc (124: timed out)"
+  say "inference exit: bench.py $bench_rc, layernorm_speed.py $layernorm_rc, profile_forward.py $profile_rc (124: timed out, null: not run)"
   printf '{"infer_s": %s, "bench_rc": %s, "layernorm_rc": %s, "profile_rc": %s}\n' "$INFER_S" "$bench_rc" \
-    "$layernorm_rc" "$profile_rc" \
-    > "$WORK/inference_phase.json"
+    "$layernorm_rc" "$profile_rc" > "$WORK/inference_phase.json"
 else
   say "inference: skipped (INFER_S=0)"
 fi

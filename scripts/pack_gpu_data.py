@@ -77,7 +77,8 @@ def main() -> None:
         return
     src_root = Path(a.data_file_dir)
     files = source_files(src_root, a.limit)
-    for quality in range(a.quality, min(a.quality, MIN_QUALITY) - 1, -5):  # lower the quality until it fits
+    qualities = [*range(a.quality, MIN_QUALITY, -5), MIN_QUALITY] if a.quality > MIN_QUALITY else [a.quality]
+    for quality in qualities:  # lower the quality until the pack fits
         total = pack(files, src_root, out_root, quality, a.method)
         print(f"{len(files)} images at quality {quality}, {total:.1f} MiB in {out_root}")
         if total <= a.limit_mib:

@@ -41,7 +41,10 @@ export_upstream "$SRC"
 echo "upstream: $DEST/src ($(cat "$DEST/REVISION")), its dependencies in $DEST/pylib"
 # The run tool's 64 MiB counts the whole working tree (tracked files and untracked ones git does not ignore) plus
 # what carry names, so the pack gets what is left after the tree and upstream's code (1 MiB kept spare).
-tree_bytes() { (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1); }
+tree_bytes() {  # files deleted from the tree but still tracked are skipped (stat fails on them)
+  (cd "$ROOT" && { git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null || true; } \
+    | awk '{s += $1} END {print s + 0}')
+}
 room_mib=$(( (64 * 1024 * 1024 - $(tree_bytes) - $(du -sb "$DEST" | cut -f1)) / 1024 / 1024 - 1 ))
 if [ -d "$ROOT/.gpu/data" ] && [ "$(du -sb "$ROOT/.gpu/data" | cut -f1)" -gt $((room_mib * 1024 * 1024)) ]; then
   echo ".gpu/data is larger than the ${room_mib} MiB the working tree leaves: packing it again"
