@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU window as one command, under 10 minutes (docs/gpu-window.md):
 #   inference (INFER_S, 0 skips it): benchmarks/bench.py at 256² and 1024², batch 1 and 8, fp32 and bf16, CUDA-graph
-#     replay (eager too on the dry run), each row judged against issue 14's batch-1 targets; a profile at 256²;
-#   phase 1 (PHASE1_S): training throughput of upstream against moceir, eager fp32 at batch 16/32/64, then
-#     torch.compile, then eager variants, each fast configuration checked against eager (benchmarks/train_throughput.py);
+#     replay (eager too on the dry run), each row judged against issue 14's batch-1 targets; LayerNorm timings
+#     (layernorm_speed.py); a forward profile at 256² on the dry run (PROFILE_S);
+#   phase 1 (PHASE1_S): training throughput of upstream against moceir, eager fp32 at batch 16/32/64, the step
+#     captured in a CUDA graph by hand, torch.compile, then eager variants, each fast configuration checked against
+#     eager (benchmarks/train_throughput.py);
 #   phase 2 (the rest): MoCE-IR-S training from the bundled weights with the fastest configuration that passed,
 #     falling back to the known-good one (eager, fp32, channels-last, batch 16) if the fast one fails at start,
 #     logs no step within START_S or stops on a non-finite loss; an EMA of the weights is kept beside them;
