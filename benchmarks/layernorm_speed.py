@@ -7,7 +7,8 @@ Window 3 (H200, 1024², fp32) found ``F.layer_norm`` on the [B, H, W, C] view, w
 channels-last input, taking 35.7 ms of a 193 ms forward in 36 calls: PyTorch's kernel is slow for rows of 32 to 256
 values. This times, per shape MoCE-IR-S normalises at that image size (C = 32, 64, 128, 256 at 1, 1/2, 1/4, 1/8 of
 the side), three formulations that give the same result to fp32 rounding:
-- ``layer_norm``: ``F.layer_norm`` over the last dim of the NHWC view (the current channels-last path);
+- ``layer_norm``: ``F.layer_norm`` over the last dim of the NHWC view (``LayerNorm2d``'s channels-last path on the
+  CPU, and on CUDA from 128 channels: ``layers.fused_layer_norm_pays``, set by these timings);
 - ``manual``: mean, centre, mean of squares, rsqrt, addcmul along dim 1 (the current NCHW path's formula);
 - ``var_mean``: ``torch.var_mean`` along dim 1, then one normalise-and-scale expression.
 Each row: ms per call (back-to-back calls, median of 3 rounds) and the largest difference from ``layer_norm``.

@@ -170,3 +170,22 @@ def test_dense_dispatch_compiles_to_one_graph(training):
         explained = torch._dynamo.explain(model)(torch.rand(2, 3, 16, 16))
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_channels_last_layer_norm_takes_the_faster_path_per_device_and_both_agree(monkeypatch):
+    from moceir.models import layers
+
+    # CUDA's fused kernel is slow below 128 channels (benchmarks/layernorm_speed.py, window 3); the CPU's is not
+    assert [layers.fused_layer_norm_pays("cuda", c) for c in (32, 64, 128, 256)] == [False, False, True, True]
+    assert all(layers.fused_layer_norm_pays("cpu", c) for c in (32, 64, 128, 256))
+    torch.manual_seed(0)
+    norm = layers.LayerNorm2d(32)
+    with torch.no_grad():
+        norm.body.weight.uniform_(0.5, 1.5)
+        norm.body.bias.uniform_(-0.2, 0.2)
+    x = (3 * torch.randn(2, 32, 9, 7) + 1).contiguous(memory_format=torch.channels_last)
+    fused = norm(x)
+    monkeypatch.setattr(layers, "fused_layer_norm_pays", lambda device_type, channels: False)
+    manual = norm(x)
+    assert torch.allclose(fused, manual, atol=2e-6, rtol=0) and manual.shape == x.shape
+    assert torch.allclose(manual, norm(x.contiguous()), atol=1e-6, rtol=0)  # the NCHW path's formula
