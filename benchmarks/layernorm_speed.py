@@ -78,6 +78,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=20, help="back-to-back calls per timed round")
     p.add_argument("--jsonl", help="also append each row to these JSON lines (kind: layernorm)")
     a = p.parse_args()
+    if a.size < 8 or a.calls < 1:
+        p.error(f"--size must be at least 8 (MoCE-IR-S's fourth level is 1/8 of the side) and --calls at least 1; "
+                f"got {a.size} and {a.calls}")
     device = torch.device(a.device)
     gen = torch.Generator().manual_seed(0)
     for channels, side in shapes(a.size):

@@ -446,11 +446,15 @@ def _passed(row: dict, by_key: dict[str, dict]) -> bool:
 def select(rows: list[dict], plan: Plan) -> dict:
     """The selection line: the fastest moceir row that passed, else the known-good configuration."""
     measured = {r["key"]: r for r in rows if r.get("kind") == "row"}
-    ok = [r for r in measured.values() if r["impl"] == "moceir" and r["mode"] != GRAPHS and _passed(r, measured)]
+    fields = {f.name for f in dataclasses.fields(Config)}
+
+    def config(row: dict) -> Config:
+        return Config(**{k: row[k] for k in fields})
+
+    ok = [r for r in measured.values() if config(r).trainable and _passed(r, measured)]
     best = max(ok, key=lambda r: r["patches_per_s"], default=None)
     known = plan.known_good
-    fields = {f.name for f in dataclasses.fields(Config)}
-    fast = Config(**{k: best[k] for k in fields}) if best else known
+    fast = config(best) if best else known
     known_row = measured.get(known.key, {})
     return {"kind": "selection", "key": "selection", "fastest": fast.key,
             "fastest_patches_per_s": best["patches_per_s"] if best else known_row.get("patches_per_s"),

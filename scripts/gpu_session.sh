@@ -35,7 +35,8 @@ if [ $DRY = 1 ]; then
   : "${START_S:=60}" "${STARTUP_S:=15}" "${PACK_S:=12}" "${WORKERS:=0}" "${EMA:=0.9}" "${LOG_EVERY:=2}"
   : "${STEPS:=6}" "${INJECT_FAILURE:=1}" "${FINE_TUNE_FROM:=tests/fixtures/golden/upstream_tiny_last.ckpt}"
   : "${INFER_S:=30}" "${LN_S:=10}" "${PROFILE_S:=8}"
-  INFER_SIZES="64 256" INFER_MAX_PIXELS=65536 INFER_MODES="eager graphs" LN_SIZE=64  # 256² at batch 1 carries a target; 64² gives the batch-8 row cheaply
+  # 256² at batch 1 carries a target; 64² gives the batch-8 row cheaply
+  INFER_SIZES="64 256" INFER_MAX_PIXELS=65536 INFER_MODES="eager graphs" LN_SIZE=64
   if [ -z "${WORK:-}" ]; then
     WORK=$(mktemp -d /tmp/moceir_window.XXXXXX)
     trap 'rm -rf "$WORK"' EXIT
@@ -128,7 +129,8 @@ if [ "$INFER_S" -gt 0 ]; then
       --batch 1 --precision fp32 --dispatch dense --out "$WORK/profile.md" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
     profile_rc=$?
   fi
-  say "inference exit: bench.py $bench_rc, layernorm_speed.py $layernorm_rc, profile_forward.py $profile_rc (124: timed out, null: not run)"
+  say "inference exit: bench.py $bench_rc, layernorm_speed.py $layernorm_rc, profile_forward.py $profile_rc" \
+    "(124: timed out, null: not run)"
   printf '{"infer_s": %s, "bench_rc": %s, "layernorm_rc": %s, "profile_rc": %s}\n' "$INFER_S" "$bench_rc" \
     "$layernorm_rc" "$profile_rc" > "$WORK/inference_phase.json"
 else
@@ -155,7 +157,8 @@ say "fastest that passed: $FAST_KEY (${FAST_RATE:-?} patches/s); known-good: $KN
 
 # ------------------------------------------------------------------------------------------- phase 2: training
 COMMON=(--model "$MODEL" --de_type denoise_15 denoise_25 denoise_50 derain dehaze --dehaze_source synthetic
-  --holdout_val --repeat "derain=$DERAIN_REPEAT" --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1 --balance_loss_weight 0.01
+  --holdout_val --repeat "derain=$DERAIN_REPEAT" --repeat dehaze=5 --loss_type FFT --fft_loss_weight 0.1
+  --balance_loss_weight 0.01
   --patch_size "$PATCH" --num_workers "$WORKERS" --lr "$LR" --warmup_epochs 3 --schedule_epochs 100 --epochs 1000
   --save_every_n_epochs 1000 --log_every_n_steps "$LOG_EVERY" --data_file_dir "$DATA" --ckpt_dir "$WORK/runs"
   --fine_tune_from "$FINE_TUNE_FROM" --ema_decay "$EMA")
@@ -249,8 +252,8 @@ def inference_summary(rows):
     # per LayerNorm shape: ms of each formulation (benchmarks/layernorm_speed.py)
     ln = {f"{r['channels']}x{r['side']}": {k[:-3]: round(v, 4) for k, v in r.items() if k.endswith("_ms")}
           for r in rows if r.get("kind") == "layernorm"}
-    return {"layernorm_ms": ln, "phase": json.loads(phase.read_text()) if phase.exists() else None, "rows_by_status": by_status,
-            "batch1_best": best1, "batch8_best": best8,
+    return {"layernorm_ms": ln, "phase": json.loads(phase.read_text()) if phase.exists() else None,
+            "rows_by_status": by_status, "batch1_best": best1, "batch8_best": best8,
             "not_measured": [f"{r['key']}: {r.get('skipped') or r.get('error')}" for r in inf if r["status"] != "ok"],
             "profile": prof and {k: prof[k] for k in ("size", "precision", "wall_ms", "aten_ops", "cuda_kernels",
                                                       "device_busy_ms", "busy_pct")}}

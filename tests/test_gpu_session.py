@@ -227,3 +227,12 @@ def test_the_dry_matrix_reuses_its_references(out):
     for key in ("moceir eager bf16 b4", "moceir eager fp32 b4 fused_adamw"):
         assert rows[key]["check"]["reference_reused"], key
         assert rows[key]["check"]["reference_losses"] == rows["moceir eager fp32 b4"]["check"]["losses"], key
+
+
+def test_layernorm_timings_refuse_a_size_without_a_fourth_level():
+    res = subprocess.run([sys.executable, "layernorm_speed.py", "--device", "cpu", "--size", "4"],
+                         cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].endswith("--size must be at least 8 (MoCE-IR-S's fourth level is "
+                                                        "1/8 of the side) and --calls at least 1; got 4 and 20")
