@@ -21,10 +21,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
     if precision == "fp32":
         return nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+                          cache_enabled=cache_enabled)
 
 
 def timeit(fn, device: torch.device, warmup: int, repeats: int) -> float:

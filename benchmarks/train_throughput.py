@@ -48,18 +48,25 @@ class Config:
     batch: int = 16
     fused_adamw: bool = False
     fft_impl: str = "fft"  # experts' FFT product: "fft" or "matmul" (real-valued, which Inductor compiles)
+    # What one compiled graph covers (moceir.runtime.COMPILE_SCOPES): "network", or "blocks" (each transformer
+    # block compiled on its own, blocks of a level sharing the code). With GRAPHS, "blocks" captures the step over
+    # blocks compiled in torch.compile's default mode: fused kernels without launch overhead.
+    scope: str = "network"
 
     @property
     def key(self) -> str:
         extras = [x for x, on in (("fused_adamw", self.fused_adamw), (f"fft_impl={self.fft_impl}",
                                                                         self.fft_impl != "fft")) if on]
-        return " ".join([self.impl, self.mode, self.precision, f"b{self.batch}", *extras])
+        mode = self.mode + ("+blocks" if self.scope == "blocks" and self.mode != EAGER else "")
+        return " ".join([self.impl, mode, self.precision, f"b{self.batch}", *extras])
 
     def reference(self) -> Config | None:
         """What this configuration is checked against: itself without its first fast feature (None: a baseline)."""
         if self.impl != "moceir":
             return None
-        for name, plain in (("mode", EAGER), ("fused_adamw", False), ("fft_impl", "fft"), ("precision", "fp32")):
+        if self.mode != EAGER:
+            return dataclasses.replace(self, mode=EAGER, scope="network")
+        for name, plain in (("fused_adamw", False), ("fft_impl", "fft"), ("precision", "fp32")):
             if getattr(self, name) != plain:
                 return dataclasses.replace(self, **{name: plain})
         return None
@@ -76,6 +83,7 @@ class Config:
         flags = ["--compile", "none" if self.mode == EAGER else self.mode,
                  "--precision", {"fp32": "32-true", "bf16": "bf16-mixed"}[self.precision],
                  "--batch_size", str(self.batch), "--dispatch", "dense", "--channels_last"]
+        flags += ["--compile_scope", self.scope] * (self.mode != EAGER and self.scope != "network")
         return flags + ["--fused_adamw"] * self.fused_adamw + ["--fft_impl", self.fft_impl]
 
 
@@ -93,32 +101,31 @@ class Plan:
 
 
 def _gpu_plan() -> Plan:
-    # Ordered by what the third window (2026-11-27, H200) left unknown. There, six eager rows (about 20-36 s each,
-    # with their reference runs) overran their 90 s group, and the compile group got 57 s and timed out, so no
-    # captured step was measured. Known from it: the eager step is bound by host work, not by the GPU (bf16 took
-    # 380 ms a step at batch 8 and 378 ms at batch 16; fp32 b16 319 ms), so larger batches come nearly free, and
-    # bf16 autocast only adds host work (42 patches/s against fp32's 50). Upstream runs only in fp32 (its bf16
-    # fails in a scatter with mismatched dtypes). So: the baselines and the larger batches first (b64 needs about
-    # 90 GB, an H200; on an H100 its row records the out-of-memory error), one compile with most of the budget,
-    # then the eager variants still unmeasured if time is left. The whole step captured by hand in a CUDA graph
-    # (no compile time) is measured before the compile; `moceir train` cannot train that way yet, so it is never
-    # selected. Measured after window 3 on a second H200: 67.4 patches/s at b16 (eager 50.2), 85.6 at b64 (eager
-    # 81.3): capture pays at b16 only, so building it into training matters less than larger batches and fusion.
-    # References measured earlier are reused (`_measured_reference`), so the graph and the compile are checked
-    # against eager fp32 b16 without running it again, and the compile gets what is left (about 120 s).
+    # Window 3 (2026-11-27, H200) measured eager fp32 (50.2 patches/s at b16, 81.3 at b64), the whole step captured
+    # by hand in a CUDA graph (67.4 at b16, 85.6 at b64) and upstream (38.1 at b16); its compile group timed out.
+    # At b64 the GPU is the bound: about 190 ms of fp32 kernels per 16 patches, where 440 patches/s allows 36 ms.
+    # Only fewer bytes moved can close that (benchmarks/step_traffic.py: 276 GB per eager step of 16 patches), that
+    # is Inductor's fused kernels and bf16. A cold compile of the whole network took 370 s on the 2-core CPU, so the
+    # plan compiles each block instead (`scope="blocks"`: 7 graphs for MoCE_IR_S, 173 s on that CPU, about half of
+    # it C++ compilation that Triton does in parallel on the GPU machine's 16 cores), then captures the step over
+    # those compiled blocks in the same process (Dynamo's compiled code is reused: same guards, autocast cache
+    # off). Eager fp32 b16 comes first (the same-run baseline and every check's reference), eager b64 (the fastest
+    # trainable configuration so far; out of memory on an H100), upstream for the ratio; the rest of window 3's
+    # unmeasured eager variants only if time is left. The captured step is never selected (`moceir train` has no
+    # such path); the compiled one can be.
     C = Config
+    compiled = dict(scope="blocks", precision="bf16", fft_impl="matmul")
     return Plan(
         groups=[
-            ("moceir eager", 80, [C(precision="fp32"), C(precision="fp32", batch=32), C(precision="fp32", batch=64)]),
-            ("upstream eager", 30, [C("upstream", precision="fp32")]),
-            ("cuda graph", 40, [C(mode=GRAPHS, precision="fp32")]),
-            ("compile reduce-overhead", 150, [C(mode="reduce-overhead", precision="bf16", fft_impl="matmul")]),
-            ("moceir eager variants", 60, [C(precision="bf16"), C(precision="fp32", fused_adamw=True),
+            ("moceir eager", 65, [C(precision="fp32"), C(precision="fp32", batch=64)]),
+            ("upstream eager", 25, [C("upstream", precision="fp32")]),
+            ("compile blocks", 150, [C(mode="default", **compiled), C(mode=GRAPHS, **compiled)]),
+            ("moceir eager variants", 60, [C(precision="fp32", batch=32), C(precision="bf16"),
                                            C(precision="fp32", fft_impl="matmul")]),
         ],
         known_good=C(precision="fp32"),
-        notes={"compiled rows": "bf16, batch 16, fft_impl=matmul only: compiles are slow, and Inductor generates no "
-                                "code for the complex operators of fft_impl=fft (it falls back to eager kernels)",
+        notes={"compiled rows": "bf16, batch 16, fft_impl=matmul, each block compiled on its own: compiles are slow, "
+                                "and Inductor generates no code for the complex operators of fft_impl=fft",
                "upstream": "fp32 only: upstream's network fails under bf16 autocast (scatter() dtype mismatch, "
                            "window 3)"},
     )
@@ -131,7 +138,7 @@ def _dry_plan() -> Plan:
             ("moceir eager", 60, [C(precision="fp32", batch=4), C(precision="bf16", batch=4),
                                   C(precision="fp32", batch=2), C(precision="fp32", batch=4, fused_adamw=True)]),
             ("upstream eager", 30, [C("upstream", precision="fp32", batch=4)]),
-            ("compile default", 25, [C(mode="default", precision="fp32", batch=4)]),
+            ("compile default", 25, [C(mode="default", scope="blocks", precision="fp32", batch=4)]),
         ],
         known_good=C(precision="bf16", batch=4),
         check_steps=2, warmup=1, repeats=2, min_group_s=8.0,
@@ -181,6 +188,10 @@ def _graphed_stepper(model, cfg: Config, device):
 
     if device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA device")
+    if cfg.scope == "blocks":  # Inductor's fused kernels, launched from the captured graph
+        from moceir.runtime import compile_network
+
+        compile_network(model, "default", "blocks")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, capturable=True)
 
     def body(lq, gt):
@@ -235,13 +246,17 @@ def _stepper(model, cfg: Config, device):
     from moceir.runtime import compile_network
 
     if cfg.mode != EAGER:
-        compile_network(model, cfg.mode)  # as `moceir train --compile`: eager's random numbers (the check)
+        compile_network(model, cfg.mode, cfg.scope)  # as `moceir train --compile`: eager's router noise (the check)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=cfg.fused_adamw or None)
+
+    # Compiled rows run autocast without its cast cache, as the captured step must: Dynamo guards on that flag, so
+    # the captured step over compiled blocks then reuses the compiled row's code instead of tracing it again.
+    cache = cfg.mode == EAGER
 
     def step(lq, gt):
         if cfg.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, cfg.precision):
+        with autocast(device, cfg.precision, cache_enabled=cache):
             out = model(lq)
             image, balance = (out.image, out.balance_loss) if cfg.impl == "moceir" else (out, model.total_loss)
             loss = restoration_loss(image, gt, balance, "fft")["loss"]
@@ -449,7 +464,7 @@ def select(rows: list[dict], plan: Plan) -> dict:
     fields = {f.name for f in dataclasses.fields(Config)}
 
     def config(row: dict) -> Config:
-        return Config(**{k: row[k] for k in fields})
+        return Config(**{k: row[k] for k in fields if k in row})  # rows older than a field take its default
 
     ok = [r for r in measured.values() if config(r).trainable and _passed(r, measured)]
     best = max(ok, key=lambda r: r["patches_per_s"], default=None)
@@ -498,6 +513,9 @@ def main() -> None:
                    help="one configuration: eager, the step captured in a CUDA graph, or a torch.compile mode")
     p.add_argument("--fused_adamw", action="store_true", help="one configuration: fused AdamW")
     p.add_argument("--fft_impl", choices=["fft", "matmul"], default="fft", help="one configuration: FFT product")
+    p.add_argument("--compile_scope", choices=["network", "blocks"], default="network",
+                   help="one configuration: what a compiled graph covers (with --compile graphs: blocks compiled "
+                        "in default mode inside the captured step)")
     a = p.parse_args()
     if a.selection:
         return print_selection(a.selection)
@@ -511,7 +529,7 @@ def main() -> None:
         if not a.out:
             p.error("--matrix needs --out")
         return run_matrix(a)
-    cfg = Config(a.impl, a.compile, a.precision, a.batch_size, a.fused_adamw, a.fft_impl)
+    cfg = Config(a.impl, a.compile, a.precision, a.batch_size, a.fused_adamw, a.fft_impl, a.compile_scope)
     a.plan, a.configs = "gpu", json.dumps([dataclasses.asdict(cfg)])
     run_worker(a)
 

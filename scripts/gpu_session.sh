@@ -3,9 +3,9 @@
 #   inference (INFER_S, 0 skips it): benchmarks/bench.py at 256² and 1024², batch 1 and 8, fp32 and bf16, CUDA-graph
 #     replay (eager too on the dry run), each row judged against issue 14's batch-1 targets; LayerNorm timings
 #     (layernorm_speed.py); a forward profile at 256² on the dry run (PROFILE_S);
-#   phase 1 (PHASE1_S): training throughput of upstream against moceir, eager fp32 at batch 16/32/64, the step
-#     captured in a CUDA graph by hand, torch.compile, then eager variants, each fast configuration checked against
-#     eager (benchmarks/train_throughput.py);
+#   phase 1 (PHASE1_S): training throughput of upstream against moceir: eager fp32 at batch 16 and 64, upstream
+#     fp32, each block compiled by Inductor (bf16) and the step captured by hand over the compiled blocks, then
+#     eager variants, each fast configuration checked against eager (benchmarks/train_throughput.py);
 #   phase 2 (the rest): MoCE-IR-S training from the bundled weights with the fastest configuration that passed,
 #     falling back to the known-good one (eager, fp32, channels-last, batch 16) if the fast one fails at start,
 #     logs no step within START_S or stops on a non-finite loss; an EMA of the weights is kept beside them;
@@ -42,11 +42,12 @@ if [ $DRY = 1 ]; then
     trap 'rm -rf "$WORK"' EXIT
   fi
 else
-  : "${MODEL:=MoCE_IR_S}" "${PATCH:=128}" "${PLAN:=gpu}" "${PHASE1_S:=220}" "${DEADLINE_S:=540}"
+  : "${MODEL:=MoCE_IR_S}" "${PATCH:=128}" "${PLAN:=gpu}" "${PHASE1_S:=240}" "${DEADLINE_S:=540}"
   : "${START_S:=150}" "${STARTUP_S:=45}" "${PACK_S:=40}" "${WORKERS:=14}" "${EMA:=0.99}" "${LOG_EVERY:=10}"
   : "${STEPS:=}" "${INJECT_FAILURE:=0}" "${FINE_TUNE_FROM:=src/moceir/weights/default.safetensors}"
-  # The 256² and 1024² forward profiles were taken in window 3 (docs/runs/gpu-run3): PROFILE_S=0 skips it here.
-  : "${INFER_S:=70}" "${LN_S:=12}" "${PROFILE_S:=0}"
+  # The 256² and 1024² forward profiles and the LayerNorm timings were taken in window 3 (docs/runs/gpu-run3):
+  # PROFILE_S=0 and LN_S=0 skip them here, and their seconds go to the matrix's compile group.
+  : "${INFER_S:=58}" "${LN_S:=0}" "${PROFILE_S:=0}"
   INFER_SIZES="256 1024" INFER_MAX_PIXELS=2.2e6  # not 1024² at batch 8: seconds per row
   # Eager inference was measured in window 3 (88.7 ms at 256², launch-bound: the GPU busy 25% of the time); the
   # CUDA-graph replay rows are what decide the targets, and eager ones did not leave time for them.

@@ -57,6 +57,47 @@ def test_compile_mode_reaches_torch_compile(tiny_layout, tmp_path, monkeypatch, 
     assert inductor_config.fallback_random  # compiled steps draw eager's router noise, as the benchmark's check
 
 
+def test_compile_scope_blocks_compiles_every_block_once_with_static_shapes(tiny_layout, tmp_path, monkeypatch,
+                                                                           inductor_restored):
+    """--compile_scope blocks: one torch.compile per transformer block (blocks of a level share the code), static
+    shapes, the network itself not compiled; the dynamo limit leaves room for a graph per level and eval."""
+    calls = []
+
+    def fake_compile(fn, *args, **kwargs):
+        calls.append((getattr(fn, "__self__", None), kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    assert _train(tiny_layout, tmp_path / "ck", "--run_name", "b", "--compile", "--compile_scope", "blocks") == 0
+    from moceir.models.blocks import DecoderBlock, EncoderBlock
+
+    cfg = moceir.get_config("MoCE_IR_tiny")
+    blocks = sum(cfg.num_blocks) + sum(cfg.num_dec_blocks) + cfg.num_refinement_blocks
+    assert len(calls) == blocks == 9
+    assert all(isinstance(m, (EncoderBlock, DecoderBlock)) for m, _ in calls)
+    assert all(kw == {"mode": "default", "dynamic": False} for _, kw in calls)
+    assert torch._dynamo.config.recompile_limit >= 32
+    assert inductor_config.fallback_random
+
+
+def test_compile_scope_is_checked(capsys):
+    assert _train_args("--compile_scope", "blocks").compile_scope == "blocks"
+    assert _train_args().compile_scope == "network"
+    with pytest.raises(SystemExit):
+        _train_args("--compile_scope", "layers")
+    assert "invalid choice: 'layers'" in capsys.readouterr().err
+    with pytest.raises(training.TrainingSetupError, match="--compile_scope is 'layers'; pass one of network, blocks"):
+        TrainSettings(compile_scope="layers").validate()
+    with pytest.raises(training.TrainingSetupError, match="--compile_scope blocks says what to compile; add --compile"):
+        TrainSettings(compile_scope="blocks").validate()
+    TrainSettings(compile="default", compile_scope="blocks").validate()
+    from moceir.runtime import compile_network
+
+    with pytest.raises(ValueError, match="compile scope must be one of"):
+        compile_network(torch.nn.Linear(1, 1), "default", "layers")
+
+
 def test_reduce_overhead_marks_each_step_for_cuda_graphs(tiny_layout, tmp_path, monkeypatch, inductor_restored):
     marks = []
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)

@@ -13,7 +13,7 @@ from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
 from .losses import LOSS_TYPES
 from .models.config import COMPLEXITY_SCALES, FFT_IMPLS, PRESETS, RANK_TYPES
 from .onnx import EXPORT_DISPATCHES
-from .runtime import COMPILE_MODES
+from .runtime import COMPILE_MODES, COMPILE_SCOPES
 
 
 def _number(kind, v: str):
@@ -185,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         schedule_epochs=args.schedule_epochs, loss_type=args.loss_type, fft_loss_weight=args.fft_loss_weight,
         balance_loss_weight=args.balance_loss_weight, num_workers=args.num_workers, num_gpus=args.num_gpus,
         num_cpu_processes=args.num_cpu_processes, num_nodes=args.num_nodes, precision=args.precision, compile=args.compile,
+        compile_scope=args.compile_scope,
         fused_adamw=args.fused_adamw, fft_impl=args.fft_impl, ema_decay=args.ema_decay, dispatch=args.dispatch,
         channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
@@ -535,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", default="none",
                    choices=["none", *COMPILE_MODES],
                    help="torch.compile the network in this mode (--compile alone: default)")
+    p.add_argument("--compile_scope", choices=COMPILE_SCOPES, default="network",
+                   help="what one compiled graph covers: the network, or each transformer block (blocks of one level "
+                        "share their code: 7 graphs for MoCE_IR_S, a shorter compile)")
     p.add_argument("--fused_adamw", action="store_true", help="fused AdamW: one kernel per step for all weights")
     p.add_argument("--fft_impl", choices=FFT_IMPLS,
                    help="experts' FFT product while training: fft, or matmul (real-valued, which Inductor compiles); "

@@ -65,14 +65,35 @@ def release_freed_memory() -> None:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile modes we offer
+# What one torch.compile call covers: the whole network, or each transformer block on its own ("regional
+# compilation": blocks of one width share their compiled code, so MoCE-IR-S compiles 7 graphs, not 38 blocks' worth).
+COMPILE_SCOPES = ("network", "blocks")
 
 
-def compile_network(net: "torch.nn.Module", mode: str) -> None:
+def compile_network(net: "torch.nn.Module", mode: str, scope: str = "network") -> None:
     """``torch.compile`` ``net`` in place in ``mode``, as ``moceir train --compile`` and
     benchmarks/train_throughput.py do. Compiled code draws random numbers (the router noise) with eager's
     generator (Inductor's process-wide ``fallback_random``), so a compiled step can be checked against eager, and a
-    compile cached by the benchmark serves training."""
+    compile cached by the benchmark serves training.
+
+    ``scope="blocks"`` compiles every encoder and decoder block instead of the network, with static shapes: the
+    code of one block serves every block of its level (one graph per level and block type), and the few layers
+    between blocks (patch embedding, up- and downsampling, the skip fusions, the output) stay eager.
+    """
+    import torch
     import torch._inductor.config as inductor
 
+    from .models.blocks import DecoderBlock, EncoderBlock
+
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
     inductor.fallback_random = True
-    net.compile(mode=mode)
+    if scope == "network":
+        net.compile(mode=mode)
+        return
+    blocks = [m for m in net.modules() if isinstance(m, (EncoderBlock, DecoderBlock))]
+    # Each block's code sees one input shape per level in training, more in validation (other batch and image
+    # sizes, eval mode); the default limit of 8 entries per code object would send the rest to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for m in blocks:
+        m.compile(mode=mode, dynamic=False)

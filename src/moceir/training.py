@@ -42,7 +42,7 @@ from .models import MoCEConfig, MoCEIR
 from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
 from .models.config import FFT_IMPLS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
-from .runtime import compile_network
+from .runtime import COMPILE_SCOPES, compile_network
 
 
 class TrainingSetupError(ValueError):
@@ -87,6 +87,7 @@ class TrainSettings:
     num_nodes: int = 1  # machines; under torchrun or SLURM Lightning takes ranks from the launcher
     precision: str = "32-true"
     compile: str = "none"  # a COMPILE_MODES entry for torch.compile of the network (True/False: default/none)
+    compile_scope: str = "network"  # COMPILE_SCOPES: one graph for the network, or one per block ("blocks")
     fused_adamw: bool = False  # AdamW(fused=True): one kernel per step for all parameters
     fft_impl: str | None = None  # experts' FFT product while training ("fft"/"matmul"); None: the config's
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (model_ema.safetensors); e.g. 0.999
@@ -117,6 +118,12 @@ class TrainSettings:
                                      "such as 0.999")
         if self.compile not in COMPILE_MODES:
             raise TrainingSetupError(f"--compile is {self.compile!r}; pass one of {', '.join(COMPILE_MODES)}")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise TrainingSetupError(f"--compile_scope is {self.compile_scope!r}; pass one of "
+                                     f"{', '.join(COMPILE_SCOPES)}")
+        if self.compile_scope != "network" and self.compile == "none":
+            raise TrainingSetupError(f"--compile_scope {self.compile_scope} says what to compile; add --compile "
+                                     "(or --compile MODE) to compile it")
         if self.fft_impl not in (None, *FFT_IMPLS):
             raise TrainingSetupError(f"--fft_impl is {self.fft_impl!r}; pass one of {', '.join(FFT_IMPLS)}")
 
@@ -541,7 +548,7 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     if settings.channels_last:
         module.net.to(memory_format=torch.channels_last)
     if settings.compile != "none":
-        compile_network(module.net, settings.compile)
+        compile_network(module.net, settings.compile, settings.compile_scope)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_images(per_task, run_dir)
