@@ -1,31 +1,37 @@
 """Bytes moved by one training step of moceir: eager (every operator), and after Inductor's fusion.
 
-    python benchmarks/step_traffic.py --batch_size 16 --patch_size 128             # eager, on the meta device: seconds
-    python benchmarks/step_traffic.py --batch_size 1 --patch_size 128 --inductor   # + Inductor's count (minutes)
+    python benchmarks/step_traffic.py                                   # eager fp32, batch 1 of 128²: seconds
+    python benchmarks/step_traffic.py --precision bf16 --fft_impl matmul
+    python benchmarks/step_traffic.py --inductor                        # + Inductor's count (minutes)
 
 A step is what benchmarks/train_throughput.py times: forward (dense dispatch, channels-last), L1 + 0.1 FFT + 0.01
-balance, backward, AdamW. The eager count adds up the bytes of the tensors each operator reads and writes (views
-are free), on the meta device, so any size costs seconds and no memory. It is a model of memory traffic, not a
-measurement: a cache can serve a re-read, and cuDNN's workspaces are not counted. "extern" are the operators that
-stay library calls after compiling (convolutions, matrix products, FFTs); the rest is what Inductor can fuse.
-``--inductor`` compiles the whole network on the CPU in a fresh cache (Inductor's C++ backend: the same scheduler as
-on a GPU, with the CPU backend's fusion rules, which differ from Triton's in places such as split reductions) with
-fft_impl=matmul, runs one step on real tensors and reports Inductor's own count of the bytes its kernels read and
-write (``torch._inductor.metrics.num_bytes_accessed``, forward and backward; the optimizer stays eager and is
-counted as such). Compiling block by block (``--compile_scope blocks``) leaves the layers between blocks eager, so
-it moves somewhat more. The eager count is approximate in small ways: an in-place write counts its destination as
-read and written, an expanded view at its full size, and AdamW's first step includes setting up its state. With --bandwidth_tbs the rows say how long that
-traffic takes at that bandwidth (an H200 has 4.8 TB/s).
+balance, backward, AdamW, here on real CPU tensors in channels-last, with LayerNorm2d taking the formulation it
+takes on CUDA (`layers.fused_layer_norm_pays`). The eager count adds up the bytes of the tensors each operator
+reads and writes (views are free). It is a model of memory traffic, not a measurement: a cache can serve a
+re-read, cuDNN's workspaces are not counted, an in-place write counts its destination as read and written, an
+expanded view at its full size, and AdamW's first step includes setting up its state. "extern" are the operators
+that stay library calls after compiling (convolutions, matrix products, FFTs); the rest is what Inductor can fuse.
+Forward and backward scale with the batch, AdamW does not, so the rows are also given per ``--per`` patches
+(default 16: the issue's batch), that is forward and backward times ``per / batch_size`` plus AdamW once.
+
+``--inductor`` compiles the whole network on the CPU in a fresh cache (Inductor's C++ backend: the same scheduler
+as on a GPU, with the CPU backend's fusion rules, which differ from Triton's in places such as split reductions)
+with fft_impl=matmul, runs one step and reports Inductor's own count of the bytes its kernels read and write
+(``torch._inductor.metrics.num_bytes_accessed``, forward and backward; the optimizer stays eager and is counted as
+such). Compiling block by block (``--compile_scope blocks``) leaves the layers between blocks eager, so it moves
+somewhat more. ``--bandwidth_tbs`` turns bytes into milliseconds at that bandwidth (an H200: 4.8 TB/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import os
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 
 import moceir
 from moceir.losses import restoration_loss
+from moceir.models import layers
 from moceir.models.experts import set_expert_bypass
 
 EXTERN = ("convolution", "mm", "bmm", "addmm", "baddbmm", "_fft_r2c", "_fft_c2r", "_fft_c2c", "linalg_vecdot")
@@ -56,58 +63,58 @@ class TrafficCounter(TorchDispatchMode):
         self.calls[name] += 1
         return out
 
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
     def split(self) -> tuple[int, int]:
         """(bytes of extern operators, bytes of the others)."""
         ext = sum(v for k, v in self.bytes.items() if k.startswith(EXTERN))
-        return ext, sum(self.bytes.values()) - ext
+        return ext, self.total - ext
 
 
-def build(model: str, device: str, fft_impl: str,
-          bypass: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def cuda_layer_norm_rule():
+    """LayerNorm2d choosing its formulation as it does on CUDA (the count is meant for the GPU's step)."""
+    rule = layers.fused_layer_norm_pays
+    return mock.patch.object(layers, "fused_layer_norm_pays", lambda device_type, channels: rule("cuda", channels))
+
+
+def build(model: str, fft_impl: str, bypass: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    net = moceir.create_model(model, fft_impl=fft_impl).set_dispatch("dense").train().to(device)
+    net = moceir.create_model(model, fft_impl=fft_impl).set_dispatch("dense").train()
     net = set_expert_bypass(net.to(memory_format=torch.channels_last), bypass)
     return net, torch.optim.AdamW(net.parameters(), lr=2e-4)
 
 
-def batch(b: int, patch: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(b: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    lq, gt = (torch.rand(b, 3, patch, patch, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    lq, gt = (torch.rand(b, 3, patch, patch, generator=g).contiguous(memory_format=torch.channels_last)
               for _ in range(2))
     return lq, gt
 
 
 def step(net, opt, lq, gt, bf16: bool = False, counter: TrafficCounter | None = None,
-         optimizer_counter: TrafficCounter | None = None):
-    ctx = counter if counter is not None else _null()
-    with ctx:
+         optimizer_counter: TrafficCounter | None = None) -> torch.Tensor:
+    with counter if counter is not None else contextlib.nullcontext():
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             out = net(lq)
             loss = restoration_loss(out.image, gt, out.balance_loss, "fft")["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-    with optimizer_counter if optimizer_counter is not None else ctx:
+    with optimizer_counter if optimizer_counter is not None else contextlib.nullcontext():
         opt.step()
     return loss.detach()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def eager_count(model: str, b: int, patch: int, fft_impl: str, bf16: bool = False,
                 bypass: bool = False) -> tuple[TrafficCounter, TrafficCounter]:
-    """(forward + loss + backward counter, optimizer counter) of one eager step: on the meta device in fp32, on
-    the CPU under bf16 autocast (autocast does not apply to meta tensors). ``bypass``: every expert the identity."""
-    device = "cpu" if bf16 else "meta"
-    net, opt = build(model, device, fft_impl, bypass)
-    lq, gt = batch(b, patch, device)
-    fwd_bwd, optim = TrafficCounter(), TrafficCounter()
-    step(net, opt, lq, gt, bf16, fwd_bwd, optim)
+    """(forward + loss + backward counter, AdamW counter) of one eager step. ``bypass``: every expert the identity.
+    bf16 is CPU autocast, whose operator lists are close to, not the same as, CUDA's."""
+    with cuda_layer_norm_rule():
+        net, opt = build(model, fft_impl, bypass)
+        lq, gt = batch(b, patch)
+        fwd_bwd, optim = TrafficCounter(), TrafficCounter()
+        step(net, opt, lq, gt, bf16, fwd_bwd, optim)
     return fwd_bwd, optim
 
 
@@ -122,16 +129,17 @@ def inductor_count(model: str, b: int, patch: int, bf16: bool) -> tuple[int, flo
     log = compile_fx.inductor_metrics_log  # Inductor counts the bytes only while this log is on at INFO
     log.setLevel(logging.INFO)
     log.propagate, log.handlers = False, [logging.NullHandler()]  # the count without its printout
-    net, opt = build(model, "cpu", "matmul")
-    lq, gt = batch(b, patch, "cpu")
-    t0 = time.perf_counter()
-    step(net, opt, lq, gt, bf16)
-    eager_s = time.perf_counter() - t0
-    net, opt = build(model, "cpu", "matmul")
-    compile_network(net, "default")
-    metrics.reset()
-    t0 = time.perf_counter()
-    step(net, opt, lq, gt, bf16)
+    with cuda_layer_norm_rule():
+        net, opt = build(model, "matmul")
+        lq, gt = batch(b, patch)
+        t0 = time.perf_counter()
+        step(net, opt, lq, gt, bf16)
+        eager_s = time.perf_counter() - t0
+        net, opt = build(model, "matmul")
+        compile_network(net, "default")
+        metrics.reset()
+        t0 = time.perf_counter()
+        step(net, opt, lq, gt, bf16)
     if not metrics.num_bytes_accessed:
         raise SystemExit("error: Inductor counted no bytes (did it compile?); run again")
     return metrics.num_bytes_accessed, time.perf_counter() - t0, eager_s
@@ -140,12 +148,12 @@ def inductor_count(model: str, b: int, patch: int, bf16: bool) -> tuple[int, flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="MoCE_IR_S")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--patch_size", type=int, default=128)
+    p.add_argument("--per", type=int, default=16, help="also give the rows per this many patches")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: CPU autocast")
     p.add_argument("--fft_impl", choices=["fft", "matmul"], default=None,
                    help="experts' FFT product (default: fft; matmul with --inductor, which compiles only that)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: CPU autocast (its operator lists are close to, not the same as, CUDA's)")
     p.add_argument("--bypass_experts", action="store_true",
                    help="eager count with every expert the identity: what the dense dispatch's four experts cost")
     p.add_argument("--inductor", action="store_true", help="also compile on the CPU and report Inductor's count")
@@ -153,36 +161,36 @@ def main() -> None:
     p.add_argument("--top", type=int, default=12, help="operators listed")
     a = p.parse_args()
     impl = a.fft_impl or ("matmul" if a.inductor else "fft")
+    if a.inductor and impl != "matmul":
+        p.error("--inductor compiles fft_impl=matmul only; leave --fft_impl out or pass matmul")
+    if a.bypass_experts and a.inductor:
+        p.error("--bypass_experts counts the eager step only")
     bf16 = a.precision == "bf16"
-    if a.bypass_experts and (a.inductor or bf16):
-        p.error("--bypass_experts counts the eager fp32 step only")
     fwd_bwd, optim = eager_count(a.model, a.batch_size, a.patch_size, impl, bf16, a.bypass_experts)
     ext, rest = fwd_bwd.split()
-    opt_bytes = sum(optim.bytes.values())
-    total = ext + rest + opt_bytes
-    bw = a.bandwidth_tbs * 1e12
+    scale = a.per / a.batch_size
 
-    def row(label: str, n: float) -> None:
-        print(f"{label:58s} {n / 1e9:9.2f} GB {1000 * n / bw:9.1f} ms at {a.bandwidth_tbs:g} TB/s")
+    def row(label: str, n: float, adam: float = 0.0) -> None:
+        per = n * scale + adam
+        print(f"{label:52s} {(n + adam) / 1e9:8.2f} GB | per {a.per}: {per / 1e9:8.2f} GB "
+              f"{1000 * per / (a.bandwidth_tbs * 1e12):7.1f} ms at {a.bandwidth_tbs:g} TB/s")
 
-    print(f"{a.model}, batch {a.batch_size}, {a.patch_size}² patches, {a.precision}, fft_impl={impl}, "
-          f"one training step{', experts bypassed' if a.bypass_experts else ''}")
-    row(f"eager, all {sum(fwd_bwd.calls.values()) + sum(optim.calls.values())} operator calls", total)
-    row("  extern: convolutions, matrix products, FFTs", ext)
-    row("  the rest: elementwise, reductions, copies (fusable)", rest)
-    row("  AdamW", opt_bytes)
+    print(f"{a.model}, batch {a.batch_size}, {a.patch_size}² patches, {a.precision}, fft_impl={impl}, one training "
+          f"step{', experts bypassed' if a.bypass_experts else ''}")
+    row(f"eager, {fwd_bwd.calls.total() + optim.calls.total()} operator calls, with AdamW", fwd_bwd.total, optim.total)
+    row("  forward + backward", fwd_bwd.total)
+    row("    extern: convolutions, matrix products, FFTs", ext)
+    row("    the rest: elementwise, reductions, copies", rest)
+    row("  AdamW", 0.0, optim.total)
     print("largest operators (forward + backward):")
     for name, n in fwd_bwd.bytes.most_common(a.top):
         print(f"  {name:40s} {n / 1e9:9.2f} GB {fwd_bwd.calls[name]:7d} calls")
     if a.inductor:
-        if impl != "matmul":
-            p.error("--inductor compiles fft_impl=matmul only; leave --fft_impl out or pass matmul")
         fused, compile_s, eager_s = inductor_count(a.model, a.batch_size, a.patch_size, bf16)
-        print(f"Inductor (whole network compiled on the CPU in {compile_s:.0f} s, fft_impl=matmul; eager step "
-              f"{eager_s:.1f} s):")
+        print(f"Inductor (whole network compiled on the CPU in {compile_s:.0f} s; eager step {eager_s:.1f} s):")
+        row("  forward + backward, Inductor's kernels, with AdamW", fused, optim.total)
         row("  forward + backward, Inductor's kernels", fused)
-        row("  with the eager AdamW", fused + opt_bytes)
-        print(f"  eager / Inductor, forward + backward: {(ext + rest) / fused:.2f}x")
+        print(f"  eager / Inductor, forward + backward: {fwd_bwd.total / fused:.2f}x")
 
 
 if __name__ == "__main__":

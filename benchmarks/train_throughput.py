@@ -104,8 +104,8 @@ def _gpu_plan() -> Plan:
     # Window 3 (2026-11-27, H200) measured eager fp32 (50.2 patches/s at b16, 81.3 at b64), the whole step captured
     # by hand in a CUDA graph (67.4 at b16, 85.6 at b64) and upstream (38.1 at b16); its compile group timed out.
     # At b64 the GPU is the bound: about 190 ms of fp32 kernels per 16 patches, where 440 patches/s allows 36 ms.
-    # Only fewer bytes moved can close that (benchmarks/step_traffic.py: 276 GB per eager step of 16 patches), that
-    # is Inductor's fused kernels and bf16. A cold compile of the whole network took 370 s on the 2-core CPU, so the
+    # Only fewer bytes moved can close that (benchmarks/step_traffic.py: 239 GB per eager step of 16 patches), that
+    # is Inductor's fused kernels and bf16. A cold compile of the whole network took 362 s on the 2-core CPU, so the
     # plan compiles each block instead (`scope="blocks"`: 7 graphs for MoCE_IR_S, 173 s on that CPU, about half of
     # it C++ compilation that Triton does in parallel on the GPU machine's 16 cores), then captures the step over
     # those compiled blocks in the same process (Dynamo's compiled code is reused: same guards, autocast cache

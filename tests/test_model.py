@@ -189,3 +189,29 @@ def test_channels_last_layer_norm_takes_the_faster_path_per_device_and_both_agre
     manual = norm(x)
     assert torch.allclose(fused, manual, atol=2e-6, rtol=0) and manual.shape == x.shape
     assert torch.allclose(manual, norm(x.contiguous()), atol=1e-6, rtol=0)  # the NCHW path's formula
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_dispatch_with_merged_projections_is_the_gated_sum_of_the_experts(channels_last):
+    """MoCEAdapter._dense merges the experts' 1x1 projections; it must equal sum_i w_i * expert_i(x, s) for any
+    gates (two experts per image here, gates not summing to 1), values and gradients."""
+    from moceir.models.router import RouterOutput
+
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.1)
+    adapter = model.adapters[0]
+    g = torch.Generator().manual_seed(3)
+    c = adapter.proj_out.in_channels
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, c, 16, 16, generator=g).contiguous(memory_format=fmt).requires_grad_()
+    s = torch.randn(3, c, 16, 16, generator=g).contiguous(memory_format=fmt)
+    indices = torch.tensor([[0, 3], [2, 1], [3, 2]])
+    gates = torch.tensor([[0.7, 0.5], [0.2, 0.9], [1.0, 0.3]])
+    route = RouterOutput(indices, gates, torch.zeros(3, 4), torch.zeros(()))
+    merged = adapter._dense(x, s, route)
+    w = adapter._gate_matrix(route)
+    reference = sum(adapter.expert(i)(x, s) * w[:, i].view(-1, 1, 1, 1) for i in range(4))
+    torch.testing.assert_close(merged, reference, rtol=1e-5, atol=1e-6)
+    (gm,) = torch.autograd.grad(merged.square().sum(), x)
+    (gr,) = torch.autograd.grad(reference.square().sum(), x)
+    torch.testing.assert_close(gm, gr, rtol=1e-4, atol=1e-5)

@@ -178,7 +178,7 @@ def _product_matmul(q: torch.Tensor, k: torch.Tensor, patch: int,
     patches. No transposes of the patches are needed; the product of the spectra is the complex product written
     out in reals. Autocast is suspended: the transform runs in fp32 as the "fft" path does.
     """
-    if q.device.type != "meta" and torch.is_autocast_enabled(q.device.type):  # meta: no autocast to ask
+    if torch.is_autocast_enabled(q.device.type):
         with torch.autocast(q.device.type, enabled=False):
             return _product_matmul(q, k, patch, dft)
     b, c, h, w = q.shape
