@@ -81,6 +81,14 @@ def test_compile_scope_blocks_compiles_every_block_once_with_static_shapes(tiny_
     assert inductor_config.fallback_random
 
 
+def test_compile_scope_without_compile_is_a_one_line_error_and_writes_nothing(tiny_layout, tmp_path, capsys):
+    assert _train(tiny_layout, tmp_path / "ck", "--run_name", "n", "--compile_scope", "blocks") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --compile_scope blocks says what to compile; add --compile (or --compile MODE) to "
+                   "compile it"]
+    assert not (tmp_path / "ck").exists()
+
+
 def test_compile_scope_is_checked(capsys):
     assert _train_args("--compile_scope", "blocks").compile_scope == "blocks"
     assert _train_args().compile_scope == "network"

@@ -92,8 +92,8 @@ def compile_network(net: "torch.nn.Module", mode: str, scope: str = "network") -
         net.compile(mode=mode)
         return
     blocks = [m for m in net.modules() if isinstance(m, (EncoderBlock, DecoderBlock))]
-    # Each block's code sees one input shape per level in training, more in validation (other batch and image
-    # sizes, eval mode); the default limit of 8 entries per code object would send the rest to eager.
+    # Each block's code sees one input shape per level, and more with another batch or image size or in eval mode;
+    # the default limit of 8 entries per code object would send the rest to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for m in blocks:
         m.compile(mode=mode, dynamic=False)
