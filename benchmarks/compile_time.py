@@ -19,32 +19,20 @@ import time
 
 import torch
 
-import moceir
-from moceir.losses import restoration_loss
 from moceir.runtime import COMPILE_SCOPES, compile_network
+from step_traffic import build, check_step_args, step
 
 
-def build(model: str, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    net = moceir.create_model(model, fft_impl="matmul").set_dispatch("dense").train().to(device)
-    return net.to(memory_format=torch.channels_last)
-
-
-def losses_and_times(net: torch.nn.Module, batch: int, patch: int, steps: int) -> tuple[list[float], list[float]]:
+def losses_and_times(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, patch: int,
+                     steps: int) -> tuple[list[float], list[float]]:
     device = next(net.parameters()).device
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-4)
     g = torch.Generator().manual_seed(1)
     losses, times = [], []
     for i in range(steps):
         lq, gt = (torch.rand(batch, 3, patch, patch, generator=g).to(device) for _ in range(2))
         torch.manual_seed(100 + i)
         t0 = time.perf_counter()
-        out = net(lq)
-        loss = restoration_loss(out.image, gt, out.balance_loss, "fft")["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())  # a sync: the time is the step's
+        losses.append(step(net, opt, lq, gt).item())  # a sync: the time is the step's
         times.append(time.perf_counter() - t0)
     return losses, times
 
@@ -59,14 +47,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     a = p.parse_args()
+    check_step_args(p, a)
+    if a.steps < 2:
+        p.error(f"--steps must be at least 2 (the first compiles), got {a.steps}")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")  # a cold cache
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    ref, ref_t = losses_and_times(build(a.model, device), a.batch_size, a.patch_size, a.steps)
-    net = build(a.model, device)
+    ref, ref_t = losses_and_times(*build(a.model, "matmul", device=device), a.batch_size, a.patch_size, a.steps)
+    net, opt = build(a.model, "matmul", device=device)
     compile_network(net, "default", a.scope)
-    got, got_t = losses_and_times(net, a.batch_size, a.patch_size, a.steps)
+    got, got_t = losses_and_times(net, opt, a.batch_size, a.patch_size, a.steps)
 
     import torch._dynamo.utils as dynamo_utils
 

@@ -79,9 +79,11 @@ def cuda_layer_norm_rule():
     return mock.patch.object(layers, "fused_layer_norm_pays", lambda device_type, channels: rule("cuda", channels))
 
 
-def build(model: str, fft_impl: str, bypass: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def build(model: str, fft_impl: str, bypass: bool = False,
+          device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The training step's network (seed 0, dense dispatch, channels-last, train mode) and its AdamW."""
     torch.manual_seed(0)
-    net = moceir.create_model(model, fft_impl=fft_impl).set_dispatch("dense").train()
+    net = moceir.create_model(model, fft_impl=fft_impl).set_dispatch("dense").train().to(device)
     net = set_expert_bypass(net.to(memory_format=torch.channels_last), bypass)
     return net, torch.optim.AdamW(net.parameters(), lr=2e-4)
 
@@ -146,6 +148,16 @@ def inductor_count(model: str, b: int, patch: int, bf16: bool,
     return metrics.num_bytes_accessed, time.perf_counter() - t0, eager_s
 
 
+def check_step_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """A one-line usage error (exit 2) for a model, batch or patch size the training step cannot take."""
+    if a.model not in moceir.PRESETS:
+        p.error(f"--model {a.model!r} is not a preset; choose one of {', '.join(moceir.PRESETS)}")
+    m = moceir.get_config(a.model).size_multiple
+    if a.batch_size < 1 or a.patch_size < m or a.patch_size % m:
+        p.error(f"--batch_size must be at least 1 and --patch_size a positive multiple of {m}; "
+                f"got {a.batch_size} and {a.patch_size}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="MoCE_IR_S")
@@ -162,6 +174,9 @@ def main() -> None:
     p.add_argument("--bandwidth_tbs", type=float, default=4.8, help="memory bandwidth for the time column (TB/s)")
     p.add_argument("--top", type=int, default=12, help="operators listed")
     a = p.parse_args()
+    check_step_args(p, a)
+    if a.per < 1:
+        p.error(f"--per must be at least 1, got {a.per}")
     impl = a.fft_impl or ("matmul" if a.inductor else "fft")
     if a.bypass_experts and a.inductor:
         p.error("--bypass_experts counts the eager step only")
