@@ -215,3 +215,16 @@ def test_dense_dispatch_with_merged_projections_is_the_gated_sum_of_the_experts(
     (gm,) = torch.autograd.grad(merged.square().sum(), x)
     (gr,) = torch.autograd.grad(reference.square().sum(), x)
     torch.testing.assert_close(gm, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_a_nan_image_does_not_reach_the_others_under_dense_dispatch():
+    """The merged dense dispatch mixes experts, never images: a NaN in one image stays in that image."""
+    model = moceir.create_model("MoCE_IR_tiny").eval().set_dispatch("dense")
+    fill_deterministic(model, 0.1)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[1, :, :2, :2] = float("nan")
+    with torch.no_grad():
+        y = model(x)
+        alone = model(x[[0, 2]])
+    assert torch.isnan(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
+    torch.testing.assert_close(y[[0, 2]], alone, rtol=1e-5, atol=1e-6)
