@@ -68,8 +68,11 @@ rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/runs"
 # Inductor's cache is this run's own: a compile killed at its time limit can leave a truncated .so behind, and a
 # shared cache (/tmp/torchinductor_$USER) then fails every later run that loads it ("file too short"; seen in CI).
-# Phase 2 still reuses phase 1's compiles, which is all the cache is for here.
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$WORK/inductor_cache}
+# Phase 2 still reuses phase 1's compiles, which is all the cache is for here. Always this run's own, also when
+# the variable is inherited: Inductor sets it to the shared default in any process that has compiled (or looked up
+# its cache), so a caller such as pytest passes the shared cache on; a 0-byte .so left there by an earlier dry run's
+# killed compile then failed a later dry run in CI (2026-11-27).
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor_cache
 : > "$LOG"
 : > "$OUT/bench.jsonl"  # rows are appended from here on
 export WORK OUT DRY EMA FINE_TUNE_FROM INFER_S

@@ -25,15 +25,31 @@ from train_throughput import PLANS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
-    out, work = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("work")
-    env = {**os.environ, "OUT": str(out), "WORK": str(work),
+def run_dirs(tmp_path_factory) -> dict[str, Path]:
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("out", "work", "inherited_cache")}
+    out = dirs["out"]
+    # Inductor sets TORCHINDUCTOR_CACHE_DIR (to its shared default) in any process that has used its cache, so a
+    # caller such as pytest passes one on: the run must still compile in its own.
+    env = {**os.environ, "OUT": str(out), "WORK": str(dirs["work"]),
+           "TORCHINDUCTOR_CACHE_DIR": str(dirs["inherited_cache"]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     res = subprocess.run(["bash", "scripts/gpu_session.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     log = (out / "session.log").read_text() if (out / "session.log").exists() else ""
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + log[-4000:]
-    return out
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def out(run_dirs) -> Path:
+    return run_dirs["out"]
+
+
+def test_the_run_compiles_in_its_own_inductor_cache_even_when_one_is_inherited(run_dirs):
+    # CI, 2026-11-27: the inherited shared cache held a 0-byte .so from an earlier dry run's killed compile, and the
+    # compile row failed with "file too short".
+    assert (run_dirs["work"] / "inductor_cache").is_dir()
+    assert not any(run_dirs["inherited_cache"].iterdir())
 
 
 def _rows(out: Path) -> list[dict]:
