@@ -12,8 +12,10 @@ bypassed (the model card's expert-bypass column) and on the synthetic flat sky (
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
-own. Scores already in ``--out`` computed from the same weights (sha256), data folder and rows are reused
-(``--rescore`` recomputes them), so an interrupted judgement resumes. Nothing is exported: shipping stays a
+own. Scores already in ``--out`` computed from the same weights (a sha256 of the loaded config and tensors, so an
+export that only rewrote the note matches), data folder and rows are reused (``--rescore`` recomputes them), so an
+interrupted judgement resumes; ``--reuse DIR`` also takes them from an earlier judgement folder (the shipped model
+is usually the last run's pick). Nothing is exported: shipping stays a
 deliberate ``moceir export`` (printed). Exit code 0 when judged; 1 when a model or a validation row cannot be
 read or scored, when a candidate's architecture differs from the shipped model's, or when a candidate's outputs
 are not finite (it is then left out of the judgement, which still covers the others).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +39,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import moceir  # noqa: E402
 from moceir.data.datasets import BENCHMARKS, DatasetLayoutError  # noqa: E402
 from moceir.evaluation import scored_benchmark, write_reports  # noqa: E402
-from moceir.models.checkpoints import resolve_path  # noqa: E402
 from moceir.models.experts import set_expert_bypass  # noqa: E402
 
 from flat_region import flat_region_rows  # noqa: E402
@@ -48,9 +50,30 @@ class JudgeError(Exception):
     """A model or a validation row that cannot be judged; the message is the one-line error."""
 
 
-def fingerprint(path: str) -> str:
-    """sha256 of the checkpoint file, so that cached scores are reused only for the same weights."""
-    return hashlib.sha256(resolve_path(path).read_bytes()).hexdigest()
+def fingerprint(model: moceir.MoCEIR) -> str:
+    """sha256 of what is scored: the config and every tensor as loaded (name, dtype, shape, bytes).
+
+    The file's bytes would not do: ``moceir export --note`` rewrites the metadata of unchanged weights, so the
+    shipped model and the run file it was exported from must share their scores.
+    """
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def reusable(a: argparse.Namespace, key: dict) -> Path | None:
+    """A model folder under ``--reuse`` whose scores were computed for ``key`` (the same weights and rows)."""
+    for folder in a.reuse:
+        for cache in sorted(Path(folder).glob("*/scores.json")):
+            try:
+                if json.loads(cache.read_text()).get("key") == key:
+                    return cache.parent
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
@@ -62,12 +85,21 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
     """
     folder = a.out / (label + ("_bypassed" if bypass else ""))
     cache = folder / "scores.json"
-    key = {"weights_sha256": source, "data_file_dir": str(Path(a.data_file_dir).resolve()),
+    key = {"weights_digest": source, "data_file_dir": str(Path(a.data_file_dir).resolve()),
            "benchmarks": list(a.benchmarks), "experts_bypassed": bypass}
-    if cache.exists() and not a.rescore:
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["psnr"]
+    if not a.rescore:
+        if cache.exists():
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return saved["psnr"]
+        earlier = reusable(a, key)
+        if earlier is not None and earlier.resolve() != folder.resolve():
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in earlier.iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, folder / f.name)
+            print(f"{label}{' (experts bypassed)' if bypass else ''}: scores reused from {earlier}", file=sys.stderr)
+            return json.loads(cache.read_text())["psnr"]
     cache.unlink(missing_ok=True)  # a run interrupted below must not leave an old cache beside new reports
     set_expert_bypass(model, bypass)
     try:
@@ -138,7 +170,7 @@ def load_all(a: argparse.Namespace, sources: dict[str, str]) -> tuple[dict, dict
     for name, path in sources.items():
         try:
             models[name] = moceir.load_model(path).eval()
-            hashes[name] = fingerprint(path)
+            hashes[name] = fingerprint(models[name])
         except moceir.CheckpointError as e:
             message = str(e) if str(path) in str(e) else f"{path}: {e}"
             raise JudgeError(message) from None
@@ -164,7 +196,10 @@ def main() -> int:
     p.add_argument("--data_file_dir", default="../shared/datasets")
     p.add_argument("--benchmarks", nargs="+", default=list(ROWS), choices=BENCHMARKS, metavar="BENCHMARK")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rescore", action="store_true", help="recompute scores already in --out")
+    p.add_argument("--rescore", action="store_true", help="recompute scores already in --out (and ignore --reuse)")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="DIR",
+                   help="earlier judgement folders whose scores of the same weights (same digest, data folder and "
+                        "rows) are copied instead of recomputed, e.g. the last run's for the shipped model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args()
     paths = cands_paths(a)
@@ -173,6 +208,11 @@ def main() -> int:
             f"{x}_bypassed" == y for x in labels for y in labels):
         print("error: candidates need distinct file names other than 'shipped' and '<another>_bypassed' (their "
               "names label the folders in --out); rename one", file=sys.stderr)
+        return 1
+    missing = [str(d) for d in a.reuse if not d.is_dir()]
+    if missing:
+        print(f"error: --reuse {', '.join(missing)}: no such folder; pass earlier judgement folders "
+              "(docs/runs/relay-N)", file=sys.stderr)
         return 1
     if a.out.exists() and not a.out.is_dir():
         print(f"error: --out {a.out} is a file; pass a folder", file=sys.stderr)

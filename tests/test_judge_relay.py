@@ -33,9 +33,9 @@ def _models(tmp_path):
     return paths
 
 
-def _judge(paths, shipped, candidates, layout, out):
+def _judge(paths, shipped, candidates, layout, out, *extra):
     cmd = [sys.executable, str(ROOT / "scripts" / "judge_relay.py"), *[str(paths[c]) for c in candidates],
-           "--shipped", str(paths[shipped]), "--data_file_dir", str(layout), "--out", str(out), "--quiet"]
+           "--shipped", str(paths[shipped]), "--data_file_dir", str(layout), "--out", str(out), "--quiet", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -83,6 +83,33 @@ def test_cached_scores_are_reused_only_for_the_same_weights(tmp_path, tiny_layou
     second = json.loads((out / "judgement.json").read_text())
     assert second["scores"]["shipped"] == first["scores"]["identity"]
     assert second["scores"]["shipped"] != first["scores"]["shipped"]
+
+
+def test_scores_of_the_same_weights_are_reused_from_an_earlier_judgement(tmp_path, tiny_layout):
+    """The shipped model is the last run's pick re-exported with a note: other file bytes, same tensors."""
+    paths = _models(tmp_path)
+    first_out = tmp_path / "run_a"
+    assert _judge(paths, "noisy", ["identity"], tiny_layout, first_out).returncode == 0
+    first = json.loads((first_out / "judgement.json").read_text())
+    save_model(moceir.load_model(paths["identity"]), tmp_path / "shipped_now.safetensors", note="exported")
+    paths["shipped_now"] = tmp_path / "shipped_now.safetensors"
+    assert paths["shipped_now"].read_bytes() != paths["identity"].read_bytes()
+    out = tmp_path / "run_b"
+    res = _judge(paths, "shipped_now", ["base"], tiny_layout, out, "--reuse", str(first_out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    second = json.loads((out / "judgement.json").read_text())
+    assert second["scores"]["shipped"] == first["scores"]["identity"]
+    assert second["bypassed"]["shipped"] == first["bypassed"]["identity"]
+    reused = [line for line in res.stderr.splitlines() if "scores reused from" in line]
+    assert len(reused) == 2 and all("identity" in line for line in reused), res.stderr[-2000:]
+    assert (out / "shipped" / "per_image.csv").exists()
+    # the candidate's weights were never judged before: computed, not taken from another model's folder
+    assert second["scores"]["base"] != second["scores"]["shipped"]
+    assert json.loads((out / "base" / "scores.json").read_text())["key"]["weights_digest"] not in {
+        json.loads(f.read_text())["key"]["weights_digest"] for f in first_out.glob("*/scores.json")}
+    res = _judge(paths, "shipped_now", ["base"], tiny_layout, tmp_path / "run_c", "--reuse", str(tmp_path / "nowhere"))
+    assert res.returncode == 1 and "nowhere" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run_c").exists()
 
 
 def test_a_nan_score_is_never_picked_nor_shipped():
