@@ -2,13 +2,15 @@
 
     cat out/models.part* > models.tar && tar -xf models.tar
     python scripts/judge_relay.py model_fp16.safetensors model_ema_fp16.safetensors \
-        --data_file_dir ../shared/datasets --out docs/runs/relay-3
+        --data_file_dir ../shared/datasets --out docs/runs/relay-4 --reuse docs/runs/relay-3
 
 Scores the shipped model (``--shipped``, default: the bundled one) and every candidate on the validation rows of the
 model card (RainTrainL validation split, CBSD68 sigma 15/25/50, the SOTS subset; upstream's protocol, RGB PSNR).
-The candidate with the higher mean PSNR over those rows is picked; it is to be shipped only if its mean beats the
-shipped model's. The shipped model and the picked candidate are then also scored with every complexity expert
-bypassed (the model card's expert-bypass column) and on the synthetic flat sky (benchmarks/flat_region.py).
+The candidate with the higher mean PSNR over those rows is picked. The shipped model and the pick are then also
+scored with every complexity expert bypassed (the model card's expert-bypass column) and run on the synthetic flat
+sky (benchmarks/flat_region.py). The pick is to be shipped only if its mean beats the shipped model's and it does
+not darken or texture the flat sky more than the shipped model beyond the tolerances below (the model card's known
+failure).
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
@@ -43,6 +45,13 @@ from moceir.models.experts import set_expert_bypass  # noqa: E402
 
 from flat_region import flat_region_rows  # noqa: E402
 
+# Part of every cache key: raise it when a change to scoring (metrics, cropping, data loading, the bypass) would
+# give other numbers for the same weights, so that no earlier judgement's scores are reused.
+SCORING_VERSION = 1
+# The flat-sky check (benchmarks/flat_region.py) vetoes a pick that darkens or textures smooth regions more than the
+# shipped model by more than these (8-bit grey levels, mean over its four rows); see docs/gpu-window.md.
+FLAT_DARKENING_TOLERANCE = 2.0
+FLAT_TEXTURE_TOLERANCE = 0.25
 ROWS = ("raintrainl_val", "denoise_15", "denoise_25", "denoise_50", "dehaze")
 
 
@@ -64,16 +73,39 @@ def fingerprint(model: moceir.MoCEIR) -> str:
     return h.hexdigest()
 
 
+def read_cache(path: Path, key: dict) -> dict | None:
+    """The scores cached in ``path`` if they were computed for ``key``; None for any other or unreadable file."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    psnr = saved.get("psnr") if isinstance(saved, dict) else None
+    if (saved.get("key") if isinstance(saved, dict) else None) != key or not isinstance(psnr, dict) \
+            or sorted(psnr) != sorted(key["benchmarks"]) \
+            or not all(isinstance(v, (int, float)) for v in psnr.values()):
+        return None
+    return saved
+
+
 def reusable(a: argparse.Namespace, key: dict) -> Path | None:
     """A model folder under ``--reuse`` whose scores were computed for ``key`` (the same weights and rows)."""
     for folder in a.reuse:
-        for cache in sorted(Path(folder).glob("*/scores.json")):
-            try:
-                if json.loads(cache.read_text()).get("key") == key:
-                    return cache.parent
-            except (OSError, ValueError):
-                continue
+        for cache in sorted(folder.glob("*/scores.json")):
+            if read_cache(cache, key) is not None:
+                return cache.parent
     return None
+
+
+def copy_scores(earlier: Path, folder: Path) -> None:
+    """Copy a model folder's reports, its scores.json last, so that an interrupted copy leaves no valid cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scores.json").unlink(missing_ok=True)
+    for f in sorted(earlier.iterdir()):
+        if f.is_file() and f.name != "scores.json":
+            shutil.copyfile(f, folder / f.name)
+    saved = json.loads((earlier / "scores.json").read_text())
+    saved["reused_from"] = str(earlier)
+    (folder / "scores.json").write_text(json.dumps(saved, indent=1))
 
 
 def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
@@ -81,25 +113,24 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
     """Mean RGB PSNR per validation row, unrounded.
 
     Cached in ``out/<label>[_bypassed]/scores.json`` together with what they were computed from (the weights'
-    sha256, the data folder, the rows, bypass); reused only when all of it matches.
+    digest, the data folder, the rows, bypass, the scoring version); reused only when all of it matches.
     """
-    folder = a.out / (label + ("_bypassed" if bypass else ""))
+    name = label + ("_bypassed" if bypass else "")
+    folder = a.out / name
     cache = folder / "scores.json"
     key = {"weights_digest": source, "data_file_dir": str(Path(a.data_file_dir).resolve()),
-           "benchmarks": list(a.benchmarks), "experts_bypassed": bypass}
+           "benchmarks": list(a.benchmarks), "experts_bypassed": bypass, "scoring_version": SCORING_VERSION}
     if not a.rescore:
-        if cache.exists():
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return saved["psnr"]
+        saved = read_cache(cache, key)
+        if saved is not None:
+            return saved["psnr"]
         earlier = reusable(a, key)
-        if earlier is not None and earlier.resolve() != folder.resolve():
-            folder.mkdir(parents=True, exist_ok=True)
-            for f in earlier.iterdir():
-                if f.is_file():
-                    shutil.copyfile(f, folder / f.name)
-            print(f"{label}{' (experts bypassed)' if bypass else ''}: scores reused from {earlier}", file=sys.stderr)
-            return json.loads(cache.read_text())["psnr"]
+        if earlier is not None:
+            copy_scores(earlier, folder)
+            print(f"{name}: scores reused from {earlier}", file=sys.stderr)
+            return read_cache(cache, key)["psnr"]
+        if a.reuse:
+            print(f"{name}: no scores of these weights in --reuse; scoring", file=sys.stderr)
     cache.unlink(missing_ok=True)  # a run interrupted below must not leave an old cache beside new reports
     set_expert_bypass(model, bypass)
     try:
@@ -116,6 +147,19 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
     return psnr
 
 
+def reused_from(out: Path) -> dict[str, str]:
+    """The model folders in ``out`` whose scores were copied from an earlier judgement, and from where."""
+    found = {}
+    for cache in sorted(out.glob("*/scores.json")):
+        try:
+            saved = json.loads(cache.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(saved, dict) and saved.get("reused_from"):
+            found[cache.parent.name] = saved["reused_from"]
+    return found
+
+
 def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]]) -> dict:
     """Pick the candidate with the best mean; ship it only if that mean beats the shipped model's."""
     means = {name: float(np.mean(list(s.values()))) for name, s in candidates.items()}
@@ -125,6 +169,24 @@ def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]]) ->
     worse = [b for b in shipped if not candidates[picked][b] >= shipped[b]]
     ship = bool(np.isfinite(means[picked]) and (not np.isfinite(shipped_mean) or means[picked] > shipped_mean))
     return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": ship, "rows_worse": worse}
+
+
+def flat_regression(shipped: list[dict], picked: list[dict]) -> list[str]:
+    """Why the pick makes the flat-sky check worse than the shipped model, beyond the tolerances; [] if it does not.
+
+    ``shipped``/``picked``: flat_region_rows() of each, the same four rows. The darkening of smooth regions is the
+    model card's known failure, so a pick that worsens it does not ship whatever its PSNR.
+    """
+    darker = np.mean([abs(p["mean_change"]) - abs(s["mean_change"]) for s, p in zip(shipped, picked)])
+    rougher = np.mean([p["texture_out"] - s["texture_out"] for s, p in zip(shipped, picked)])
+    reasons = []
+    if not darker <= FLAT_DARKENING_TOLERANCE:
+        reasons.append(f"it shifts the flat sky's brightness {darker:.1f} grey levels more than the shipped model "
+                       f"(mean over the four rows; tolerance {FLAT_DARKENING_TOLERANCE})")
+    if not rougher <= FLAT_TEXTURE_TOLERANCE:
+        reasons.append(f"it leaves {rougher:.2f} grey levels more texture on the flat sky (mean over the four rows; "
+                       f"tolerance {FLAT_TEXTURE_TOLERANCE})")
+    return reasons
 
 
 def report(a: argparse.Namespace, shipped: dict, cands: dict, verdict: dict, bypassed: dict, flat: dict) -> str:
@@ -155,8 +217,9 @@ def report(a: argparse.Namespace, shipped: dict, cands: dict, verdict: dict, byp
                   "--overwrite --note \"...\"", "```"]
     else:
         lines.append(f"**Decision: keep the shipped model.** The best candidate, {picked}, has a mean of "
-                     f"{verdict['means'][picked]:.3f} dB against {verdict['shipped_mean']:.3f} dB. Record the run in "
-                     "the model card as not shipped.")
+                     f"{verdict['means'][picked]:.3f} dB against {verdict['shipped_mean']:.3f} dB"
+                     + ("; " + "; ".join(verdict["flat_regression"]) if verdict.get("flat_regression") else "")
+                     + ". Record the run in the model card as not shipped.")
     return "\n".join(lines) + "\n"
 
 
@@ -197,9 +260,10 @@ def main() -> int:
     p.add_argument("--benchmarks", nargs="+", default=list(ROWS), choices=BENCHMARKS, metavar="BENCHMARK")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rescore", action="store_true", help="recompute scores already in --out (and ignore --reuse)")
-    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="DIR",
-                   help="earlier judgement folders whose scores of the same weights (same digest, data folder and "
-                        "rows) are copied instead of recomputed, e.g. the last run's for the shipped model")
+    p.add_argument("--reuse", action="append", type=Path, default=[], metavar="DIR",
+                   help="an earlier judgement folder (repeatable) whose scores of the same weights (same digest, "
+                        "data folder, rows and scoring version) are copied instead of recomputed, e.g. the last "
+                        "run's for the shipped model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args()
     paths = cands_paths(a)
@@ -209,11 +273,11 @@ def main() -> int:
         print("error: candidates need distinct file names other than 'shipped' and '<another>_bypassed' (their "
               "names label the folders in --out); rename one", file=sys.stderr)
         return 1
-    missing = [str(d) for d in a.reuse if not d.is_dir()]
-    if missing:
-        print(f"error: --reuse {', '.join(missing)}: no such folder; pass earlier judgement folders "
-              "(docs/runs/relay-N)", file=sys.stderr)
-        return 1
+    for d in a.reuse:
+        if not d.is_dir() or not any(d.glob("*/scores.json")):
+            print(f"error: --reuse {d}: not a judgement folder (no <model>/scores.json in it); pass an earlier "
+                  "--out such as docs/runs/relay-3", file=sys.stderr)
+            return 1
     if a.out.exists() and not a.out.is_dir():
         print(f"error: --out {a.out} is a file; pass a folder", file=sys.stderr)
         return 1
@@ -234,11 +298,14 @@ def main() -> int:
     picked = verdict["picked"]
     bypassed = {n: scores(models[n], n, a, hashes[n], bypass=True) for n in ("shipped", picked)}
     flat = {n: flat_region_rows(models[n]) for n in ("shipped", picked)}
+    verdict["flat_regression"] = flat_regression(flat["shipped"], flat[picked])
+    verdict["ship"] = verdict["ship"] and not verdict["flat_regression"]
     text = report(a, shipped, cands, verdict, bypassed, flat)
     (a.out / "judgement.md").write_text(text)
     (a.out / "judgement.json").write_text(json.dumps(
         {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
          "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
+         "reused_from": reused_from(a.out),
          **verdict}, indent=1))
     print(text)
     return 1 if unusable else 0

@@ -89,27 +89,52 @@ def test_scores_of_the_same_weights_are_reused_from_an_earlier_judgement(tmp_pat
     """The shipped model is the last run's pick re-exported with a note: other file bytes, same tensors."""
     paths = _models(tmp_path)
     first_out = tmp_path / "run_a"
-    assert _judge(paths, "noisy", ["identity"], tiny_layout, first_out).returncode == 0
+    assert _judge(paths, "noisy", ["base"], tiny_layout, first_out).returncode == 0
     first = json.loads((first_out / "judgement.json").read_text())
-    save_model(moceir.load_model(paths["identity"]), tmp_path / "shipped_now.safetensors", note="exported")
+    # bypassing the experts changes base's scores, so a plain/bypassed mix-up would show below
+    assert first["bypassed"]["base"] != first["scores"]["base"]
+    save_model(moceir.load_model(paths["base"]), tmp_path / "shipped_now.safetensors", note="exported")
     paths["shipped_now"] = tmp_path / "shipped_now.safetensors"
-    assert paths["shipped_now"].read_bytes() != paths["identity"].read_bytes()
+    assert paths["shipped_now"].read_bytes() != paths["base"].read_bytes()
+    # hostile caches in the earlier folder are skipped: not JSON, not an object, the right key without scores
+    for name, text in (("garbage", "not json"), ("alist", "[1]")):
+        (first_out / name).mkdir()
+        (first_out / name / "scores.json").write_text(text)
+    saved = json.loads((first_out / "base" / "scores.json").read_text())
+    (first_out / "aaa").mkdir()
+    (first_out / "aaa" / "scores.json").write_text(json.dumps({"key": saved["key"]}))
+
     out = tmp_path / "run_b"
-    res = _judge(paths, "shipped_now", ["base"], tiny_layout, out, "--reuse", str(first_out))
+    res = _judge(paths, "shipped_now", ["identity"], tiny_layout, out, "--reuse", str(first_out))
     assert res.returncode == 0, res.stderr[-2000:]
     second = json.loads((out / "judgement.json").read_text())
-    assert second["scores"]["shipped"] == first["scores"]["identity"]
-    assert second["bypassed"]["shipped"] == first["bypassed"]["identity"]
-    reused = [line for line in res.stderr.splitlines() if "scores reused from" in line]
-    assert len(reused) == 2 and all("identity" in line for line in reused), res.stderr[-2000:]
+    assert second["scores"]["shipped"] == first["scores"]["base"]
+    assert second["bypassed"]["shipped"] == first["bypassed"]["base"]
+    assert second["reused_from"] == {"shipped": str(first_out / "base"),
+                                     "shipped_bypassed": str(first_out / "base_bypassed")}
+    assert json.loads((out / "shipped_bypassed" / "scores.json").read_text())["key"]["experts_bypassed"] is True
     assert (out / "shipped" / "per_image.csv").exists()
-    # the candidate's weights were never judged before: computed, not taken from another model's folder
-    assert second["scores"]["base"] != second["scores"]["shipped"]
-    assert json.loads((out / "base" / "scores.json").read_text())["key"]["weights_digest"] not in {
-        json.loads(f.read_text())["key"]["weights_digest"] for f in first_out.glob("*/scores.json")}
-    res = _judge(paths, "shipped_now", ["base"], tiny_layout, tmp_path / "run_c", "--reuse", str(tmp_path / "nowhere"))
-    assert res.returncode == 1 and "nowhere" in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "run_c").exists()
+    # the candidate was never judged before: scored, not taken from another model's folder
+    assert "identity" not in second["reused_from"] and second["scores"]["identity"] != second["scores"]["shipped"]
+
+    for reuse in (tmp_path / "nowhere", paths["base"], tmp_path / "garbage_only"):
+        (tmp_path / "garbage_only").mkdir(exist_ok=True)
+        res = _judge(paths, "shipped_now", ["identity"], tiny_layout, tmp_path / "run_c", "--reuse", str(reuse))
+        assert res.returncode == 1 and reuse.name in res.stderr and "Traceback" not in res.stderr
+        assert not (tmp_path / "run_c").exists()
+
+
+def test_a_corrupt_cache_in_out_is_scored_again(tmp_path, tiny_layout):
+    paths = _models(tmp_path)
+    out = tmp_path / "j"
+    assert _judge(paths, "noisy", ["identity"], tiny_layout, out).returncode == 0
+    first = json.loads((out / "judgement.json").read_text())
+    (out / "shipped" / "scores.json").write_text("[1]")
+    (out / "identity" / "scores.json").write_text("{")
+    res = _judge(paths, "noisy", ["identity"], tiny_layout, out)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    again = json.loads((out / "judgement.json").read_text())
+    assert again["scores"] == first["scores"]
 
 
 def test_a_nan_score_is_never_picked_nor_shipped():
@@ -122,6 +147,26 @@ def test_a_nan_score_is_never_picked_nor_shipped():
     assert verdict["picked"] == "fine" and verdict["ship"]
     verdict = judge(shipped, {"broken": {"a": nan, "b": 40.0}})
     assert not verdict["ship"] and verdict["rows_worse"] == ["a"]
+
+
+def test_a_pick_that_darkens_or_textures_the_flat_sky_is_vetoed():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import flat_regression
+
+    def rows(change, texture):
+        return [{"input": i, "context_pad": c, "mean_change": change, "texture_out": texture}
+                for i in ("clean sky", "hazy sky") for c in (0, 16)]
+
+    shipped = rows(-12.0, 1.2)
+    assert flat_regression(shipped, rows(-12.0, 1.2)) == []
+    assert flat_regression(shipped, rows(-5.0, 0.8)) == []  # better on both: no veto
+    assert flat_regression(shipped, rows(-13.9, 1.4)) == []  # within the tolerances
+    darker = flat_regression(shipped, rows(-22.0, 1.2))
+    assert len(darker) == 1 and "10.0 grey levels more" in darker[0]
+    assert flat_regression(shipped, rows(+14.5, 1.2))  # brightening is a shift too
+    rougher = flat_regression(shipped, rows(-12.0, 1.8))
+    assert len(rougher) == 1 and "0.60 grey levels more texture" in rougher[0]
+    assert flat_regression(shipped, rows(float("nan"), 1.2))  # NaN never passes
 
 
 def test_hostile_inputs(tmp_path, tiny_layout):
