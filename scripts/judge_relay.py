@@ -73,39 +73,45 @@ def fingerprint(model: moceir.MoCEIR) -> str:
     return h.hexdigest()
 
 
-def read_cache(path: Path, key: dict) -> dict | None:
-    """The scores cached in ``path`` if they were computed for ``key``; None for any other or unreadable file."""
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``; None when the file is missing, unreadable or holds anything else."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    psnr = saved.get("psnr") if isinstance(saved, dict) else None
-    if (saved.get("key") if isinstance(saved, dict) else None) != key or not isinstance(psnr, dict) \
-            or sorted(psnr) != sorted(key["benchmarks"]) \
+    return saved if isinstance(saved, dict) else None
+
+
+def read_cache(path: Path, key: dict) -> dict | None:
+    """The scores cached in ``path`` if they were computed for ``key``; None for any other or unreadable file."""
+    saved = read_json(path)
+    if saved is None or saved.get("key") != key:
+        return None
+    psnr = saved.get("psnr")
+    if not isinstance(psnr, dict) or sorted(psnr) != sorted(key["benchmarks"]) \
             or not all(isinstance(v, (int, float)) for v in psnr.values()):
         return None
     return saved
 
 
-def reusable(a: argparse.Namespace, key: dict) -> Path | None:
-    """A model folder under ``--reuse`` whose scores were computed for ``key`` (the same weights and rows)."""
+def reusable(a: argparse.Namespace, key: dict) -> tuple[Path, dict] | None:
+    """A model folder under ``--reuse`` whose scores were computed for ``key``, and those scores."""
     for folder in a.reuse:
         for cache in sorted(folder.glob("*/scores.json")):
-            if read_cache(cache, key) is not None:
-                return cache.parent
+            saved = read_cache(cache, key)
+            if saved is not None:
+                return cache.parent, saved
     return None
 
 
-def copy_scores(earlier: Path, folder: Path) -> None:
-    """Copy a model folder's reports, its scores.json last, so that an interrupted copy leaves no valid cache."""
+def copy_scores(earlier: Path, saved: dict, folder: Path) -> None:
+    """Copy a model folder's reports, then its scores (``saved``) last, so an interrupted copy leaves no cache."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").unlink(missing_ok=True)
     for f in sorted(earlier.iterdir()):
         if f.is_file() and f.name != "scores.json":
             shutil.copyfile(f, folder / f.name)
-    saved = json.loads((earlier / "scores.json").read_text())
-    saved["reused_from"] = str(earlier)
-    (folder / "scores.json").write_text(json.dumps(saved, indent=1))
+    (folder / "scores.json").write_text(json.dumps({**saved, "reused_from": str(earlier)}, indent=1))
 
 
 def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
@@ -124,11 +130,11 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
         saved = read_cache(cache, key)
         if saved is not None:
             return saved["psnr"]
-        earlier = reusable(a, key)
-        if earlier is not None:
-            copy_scores(earlier, folder)
-            print(f"{name}: scores reused from {earlier}", file=sys.stderr)
-            return read_cache(cache, key)["psnr"]
+        found = reusable(a, key)
+        if found is not None:
+            copy_scores(*found, folder)
+            print(f"{name}: scores reused from {found[0]}", file=sys.stderr)
+            return found[1]["psnr"]
         if a.reuse:
             print(f"{name}: no scores of these weights in --reuse; scoring", file=sys.stderr)
     cache.unlink(missing_ok=True)  # a run interrupted below must not leave an old cache beside new reports
@@ -147,17 +153,10 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
     return psnr
 
 
-def reused_from(out: Path) -> dict[str, str]:
-    """The model folders in ``out`` whose scores were copied from an earlier judgement, and from where."""
-    found = {}
-    for cache in sorted(out.glob("*/scores.json")):
-        try:
-            saved = json.loads(cache.read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        if isinstance(saved, dict) and saved.get("reused_from"):
-            found[cache.parent.name] = saved["reused_from"]
-    return found
+def reused_from(out: Path, names: list[str]) -> dict[str, str]:
+    """This judgement's model folders in ``out`` whose scores were copied from an earlier one, and from where."""
+    saved = {name: read_json(out / name / "scores.json") or {} for name in names}
+    return {name: s["reused_from"] for name, s in saved.items() if s.get("reused_from")}
 
 
 def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]]) -> dict:
@@ -305,7 +304,7 @@ def main() -> int:
     (a.out / "judgement.json").write_text(json.dumps(
         {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
          "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
-         "reused_from": reused_from(a.out),
+         "reused_from": reused_from(a.out, [*labels, *(f"{n}_bypassed" for n in bypassed)]),
          **verdict}, indent=1))
     print(text)
     return 1 if unusable else 0
