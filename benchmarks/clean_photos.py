@@ -6,7 +6,8 @@ The flat-sky check (flat_region.py) is synthetic; this is its counterpart on rea
 image of ``--photos`` (default: the clean CBSD68 images) is restored as it is, with ``moceir.restore``'s defaults.
 Per model: the PSNR of the output against the input (higher: the clean photo is left more alone), the mean change of
 brightness in 8-bit grey levels (negative: darker) and the image darkened most. ``--per_image`` lists every image.
-Exit code 0; 1 when a checkpoint cannot be loaded or an image cannot be read (the rest still run); 2 on bad usage.
+Exit code 0; 1 when a checkpoint cannot be loaded, gives non-finite outputs, or an image cannot be read (the rest
+still run); 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> int:
     if a.every < 1:
         p.error("--every must be at least 1")
     if not a.photos.is_dir():
-        print(f"error: --photos {a.photos}: no such folder; pass a folder of clean photographs", file=sys.stderr)
+        print(f"error: --photos {a.photos}: not a folder; pass a folder of clean photographs", file=sys.stderr)
         return 2
     files = list_images(a.photos)[::a.every]
     if not files:
@@ -70,6 +71,12 @@ def main() -> int:
             status = 1
             continue
         rows = photo_rows(model, photos)
+        bad = [r["image"] for r in rows if not np.isfinite(r["psnr"])]
+        if bad:
+            print(f"error: {ck}: its outputs are not finite on {len(bad)} of {len(rows)} photos ({bad[0]}, ...); "
+                  "NaN or inf weights? check the checkpoint", file=sys.stderr)
+            status = 1
+            continue
         per_image[ck] = rows
         worst = min(rows, key=lambda r: r["mean_change"])
         print(f"| {ck} | {np.mean([r['psnr'] for r in rows]):.2f} dB | "

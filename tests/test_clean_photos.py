@@ -5,7 +5,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+import moceir
+from moceir.models.checkpoints import save_model
 
 from conftest import GOLDEN
 
@@ -43,3 +47,19 @@ def test_bad_usage_is_one_line(tmp_path):
     assert res.returncode == 1 and "a.png" in res.stderr and "Traceback" not in res.stderr
     res = _run(TINY, "--photos", tmp_path, "--every", 0)
     assert res.returncode == 2 and "--every" in res.stderr
+
+
+def test_a_checkpoint_with_nan_outputs_is_an_error_and_the_others_still_run(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((24, 24, 3), 180, np.uint8)).save(photos / "sky.png")
+    model = moceir.load_model(TINY)
+    with torch.no_grad():
+        model.output.weight.fill_(float("nan"))
+    save_model(model, tmp_path / "nan.safetensors")
+    res = _run(tmp_path / "nan.safetensors", TINY, "--photos", photos, "--every", 1)
+    assert res.returncode == 1 and "not finite" in res.stderr and "nan.safetensors" in res.stderr
+    assert "Traceback" not in res.stderr and "nan dB" not in res.stdout and "nan levels" not in res.stdout
+    assert f"| {TINY} |" in res.stdout
+    res = _run(TINY, "--photos", photos / "sky.png")  # a file, not a folder
+    assert res.returncode == 2 and "not a folder" in res.stderr
