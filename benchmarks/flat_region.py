@@ -5,7 +5,9 @@
 A synthetic sky: a smooth vertical gradient (each row constant), 256x256, clean and with uniform synthetic haze
 (moceir.data.degradations.add_haze, constant depth). Restored with context_pad 0 and 16. The residual texture is
 the standard deviation of the horizontal high-pass (x[:, 1:] - x[:, :-1]) of the output, on rows that should be
-constant, in 8-bit grey levels; the clean input has 0. Also the mean brightness change, which shows darkening.
+constant, in 8-bit grey levels; the clean input has 0. Also the mean brightness change, and the brightness error: the
+output's mean minus the clean sky's. The clean sky is the target of both inputs, so for the hazy sky a darkening of
+about 17 levels is right (removing the haze) and the error, not the change, says how far off the output is.
 """
 
 import argparse
@@ -28,7 +30,11 @@ def texture_levels(img: np.ndarray) -> float:
 
 
 def flat_region_rows(model: moceir.MoCEIR) -> list[dict]:
-    """The check's rows: input, context_pad, texture of input and output (levels), mean change (levels)."""
+    """The check's rows: input, context_pad, texture of input and output, mean change and error vs the clean sky.
+
+    All in 8-bit levels. ``mean_change`` = output mean - input mean; ``mean_error`` = output mean - clean sky mean
+    (the target of both inputs; equal to the change for the clean sky).
+    """
     clean = sky()
     hazy = add_haze(clean, np.full(clean.shape[:2], 0.5, np.float32), beta=1.2, airlight=0.9).astype(np.float32)
     rows = []
@@ -36,7 +42,8 @@ def flat_region_rows(model: moceir.MoCEIR) -> list[dict]:
         for pad in (0, 16):
             out = moceir.restore(model, img, context_pad=pad)
             rows.append({"input": name, "context_pad": pad, "texture_in": texture_levels(img),
-                         "texture_out": texture_levels(out), "mean_change": float((out.mean() - img.mean()) * 255)})
+                         "texture_out": texture_levels(out), "mean_change": float((out.mean() - img.mean()) * 255),
+                         "mean_error": float((out.mean() - clean.mean()) * 255)})
     return rows
 
 
@@ -44,11 +51,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default")
     a = p.parse_args()
-    print("| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change |")
-    print("|---|---|---|---|---|")
+    print("| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change | "
+          "error vs the clean sky |")
+    print("|---|---|---|---|---|---|")
     for r in flat_region_rows(moceir.load_model(a.checkpoint)):
         print(f"| {r['input']} | {r['context_pad']} | {r['texture_in']:.2f} | {r['texture_out']:.2f} | "
-              f"{r['mean_change']:+.1f} |")
+              f"{r['mean_change']:+.1f} | {r['mean_error']:+.1f} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from moceir.data.datasets import (BenchmarkDataset, DatasetLayoutError, PairedPatchDataset, benchmark_pairs,
@@ -97,6 +98,16 @@ def test_empty_folder_is_an_error(tmp_path):
 def test_unknown_task_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="denoise_15"):
         build_train_pairs(tmp_path, ["denoise_99"])
+
+
+def test_identity_task_pairs_clean_patches_with_themselves(tiny_layout):
+    sets = build_train_pairs(tiny_layout, ["denoise_15", "identity"], repeats={"identity": 2})
+    assert len(sets["identity"]) == 2 * len(sets["denoise_15"]) // 3  # BSD400 repeated 2x vs denoise's 3x
+    ds = PairedPatchDataset(sets["identity"], patch_size=32)
+    item = ds[0]
+    assert item["task"] == "identity" and torch.equal(item["lq"], item["gt"])
+    noisy = PairedPatchDataset(sets["denoise_15"], patch_size=32)[0]
+    assert not torch.equal(noisy["lq"], noisy["gt"])
 
 
 def test_repeat_factors_and_synthetic_haze(tiny_layout):

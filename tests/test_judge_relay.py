@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -153,20 +154,41 @@ def test_a_pick_that_darkens_or_textures_the_flat_sky_is_vetoed():
     sys.path.insert(0, str(ROOT / "scripts"))
     from judge_relay import flat_regression
 
-    def rows(change, texture):
-        return [{"input": i, "context_pad": c, "mean_change": change, "texture_out": texture}
-                for i in ("clean sky", "hazy sky") for c in (0, 16)]
+    def rows(error, texture, hazy_error=None):
+        return [{"input": i, "context_pad": c, "mean_error": error if i == "clean sky" or hazy_error is None
+                 else hazy_error, "texture_out": texture} for i in ("clean sky", "hazy sky") for c in (0, 16)]
 
     shipped = rows(-12.0, 1.2)
     assert flat_regression(shipped, rows(-12.0, 1.2)) == []
     assert flat_regression(shipped, rows(-5.0, 0.8)) == []  # better on both: no veto
     assert flat_regression(shipped, rows(-13.9, 1.4)) == []  # within the tolerances
     darker = flat_regression(shipped, rows(-22.0, 1.2))
-    assert len(darker) == 1 and "10.0 grey levels more" in darker[0]
+    assert len(darker) == 1 and "10.0 grey levels further from the clean sky" in darker[0]
     assert flat_regression(shipped, rows(+14.5, 1.2))  # brightening is a shift too
     rougher = flat_regression(shipped, rows(-12.0, 1.8))
     assert len(rougher) == 1 and "0.60 grey levels more texture" in rougher[0]
     assert flat_regression(shipped, rows(float("nan"), 1.2))  # NaN never passes
+    # a hazy sky closer to the clean one offsets a clean sky that moved a little: the mean over the rows decides
+    assert flat_regression(shipped, rows(-14.0, 1.2, hazy_error=-1.0)) == []
+
+
+def test_flat_region_error_is_measured_against_the_clean_sky(tmp_path):
+    """Removing the haze darkens the hazy sky rightly: its error is the change plus the haze's brightening."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flat_region import flat_region_rows, sky
+    from moceir.data.degradations import add_haze
+
+    clean = sky()
+    hazy = add_haze(clean, np.full(clean.shape[:2], 0.5, np.float32), beta=1.2, airlight=0.9)
+    haze_brightening = (hazy.mean() - clean.mean()) * 255
+    assert 15 < haze_brightening < 20
+    paths = _models(tmp_path)
+    for r in flat_region_rows(moceir.load_model(paths["noisy"])):
+        offset = haze_brightening if r["input"] == "hazy sky" else 0.0
+        assert r["mean_error"] == pytest.approx(r["mean_change"] + offset, abs=0.05)
+    for r in flat_region_rows(moceir.load_model(paths["identity"])):  # leaves the haze: off by its brightening
+        assert r["mean_change"] == pytest.approx(0, abs=0.05)
+        assert r["mean_error"] == pytest.approx(haze_brightening if r["input"] == "hazy sky" else 0, abs=0.05)
 
 
 def test_hostile_inputs(tmp_path, tiny_layout):

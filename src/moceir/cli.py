@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate (AdamW)")
     p.add_argument("--warmup_epochs", type=_non_negative_float, default=15, help="linear warm-up length")
     p.add_argument("--schedule_epochs", type=_positive(float), default=150, help="cosine schedule length")
-    p.add_argument("--de_type", nargs="+", choices=TASKS, help="degradation tasks to train on")
+    p.add_argument("--de_type", nargs="+", choices=TASKS,
+                   help="degradation tasks to train on; 'identity' (not upstream) adds clean patches as their own target")
     p.add_argument("--trainset", choices=TRAINSETS, default="standard", help="training set layout")
     p.add_argument("--dehaze_source", choices=DEHAZE_SOURCES, default="reside",
                    help="synthetic: haze made on the clean BSD images (RESIDE OTS substitute)")

@@ -25,7 +25,7 @@ from ..io import IMAGE_EXTS, read_rgb
 from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
                            add_gaussian_noise)
 
-TASKS = ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "synllie")
+TASKS = ("denoise_15", "denoise_25", "denoise_50", "derain", "dehaze", "deblur", "synllie", "identity")
 TRAINSETS = ("standard", "CDD11_all", "CDD11_single", "CDD11_double", "CDD11_triple")
 BENCHMARKS = ("derain", "dehaze", "denoise_15", "denoise_25", "denoise_50", "gopro", "lolv1", "cdd11",
               "raintrainl_val")
@@ -33,6 +33,9 @@ DEHAZE_SOURCES = ("reside", "synthetic")
 # Upstream's repeat factors, which balance the tasks of the standard training set.
 UPSTREAM_REPEATS = {"denoise_15": 3, "denoise_25": 3, "denoise_50": 3, "derain": 120, "dehaze": 1, "deblur": 5,
                     "synllie": 20, "cdd11": 2}
+# Not upstream: "identity" pairs each clean BSD400 patch with itself, so the model sees that a clean image (a bright,
+# smooth sky included) is to be left alone. Off unless named in --de_type.
+IDENTITY_REPEAT = 3
 CROP_BASE = 16  # training images are centre-cropped to multiples of this before patches are cut
 
 
@@ -90,7 +93,7 @@ def is_holdout(pair: Pair) -> bool:
 def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", holdout: bool = False) -> list[Pair]:
     """The pairs of one training task in upstream's layout under ``root`` (un-repeated)."""
     root = Path(root)
-    if task in DENOISE_SIGMAS or (task == "dehaze" and dehaze_source == "synthetic"):
+    if task in DENOISE_SIGMAS or task == "identity" or (task == "dehaze" and dehaze_source == "synthetic"):
         den = root / "denoising"
         layout = f"{den}/BSD400/*.jpg and optionally {den}/WaterlooED/*.bmp (clean images)"
         clean = images_in(den / "BSD400", layout)
@@ -166,7 +169,8 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
 
 
 class PairedPatchDataset(Dataset):
-    """Random paired crops with the 8 flip/rotation augmentations; noise and haze are synthesised on the fly.
+    """Random paired crops with the 8 flip/rotation augmentations; noise and haze are synthesised on the fly
+    ("identity" pairs a clean patch with itself).
 
     Item: {"lq": [3, p, p] float in [0, 1], "gt": same, "task": str, "path": str}.
     """
@@ -190,7 +194,9 @@ class PairedPatchDataset(Dataset):
         y, x = rng.integers(0, clean.shape[0] - p + 1), rng.integers(0, clean.shape[1] - p + 1)
         mode = int(rng.integers(0, 8))
         clean = augment(clean[y:y + p, x:x + p], mode)
-        if degraded is None:
+        if degraded is None and pair.task == "identity":
+            degraded = clean.copy()
+        elif degraded is None:
             degraded = random_haze(clean, rng) if pair.task == "dehaze" else \
                 add_gaussian_noise(clean, sigma_for_task(pair.task), rng)
         else:
@@ -210,7 +216,7 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
         raise ValueError(f"trainset must be one of {TRAINSETS}, got {trainset!r}")
     # Synthetic haze is made on the 400 BSD images: repeat them like a denoising task.
     synthetic = {"dehaze": UPSTREAM_REPEATS["denoise_15"]} if dehaze_source == "synthetic" else {}
-    factors = {**UPSTREAM_REPEATS, **synthetic, **(repeats or {})}
+    factors = {**UPSTREAM_REPEATS, "identity": IDENTITY_REPEAT, **synthetic, **(repeats or {})}
     if trainset.startswith("CDD11"):
         return {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
     unknown = [t for t in de_type if t not in TASKS]
