@@ -6,11 +6,12 @@
 
 Scores the shipped model (``--shipped``, default: the bundled one) and every candidate on the validation rows of the
 model card (RainTrainL validation split, CBSD68 sigma 15/25/50, the SOTS subset; upstream's protocol, RGB PSNR).
-The candidate with the higher mean PSNR over those rows is picked. The shipped model and the pick are then also
-scored with every complexity expert bypassed (the model card's expert-bypass column) and run on the synthetic flat
-sky (benchmarks/flat_region.py). The pick is to be shipped only if its mean beats the shipped model's and its
-output of the flat sky is not further from the clean sky (in brightness or texture) than the shipped model's beyond
-the tolerances below (the model card's known failure).
+Every model also runs the synthetic flat sky (benchmarks/flat_region.py). The pick is the candidate with the higher
+mean PSNR over those rows among the candidates whose flat sky is not further from the clean sky (in brightness or
+texture) than the shipped model's beyond the tolerances below (the model card's known failure); a vetoed candidate
+is passed over, and if all are vetoed the best is reported and kept out. The shipped model and the pick are also
+scored with every complexity expert bypassed (the model card's expert-bypass column). The pick is to be shipped
+only if it passed the flat-sky check and its mean beats the shipped model's.
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
@@ -50,8 +51,8 @@ from flat_region import flat_region_rows  # noqa: E402
 SCORING_VERSION = 1
 # The flat-sky check (benchmarks/flat_region.py) vetoes a pick whose brightness error (output mean minus the clean
 # sky's, the target of both the clean and the hazy input) or texture exceeds the shipped model's by more than these
-# (8-bit grey levels, mean over its four rows); see docs/gpu-window.md.
-FLAT_DARKENING_TOLERANCE = 2.0
+# (8-bit grey levels, mean over the two context_pad rows of either input); see docs/gpu-window.md.
+FLAT_BRIGHTNESS_TOLERANCE = 2.0
 FLAT_TEXTURE_TOLERANCE = 0.25
 ROWS = ("raintrainl_val", "denoise_15", "denoise_25", "denoise_50", "dehaze")
 
@@ -160,33 +161,49 @@ def reused_from(out: Path, names: list[str]) -> dict[str, str]:
     return {name: s["reused_from"] for name, s in saved.items() if s.get("reused_from")}
 
 
-def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]]) -> dict:
-    """Pick the candidate with the best mean; ship it only if that mean beats the shipped model's."""
+def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]],
+          vetoes: dict[str, list[str]] | None = None) -> dict:
+    """Pick the best mean among the candidates the flat-sky check passes; ship it only if it beats the shipped model.
+
+    ``vetoes``: each candidate's flat_regression() reasons ([] when it passes). A vetoed candidate is passed over
+    for the next best; when every candidate is vetoed, the best is reported and not shipped.
+    """
+    vetoes = vetoes or {}
     means = {name: float(np.mean(list(s.values()))) for name, s in candidates.items()}
-    # a NaN score (non-finite outputs) is never picked over a finite one and never shipped
-    picked = max(means, key=lambda n: means[n] if np.isfinite(means[n]) else -np.inf)
+
+    def rank(n: str) -> tuple[bool, bool, float]:
+        # a NaN score (non-finite outputs) is never picked over a finite one and never shipped
+        finite = bool(np.isfinite(means[n]))
+        return finite, not vetoes.get(n), means[n] if finite else -np.inf
+
+    picked = max(means, key=rank)
     shipped_mean = float(np.mean(list(shipped.values())))
     worse = [b for b in shipped if not candidates[picked][b] >= shipped[b]]
-    ship = bool(np.isfinite(means[picked]) and (not np.isfinite(shipped_mean) or means[picked] > shipped_mean))
-    return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": ship, "rows_worse": worse}
+    beats = bool(np.isfinite(means[picked]) and (not np.isfinite(shipped_mean) or means[picked] > shipped_mean))
+    passed_over = {n: vetoes[n] for n in means if vetoes.get(n) and n != picked}
+    return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": beats and not vetoes.get(picked),
+            "rows_worse": worse, "flat_regression": vetoes.get(picked, []), "passed_over": passed_over}
 
 
 def flat_regression(shipped: list[dict], picked: list[dict]) -> list[str]:
     """Why the pick makes the flat-sky check worse than the shipped model, beyond the tolerances; [] if it does not.
 
-    ``shipped``/``picked``: flat_region_rows() of each, the same four rows. The darkening of smooth regions is the
-    model card's known failure, so a pick that worsens it does not ship whatever its PSNR. Brightness is judged by
-    the error against the clean sky, not by the change: removing the hazy sky's haze darkens it, rightly.
+    ``shipped``/``picked``: flat_region_rows() of each, the same rows. The darkening of smooth regions is the model
+    card's known failure, so a pick that worsens it does not ship whatever its PSNR. Brightness is judged by the
+    error against the clean sky, not by the change: removing the hazy sky's haze darkens it, rightly. Each input
+    (clean sky, hazy sky) is judged on its own, so a better hazy sky cannot buy a darker clean one.
     """
-    darker = np.mean([abs(p["mean_error"]) - abs(s["mean_error"]) for s, p in zip(shipped, picked)])
-    rougher = np.mean([p["texture_out"] - s["texture_out"] for s, p in zip(shipped, picked)])
     reasons = []
-    if not darker <= FLAT_DARKENING_TOLERANCE:
-        reasons.append(f"its flat-sky brightness is {darker:.1f} grey levels further from the clean sky than the "
-                       f"shipped model's (mean over the four rows; tolerance {FLAT_DARKENING_TOLERANCE})")
-    if not rougher <= FLAT_TEXTURE_TOLERANCE:
-        reasons.append(f"it leaves {rougher:.2f} grey levels more texture on the flat sky (mean over the four rows; "
-                       f"tolerance {FLAT_TEXTURE_TOLERANCE})")
+    for name in dict.fromkeys(r["input"] for r in shipped):
+        pairs = [(s, p) for s, p in zip(shipped, picked) if s["input"] == name]
+        darker = np.mean([abs(p["mean_error"]) - abs(s["mean_error"]) for s, p in pairs])
+        rougher = np.mean([p["texture_out"] - s["texture_out"] for s, p in pairs])
+        if not darker <= FLAT_BRIGHTNESS_TOLERANCE:
+            reasons.append(f"its output of the {name} is {darker:.1f} grey levels further from the clean sky's "
+                           f"brightness than the shipped model's (tolerance {FLAT_BRIGHTNESS_TOLERANCE})")
+        if not rougher <= FLAT_TEXTURE_TOLERANCE:
+            reasons.append(f"it leaves {rougher:.2f} grey levels more texture on the {name} "
+                           f"(tolerance {FLAT_TEXTURE_TOLERANCE})")
     return reasons
 
 
@@ -213,6 +230,9 @@ def report(a: argparse.Namespace, shipped: dict, cands: dict, verdict: dict, byp
                      f"{s['mean_change']:+.1f} | {p['mean_change']:+.1f} | {s['mean_error']:+.1f} | "
                      f"{p['mean_error']:+.1f} |")
     lines.append("")
+    for n, reasons in verdict.get("passed_over", {}).items():
+        lines += [f"Passed over for the flat-sky check: {n} (mean {verdict['means'][n]:.3f} dB): "
+                  + "; ".join(reasons) + ".", ""]
     if verdict["ship"]:
         worse = ", ".join(verdict["rows_worse"]) or "none"
         lines += [f"**Decision: ship {picked}** (mean {verdict['means'][picked]:.3f} dB against "
@@ -298,12 +318,10 @@ def main() -> int:
     unusable = [n for n in paths if not finite_or_error(n, paths[n], cands[n])]
     if len(unusable) == len(paths):
         return 1
-    verdict = judge(shipped, cands)
+    flat = {n: flat_region_rows(models[n]) for n in ("shipped", *paths) if n not in unusable}
+    verdict = judge(shipped, cands, {n: flat_regression(flat["shipped"], flat[n]) for n in flat if n != "shipped"})
     picked = verdict["picked"]
     bypassed = {n: scores(models[n], n, a, hashes[n], bypass=True) for n in ("shipped", picked)}
-    flat = {n: flat_region_rows(models[n]) for n in ("shipped", picked)}
-    verdict["flat_regression"] = flat_regression(flat["shipped"], flat[picked])
-    verdict["ship"] = verdict["ship"] and not verdict["flat_regression"]
     text = report(a, shipped, cands, verdict, bypassed, flat)
     (a.out / "judgement.md").write_text(text)
     (a.out / "judgement.json").write_text(json.dumps(

@@ -152,6 +152,12 @@ def test_bad_flag_values(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_identity_task_and_its_repeat_parse():
+    from moceir.cli import build_parser
+    args = build_parser().parse_args(["train", "--de_type", "derain", "identity", "--repeat", "identity=5"])
+    assert args.de_type == ["derain", "identity"] and args.repeat == [("identity", 5)]
+
+
 def test_train_missing_data_dir(tmp_path, capsys):
     assert main(["train", "--de_type", "derain", "--data_file_dir", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

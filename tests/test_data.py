@@ -108,6 +108,7 @@ def test_identity_task_pairs_clean_patches_with_themselves(tiny_layout):
     assert item["task"] == "identity" and torch.equal(item["lq"], item["gt"])
     noisy = PairedPatchDataset(sets["denoise_15"], patch_size=32)[0]
     assert not torch.equal(noisy["lq"], noisy["gt"])
+    assert len(build_train_pairs(tiny_layout, ["identity"])["identity"]) == len(sets["denoise_15"])  # x3 default
 
 
 def test_repeat_factors_and_synthetic_haze(tiny_layout):

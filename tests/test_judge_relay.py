@@ -163,13 +163,32 @@ def test_a_pick_that_darkens_or_textures_the_flat_sky_is_vetoed():
     assert flat_regression(shipped, rows(-5.0, 0.8)) == []  # better on both: no veto
     assert flat_regression(shipped, rows(-13.9, 1.4)) == []  # within the tolerances
     darker = flat_regression(shipped, rows(-22.0, 1.2))
-    assert len(darker) == 1 and "10.0 grey levels further from the clean sky" in darker[0]
-    assert flat_regression(shipped, rows(+14.5, 1.2))  # brightening is a shift too
+    assert len(darker) == 2 and all("10.0 grey levels further from the clean sky" in r for r in darker)
+    assert "clean sky" in darker[0] and "hazy sky" in darker[1]
+    assert flat_regression(shipped, rows(+14.5, 1.2))  # too bright is an error too
     rougher = flat_regression(shipped, rows(-12.0, 1.8))
-    assert len(rougher) == 1 and "0.60 grey levels more texture" in rougher[0]
+    assert len(rougher) == 2 and "0.60 grey levels more texture on the clean sky" in rougher[0]
     assert flat_regression(shipped, rows(float("nan"), 1.2))  # NaN never passes
-    # a hazy sky closer to the clean one offsets a clean sky that moved a little: the mean over the rows decides
-    assert flat_regression(shipped, rows(-14.0, 1.2, hazy_error=-1.0)) == []
+    # each input on its own: a hazy sky much closer to the clean one does not buy a darker clean sky
+    traded = flat_regression(shipped, rows(-18.0, 1.2, hazy_error=0.0))
+    assert len(traded) == 1 and "clean sky is 6.0 grey levels" in traded[0]
+    assert flat_regression(shipped, rows(-13.0, 1.2, hazy_error=-13.9)) == []
+
+
+def test_a_vetoed_candidate_is_passed_over_for_the_next_best():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import judge
+
+    shipped = {"a": 26.0, "b": 26.0}
+    cands = {"raw": {"a": 26.5, "b": 26.5}, "ema": {"a": 26.4, "b": 26.4}, "nan": {"a": float("nan"), "b": 27.0}}
+    veto = ["its output of the hazy sky is 2.4 grey levels further ..."]
+    v = judge(shipped, cands, {"raw": veto, "ema": []})
+    assert v["picked"] == "ema" and v["ship"] and v["passed_over"] == {"raw": veto} and v["flat_regression"] == []
+    v = judge(shipped, cands, {"raw": veto, "ema": veto})  # all vetoed: the best is reported, not shipped
+    assert v["picked"] == "raw" and not v["ship"] and v["flat_regression"] == veto
+    v = judge(shipped, cands, {})  # no veto: the best mean; a NaN candidate is never picked
+    assert v["picked"] == "raw" and v["ship"] and v["passed_over"] == {}
+    assert not judge({"a": 27.0, "b": 27.0}, cands, {"raw": veto, "ema": []})["ship"]  # passes, but not better
 
 
 def test_flat_region_error_is_measured_against_the_clean_sky(tmp_path):
