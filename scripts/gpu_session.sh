@@ -59,8 +59,8 @@ fi
 # The relay recipe (docs/gpu-window.md, "The recipe"): 2e-4 is the highest peak LR whose paired loss stayed within
 # 1.1x of 1e-4 in benchmarks/lr_probe.py (1e-3 and up were unstable); derain repeated 24 times is about 44% of the
 # patches (12: 28%), because deraining is the weakest task. IDENTITY_REPEAT: clean BSD400 patches as their own
-# target (about 11% of the patches at 3, derain then 39%), which kept CPU relay run 5 from darkening clean skies
-# and photos as run 4 did (model card, run 5); 0 leaves them out.
+# target (about 11% of the patches at 3, derain then 39%); in one CPU A/B (relay runs 4 and 5, model card) the
+# model darkened clean skies and photos less with them; 0 leaves them out.
 : "${LR:=2e-4}" "${DERAIN_REPEAT:=24}" "${IDENTITY_REPEAT:=3}"
 DATA=${DATA:-}
 DATASETS=${DATASETS:-$ROOT/../shared/datasets}

@@ -180,9 +180,12 @@ def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]],
     shipped_mean = float(np.mean(list(shipped.values())))
     worse = [b for b in shipped if not candidates[picked][b] >= shipped[b]]
     beats = bool(np.isfinite(means[picked]) and (not np.isfinite(shipped_mean) or means[picked] > shipped_mean))
-    passed_over = {n: vetoes[n] for n in means if vetoes.get(n) and n != picked}
+    vetoed = {n: vetoes[n] for n in means if vetoes.get(n)}
+    # passed over: vetoed candidates that would have been picked on their mean alone
+    passed_over = {n: r for n, r in vetoed.items() if n != picked and rank(n)[0] and means[n] > means[picked]}
     return {"picked": picked, "means": means, "shipped_mean": shipped_mean, "ship": beats and not vetoes.get(picked),
-            "rows_worse": worse, "flat_regression": vetoes.get(picked, []), "passed_over": passed_over}
+            "rows_worse": worse, "flat_regression": vetoes.get(picked, []), "vetoed": vetoed,
+            "passed_over": passed_over}
 
 
 def flat_regression(shipped: list[dict], picked: list[dict]) -> list[str]:
@@ -230,9 +233,10 @@ def report(a: argparse.Namespace, shipped: dict, cands: dict, verdict: dict, byp
                      f"{s['mean_change']:+.1f} | {p['mean_change']:+.1f} | {s['mean_error']:+.1f} | "
                      f"{p['mean_error']:+.1f} |")
     lines.append("")
-    for n, reasons in verdict.get("passed_over", {}).items():
-        lines += [f"Passed over for the flat-sky check: {n} (mean {verdict['means'][n]:.3f} dB): "
-                  + "; ".join(reasons) + ".", ""]
+    for n, reasons in verdict.get("vetoed", {}).items():
+        if n != picked:
+            how = "passed over for the flat-sky check" if n in verdict["passed_over"] else "also vetoed"
+            lines += [f"{n} was {how} (mean {verdict['means'][n]:.3f} dB): " + "; ".join(reasons) + ".", ""]
     if verdict["ship"]:
         worse = ", ".join(verdict["rows_worse"]) or "none"
         lines += [f"**Decision: ship {picked}** (mean {verdict['means'][picked]:.3f} dB against "

@@ -186,6 +186,9 @@ def test_a_vetoed_candidate_is_passed_over_for_the_next_best():
     assert v["picked"] == "ema" and v["ship"] and v["passed_over"] == {"raw": veto} and v["flat_regression"] == []
     v = judge(shipped, cands, {"raw": veto, "ema": veto})  # all vetoed: the best is reported, not shipped
     assert v["picked"] == "raw" and not v["ship"] and v["flat_regression"] == veto
+    assert v["passed_over"] == {} and set(v["vetoed"]) == {"raw", "ema"}
+    v = judge(shipped, cands, {"raw": [], "ema": veto})  # a vetoed candidate below the pick was not passed over
+    assert v["picked"] == "raw" and v["passed_over"] == {} and v["vetoed"] == {"ema": veto}
     v = judge(shipped, cands, {})  # no veto: the best mean; a NaN candidate is never picked
     assert v["picked"] == "raw" and v["ship"] and v["passed_over"] == {}
     assert not judge({"a": 27.0, "b": 27.0}, cands, {"raw": veto, "ema": []})["ship"]  # passes, but not better
