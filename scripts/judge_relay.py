@@ -18,7 +18,9 @@ the export command), ``judgement.json``, and each model's ``results.json``/``per
 own. Scores already in ``--out`` computed from the same weights (a sha256 of the loaded config and tensors, so an
 export that only rewrote the note matches), data folder and rows are reused (``--rescore`` recomputes them), so an
 interrupted judgement resumes; ``--reuse DIR`` also takes them from an earlier judgement folder (the shipped model
-is usually the last run's pick). Nothing is exported: shipping stays a
+is usually the last run's pick). A folder in ``--out`` holding scores of other weights under the same label (an
+earlier judgement against another shipped model) is a one-line error, not overwritten, unless ``--rescore``.
+Nothing is exported: shipping stays a
 deliberate ``moceir export`` (printed). Exit code 0 when judged; 1 when a model or a validation row cannot be
 read or scored, when a candidate's architecture differs from the shipped model's, or when a candidate's outputs
 are not finite (it is then left out of the judgement, which still covers the others).
@@ -94,6 +96,17 @@ def read_cache(path: Path, key: dict) -> dict | None:
             or not all(isinstance(v, (int, float)) for v in psnr.values()):
         return None
     return saved
+
+
+def other_weights(a: argparse.Namespace, label: str, digest: str) -> Path | None:
+    """A folder of ``label`` in ``--out`` holding scores of other weights than ``digest`` (rescoring would replace
+    that judgement's reports); None if there is none. Unreadable caches do not count: they are rescored."""
+    for name in (label, f"{label}_bypassed"):
+        saved = read_json(a.out / name / "scores.json") or {}
+        key = saved.get("key")
+        if isinstance(key, dict) and key.get("weights_digest") not in (None, digest):
+            return a.out / name
+    return None
 
 
 def reusable(a: argparse.Namespace, key: dict) -> tuple[Path, dict] | None:
@@ -311,6 +324,13 @@ def main() -> int:
         return 1
     try:
         models, hashes = load_all(a, {"shipped": a.shipped, **paths})
+        clash = None if a.rescore else next(
+            ((label, f) for label in hashes if (f := other_weights(a, label, hashes[label])) is not None), None)
+        if clash is not None:
+            source = a.shipped if clash[0] == "shipped" else paths[clash[0]]
+            raise JudgeError(f"{clash[1]} holds the scores of other weights than {source}, from an earlier "
+                             "judgement; pass the model it was judged with (--shipped defaults to the bundled model, "
+                             "which changes when a run ships), another --out, or --rescore to replace them")
         a.out.mkdir(parents=True, exist_ok=True)
         shipped = scores(models["shipped"], "shipped", a, hashes["shipped"])
         if not finite_or_error("shipped", a.shipped, shipped):

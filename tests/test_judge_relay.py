@@ -78,8 +78,14 @@ def test_cached_scores_are_reused_only_for_the_same_weights(tmp_path, tiny_layou
     out = tmp_path / "j"
     assert _judge(paths, "noisy", ["identity"], tiny_layout, out).returncode == 0
     first = json.loads((out / "judgement.json").read_text())
-    # the same folder, but now "shipped" is another model: its cached scores must not be reused
+    # the same folder, but now "shipped" is another model (as after a run ships): refused, nothing overwritten
+    before = (out / "shipped" / "scores.json").read_text()
     res = _judge(paths, "identity", ["base"], tiny_layout, out)
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "--rescore" in res.stderr
+    assert str(out / "shipped") in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (out / "shipped" / "scores.json").read_text() == before and not (out / "base").exists()
+    # --rescore replaces them; the cached scores of other weights are never reused
+    res = _judge(paths, "identity", ["base"], tiny_layout, out, "--rescore")
     assert res.returncode == 0, res.stderr[-2000:]
     second = json.loads((out / "judgement.json").read_text())
     assert second["scores"]["shipped"] == first["scores"]["identity"]
