@@ -109,6 +109,9 @@ def test_identity_task_pairs_clean_patches_with_themselves(tiny_layout):
     noisy = PairedPatchDataset(sets["denoise_15"], patch_size=32)[0]
     assert not torch.equal(noisy["lq"], noisy["gt"])
     assert len(build_train_pairs(tiny_layout, ["identity"])["identity"]) == len(sets["denoise_15"])  # x3 default
+    with pytest.raises(DatasetLayoutError, match="repeated 0 times"):
+        build_train_pairs(tiny_layout, ["identity"], repeats={"identity": 0})
+    assert build_train_pairs(tiny_layout, ["derain", "identity"], repeats={"identity": 0})["identity"] == []
 
 
 def test_repeat_factors_and_synthetic_haze(tiny_layout):

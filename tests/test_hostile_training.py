@@ -216,3 +216,11 @@ def test_item15_missing_dehaze_layout_is_one_line_and_leaves_no_folder(data, tmp
     line = _one_error_line(capsys)
     assert "RESIDE" in line and "--dehaze_source synthetic" in line
     assert not (tmp_path / "ck").exists()
+
+
+def test_every_task_repeated_zero_times_is_one_line_and_leaves_no_folder(data, tmp_path, capsys):
+    """--repeat derain=0 (or identity=0 with identity the only task) empties the training set: no traceback."""
+    assert _train(data, tmp_path / "ck", "--repeat", "derain=0", "--max_steps", "1") == 2
+    line = _one_error_line(capsys)
+    assert "training set is empty" in line and "--repeat" in line
+    assert not (tmp_path / "ck").exists()

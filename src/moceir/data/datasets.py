@@ -218,11 +218,16 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
     synthetic = {"dehaze": UPSTREAM_REPEATS["denoise_15"]} if dehaze_source == "synthetic" else {}
     factors = {**UPSTREAM_REPEATS, "identity": IDENTITY_REPEAT, **synthetic, **(repeats or {})}
     if trainset.startswith("CDD11"):
-        return {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
-    unknown = [t for t in de_type if t not in TASKS]
-    if unknown or not de_type:
-        raise ValueError(f"unknown --de_type {unknown or de_type}; valid: {', '.join(TASKS)}")
-    return {t: train_pairs(root, t, dehaze_source, holdout) * factors[t] for t in de_type}
+        per_task = {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
+    else:
+        unknown = [t for t in de_type if t not in TASKS]
+        if unknown or not de_type:
+            raise ValueError(f"unknown --de_type {unknown or de_type}; valid: {', '.join(TASKS)}")
+        per_task = {t: train_pairs(root, t, dehaze_source, holdout) * factors[t] for t in de_type}
+    if not any(per_task.values()):
+        raise DatasetLayoutError(f"the training set is empty: every task ({', '.join(per_task)}) is repeated 0 "
+                                 "times; raise one with --repeat TASK=N")
+    return per_task
 
 
 def image_size(path: str) -> list[int] | str:
