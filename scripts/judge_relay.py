@@ -323,14 +323,14 @@ def main() -> int:
         print(f"error: --out {a.out} is a file; pass a folder", file=sys.stderr)
         return 1
     try:
-        models, hashes = load_all(a, {"shipped": a.shipped, **paths})
-        clash = None if a.rescore else next(
-            ((label, f) for label in hashes if (f := other_weights(a, label, hashes[label])) is not None), None)
-        if clash is not None:
-            source = a.shipped if clash[0] == "shipped" else paths[clash[0]]
-            raise JudgeError(f"{clash[1]} holds the scores of other weights than {source}, from an earlier "
-                             "judgement; pass the model it was judged with (--shipped defaults to the bundled model, "
-                             "which changes when a run ships), another --out, or --rescore to replace them")
+        sources = {"shipped": a.shipped, **paths}
+        models, hashes = load_all(a, sources)
+        for label in [] if a.rescore else sources:
+            clash = other_weights(a, label, hashes[label])
+            if clash is not None:
+                raise JudgeError(f"{clash} holds the scores of other weights than {sources[label]}, from an earlier "
+                                 "judgement; pass the model it was judged with (--shipped defaults to the bundled "
+                                 "model, which changes when a run ships), another --out, or --rescore to replace them")
         a.out.mkdir(parents=True, exist_ok=True)
         shipped = scores(models["shipped"], "shipped", a, hashes["shipped"])
         if not finite_or_error("shipped", a.shipped, shipped):
