@@ -8,10 +8,10 @@ Scores the shipped model (``--shipped``, default: the bundled one) and every can
 model card (RainTrainL validation split, CBSD68 sigma 15/25/50, the SOTS subset; upstream's protocol, RGB PSNR).
 Every model also runs the synthetic flat sky (benchmarks/flat_region.py). The pick is the candidate with the higher
 mean PSNR over those rows among the candidates whose flat sky is not further from the clean sky (in brightness or
-texture) than the shipped model's beyond the tolerances below (the model card's known failure); a vetoed candidate
-is passed over, and if all are vetoed the best is reported and kept out. The shipped model and the pick are also
-scored with every complexity expert bypassed (the model card's expert-bypass column). The pick is to be shipped
-only if it passed the flat-sky check and its mean beats the shipped model's.
+texture; on the hazy sky only darkness counts) than the shipped model's beyond the tolerances below (the model
+card's known failure); a vetoed candidate is passed over, and if all are vetoed the best is reported and kept out.
+The shipped model and the pick are also scored with every complexity expert bypassed (the model card's expert-bypass
+column). The pick is to be shipped only if it passed the flat-sky check and its mean beats the shipped model's.
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
@@ -56,6 +56,10 @@ SCORING_VERSION = 1
 # (8-bit grey levels, mean over the two context_pad rows of either input); see docs/gpu-window.md.
 FLAT_BRIGHTNESS_TOLERANCE = 2.0
 FLAT_TEXTURE_TOLERANCE = 0.25
+# Inputs on which only darkening below the clean sky counts (since 2026-11-27, before relay run 7's results): haze
+# left on the hazy sky (an output brighter than the clean sky) is under-dehazing, which the SOTS row scores; the veto
+# guards the known failure, darkened smooth regions. On the clean sky any error counts: the input is the target.
+DARKENING_ONLY = frozenset({"hazy sky"})
 ROWS = ("raintrainl_val", "denoise_15", "denoise_25", "denoise_50", "dehaze")
 
 
@@ -207,15 +211,21 @@ def flat_regression(shipped: list[dict], picked: list[dict]) -> list[str]:
     ``shipped``/``picked``: flat_region_rows() of each, the same rows. The darkening of smooth regions is the model
     card's known failure, so a pick that worsens it does not ship whatever its PSNR. Brightness is judged by the
     error against the clean sky, not by the change: removing the hazy sky's haze darkens it, rightly. Each input
-    (clean sky, hazy sky) is judged on its own, so a better hazy sky cannot buy a darker clean one.
+    (clean sky, hazy sky) is judged on its own, so a better hazy sky cannot buy a darker clean one. On the inputs in
+    ``DARKENING_ONLY`` only the part of the error below the clean sky counts (haze left is scored by SOTS).
     """
+    def off(name: str, error: float) -> float:
+        # np.maximum keeps a NaN (which then never passes); max() would drop it
+        return float(np.maximum(0.0, -error)) if name in DARKENING_ONLY else abs(error)
+
     reasons = []
     for name in dict.fromkeys(r["input"] for r in shipped):
         pairs = [(s, p) for s, p in zip(shipped, picked) if s["input"] == name]
-        darker = np.mean([abs(p["mean_error"]) - abs(s["mean_error"]) for s, p in pairs])
+        darker = np.mean([off(name, p["mean_error"]) - off(name, s["mean_error"]) for s, p in pairs])
         rougher = np.mean([p["texture_out"] - s["texture_out"] for s, p in pairs])
         if not darker <= FLAT_BRIGHTNESS_TOLERANCE:
-            reasons.append(f"its output of the {name} is {darker:.1f} grey levels further from the clean sky's "
+            where = "further below" if name in DARKENING_ONLY else "further from"
+            reasons.append(f"its output of the {name} is {darker:.1f} grey levels {where} the clean sky's "
                            f"brightness than the shipped model's (tolerance {FLAT_BRIGHTNESS_TOLERANCE})")
         if not rougher <= FLAT_TEXTURE_TOLERANCE:
             reasons.append(f"it leaves {rougher:.2f} grey levels more texture on the {name} "

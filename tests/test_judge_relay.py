@@ -169,9 +169,9 @@ def test_a_pick_that_darkens_or_textures_the_flat_sky_is_vetoed():
     assert flat_regression(shipped, rows(-5.0, 0.8)) == []  # better on both: no veto
     assert flat_regression(shipped, rows(-13.9, 1.4)) == []  # within the tolerances
     darker = flat_regression(shipped, rows(-22.0, 1.2))
-    assert len(darker) == 2 and all("10.0 grey levels further from the clean sky" in r for r in darker)
-    assert "clean sky" in darker[0] and "hazy sky" in darker[1]
-    assert flat_regression(shipped, rows(+14.5, 1.2))  # too bright is an error too
+    assert len(darker) == 2 and "clean sky is 10.0 grey levels further from the clean sky" in darker[0]
+    assert "hazy sky is 10.0 grey levels further below the clean sky" in darker[1]
+    assert flat_regression(shipped, rows(+14.5, 1.2))  # too bright is an error too (on the clean sky)
     rougher = flat_regression(shipped, rows(-12.0, 1.8))
     assert len(rougher) == 2 and "0.60 grey levels more texture on the clean sky" in rougher[0]
     assert flat_regression(shipped, rows(float("nan"), 1.2))  # NaN never passes
@@ -179,6 +179,24 @@ def test_a_pick_that_darkens_or_textures_the_flat_sky_is_vetoed():
     traded = flat_regression(shipped, rows(-18.0, 1.2, hazy_error=0.0))
     assert len(traded) == 1 and "clean sky is 6.0 grey levels" in traded[0]
     assert flat_regression(shipped, rows(-13.0, 1.2, hazy_error=-13.9)) == []
+
+
+def test_haze_left_on_the_hazy_sky_is_not_vetoed_but_darkening_it_is():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import flat_regression
+
+    def rows(clean_error, hazy_error):
+        return [{"input": i, "context_pad": c, "mean_error": clean_error if i == "clean sky" else hazy_error,
+                 "texture_out": 1.0} for i in ("clean sky", "hazy sky") for c in (0, 16)]
+
+    shipped = rows(-12.0, +1.5)
+    assert flat_regression(shipped, rows(-4.0, +4.2)) == []  # relay run 6's trade: more haze left, scored by SOTS
+    assert flat_regression(shipped, rows(-12.0, +17.3)) == []  # all haze left (the input): SOTS's to judge
+    veto = flat_regression(shipped, rows(-12.0, -2.5))  # darker than the clean sky by 2.5, from 0
+    assert len(veto) == 1 and "hazy sky is 2.5 grey levels further below the clean sky" in veto[0]
+    assert flat_regression(rows(-12.0, -3.0), rows(-12.0, -4.5)) == []  # 1.5 darker: within the tolerance
+    assert flat_regression(shipped, rows(-12.0, float("nan")))  # NaN never passes
+    assert flat_regression(shipped, rows(+14.5, +1.5))  # on the clean sky, too bright still counts
 
 
 def test_a_vetoed_candidate_is_passed_over_for_the_next_best():
