@@ -19,7 +19,8 @@ own. Scores already in ``--out`` computed from the same weights (a sha256 of the
 export that only rewrote the note matches), data folder and rows are reused (``--rescore`` recomputes them), so an
 interrupted judgement resumes; ``--reuse DIR`` also takes them from an earlier judgement folder (the shipped model
 is usually the last run's pick). A folder in ``--out`` holding scores of other weights under the same label (an
-earlier judgement against another shipped model) is a one-line error, not overwritten, unless ``--rescore``.
+earlier judgement against another shipped model), or a judgement.json decided under another flat-sky veto
+(``flat_veto``), is a one-line error, not overwritten, unless ``--rescore``.
 Nothing is exported: shipping stays a
 deliberate ``moceir export`` (printed). Exit code 0 when judged; 1 when a model or a validation row cannot be
 read or scored, when a candidate's architecture differs from the shipped model's, or when a candidate's outputs
@@ -60,6 +61,9 @@ FLAT_TEXTURE_TOLERANCE = 0.25
 # left on the hazy sky (an output brighter than the clean sky) is under-dehazing, which the SOTS row scores; the veto
 # guards the known failure, darkened smooth regions. On the clean sky any error counts: the input is the target.
 DARKENING_ONLY = frozenset({"hazy sky"})
+# Recorded in judgement.json: a folder decided under another veto is not silently rejudged (and its decision flipped).
+FLAT_VETO = {"brightness_tolerance": FLAT_BRIGHTNESS_TOLERANCE, "texture_tolerance": FLAT_TEXTURE_TOLERANCE,
+             "darkening_only": sorted(DARKENING_ONLY)}
 ROWS = ("raintrainl_val", "denoise_15", "denoise_25", "denoise_50", "dehaze")
 
 
@@ -310,7 +314,9 @@ def main() -> int:
     p.add_argument("--data_file_dir", default="../shared/datasets")
     p.add_argument("--benchmarks", nargs="+", default=list(ROWS), choices=BENCHMARKS, metavar="BENCHMARK")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rescore", action="store_true", help="recompute scores already in --out (and ignore --reuse)")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute scores already in --out (and ignore --reuse); also rejudges a folder decided "
+                        "under another flat-sky veto")
     p.add_argument("--reuse", action="append", type=Path, default=[], metavar="DIR",
                    help="an earlier judgement folder (repeatable) whose scores of the same weights (same digest, "
                         "data folder, rows and scoring version) are copied instead of recomputed, e.g. the last "
@@ -331,6 +337,12 @@ def main() -> int:
             return 1
     if a.out.exists() and not a.out.is_dir():
         print(f"error: --out {a.out} is a file; pass a folder", file=sys.stderr)
+        return 1
+    earlier = read_json(a.out / "judgement.json")
+    if earlier is not None and earlier.get("flat_veto") != FLAT_VETO and not a.rescore:
+        print(f"error: {a.out / 'judgement.json'} was decided under an earlier flat-sky veto (docs/gpu-window.md, "
+              "step 3) and its decision stands as recorded; pass another --out, or --rescore to rejudge it under "
+              "today's", file=sys.stderr)
         return 1
     try:
         sources = {"shipped": a.shipped, **paths}
@@ -362,7 +374,7 @@ def main() -> int:
         {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
          "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
          "reused_from": reused_from(a.out, [*labels, *(f"{n}_bypassed" for n in bypassed)]),
-         **verdict}, indent=1))
+         "flat_veto": FLAT_VETO, **verdict}, indent=1))
     print(text)
     return 1 if unusable else 0
 

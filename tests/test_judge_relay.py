@@ -198,6 +198,15 @@ def test_haze_left_on_the_hazy_sky_is_not_vetoed_but_darkening_it_is():
     assert flat_regression(shipped, rows(-12.0, float("nan")))  # NaN never passes
     assert flat_regression(shipped, rows(+14.5, +1.5))  # on the clean sky, too bright still counts
 
+    # each context_pad row is clipped before the two are averaged: (5.0 + 0) / 2, not max(0, -(-5.0 + 5.0) / 2)
+    def split(dark, bright):
+        return [dict(r, mean_error=dark if r["context_pad"] == 0 else bright) if r["input"] == "hazy sky" else r
+                for r in rows(-12.0, 0.0)]
+
+    veto = flat_regression(shipped, split(-5.0, +5.0))
+    assert len(veto) == 1 and "hazy sky is 2.5 grey levels further below" in veto[0]
+    assert flat_regression(shipped, split(-3.0, +1.0)) == []  # (3.0 + 0) / 2 = 1.5: within the tolerance
+
 
 def test_a_vetoed_candidate_is_passed_over_for_the_next_best():
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -286,3 +295,12 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     note.write_text("mine")
     res = _judge(paths, "noisy", ["identity"], tiny_layout, note)
     assert res.returncode == 1 and "notes.txt" in res.stderr and note.read_text() == "mine"
+    # a folder decided under an earlier flat-sky veto (no flat_veto recorded) keeps its decision
+    recorded = out / "judgement.json"
+    old_rule = json.loads(recorded.read_text())
+    del old_rule["flat_veto"]
+    recorded.write_text(json.dumps(old_rule))
+    before = recorded.read_bytes()
+    res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
+    assert res.returncode == 1 and "earlier flat-sky veto" in res.stderr and "Traceback" not in res.stderr
+    assert recorded.read_bytes() == before
