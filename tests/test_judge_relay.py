@@ -241,9 +241,14 @@ def test_flat_region_error_is_measured_against_the_clean_sky(tmp_path):
     for r in flat_region_rows(moceir.load_model(paths["noisy"])):
         offset = haze_brightening if r["input"] == "hazy sky" else 0.0
         assert r["mean_error"] == pytest.approx(r["mean_change"] + offset, abs=0.05)
-    for r in flat_region_rows(moceir.load_model(paths["identity"])):  # leaves the haze: off by its brightening
+    rows = flat_region_rows(moceir.load_model(paths["identity"]))
+    for r in rows:  # leaves the haze: off by its brightening
         assert r["mean_change"] == pytest.approx(0, abs=0.05)
         assert r["mean_error"] == pytest.approx(haze_brightening if r["input"] == "hazy sky" else 0, abs=0.05)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import DARKENING_ONLY
+    # the judge's darkening-only inputs are named as the check names them (a rename would silently judge |error|)
+    assert DARKENING_ONLY and DARKENING_ONLY < {r["input"] for r in rows}
 
 
 def test_hostile_inputs(tmp_path, tiny_layout):
