@@ -216,15 +216,33 @@ def test_a_vetoed_candidate_is_passed_over_for_the_next_best():
     cands = {"raw": {"a": 26.5, "b": 26.5}, "ema": {"a": 26.4, "b": 26.4}, "nan": {"a": float("nan"), "b": 27.0}}
     veto = ["its output of the hazy sky is 2.4 grey levels further ..."]
     v = judge(shipped, cands, {"raw": veto, "ema": []})
-    assert v["picked"] == "ema" and v["ship"] and v["passed_over"] == {"raw": veto} and v["flat_regression"] == []
+    assert v["picked"] == "ema" and v["ship"] and v["passed_over"] == {"raw": veto} and v["veto_reasons"] == []
     v = judge(shipped, cands, {"raw": veto, "ema": veto})  # all vetoed: the best is reported, not shipped
-    assert v["picked"] == "raw" and not v["ship"] and v["flat_regression"] == veto
+    assert v["picked"] == "raw" and not v["ship"] and v["veto_reasons"] == veto
     assert v["passed_over"] == {} and set(v["vetoed"]) == {"raw", "ema"}
     v = judge(shipped, cands, {"raw": [], "ema": veto})  # a vetoed candidate below the pick was not passed over
     assert v["picked"] == "raw" and v["passed_over"] == {} and v["vetoed"] == {"ema": veto}
     v = judge(shipped, cands, {})  # no veto: the best mean; a NaN candidate is never picked
     assert v["picked"] == "raw" and v["ship"] and v["passed_over"] == {}
     assert not judge({"a": 27.0, "b": 27.0}, cands, {"raw": veto, "ema": []})["ship"]  # passes, but not better
+
+
+def test_a_row_that_falls_beyond_the_bound_vetoes_the_pick():
+    """The mean counts denoising three times; no single row may fall more than ROW_LOSS_TOLERANCE dB."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import ROW_LOSS_TOLERANCE, judge, row_regression
+
+    assert ROW_LOSS_TOLERANCE == 0.3
+    # relay run 7 against run 5's EMA (docs/runs/relay-7/judgement.json, rounded): the mean rose, SOTS fell 0.43 dB
+    shipped = {"raintrainl_val": 24.60, "denoise_15": 31.77, "denoise_25": 29.09, "denoise_50": 25.22, "dehaze": 21.29}
+    run7 = {"raintrainl_val": 24.67, "denoise_15": 31.96, "denoise_25": 29.28, "denoise_50": 25.46, "dehaze": 20.86}
+    reasons = row_regression(shipped, run7)
+    assert len(reasons) == 1 and "its dehaze PSNR is 0.43 dB below the shipped model's" in reasons[0]
+    v = judge(shipped, {"raw": run7}, {"raw": reasons})
+    assert v["means"]["raw"] > v["shipped_mean"] and not v["ship"] and v["veto_reasons"] == reasons
+    assert row_regression(shipped, dict(run7, dehaze=21.00)) == []  # 0.29 dB lower: within the bound
+    assert row_regression(shipped, shipped) == []
+    assert row_regression(shipped, dict(run7, denoise_50=float("nan")))  # NaN never passes
 
 
 def test_flat_region_error_is_measured_against_the_clean_sky(tmp_path):
@@ -300,12 +318,18 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     note.write_text("mine")
     res = _judge(paths, "noisy", ["identity"], tiny_layout, note)
     assert res.returncode == 1 and "notes.txt" in res.stderr and note.read_text() == "mine"
-    # a folder decided under an earlier flat-sky veto (no flat_veto recorded) keeps its decision
+    # a folder decided under another rule (no flat_veto, as before run 7; no row bound, as before run 8) or with
+    # an unreadable judgement.json keeps what it holds
     recorded = out / "judgement.json"
-    old_rule = json.loads(recorded.read_text())
-    del old_rule["flat_veto"]
-    recorded.write_text(json.dumps(old_rule))
-    before = recorded.read_bytes()
-    res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
-    assert res.returncode == 1 and "earlier flat-sky veto" in res.stderr and "Traceback" not in res.stderr
-    assert recorded.read_bytes() == before
+    rule = json.loads(recorded.read_text())
+    assert rule["row_loss_tolerance_db"] == 0.3 and "darkening_only" in rule["flat_veto"]
+    for key in ("flat_veto", "row_loss_tolerance_db", None):
+        old = {k: v for k, v in rule.items() if k != key}
+        recorded.write_text(json.dumps(old) if key else '{"picked": "iden')  # None: a truncated file
+        before = recorded.read_bytes()
+        res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
+        assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert ("another rule" if key else "unreadable") in res.stderr and str(recorded) in res.stderr
+        assert recorded.read_bytes() == before
+    assert _judge(paths, "noisy", ["copy"], tiny_layout, out, "--rescore").returncode == 0
+    assert json.loads(recorded.read_text())["row_loss_tolerance_db"] == 0.3
