@@ -60,7 +60,7 @@ fi
 # 1.1x of 1e-4 in benchmarks/lr_probe.py (1e-3 and up were unstable). The repeats are those of CPU relay run 8,
 # the shipped model (since 2026-11-28; before: derain 24, dehaze 5): derain 30, dehaze 10 and identity 3 make
 # derain 38%, synthetic haze 28% and clean BSD400 patches as their own target 8% of the patches. Deraining is the
-# weakest task; run 8 raised dehaze from 16% and regained 0.70 dB on the SOTS subset; in one CPU A/B (relay runs 4
+# weakest task; run 8 raised dehaze from 16% and gained 0.70 dB on the SOTS subset (one seed); in one CPU A/B (relay runs 4
 # and 5, model card) the model darkened clean skies and photos less with identity patches; 0 leaves them out.
 : "${LR:=2e-4}" "${DERAIN_REPEAT:=30}" "${DEHAZE_REPEAT:=10}" "${IDENTITY_REPEAT:=3}"
 DATA=${DATA:-}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -100,6 +101,13 @@ def read_json(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return saved if isinstance(saved, dict) else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so an interrupted write leaves the old file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_cache(path: Path, key: dict) -> dict | None:
@@ -192,7 +200,8 @@ def reused_from(out: Path, names: list[str]) -> dict[str, str]:
 
 def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]],
           vetoes: dict[str, list[str]] | None = None) -> dict:
-    """Pick the best mean among the candidates the flat-sky check passes; ship it only if it beats the shipped model.
+    """Pick the best mean among the candidates the veto passes (flat sky, per-row bound); ship it only if it beats
+    the shipped model.
 
     ``vetoes``: each candidate's flat_regression() and row_regression() reasons ([] when it passes). A vetoed
     candidate is passed over
@@ -357,8 +366,8 @@ def main() -> int:
     recorded = a.out / "judgement.json"
     earlier = read_json(recorded)
     if recorded.exists() and earlier is None and not a.rescore:
-        print(f"error: {recorded} is unreadable (not a JSON object); it is left as it is: pass another --out, or "
-              "--rescore to replace it", file=sys.stderr)
+        print(f"error: {recorded} is unreadable (not a JSON object); it is left as it is: move it aside to judge "
+              "again from the cached scores, pass another --out, or --rescore to replace it", file=sys.stderr)
         return 1
     if earlier is not None and {k: earlier.get(k) for k in RULE} != RULE and not a.rescore:
         print(f"error: {recorded} was decided under another rule (flat-sky veto or row-loss bound, "
@@ -392,8 +401,8 @@ def main() -> int:
     picked = verdict["picked"]
     bypassed = {n: scores(models[n], n, a, hashes[n], bypass=True) for n in ("shipped", picked)}
     text = report(a, shipped, cands, verdict, bypassed, flat)
-    (a.out / "judgement.md").write_text(text)
-    (a.out / "judgement.json").write_text(json.dumps(
+    write_atomic(a.out / "judgement.md", text)
+    write_atomic(a.out / "judgement.json", json.dumps(
         {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
          "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
          "reused_from": reused_from(a.out, [*labels, *(f"{n}_bypassed" for n in bypassed)]),

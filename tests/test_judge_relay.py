@@ -60,6 +60,11 @@ def test_a_better_candidate_ships_and_a_worse_one_does_not(tmp_path, tiny_layout
     verdict = json.loads((tmp_path / "j2" / "judgement.json").read_text())
     assert not verdict["ship"] and verdict["rows_worse"]
     assert "keep the shipped model" in (tmp_path / "j2" / "judgement.md").read_text()
+    # the per-row bound is wired into the verdict: every row the perturbed network loses by more than 0.3 dB is named
+    lost = [b for b, v in verdict["scores"]["noisy"].items() if v < verdict["scores"]["shipped"][b] - 0.3]
+    assert lost and verdict["vetoed"] == {"noisy": verdict["veto_reasons"]}
+    assert sum("below the shipped model's" in r for r in verdict["veto_reasons"]) == len(lost)
+    assert not list((tmp_path / "j2").glob("*.tmp"))  # judgement.json and .md written through a temporary file
 
 
 def test_unreadable_candidate_and_missing_data_are_one_line_errors(tmp_path, tiny_layout):
@@ -323,8 +328,10 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     recorded = out / "judgement.json"
     rule = json.loads(recorded.read_text())
     assert rule["row_loss_tolerance_db"] == 0.3 and "darkening_only" in rule["flat_veto"]
-    for key in ("flat_veto", "row_loss_tolerance_db", None):
+    for key in ("flat_veto", "row_loss_tolerance_db", "another bound", None):
         old = {k: v for k, v in rule.items() if k != key}
+        if key == "another bound":
+            old = dict(rule, row_loss_tolerance_db=0.5)
         recorded.write_text(json.dumps(old) if key else '{"picked": "iden')  # None: a truncated file
         before = recorded.read_bytes()
         res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
