@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,6 +48,7 @@ import moceir  # noqa: E402
 from moceir.data.datasets import BENCHMARKS, DatasetLayoutError  # noqa: E402
 from moceir.evaluation import scored_benchmark, write_reports  # noqa: E402
 from moceir.models.experts import set_expert_bypass  # noqa: E402
+from moceir.pipeline import write_atomically  # noqa: E402
 
 from flat_region import flat_region_rows  # noqa: E402
 
@@ -101,13 +101,6 @@ def read_json(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return saved if isinstance(saved, dict) else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so an interrupted write leaves the old file or none."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_cache(path: Path, key: dict) -> dict | None:
@@ -204,8 +197,8 @@ def judge(shipped: dict[str, float], candidates: dict[str, dict[str, float]],
     the shipped model.
 
     ``vetoes``: each candidate's flat_regression() and row_regression() reasons ([] when it passes). A vetoed
-    candidate is passed over
-    for the next best; when every candidate is vetoed, the best is reported and not shipped.
+    candidate is passed over for the next best; when every candidate is vetoed, the best is reported and not
+    shipped.
     """
     vetoes = vetoes or {}
     means = {name: float(np.mean(list(s.values()))) for name, s in candidates.items()}
@@ -401,12 +394,14 @@ def main() -> int:
     picked = verdict["picked"]
     bypassed = {n: scores(models[n], n, a, hashes[n], bypass=True) for n in ("shipped", picked)}
     text = report(a, shipped, cands, verdict, bypassed, flat)
-    write_atomic(a.out / "judgement.md", text)
-    write_atomic(a.out / "judgement.json", json.dumps(
+    record = json.dumps(
         {"shipped": a.shipped, "candidates": paths, "data_file_dir": str(Path(a.data_file_dir).resolve()),
          "unusable": unusable, "scores": {"shipped": shipped, **cands}, "bypassed": bypassed, "flat_region": flat,
          "reused_from": reused_from(a.out, [*labels, *(f"{n}_bypassed" for n in bypassed)]),
-         **RULE, **verdict}, indent=1))
+         **RULE, **verdict}, indent=1)
+    # through a temporary file: an interrupted write leaves the old judgement, never an unreadable one
+    write_atomically(a.out / "judgement.md", lambda tmp: tmp.write_text(text), overwrite=True)
+    write_atomically(a.out / "judgement.json", lambda tmp: tmp.write_text(record), overwrite=True)
     print(text)
     return 1 if unusable else 0
 

@@ -64,7 +64,8 @@ def test_a_better_candidate_ships_and_a_worse_one_does_not(tmp_path, tiny_layout
     lost = [b for b, v in verdict["scores"]["noisy"].items() if v < verdict["scores"]["shipped"][b] - 0.3]
     assert lost and verdict["vetoed"] == {"noisy": verdict["veto_reasons"]}
     assert sum("below the shipped model's" in r for r in verdict["veto_reasons"]) == len(lost)
-    assert not list((tmp_path / "j2").glob("*.tmp"))  # judgement.json and .md written through a temporary file
+    # judgement.json and .md are written through temporary files, none of which is left behind
+    assert sorted(f.name for f in (tmp_path / "j2").iterdir() if f.is_file()) == ["judgement.json", "judgement.md"]
 
 
 def test_unreadable_candidate_and_missing_data_are_one_line_errors(tmp_path, tiny_layout):
@@ -328,15 +329,25 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     recorded = out / "judgement.json"
     rule = json.loads(recorded.read_text())
     assert rule["row_loss_tolerance_db"] == 0.3 and "darkening_only" in rule["flat_veto"]
-    for key in ("flat_veto", "row_loss_tolerance_db", "another bound", None):
-        old = {k: v for k, v in rule.items() if k != key}
-        if key == "another bound":
-            old = dict(rule, row_loss_tolerance_db=0.5)
-        recorded.write_text(json.dumps(old) if key else '{"picked": "iden')  # None: a truncated file
+    without = {key: json.dumps({k: v for k, v in rule.items() if k != key})
+               for key in ("flat_veto", "row_loss_tolerance_db")}
+    for text, error in ((without["flat_veto"], "another rule"), (without["row_loss_tolerance_db"], "another rule"),
+                        (json.dumps(dict(rule, row_loss_tolerance_db=0.5)), "another rule"),
+                        ('{"picked": "iden', "unreadable")):  # the last: a truncated file
+        recorded.write_text(text)
         before = recorded.read_bytes()
         res = _judge(paths, "noisy", ["copy"], tiny_layout, out)
         assert res.returncode == 1 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
-        assert ("another rule" if key else "unreadable") in res.stderr and str(recorded) in res.stderr
+        assert error in res.stderr and str(recorded) in res.stderr
         assert recorded.read_bytes() == before
     assert _judge(paths, "noisy", ["copy"], tiny_layout, out, "--rescore").returncode == 0
     assert json.loads(recorded.read_text())["row_loss_tolerance_db"] == 0.3
+    # a judgement.json that is a link to another file: the link is replaced, the file it points to is untouched
+    mine = tmp_path / "mine.json"
+    mine.write_bytes(recorded.read_bytes())
+    theirs = mine.read_bytes()
+    recorded.unlink()
+    recorded.symlink_to(mine)
+    assert _judge(paths, "noisy", ["copy"], tiny_layout, out).returncode == 0
+    assert not recorded.is_symlink() and mine.read_bytes() == theirs
+    assert json.loads(recorded.read_text())["candidates"] == {"noisy_retrained": str(copy)}
