@@ -351,3 +351,20 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     assert _judge(paths, "noisy", ["copy"], tiny_layout, out).returncode == 0
     assert not recorded.is_symlink() and mine.read_bytes() == theirs
     assert json.loads(recorded.read_text())["candidates"] == {"noisy_retrained": str(copy)}
+
+
+SHIP_COMMITS = {"408c543": "relay-4", "703eb05": "relay-6", "5d553da": "relay-8", "adbbc1c": "relay-9"}
+
+
+def test_the_ship_commits_give_the_recorded_shipped_fingerprints(tmp_path):
+    """docs/gpu-window.md: to rejudge an earlier relay, the bundled model at its ship commit is the --shipped file."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from judge_relay import fingerprint
+
+    for commit, relay in SHIP_COMMITS.items():
+        path = tmp_path / f"{commit}.safetensors"
+        with path.open("wb") as f:
+            subprocess.run(["git", "show", f"{commit}:src/moceir/weights/default.safetensors"], stdout=f,
+                           check=True, cwd=ROOT)
+        key = json.loads((ROOT / "docs" / "runs" / relay / "shipped" / "scores.json").read_text())["key"]
+        assert fingerprint(moceir.load_model(path)) == key["weights_digest"], (commit, relay)
