@@ -24,13 +24,14 @@ from moceir.metrics import psnr
 
 
 def photo_rows(model: moceir.MoCEIR, photos: list[tuple[str, np.ndarray]]) -> list[dict]:
-    """One row per photo (uint8 RGB [H, W, 3]): name, PSNR of output against input (dB), mean change (levels)."""
+    """One row per photo (uint8 RGB [H, W, 3]): name, PSNR of output against input (dB; inf when the photo comes
+    back unchanged), mean change (levels), and whether the output is finite."""
     rows = []
     for name, rgb in photos:
         x = rgb.astype(np.float32) / 255
         y = moceir.restore(model, x)
         rows.append({"image": name, "psnr": float(psnr(x, y, data_range=1.0)),
-                     "mean_change": float((y.mean() - x.mean()) * 255)})
+                     "mean_change": float((y.mean() - x.mean()) * 255), "finite": bool(np.isfinite(y).all())})
     return rows
 
 
@@ -71,7 +72,7 @@ def main() -> int:
             status = 1
             continue
         rows = photo_rows(model, photos)
-        bad = [r["image"] for r in rows if not np.isfinite(r["psnr"])]
+        bad = [r["image"] for r in rows if not r["finite"]]
         if bad:
             print(f"error: {ck}: its outputs are not finite on {len(bad)} of {len(rows)} photos ({bad[0]}, ...); "
                   "NaN or inf weights? check the checkpoint", file=sys.stderr)

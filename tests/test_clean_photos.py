@@ -63,3 +63,17 @@ def test_a_checkpoint_with_nan_outputs_is_an_error_and_the_others_still_run(tmp_
     assert f"| {TINY} |" in res.stdout
     res = _run(TINY, "--photos", photos / "sky.png")  # a file, not a folder
     assert res.returncode == 2 and "not a folder" in res.stderr
+
+
+def test_a_model_that_returns_the_photo_unchanged_scores_inf_not_an_error(tmp_path):
+    # a perfect score is not a broken model: only non-finite outputs are (this was reported as "not finite")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(photos / "a.png")
+    model = moceir.load_model(TINY)
+    with torch.no_grad():
+        model.output.weight.zero_()  # the network's residual branch off: the output is the input
+    save_model(model, tmp_path / "identity.safetensors")
+    res = _run(tmp_path / "identity.safetensors", "--photos", photos, "--every", 1)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "inf dB" in res.stdout and "+0.00 levels" in res.stdout and "error" not in res.stderr
