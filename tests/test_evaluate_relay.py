@@ -82,6 +82,12 @@ def test_a_training_folder_is_exported_judged_and_recorded(tmp_path, tiny_layout
     assert "config embedded" not in res.stdout and (run / "model_fp16.safetensors").stat().st_mtime_ns == stamp
     assert (out / "model_fp16" / "scores.json").stat().st_mtime_ns == cached
 
+    # the judge refuses (another shipped model, here the bundled one): the earlier judgement and checks.md stay
+    before = {f: (out / f).read_bytes() for f in ("judgement.json", "checks.md")}
+    res = _run(run, out, *args[2:])  # --shipped left out: the bundled model is not the one judged before
+    assert res.returncode == 1 and "without a judgement" in res.stderr and "Traceback" not in res.stderr
+    assert {f: (out / f).read_bytes() for f in before} == before and "clean photos" not in res.stdout
+
     # a GPU window's folder (fp16 files only), from another working directory with relative paths
     window = tmp_path / "window"
     window.mkdir()
