@@ -47,16 +47,19 @@ def flat_region_rows(model: moceir.MoCEIR) -> list[dict]:
     return rows
 
 
+def flat_region_table(rows: list[dict]) -> list[str]:
+    """flat_region_rows() as markdown table lines (also scripts/evaluate_relay.py's, from a judgement.json)."""
+    return ["| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change | "
+            "error vs the clean sky |", "|---|---|---|---|---|---|",
+            *(f"| {r['input']} | {r['context_pad']} | {r['texture_in']:.2f} | {r['texture_out']:.2f} | "
+              f"{r['mean_change']:+.1f} | {r['mean_error']:+.1f} |" for r in rows)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="default")
     a = p.parse_args()
-    print("| input | context_pad | texture of the input (levels) | texture of the output (levels) | mean change | "
-          "error vs the clean sky |")
-    print("|---|---|---|---|---|---|")
-    for r in flat_region_rows(moceir.load_model(a.checkpoint)):
-        print(f"| {r['input']} | {r['context_pad']} | {r['texture_in']:.2f} | {r['texture_out']:.2f} | "
-              f"{r['mean_change']:+.1f} | {r['mean_error']:+.1f} |")
+    print("\n".join(flat_region_table(flat_region_rows(moceir.load_model(a.checkpoint)))))
 
 
 if __name__ == "__main__":

@@ -93,15 +93,14 @@ def _timing_line(name: str, t: dict) -> str:
 
 
 def flat_tables(judgement: dict) -> list[str]:
-    """flat_region.py's table for every model in a judgement.json."""
+    """flat_region.py's table for every model in a judgement.json (imports torch: call after the children)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flat_region import flat_region_table
+
     lines = []
     for label, rows in judgement.get("flat_region", {}).items():
         path = judgement["shipped"] if label == "shipped" else judgement["candidates"].get(label, label)
-        lines += ["", f"### {label} ({path})", "",
-                  "| input | context_pad | texture of the input (levels) | texture of the output (levels) | "
-                  "mean change | error vs the clean sky |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['input']} | {r['context_pad']} | {r['texture_in']:.2f} | {r['texture_out']:.2f} | "
-                  f"{r['mean_change']:+.1f} | {r['mean_error']:+.1f} |" for r in rows]
+        lines += ["", f"### {label} ({path})", "", *flat_region_table(rows)]
     return lines
 
 

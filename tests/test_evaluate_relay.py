@@ -152,10 +152,12 @@ def test_bad_runs_are_one_line_errors_and_nothing_is_overwritten(tmp_path, tiny_
 def test_a_failed_clean_photo_check_still_judges_and_the_exit_code_says_so(tmp_path, tiny_layout):
     run, shipped, photos = _training_folder(tmp_path)
     (photos / "p2.png").write_bytes((photos / "p0.png").read_bytes()[:50])  # truncated
-    out = tmp_path / "relay"
+    weights = {f.name: f.read_bytes() for f in run.iterdir()}
+    out = run  # the output folder is the run folder: its judgement lands beside the weights, which stay
     res = _run(run, out, "--shipped", shipped, "--data_file_dir", tiny_layout, "--photos", photos, "--every", 1)
     assert res.returncode == 1 and "p2.png" in res.stderr and "the clean-photo check exited 1" in res.stderr
     assert "Traceback" not in res.stderr
     assert (out / "judgement.json").exists()
     checks = (out / "checks.md").read_text()
     assert "exit 1" in checks and "### model_ema_fp16 (" in checks
+    assert {name: (run / name).read_bytes() for name in weights} == weights
