@@ -1,0 +1,104 @@
+"""scripts/relay_noise.py: the spread of a validation row across relay runs, from judgement folders (no model)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import relay_noise  # noqa: E402
+
+
+def write_scores(folder: Path, scores: dict[str, dict[str, float]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["benchmark,name,psnr,ssim"]
+    lines += [f"{row},{name},{psnr},0.9" for row, images in scores.items() for name, psnr in images.items()]
+    (folder / "per_image.csv").write_text("\n".join(lines) + "\n")
+
+
+def judgement(folder: Path, shipped: dict, candidates: dict[str, dict]) -> Path:
+    write_scores(folder / "shipped", shipped)
+    for name, scores in candidates.items():
+        write_scores(folder / name, scores)
+    (folder / "judgement.json").write_text(json.dumps({"candidates": {n: f"{n}.safetensors" for n in candidates}}))
+    return folder
+
+
+SHIPPED = {"dehaze": {"a.jpg": 20.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.0, "d.png": 31.0, "e.png": 29.0}}
+
+
+def test_row_changes_spread_and_standard_error_match_a_hand_computation(tmp_path, capsys):
+    # run 1 raw: dehaze +1, 0; run 2 raw: -1, -1 (images listed in another order than the shipped model's)
+    one = judgement(tmp_path / "relay-1", SHIPPED, {
+        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
+        "model_ema_fp16": {"dehaze": {"a.jpg": 20.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.0, "d.png": 31.0, "e.png": 29.0}},
+    })
+    two = judgement(tmp_path / "relay-2", SHIPPED, {
+        "model_fp16": {"dehaze": {"b.jpg": 21.0, "a.jpg": 19.0}, "denoise_25": {"c.png": 30.3, "d.png": 31.3, "e.png": 29.3}},
+    })
+    rows = {r["row"]: r for r in relay_noise.summary({"1": relay_noise.changes(one), "2": relay_noise.changes(two)},
+                                                     "model_fp16")}
+    haze = rows["dehaze"]
+    assert haze["n"] == 2
+    assert haze["means"][("1", "model_fp16")] == pytest.approx(0.5)
+    assert haze["means"][("1", "model_ema_fp16")] == pytest.approx(0.0)
+    assert haze["mean"] == pytest.approx(-0.25)
+    assert haze["sd"] == pytest.approx(math.sqrt(2 * 0.75 ** 2))  # sample sd of 0.5 and -1.0
+    assert (haze["lo"], haze["hi"]) == (pytest.approx(-1.0), pytest.approx(0.5))
+    assert haze["se"] == pytest.approx(math.sqrt((0.5 ** 2 + 0.0) / 2))  # sd/sqrt(n): 0.707/1.414 and 0
+    noise = rows["denoise_25"]
+    assert noise["mean"] == pytest.approx(0.2) and noise["se"] == pytest.approx(0.0, abs=1e-9)
+
+    assert relay_noise.main([str(one), str(two)]) == 0
+    table = capsys.readouterr().out
+    assert "| dehaze | 2 | +0.50 | +0.00 | -1.00 | -0.25 | 1.06 | -1.00 to +0.50 | 0.35 |" in table
+    assert "relay-1 model_ema_fp16" in table.splitlines()[0]
+
+
+@pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty"])
+def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it(tmp_path, capsys, damage):
+    folder = judgement(tmp_path / "relay-3", SHIPPED, {
+        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
+    })
+    if damage == "no_judgement":
+        (folder / "judgement.json").unlink()
+    elif damage == "bad_json":
+        (folder / "judgement.json").write_text("{")
+    elif damage == "other_images":
+        write_scores(folder / "model_fp16", {"dehaze": {"a.jpg": 21.0, "z.jpg": 22.0},
+                                             "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}})
+    elif damage == "not_a_table":
+        (folder / "model_fp16" / "per_image.csv").write_text("benchmark,name,psnr\ndehaze,a.jpg,high\n")
+    elif damage == "empty":
+        (folder / "shipped" / "per_image.csv").write_text("benchmark,name,psnr\n")
+    else:
+        (folder / "shipped" / "per_image.csv").unlink()
+    assert relay_noise.main([str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "relay-3" in err and "Traceback" not in err
+
+
+def test_a_candidate_the_judge_left_out_as_not_finite_is_skipped(tmp_path, capsys):
+    folder = judgement(tmp_path / "relay-5", SHIPPED, {
+        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
+    })
+    verdict = json.loads((folder / "judgement.json").read_text())
+    verdict["candidates"]["model_ema_fp16"] = "nan.safetensors"  # scored nothing, so no per_image.csv
+    verdict["unusable"] = ["model_ema_fp16"]
+    (folder / "judgement.json").write_text(json.dumps(verdict))
+    assert relay_noise.main([str(folder)]) == 0
+    assert "model_ema_fp16" not in capsys.readouterr().out
+
+
+def test_bad_usage_names_the_choices(tmp_path, capsys):
+    folder = judgement(tmp_path / "relay-4", SHIPPED, {
+        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
+    })
+    assert relay_noise.main([str(folder), "--candidate", "model_swa"]) == 2
+    assert "['model_fp16']" in capsys.readouterr().err
+    assert relay_noise.main([str(folder), str(folder)]) == 2
+    assert "once" in capsys.readouterr().err
