@@ -42,10 +42,12 @@ def per_image(path: Path) -> dict[str, dict[str, float]]:
     rows: dict[str, dict[str, float]] = {}
     for line in table:
         try:
-            value = float(line["psnr"])
-            rows.setdefault(line["benchmark"], {})[line["name"]] = value
+            value, row, name = float(line["psnr"]), line["benchmark"], line["name"]
         except (KeyError, TypeError, ValueError):
             raise NoiseError(f"{path}: not a per-image score table (needs benchmark, name, psnr)") from None
+        if name in rows.setdefault(row, {}):
+            raise NoiseError(f"{path}: image {name} appears twice in row {row}")
+        rows[row][name] = value
     return rows
 
 
@@ -65,7 +67,9 @@ def changes(folder: Path) -> dict[str, dict[str, list[float]]]:
         cand = per_image(folder / name / "per_image.csv")
         out[name] = {}
         for row, base in shipped.items():
-            common = sorted(set(base) & set(cand.get(row, {})))
+            if row not in cand:
+                raise NoiseError(f"{folder / name}: no row {row}, which the shipped model has")
+            common = sorted(set(base) & set(cand[row]))
             if len(common) != len(base) or len(common) != len(cand.get(row, {})):
                 raise NoiseError(f"{folder / name}: row {row} holds other images than the shipped model's")
             out[name][row] = [cand[row][k] - base[k] for k in common]
@@ -73,8 +77,8 @@ def changes(folder: Path) -> dict[str, dict[str, list[float]]]:
 
 
 def summary(runs: dict[str, dict[str, dict[str, list[float]]]], candidate: str) -> list[dict]:
-    """One dict per row: n, every run's candidates' mean changes, and the spread of ``candidate``'s across runs."""
-    rows = sorted({row for run in runs.values() for cand in run.values() for row in cand})
+    """One dict per row (in the judge's order): n, every candidate's mean change, the spread of ``candidate``'s."""
+    rows = list(dict.fromkeys(row for run in runs.values() for cand in run.values() for row in cand))
     table = []
     for row in rows:
         means = {(run, name): statistics.fmean(d[row]) for run, cands in runs.items()
@@ -104,7 +108,8 @@ def markdown(runs: dict[str, dict[str, dict[str, list[float]]]], candidate: str)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["row"], str(r["n"])] + [f"{r['means'][k]:+.2f}" if k in r["means"] else "" for k in keys]
-        cells += [f"{r['mean']:+.2f}", f"{r['sd']:.2f}", f"{r['lo']:+.2f} to {r['hi']:+.2f}", f"{r['se']:.2f}"]
+        cells += [f"{r['mean']:+.2f}", "n/a (one run)" if math.isnan(r["sd"]) else f"{r['sd']:.2f}",
+                  f"{r['lo']:+.2f} to {r['hi']:+.2f}", f"{r['se']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

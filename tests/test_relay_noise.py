@@ -57,9 +57,14 @@ def test_row_changes_spread_and_standard_error_match_a_hand_computation(tmp_path
     table = capsys.readouterr().out
     assert "| dehaze | 2 | +0.50 | +0.00 | -1.00 | -0.25 | 1.06 | -1.00 to +0.50 | 0.35 |" in table
     assert "relay-1 model_ema_fp16" in table.splitlines()[0]
+    assert table.splitlines()[2].startswith("| dehaze") and table.splitlines()[3].startswith("| denoise_25")
+
+    # the EMA weights across runs: only relay-1 has them, so no spread across runs
+    assert relay_noise.main([str(one), str(two), "--candidate", "model_ema_fp16"]) == 0
+    assert "| dehaze | 2 | +0.50 | +0.00 | -1.00 | +0.00 | n/a (one run) | +0.00 to +0.00 | 0.00 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty"])
+@pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty", "twice", "no_row"])
 def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it(tmp_path, capsys, damage):
     folder = judgement(tmp_path / "relay-3", SHIPPED, {
         "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
@@ -73,6 +78,11 @@ def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it
                                              "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}})
     elif damage == "not_a_table":
         (folder / "model_fp16" / "per_image.csv").write_text("benchmark,name,psnr\ndehaze,a.jpg,high\n")
+    elif damage == "twice":
+        with (folder / "shipped" / "per_image.csv").open("a") as f:
+            f.write("dehaze,a.jpg,20.5,0.9\n")
+    elif damage == "no_row":
+        write_scores(folder / "model_fp16", {"denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}})
     elif damage == "empty":
         (folder / "shipped" / "per_image.csv").write_text("benchmark,name,psnr\n")
     else:
