@@ -3,9 +3,9 @@
     python scripts/relay_noise.py docs/runs/relay-9 docs/runs/relay-10 docs/runs/relay-11
 
 Reads judgements written by ``scripts/judge_relay.py``: each folder's ``judgement.json`` (its candidates) and the
-``per_image.csv`` of its ``shipped`` model and of every candidate (but those the judge left out as not finite). For each validation row and each candidate it
-takes the per-image PSNR change against that folder's shipped model (images matched by name), and prints in
-markdown:
+``per_image.csv`` of its ``shipped`` model and of every candidate (but those the judge left out as not finite).
+For each validation row and each candidate it takes the per-image PSNR change against that folder's shipped model
+(images matched by name), and prints in markdown:
 
 - each candidate's mean change (the judge's row change);
 - across the runs' candidates of one name (``--candidate``, default the raw weights ``model_fp16``): the mean, the

@@ -31,14 +31,22 @@ def judgement(folder: Path, shipped: dict, candidates: dict[str, dict]) -> Path:
 SHIPPED = {"dehaze": {"a.jpg": 20.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.0, "d.png": 31.0, "e.png": 29.0}}
 
 
+def moved(haze: dict[str, float], noise: float) -> dict[str, dict[str, float]]:
+    """Per-image scores: the dehaze row as given, the denoise_25 row the shipped model's plus ``noise``."""
+    return {"dehaze": haze, "denoise_25": {k: v + noise for k, v in SHIPPED["denoise_25"].items()}}
+
+
+RAW = moved({"a.jpg": 21.0, "b.jpg": 22.0}, 0.1)
+
+
 def test_row_changes_spread_and_standard_error_match_a_hand_computation(tmp_path, capsys):
     # run 1 raw: dehaze +1, 0; run 2 raw: -1, -1 (images listed in another order than the shipped model's)
     one = judgement(tmp_path / "relay-1", SHIPPED, {
-        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
-        "model_ema_fp16": {"dehaze": {"a.jpg": 20.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.0, "d.png": 31.0, "e.png": 29.0}},
+        "model_fp16": RAW,
+        "model_ema_fp16": moved({"a.jpg": 20.0, "b.jpg": 22.0}, 0.0),
     })
     two = judgement(tmp_path / "relay-2", SHIPPED, {
-        "model_fp16": {"dehaze": {"b.jpg": 21.0, "a.jpg": 19.0}, "denoise_25": {"c.png": 30.3, "d.png": 31.3, "e.png": 29.3}},
+        "model_fp16": moved({"b.jpg": 21.0, "a.jpg": 19.0}, 0.3),
     })
     rows = {r["row"]: r for r in relay_noise.summary({"1": relay_noise.changes(one), "2": relay_noise.changes(two)},
                                                      "model_fp16")}
@@ -61,28 +69,27 @@ def test_row_changes_spread_and_standard_error_match_a_hand_computation(tmp_path
 
     # the EMA weights across runs: only relay-1 has them, so no spread across runs
     assert relay_noise.main([str(one), str(two), "--candidate", "model_ema_fp16"]) == 0
-    assert "| dehaze | 2 | +0.50 | +0.00 | -1.00 | +0.00 | n/a (one run) | +0.00 to +0.00 | 0.00 |" in capsys.readouterr().out
+    ema = "| dehaze | 2 | +0.50 | +0.00 | -1.00 | +0.00 | n/a (one run) | +0.00 to +0.00 | 0.00 |"
+    assert ema in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty", "twice", "no_row"])
+@pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty",
+                                    "twice", "no_row"])
 def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it(tmp_path, capsys, damage):
-    folder = judgement(tmp_path / "relay-3", SHIPPED, {
-        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
-    })
+    folder = judgement(tmp_path / "relay-3", SHIPPED, {"model_fp16": RAW})
     if damage == "no_judgement":
         (folder / "judgement.json").unlink()
     elif damage == "bad_json":
         (folder / "judgement.json").write_text("{")
     elif damage == "other_images":
-        write_scores(folder / "model_fp16", {"dehaze": {"a.jpg": 21.0, "z.jpg": 22.0},
-                                             "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}})
+        write_scores(folder / "model_fp16", moved({"a.jpg": 21.0, "z.jpg": 22.0}, 0.1))
     elif damage == "not_a_table":
         (folder / "model_fp16" / "per_image.csv").write_text("benchmark,name,psnr\ndehaze,a.jpg,high\n")
     elif damage == "twice":
         with (folder / "shipped" / "per_image.csv").open("a") as f:
             f.write("dehaze,a.jpg,20.5,0.9\n")
     elif damage == "no_row":
-        write_scores(folder / "model_fp16", {"denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}})
+        write_scores(folder / "model_fp16", {"denoise_25": RAW["denoise_25"]})
     elif damage == "empty":
         (folder / "shipped" / "per_image.csv").write_text("benchmark,name,psnr\n")
     else:
@@ -93,9 +100,7 @@ def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it
 
 
 def test_a_candidate_the_judge_left_out_as_not_finite_is_skipped(tmp_path, capsys):
-    folder = judgement(tmp_path / "relay-5", SHIPPED, {
-        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
-    })
+    folder = judgement(tmp_path / "relay-5", SHIPPED, {"model_fp16": RAW})
     verdict = json.loads((folder / "judgement.json").read_text())
     verdict["candidates"]["model_ema_fp16"] = "nan.safetensors"  # scored nothing, so no per_image.csv
     verdict["unusable"] = ["model_ema_fp16"]
@@ -105,9 +110,7 @@ def test_a_candidate_the_judge_left_out_as_not_finite_is_skipped(tmp_path, capsy
 
 
 def test_bad_usage_names_the_choices(tmp_path, capsys):
-    folder = judgement(tmp_path / "relay-4", SHIPPED, {
-        "model_fp16": {"dehaze": {"a.jpg": 21.0, "b.jpg": 22.0}, "denoise_25": {"c.png": 30.1, "d.png": 31.1, "e.png": 29.1}},
-    })
+    folder = judgement(tmp_path / "relay-4", SHIPPED, {"model_fp16": RAW})
     assert relay_noise.main([str(folder), "--candidate", "model_swa"]) == 2
     assert "['model_fp16']" in capsys.readouterr().err
     assert relay_noise.main([str(folder), str(folder)]) == 2
