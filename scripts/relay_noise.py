@@ -45,6 +45,8 @@ def per_image(path: Path) -> dict[str, dict[str, float]]:
             value, row, name = float(line["psnr"]), line["benchmark"], line["name"]
         except (KeyError, TypeError, ValueError):
             raise NoiseError(f"{path}: not a per-image score table (needs benchmark, name, psnr)") from None
+        if not math.isfinite(value):
+            raise NoiseError(f"{path}: PSNR of {name} in row {row} is {value}; a spread needs finite scores")
         if name in rows.setdefault(row, {}):
             raise NoiseError(f"{path}: image {name} appears twice in row {row}")
         rows[row][name] = value

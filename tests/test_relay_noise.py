@@ -74,7 +74,7 @@ def test_row_changes_spread_and_standard_error_match_a_hand_computation(tmp_path
 
 
 @pytest.mark.parametrize("damage", ["no_judgement", "bad_json", "other_images", "not_a_table", "missing_csv", "empty",
-                                    "twice", "no_row"])
+                                    "twice", "no_row", "nan"])
 def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it(tmp_path, capsys, damage):
     folder = judgement(tmp_path / "relay-3", SHIPPED, {"model_fp16": RAW})
     if damage == "no_judgement":
@@ -90,6 +90,8 @@ def test_a_folder_that_is_not_a_readable_judgement_is_a_one_line_error_naming_it
             f.write("dehaze,a.jpg,20.5,0.9\n")
     elif damage == "no_row":
         write_scores(folder / "model_fp16", {"denoise_25": RAW["denoise_25"]})
+    elif damage == "nan":
+        write_scores(folder / "model_fp16", moved({"a.jpg": float("nan"), "b.jpg": 22.0}, 0.1))
     elif damage == "empty":
         (folder / "shipped" / "per_image.csv").write_text("benchmark,name,psnr\n")
     else:
@@ -115,3 +117,6 @@ def test_bad_usage_names_the_choices(tmp_path, capsys):
     assert "['model_fp16']" in capsys.readouterr().err
     assert relay_noise.main([str(folder), str(folder)]) == 2
     assert "once" in capsys.readouterr().err
+    other = judgement(tmp_path / "elsewhere" / "relay-4", SHIPPED, {"model_fp16": RAW})  # two inputs, one name
+    assert relay_noise.main([str(folder), str(other)]) == 2
+    assert "distinct names" in capsys.readouterr().err
