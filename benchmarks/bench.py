@@ -41,11 +41,13 @@ def judged(row: dict, on_cuda: bool) -> dict:
     return {**row, "target_ms": target, "met": met}
 
 
-def _skip_reason(device: torch.device, mode: str, precision: str) -> str | None:
+def _skip_reason(device: torch.device, mode: str, precision: str, dispatch: str = "dense") -> str | None:
     if precision != "fp32" and device.type == "cpu":
         return f"{precision} is not timed on the CPU"
     if mode == "graphs" and device.type != "cuda":
         return "CUDA graphs need a CUDA device"
+    if mode == "graphs" and dispatch not in ("dense", "auto"):
+        return "CUDA graphs run the dense dispatch only"
     return None
 
 
@@ -101,7 +103,7 @@ def main() -> None:
         key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision}
         if device.type == "cpu":
             key["cpu_fusion"] = fusion
-        if why := _skip_reason(device, mode, precision):
+        if why := _skip_reason(device, mode, precision, dispatch):
             record({"task": "inference", **key, "skipped": why})
             continue
         fused.set_enabled(fusion == "on")
@@ -113,14 +115,16 @@ def main() -> None:
                 reset_peak(device)
                 t0 = time.perf_counter()
                 try:
-                    sec = inference_seconds(model, device, size, batch, precision, warmup=2 if mode == "eager" else 3,
-                                            repeats=a.repeats, cuda_graph=mode == "graphs")
+                    sec, diff = inference_seconds(model, device, size, batch, precision,
+                                                  warmup=2 if mode == "eager" else 3, repeats=a.repeats,
+                                                  cuda_graph=mode == "graphs")
                 except Exception as err:  # one failed configuration (e.g. graph capture) must not end the run
                     record({"task": "inference", **key, "size": size, "batch": batch, "error": repr(err)[:300]})
                     continue
                 record({"task": "inference", **key, "size": size, "batch": batch, "ms_per_image": 1000 * sec / batch,
                         "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
-                        "wall_s": time.perf_counter() - t0})
+                        "wall_s": time.perf_counter() - t0,
+                        **({"max_abs_diff_vs_eager": diff} if diff is not None else {})})
         if a.skip_train or mode == "graphs" or fusion == "off":  # training never takes the fused path
             continue
         for batch in a.train_batches:

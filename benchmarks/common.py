@@ -61,36 +61,31 @@ def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool) -
 
 
 def inference_seconds(model, device, size: int, batch: int, precision: str, warmup: int, repeats: int,
-                      cuda_graph: bool = False) -> float:
-    """Median seconds of one no-grad forward; ``cuda_graph`` times the replay of a captured CUDA graph."""
+                      cuda_graph: bool = False) -> tuple[float, float | None]:
+    """Median seconds of one no-grad forward, and None; with ``cuda_graph``, of a call of
+    :class:`moceir.cuda_graphs.GraphedNetwork` (what ``moceir restore --cuda_graphs`` runs: input copied in, graph
+    replayed, output copied out), and the largest difference of its output from the eager forward's."""
     x = torch.rand(batch, 3, size, size, device=device)
     if next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
         x = x.contiguous(memory_format=torch.channels_last)
     model.eval()
+    net, diff = model, None
+    if cuda_graph:
+        if device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        from moceir.cuda_graphs import GraphedNetwork
+
+        net = GraphedNetwork(model, max_graphs=1, capture_after=1)
+        with torch.no_grad(), autocast(device, precision):
+            diff = (net(x).float() - model(x).float()).abs().max().item()
+        if net.captures != 1 or net.replays != 1:  # it fell back to eager: time nothing under the graphs label
+            raise RuntimeError(net.disabled or "the CUDA graph was not captured (out of memory)")
 
     def run():
         with torch.no_grad(), autocast(device, precision):
-            model(x)
+            net(x)
 
-    if cuda_graph:
-        run = _captured(run, device)
-    return timeit(run, device, warmup, repeats)
-
-
-def _captured(fn, device: torch.device):
-    """Capture ``fn`` (which must not synchronise with the host: dense dispatch) in a CUDA graph."""
-    if device.type != "cuda":
-        raise RuntimeError("CUDA graphs need a CUDA device")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs asks
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return timeit(run, device, warmup, repeats), diff
 
 
 def train_patches_per_second(model, device, batch: int, patch: int, precision: str, warmup: int,

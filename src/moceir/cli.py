@@ -383,7 +383,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
                          max_memory=args.max_memory, num_workers=args.num_workers,
                          progress=not args.quiet and _launched_rank() == 0, log=say, num_gpus=args.num_gpus or 0,
-                         num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes)
+                         num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes,
+                         cuda_graphs=args.cuda_graphs)
     failed = sum("error" in r for r in rows)
     if global_rank() == 0:
         print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
@@ -600,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=_non_negative, default=0, help="loader processes decoding ahead")
     p.add_argument("--experts", choices=["run", "skip"], default="run",
                    help="skip: bypass every complexity expert (an ablation; also skips their cost)")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="CUDA: replay a captured graph for each image or tile size seen twice (tiles of a large "
+                        "image, a data set of one size); far less host work per forward")
     _add_scale_flags(p)
     p.add_argument("--ext", help="output format, e.g. png (default: the input's)")
     p.add_argument("--suffix", default="", help="appended to output names")

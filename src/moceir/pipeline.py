@@ -24,8 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .cuda_graphs import GraphedNetwork
 from .inference import ROUTING_MODES, auto_tile, batch_that_fits, memory_budget, restore_tensor
 from .io import IMAGE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image, save_image
+from .models import MoCEIR
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT_PAD = 16
@@ -193,6 +195,7 @@ class RestoreOptions:
     context_pad: int = DEFAULT_CONTEXT_PAD
     max_memory: float | None = None
     overwrite: bool = False
+    cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
 
     def __post_init__(self) -> None:
         if self.tile_routing not in ROUTING_MODES:
@@ -320,7 +323,6 @@ def load_network(model: Any, device: torch.device) -> Any:
     ``.onnx`` files run in ONNX Runtime (:class:`OnnxNetwork`) on the CPU, or on CUDA where its GPU package is
     installed and ``device`` is a GPU.
     """
-    from .models import MoCEIR
     from .models.checkpoints import CheckpointError, load_model
 
     if isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx"):
@@ -352,6 +354,8 @@ class Restorer:
                  on_tile: Callable[[int, int], None] | None = None):
         self.net, self.device, self.jobs, self.opts, self.budget = net, device, jobs, options, budget
         self.log, self.progress, self.on_tile = log, progress, on_tile
+        if options.cuda_graphs:
+            self.net = GraphedNetwork(net, log=log)
         self.rows: dict[int, dict] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moceir-writer")
         self._pending: list[Future] = []
@@ -463,7 +467,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
                   progress: bool = True, log: Callable[[str], None] | None = None,
                   on_tile: Callable[[int, int], None] | None = None, num_gpus: int = 0, num_nodes: int = 1,
-                  num_cpu_processes: int = 1) -> list[dict]:
+                  num_cpu_processes: int = 1, cuda_graphs: bool = False) -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
     model: "default", a checkpoint path or a loaded network. Same-size images go through the network
@@ -482,6 +486,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     equal a one-process run. The calling script is re-run once per local process (Lightning's "ddp" launcher) or
     started by ``torchrun`` / SLURM. Every rank returns all rows; rank 0 writes the report.
 
+    ``cuda_graphs`` (CUDA, PyTorch models) replays a captured CUDA graph for every input shape seen twice, e.g. the
+    tiles of a large image or a data set of one size (:class:`moceir.cuda_graphs.GraphedNetwork`).
+
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
     chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
     for options that cannot work, before any image is read, and ``CheckpointError`` for an unusable checkpoint.
@@ -495,14 +502,22 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
     specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    opts = RestoreOptions(tile, tile_overlap, tile_routing, batch_size, precision, context_pad, max_memory, overwrite)
+    opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
+                          precision=precision, context_pad=context_pad, max_memory=max_memory, overwrite=overwrite,
+                          cuda_graphs=cuda_graphs)
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
     if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
+    if cuda_graphs and isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx"):
+        raise UsageError(f"--cuda_graphs needs a PyTorch checkpoint; {model} runs in ONNX Runtime")
+    if cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda_graphs needs a CUDA device; leave it out on {device.type}")
     opts = replace(opts, batch_size=batch_size if batch_size is not None else 4 if device.type == "cuda" else 1)
     net = load_network(model, torch.device("cpu") if launch.world_size > 1 else device)
+    if cuda_graphs and not isinstance(net, MoCEIR):
+        raise UsageError(f"--cuda_graphs needs a MoCE-IR PyTorch network, got {type(net).__name__}")
     budget = max_memory if max_memory is not None else memory_budget(device)
     plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)
     if plan.batches:
