@@ -354,7 +354,7 @@ def test_hostile_inputs(tmp_path, tiny_layout):
 
 
 SHIP_COMMITS = {"408c543": ["relay-4"], "703eb05": ["relay-6"], "5d553da": ["relay-8"],
-                "adbbc1c": ["relay-9", "relay-10", "relay-11"]}
+                "adbbc1c": ["relay-9", "relay-10", "relay-11", "relay-12"]}
 
 
 def test_the_ship_commits_give_the_recorded_shipped_fingerprints(tmp_path):
