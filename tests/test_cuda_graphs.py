@@ -193,6 +193,10 @@ def test_restore_refuses_cuda_graphs_off_cuda(tmp_path, model):
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="needs a PyTorch checkpoint; .*model.onnx runs in ONNX Runtime"):
         restore_files([tmp_path / "a.png"], tmp_path / "out", tmp_path / "model.onnx", device="cpu", cuda_graphs=True)
+    with pytest.raises(UsageError, match="needs a PyTorch checkpoint; .*MODEL.ONNX runs in ONNX Runtime"):
+        restore_files([tmp_path / "a.png"], tmp_path / "out", str(tmp_path / "MODEL.ONNX"), device="cpu",
+                      cuda_graphs=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_restorer_wraps_its_network_when_asked(monkeypatch, model):

@@ -126,12 +126,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import MoCEIR, create_model
 
     from .models.checkpoints import CheckpointError
+    from .pipeline import is_onnx_file, load_network
 
     engine = ""
     try:
-        if args.target.lower().endswith(".onnx"):
-            from .pipeline import load_network
-
+        if is_onnx_file(args.target):
             onnx = load_network(args.target, torch.device("cpu"))
             model, engine = MoCEIR(onnx.config), "ONNX (ONNX Runtime); counts from its config"
             if onnx.note:
@@ -359,7 +358,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .distributed import global_rank
     from .models.checkpoints import checkpoint_note
-    from .pipeline import UsageError, _launched_rank, restore_files
+    from .pipeline import UsageError, _launched_rank, is_onnx_file, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
@@ -369,7 +368,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if note:
         print(f"model: {note}")
     model = args.checkpoint
-    if args.experts == "skip" and str(args.checkpoint).lower().endswith(".onnx"):
+    if args.experts == "skip" and is_onnx_file(args.checkpoint):
         raise UsageError(f"--experts skip needs a PyTorch checkpoint; {args.checkpoint} is an ONNX graph, whose "
                          "experts are fixed at export")
     if args.experts == "skip":

@@ -317,6 +317,11 @@ class OnnxNetwork:
         return self
 
 
+def is_onnx_file(model: Any) -> bool:
+    """Whether ``model`` names an ONNX file (by its suffix, case-insensitive), which ONNX Runtime runs."""
+    return isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx")
+
+
 def load_network(model: Any, device: torch.device) -> Any:
     """A checkpoint path, "default" or a ``.onnx`` file -> the network on ``device``; a network is moved there.
 
@@ -325,7 +330,7 @@ def load_network(model: Any, device: torch.device) -> Any:
     """
     from .models.checkpoints import CheckpointError, load_model
 
-    if isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx"):
+    if is_onnx_file(model):
         from .onnx import load_onnx
 
         providers = None if device.type == "cuda" else ["CPUExecutionProvider"]
@@ -510,7 +515,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
     if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")
-    if cuda_graphs and isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx"):
+    if cuda_graphs and is_onnx_file(model):
         raise UsageError(f"--cuda_graphs needs a PyTorch checkpoint; {model} runs in ONNX Runtime")
     if cuda_graphs and device.type != "cuda":
         raise UsageError(f"--cuda_graphs needs a CUDA device; leave it out on {device.type}")
