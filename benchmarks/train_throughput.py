@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EAGER = "eager"
-GRAPHS = "graphs"  # the whole step captured in one CUDA graph by hand: measured, not yet a `moceir train` option
+GRAPHS = "graphs"  # the whole step captured in one CUDA graph (moceir.captured_step, `moceir train --cuda_graphs`)
 # moceir.runtime.COMPILE_MODES; repeated because this orchestrator does not import torch (moceir does)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
@@ -74,16 +74,20 @@ class Config:
     @property
     def trainable(self) -> bool:
         """Whether `moceir train` can train this way (the selection picks only such configurations)."""
-        return self.impl == "moceir" and self.mode != GRAPHS
+        return self.impl == "moceir"
 
     def train_flags(self) -> list[str]:
         """The `moceir train` flags that train this way (moceir only)."""
         if not self.trainable:
             raise ValueError(f"`moceir train` has no flags for {self.key}")
-        flags = ["--compile", "none" if self.mode == EAGER else self.mode,
+        # GRAPHS with scope "blocks" captures the step over blocks compiled in torch.compile's default mode
+        compile_mode = {EAGER: "none", GRAPHS: "default" if self.scope == "blocks" else "none"}.get(self.mode,
+                                                                                                   self.mode)
+        flags = ["--compile", compile_mode,
                  "--precision", {"fp32": "32-true", "bf16": "bf16-mixed"}[self.precision],
                  "--batch_size", str(self.batch), "--dispatch", "dense", "--channels_last"]
-        flags += ["--compile_scope", self.scope] * (self.mode != EAGER and self.scope != "network")
+        flags += ["--compile_scope", self.scope] * (compile_mode != "none" and self.scope != "network")
+        flags += ["--cuda_graphs"] * (self.mode == GRAPHS)
         return flags + ["--fused_adamw"] * self.fused_adamw + ["--fft_impl", self.fft_impl]
 
 
@@ -110,9 +114,9 @@ def _gpu_plan() -> Plan:
     # it C++ compilation that Triton does in parallel on the GPU machine's 16 cores), then captures the step over
     # those compiled blocks in the same process (Dynamo's compiled code is reused: same guards, autocast cache
     # off). Eager fp32 b16 comes first (the same-run baseline and every check's reference), eager b64 (the fastest
-    # trainable configuration so far; out of memory on an H100), upstream for the ratio; the rest of window 3's
-    # unmeasured eager variants only if time is left. The captured step is never selected (`moceir train` has no
-    # such path); the compiled one can be.
+    # trainable configuration so far; out of memory on an H100), upstream for the ratio; the step captured at b64
+    # (what `moceir train --cuda_graphs` runs since 2026-11-28) and window 3's unmeasured eager variants only if time
+    # is left. Every moceir row can be selected, the captured ones included.
     C = Config
     compiled = dict(scope="blocks", precision="bf16", fft_impl="matmul")
     return Plan(
@@ -120,8 +124,8 @@ def _gpu_plan() -> Plan:
             ("moceir eager", 65, [C(precision="fp32"), C(precision="fp32", batch=64)]),
             ("upstream eager", 25, [C("upstream", precision="fp32")]),
             ("compile blocks", 150, [C(mode="default", **compiled), C(mode=GRAPHS, **compiled)]),
-            ("moceir eager variants", 60, [C(precision="fp32", batch=32), C(precision="bf16"),
-                                           C(precision="fp32", fft_impl="matmul")]),
+            ("moceir variants", 60, [C(mode=GRAPHS, precision="fp32", batch=64), C(precision="fp32", batch=32),
+                                     C(precision="bf16"), C(precision="fp32", fft_impl="matmul")]),
         ],
         known_good=C(precision="fp32"),
         notes={"compiled rows": "bf16, batch 16, fft_impl=matmul, each block compiled on its own: compiles are slow, "
@@ -175,15 +179,16 @@ def _build(cfg: Config, model_name: str, device, upstream_src: str | None):
 
 
 def _graphed_stepper(model, cfg: Config, device):
-    """:func:`_stepper` for GRAPHS: forward, loss, backward and a capturable AdamW step captured in one CUDA graph.
+    """:func:`_stepper` for GRAPHS: what `moceir train --cuda_graphs` runs (:class:`moceir.captured_step.
+    CapturedTrainStep`): forward, loss, backward and a capturable AdamW step captured in one CUDA graph.
 
-    Each call copies (lq, gt) into the graph's static inputs and replays it. The warm-up that CUDA graphs need
-    (cuDNN and cuFFT plans, the optimizer's state) runs on a side stream and is then undone (weights restored,
-    moments and step counts zeroed, the caller's CUDA random state put back), so the first replay computes the loss
-    of the initial weights with the router noise the eager reference draws.
+    Each call copies (lq, gt) into the graph's static inputs and replays it. The first call's warm-up is undone
+    (weights, optimizer state and the caller's random state put back), so the first replay computes the loss of the
+    initial weights with the router noise the eager reference draws.
     """
     import torch
 
+    from moceir.captured_step import CapturedTrainStep
     from moceir.losses import restoration_loss
 
     if device.type != "cuda":
@@ -192,46 +197,10 @@ def _graphed_stepper(model, cfg: Config, device):
         from moceir.runtime import compile_network
 
         compile_network(model, "default", "blocks")
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, capturable=True)
-
-    def body(lq, gt):
-        with torch.autocast("cuda", torch.bfloat16, enabled=cfg.precision == "bf16", cache_enabled=False):
-            out = model(lq)
-            loss = restoration_loss(out.image, gt, out.balance_loss, "fft")["loss"]
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    static: dict = {}
-
-    def step(lq, gt):
-        if not static:
-            static["lq"], static["gt"] = lq.clone(), gt.clone()
-            initial = {k: v.clone() for k, v in model.state_dict().items()}
-            rng = torch.cuda.get_rng_state(device)  # the router noise the caller seeded, for the first replay
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    opt.zero_grad(set_to_none=True)
-                    body(static["lq"], static["gt"])
-            torch.cuda.current_stream(device).wait_stream(side)
-            with torch.no_grad():
-                model.load_state_dict(initial)  # copies in place: the graph keeps the parameters' addresses
-                for state in opt.state.values():
-                    for v in state.values():
-                        v.zero_()
-            opt.zero_grad(set_to_none=True)  # backward in the graph then writes the gradients, not adds to them
-            static["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(static["graph"]):
-                static["loss"] = body(static["lq"], static["gt"])
-            torch.cuda.set_rng_state(rng, device)  # a replay draws from the generator's state at replay time
-        static["lq"].copy_(lq)
-        static["gt"].copy_(gt)
-        static["graph"].replay()
-        return static["loss"].clone()
-
-    return step
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, fused=cfg.fused_adamw or None)
+    step = CapturedTrainStep(model, opt, lambda out, gt: restoration_loss(out.image, gt, out.balance_loss, "fft"),
+                             torch.bfloat16 if cfg.precision == "bf16" else None)
+    return lambda lq, gt: step(lq, gt)["loss"]
 
 
 def _stepper(model, cfg: Config, device):

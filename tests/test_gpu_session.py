@@ -45,6 +45,21 @@ def out(run_dirs) -> Path:
     return run_dirs["out"]
 
 
+def test_a_window_that_trains_nothing_exits_1(tmp_path):
+    # a python3 that fails at everything: no measurement, no training; what ran still lands in $OUT
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (shim / "python3").chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "scripts/gpu_session.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert res.returncode == 1, log[-2000:]
+    assert "falling back to the known-good configuration" in log and log.rstrip().endswith("exit 1")
+
+
 def test_the_run_compiles_in_its_own_inductor_cache_even_when_one_is_inherited(run_dirs):
     # CI, 2026-11-27: the inherited shared cache held a 0-byte .so from an earlier dry run's killed compile, and the
     # compile row failed with "file too short".
@@ -165,10 +180,11 @@ def test_gpu_plan_measures_the_baselines_then_compiles_blocks_and_captures_the_s
                                    "moceir graphs+blocks bf16 b16 fft_impl=matmul"]
     assert t1 + t2 + t3 <= 240 and t3 >= 150  # PHASE1_S in gpu_session.sh
     assert all(c.reference().key == "moceir eager bf16 b16 fft_impl=matmul" for c in c3)
-    assert c3[0].trainable and not c3[1].trainable
+    assert c3[0].trainable and c3[1].trainable
     assert c3[0].train_flags() == ["--compile", "default", "--precision", "bf16-mixed", "--batch_size", "16",
                                    "--dispatch", "dense", "--channels_last", "--compile_scope", "blocks",
                                    "--fft_impl", "matmul"]
+    assert c3[1].train_flags() == [*c3[0].train_flags()[:-2], "--cuda_graphs", "--fft_impl", "matmul"]
     assert plan.known_good.key == "moceir eager fp32 b16"
     assert not any(c.impl == "upstream" and c.precision == "bf16" for _, _, cs in plan.groups for c in cs)
     script = (ROOT / "scripts" / "gpu_session.sh").read_text()
@@ -186,22 +202,33 @@ def test_rows_written_before_the_scope_field_still_select():
     assert sel["fastest"] == Config(batch=64).key and "--compile_scope" not in sel["fastest_flags"]
 
 
-def test_a_captured_step_is_measured_but_never_selected(tmp_path):
+def test_a_captured_step_is_selected_when_fastest_with_the_flags_moceir_train_takes():
+    import dataclasses
+
+    from moceir.cli import build_parser
+    from moceir.training import TrainSettings
     from train_throughput import GRAPHS, Config, select
 
     plan = PLANS["gpu"]()
     graphs = [c for _, _, cs in plan.groups for c in cs if c.mode == GRAPHS]
-    assert graphs and graphs[0].reference().key == "moceir eager bf16 b16 fft_impl=matmul" and not graphs[0].trainable
-    with pytest.raises(ValueError, match="no flags"):
-        graphs[0].train_flags()
+    assert [c.key for c in graphs] == ["moceir graphs+blocks bf16 b16 fft_impl=matmul", "moceir graphs fp32 b64"]
+    assert graphs[0].reference().key == "moceir eager bf16 b16 fft_impl=matmul"
+    assert graphs[1].reference().key == "moceir eager fp32 b64"  # measured in the first group: reused
+    assert graphs[1].train_flags()[:2] == ["--compile", "none"] and "--cuda_graphs" in graphs[1].train_flags()
 
     def row(cfg, rate):
-        import dataclasses
         return {"kind": "row", "key": cfg.key, **dataclasses.asdict(cfg), "status": "ok", "patches_per_s": rate,
                 "check": {"reference": cfg.reference().key if cfg.reference() else None, "passed": True}}
     eager = Config(precision="fp32")
     sel = select([row(eager, 50.0), row(graphs[0], 120.0)], plan)
-    assert sel["fastest"] == eager.key and sel["fastest_patches_per_s"] == 50.0
+    assert sel["fastest"] == graphs[0].key and sel["fastest_patches_per_s"] == 120.0
+    assert sel["fastest_flags"] == graphs[0].train_flags()
+    # every selectable row's flags are ones `moceir train` parses and accepts together
+    for cfg in (c for _, _, cs in plan.groups for c in cs if c.trainable):
+        args = build_parser().parse_args(["train", *cfg.train_flags()])
+        assert args.cuda_graphs == (cfg.mode == GRAPHS), cfg.key
+        TrainSettings(precision=args.precision, compile=args.compile, compile_scope=args.compile_scope,
+                      dispatch=args.dispatch, cuda_graphs=args.cuda_graphs, fft_impl=args.fft_impl).validate()
 
 
 def test_a_captured_step_on_the_cpu_is_a_failed_row_not_a_crash(tmp_path):

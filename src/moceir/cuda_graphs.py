@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -21,14 +21,17 @@ from .models import MoCEIR
 
 Outputs = tuple[torch.Tensor, torch.Tensor]  # (image [B, 3, H, W], expert indices [layers, B, k])
 Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
+T = TypeVar("T")
 MAX_KEYS_REMEMBERED = 1024  # sightings kept for at most this many input keys (the least recent forgotten)
 
 
-def capture_cuda_graph(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
+def capture_cuda_graph(fn: Callable[[], T], warm_up: bool = True) -> tuple[Callable[[], None], T]:
     """Capture ``fn`` in a CUDA graph on the current device -> (replay, the graph's output tensors).
 
     ``fn`` must read only tensors that outlive the graph and must not synchronise with the host. The outputs hold
-    nothing until the first replay, and every replay rewrites them.
+    nothing until the first replay, and every replay rewrites them. ``warm_up``: run ``fn`` once on the capture
+    stream first, as capture asks (lazy initialisation, workspaces, FFT plans); a caller whose ``fn`` changes state
+    (a training step) warms up and undoes that itself.
     """
     device = torch.cuda.current_device()
     side = torch.cuda.Stream(device)
@@ -36,8 +39,11 @@ def capture_cuda_graph(fn: Callable[[], Outputs]) -> tuple[Callable[[], None], O
     graph = torch.cuda.CUDAGraph()
     # The outer stream context restores the caller's stream even when capture fails (the graph's own exit does not).
     with torch.cuda.stream(side):
-        fn()  # a warm-up run on the capture stream, as torch.cuda.graph asks (lazy init, workspaces, FFT plans)
-        with torch.cuda.graph(graph, stream=side):
+        if warm_up:
+            fn()
+        # thread_local: CUDA calls of other threads (the training loader's pin-memory thread allocating pinned
+        # memory) do not invalidate the capture, as they would in the default "global" mode
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             outputs = fn()
     torch.cuda.current_stream(device).wait_stream(side)
     return graph.replay, outputs

@@ -8,7 +8,8 @@ checked before the first step and reported as one :class:`TrainingSetupError` li
 The training step never waits for the device (no ``.item()``, no ``if tensor``): the loss is checked for NaN/inf
 on the device and read once per logging period, and host-side numbers are logged as CPU tensors (Lightning
 copies a Python float to the module's device with a blocking copy). Speed options: ``compile`` (a torch.compile
-mode), ``fused_adamw``, ``fft_impl``; ``ema_decay`` keeps an exponential moving average of the weights.
+mode), ``fused_adamw``, ``fft_impl``, ``cuda_graphs`` (the whole step replayed from one CUDA graph,
+:mod:`moceir.captured_step`); ``ema_decay`` keeps an exponential moving average of the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +38,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .captured_step import Capture, CaptureError, CapturedTrainStep, portable_optimizer_state
 from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
@@ -89,6 +92,7 @@ class TrainSettings:
     compile: str = "none"  # a COMPILE_MODES entry for torch.compile of the network (True/False: default/none)
     compile_scope: str = "network"  # COMPILE_SCOPES: one graph for the network, or one per block ("blocks")
     fused_adamw: bool = False  # AdamW(fused=True): one kernel per step for all parameters
+    cuda_graphs: bool = False  # capture forward, loss, backward and AdamW in one CUDA graph (one GPU)
     fft_impl: str | None = None  # experts' FFT product while training ("fft"/"matmul"); None: the config's
     ema_decay: float = 0.0  # > 0: keep an EMA of the weights (model_ema.safetensors); e.g. 0.999
     dispatch: str = "auto"
@@ -126,6 +130,23 @@ class TrainSettings:
                                      "(or --compile MODE) to compile it")
         if self.fft_impl not in (None, *FFT_IMPLS):
             raise TrainingSetupError(f"--fft_impl is {self.fft_impl!r}; pass one of {', '.join(FFT_IMPLS)}")
+        if self.cuda_graphs:
+            self._validate_cuda_graphs()
+
+    def _validate_cuda_graphs(self) -> None:
+        """What a step captured in one graph cannot do: each a one-line error naming the flag to change."""
+        conflicts = [
+            (self.accum_grad > 1, f"--accum_grad {self.accum_grad} (the graph holds one step); pass --accum_grad 1"),
+            (self.precision == "16-mixed", "--precision 16-mixed (its loss scaler steps outside the graph); pass "
+                                           "--precision bf16-mixed or 32-true"),
+            (self.compile == "reduce-overhead", "--compile reduce-overhead (which captures graphs itself); pass "
+                                                "--compile default or leave --cuda_graphs out"),
+            (self.dispatch not in ("auto", "dense"), f"--dispatch {self.dispatch} (it reads the routing on the "
+                                                     "host); pass --dispatch dense"),
+        ]
+        for conflict, message in conflicts:
+            if conflict:
+                raise TrainingSetupError(f"--cuda_graphs cannot run with {message}")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -139,12 +160,14 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 class MoCEModule(pl.LightningModule):
     """LightningModule holding the network as ``net``; returns L1 (+FFT) + balance."""
 
-    def __init__(self, config: MoCEConfig, settings: TrainSettings):
+    def __init__(self, config: MoCEConfig, settings: TrainSettings, capture: Capture | None = None):
         super().__init__()
         self.net = MoCEIR(config).set_dispatch(settings.dispatch)
         if settings.fft_impl:
             self.net.set_fft_impl(settings.fft_impl)
         self.settings = settings
+        self._capture = capture  # with cuda_graphs: a stand-in for CUDA-graph capture (tests), else the real one
+        self._captured: CapturedTrainStep | None = None
         self._tick: float | None = None  # start of the current logging period (host clock)
         self._seen = 0  # patches stepped since then
         self._nonfinite: torch.Tensor | None = None  # [] int32 on the device: steps whose loss was NaN/inf
@@ -154,9 +177,10 @@ class MoCEModule(pl.LightningModule):
         if s.compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier CUDA-graph outputs may be reused
         lq = batch["lq"].contiguous(memory_format=torch.channels_last) if s.channels_last else batch["lq"]
-        out = self.net(lq)
-        parts = restoration_loss(out.image, batch["gt"], out.balance_loss, s.loss_type, s.fft_loss_weight,
-                                 s.balance_loss_weight)
+        if s.cuda_graphs:  # forward, backward and the optimizer step in one replay (see optimizer_step)
+            parts = self._replay(lq, batch["gt"])
+        else:
+            parts = self._loss(self.net(lq), batch["gt"])
         bad = (~torch.isfinite(parts["loss"].detach())).int()
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
         self._log_speed(batch["lq"].shape[0])
@@ -164,8 +188,43 @@ class MoCEModule(pl.LightningModule):
         for name in ("l1", "fft", "balance"):
             if name in parts:
                 self.log(f"train/{name}", parts[name], sync_dist=True)
-        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
-        return parts["loss"]
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # a device tensor with cuda_graphs: no host sync
+        self.log("train/lr", lr.detach().clone() if torch.is_tensor(lr) else torch.tensor(lr))
+        return None if s.cuda_graphs else parts["loss"]  # None: Lightning runs no backward of its own
+
+    def _loss(self, out: Any, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = self.settings
+        return restoration_loss(out.image, gt, out.balance_loss, s.loss_type, s.fft_loss_weight,
+                                s.balance_loss_weight)
+
+    def _replay(self, lq: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The captured step; a capture that fails (out of memory, an operation capture cannot take) is one line."""
+        first = self._captured is None
+        try:
+            return self._captured_step()(lq, gt)
+        except (CaptureError, torch.OutOfMemoryError) as e:
+            if not first:
+                raise
+            what = f"out of memory at batch {lq.shape[0]}; lower --batch_size" if not isinstance(e, CaptureError) else e
+            raise TrainingSetupError(f"--cuda_graphs: capturing the training step failed ({what}), or train "
+                                     "without --cuda_graphs") from e
+
+    def _captured_step(self) -> CapturedTrainStep:
+        if self._captured is None:
+            dtype = torch.bfloat16 if self.settings.precision == "bf16-mixed" else None
+            self._captured = CapturedTrainStep(self.net, self.trainer.optimizers[0], self._loss, dtype,
+                                               capture=self._capture)
+        return self._captured
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.settings.cuda_graphs:
+            optimizer_closure()  # training_step's replay has stepped the weights; Lightning counts the step
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        if not self.settings.cuda_graphs:  # the captured backward writes the gradients where capture left them
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def _log_speed(self, batch_size: int) -> None:
         """patches/s averaged over the logging period (host clock; the log step's sync bounds each period)."""
@@ -210,6 +269,11 @@ class MoCEModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.net.config.to_dict()
+        if self.settings.cuda_graphs:
+            checkpoint["optimizer_states"] = [portable_optimizer_state(o)
+                                              for o in checkpoint.get("optimizer_states", [])]
+            for sched in checkpoint.get("lr_schedulers", []):  # LambdaLR's last rates: clones of the tensor rate
+                sched["_last_lr"] = [float(x) for x in sched.get("_last_lr", [])]
         if _epoch_complete(self.trainer):
             _count_epoch_completed(checkpoint)
 
@@ -442,14 +506,21 @@ def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
 
 
-def _hardware(settings: TrainSettings) -> tuple[str, int, Any]:
-    """(accelerator, devices, strategy); more GPUs than this machine has is an error, not a Lightning traceback."""
+def _hardware(settings: TrainSettings, capture_stand_in: bool = False) -> tuple[str, int, Any]:
+    """(accelerator, devices, strategy); more GPUs than this machine has is an error, not a Lightning traceback.
+    ``capture_stand_in``: --cuda_graphs may run on the CPU (tests capture with a stand-in)."""
     available = torch.cuda.device_count()
     gpus = settings.num_gpus if settings.num_gpus is not None else min(1, available)
     if gpus > available:
         raise TrainingSetupError(f"--num_gpus {gpus} but this machine has {available} CUDA device(s); "
                                  f"pass --num_gpus {available}{' (0 trains on the CPU)' if available else ''}")
     accelerator, devices = ("gpu", gpus) if gpus > 0 else ("cpu", settings.num_cpu_processes)
+    if settings.cuda_graphs and accelerator != "gpu" and not capture_stand_in:
+        raise TrainingSetupError("--cuda_graphs captures the step on a CUDA GPU, and this run would train on the "
+                                 "CPU; leave --cuda_graphs out")
+    if settings.cuda_graphs and (devices > 1 or settings.num_nodes > 1):
+        raise TrainingSetupError(f"--cuda_graphs trains on one device, not {devices * settings.num_nodes}; pass "
+                                 "--num_gpus 1 --num_nodes 1, or leave --cuda_graphs out")
     if devices == 1 and settings.num_nodes == 1:
         return accelerator, devices, "auto"
     dense = settings.dispatch == "dense" or (settings.dispatch == "auto" and accelerator == "gpu")
@@ -485,8 +556,8 @@ def _check_images(per_task: dict[str, list], run_dir: Path) -> None:
 
 
 def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_step: int,
-             extra: tuple[Callback, ...] = ()) -> pl.Trainer:
-    accelerator, devices, strategy = _hardware(settings)
+             extra: tuple[Callback, ...] = (), capture_stand_in: bool = False) -> pl.Trainer:
+    accelerator, devices, strategy = _hardware(settings, capture_stand_in)
     history = resume.parent / "logs" / "metrics.csv" if resume else None
     checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
                                 save_last=True, resuming=resume is not None)
@@ -525,12 +596,13 @@ def _run_name(settings: TrainSettings) -> str:
     return name
 
 
-def train(config: MoCEConfig, settings: TrainSettings) -> Path:
+def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None = None) -> Path:
     """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json, and
     model_ema.safetensors with ``ema_decay``).
 
     Settings, checkpoints to resume or fine-tune from, hardware and the data layout are checked before the run
-    folder is made; every training image is checked before the first step.
+    folder is made; every training image is checked before the first step. ``capture``: with ``cuda_graphs``, a
+    stand-in for CUDA-graph capture that lets the captured path run on the CPU (tests).
     """
     settings.validate()
     pl.seed_everything(settings.seed, workers=True, verbose=False)
@@ -540,9 +612,9 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)
     ema = WeightEMA(settings.ema_decay) if settings.ema_decay > 0 else None
-    trainer = _trainer(settings, run_dir, resume, start_step, (ema,) if ema else ())
+    trainer = _trainer(settings, run_dir, resume, start_step, (ema,) if ema else (), capture is not None)
 
-    module = MoCEModule(source.config if source else config, settings)
+    module = MoCEModule(source.config if source else config, settings, capture)
     if source:
         module.net.load_state_dict(source.state_dict())
     if settings.channels_last:
@@ -556,7 +628,10 @@ def train(config: MoCEConfig, settings: TrainSettings) -> Path:
     print(f"training patches per task: {sizes}; run folder: {run_dir}")
     if trainer.is_global_zero:
         (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings))
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    with warnings.catch_warnings():
+        if settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
+            warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     if trainer.is_global_zero:
         require_finite(module.net, "model.safetensors")
         save_model(module.net, run_dir / "model.safetensors", overwrite=True)
