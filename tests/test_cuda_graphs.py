@@ -67,7 +67,7 @@ def test_least_recently_used_graph_is_dropped(model):
     graphed = GraphedNetwork(model, max_graphs=2, capture_after=1, capture=fake_capture)
     a, b, c = images(0, (1, 3, 16, 16)), images(1, (1, 3, 24, 24)), images(2, (1, 3, 32, 32))
     graphed(a), graphed(b), graphed(a), graphed(c)  # a used after b: b is the least recent when c comes
-    shapes = [key[0] for key in graphed._graphs]
+    shapes = [key.shape for key in graphed._graphs]
     assert shapes == [tuple(a.shape), tuple(c.shape)] and graphed.captures == 3
     torch.testing.assert_close(graphed(b), model(b), rtol=0, atol=0)  # captured again, still right
     assert graphed.captures == 4

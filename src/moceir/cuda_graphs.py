@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 
@@ -57,6 +57,17 @@ class GraphedOutput:
     expert_indices: torch.Tensor
 
 
+class GraphKey(NamedTuple):
+    """What a captured graph is specific to."""
+
+    shape: tuple[int, ...]
+    channels_last: bool  # the memory format, not the strides: a tile is a view of its image, its static copy dense
+    dtype: torch.dtype
+    device: torch.device
+    autocast: tuple  # (enabled, dtype) on CUDA and CPU
+    forced: tuple | None  # (shape, dtype) of forced experts, or None
+
+
 @dataclass
 class _Graph:
     replay: Callable[[], None]
@@ -87,9 +98,9 @@ class GraphedNetwork:
         self.max_graphs, self.capture_after = max_graphs, capture_after
         self._capture = capture or capture_cuda_graph
         self._log = log or (lambda line: None)
-        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self._seen: OrderedDict[tuple, int] = OrderedDict()
-        self._eager_keys: set[tuple] = set()  # keys whose capture ran out of memory
+        self._graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
+        self._seen: OrderedDict[GraphKey, int] = OrderedDict()
+        self._eager_keys: set[GraphKey] = set()  # keys whose capture ran out of memory
         self.disabled: str | None = None
         self.captures = 0  # graphs captured so far (for reports and tests)
         self.replays = 0
@@ -99,14 +110,12 @@ class GraphedNetwork:
         return self
 
     @staticmethod
-    def _key(x: torch.Tensor, experts: torch.Tensor | None) -> tuple:
-        """What a graph is specific to. The memory format, not the strides: a tile is a view of its image, and
-        its static copy is dense either way."""
+    def _key(x: torch.Tensor, experts: torch.Tensor | None) -> GraphKey:
         dev = x.device.type
         autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev in ("cuda", "cpu") else ()
         forced = None if experts is None else (tuple(experts.shape), experts.dtype)
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        return tuple(x.shape), channels_last, x.dtype, x.device, autocast, forced
+        return GraphKey(tuple(x.shape), channels_last, x.dtype, x.device, autocast, forced)
 
     def _forward(self, x: torch.Tensor, experts: torch.Tensor | None) -> Outputs:
         dev = x.device.type
@@ -136,7 +145,7 @@ class GraphedNetwork:
             image, indices = self._replay(key, graph, x, experts)
         return GraphedOutput(image, indices) if return_aux else image
 
-    def _replay(self, key: tuple, graph: _Graph, x: torch.Tensor, experts: torch.Tensor | None) -> Outputs:
+    def _replay(self, key: GraphKey, graph: _Graph, x: torch.Tensor, experts: torch.Tensor | None) -> Outputs:
         self._graphs.move_to_end(key)
         graph.x.copy_(x)
         if experts is not None:
@@ -160,11 +169,11 @@ class GraphedNetwork:
         self.clear()  # the kept graphs' memory may be what this forward lacked
         return self._forward(x, experts)
 
-    def _try_capture(self, key: tuple, x: torch.Tensor, experts: torch.Tensor | None) -> _Graph | None:
+    def _try_capture(self, key: GraphKey, x: torch.Tensor, experts: torch.Tensor | None) -> _Graph | None:
         while len(self._graphs) >= self.max_graphs:
             dropped, _ = self._graphs.popitem(last=False)
             self._seen.pop(dropped, None)  # seen again, it waits for its sightings like a new key
-        fmt = torch.channels_last if key[1] else torch.contiguous_format
+        fmt = torch.channels_last if key.channels_last else torch.contiguous_format
         static_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
         static_x.copy_(x)
         static_e = None if experts is None else experts.to(x.device).clone()
