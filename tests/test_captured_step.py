@@ -163,10 +163,16 @@ def test_train_with_cuda_graphs_matches_eager_training(tiny_layout, tmp_path):
     for (lr_e, loss_e), (lr_c, loss_c) in zip(rows["eager"], rows["graphed"]):
         assert float(lr_c) == pytest.approx(float(lr_e), rel=1e-6)  # the schedule, logged from the device tensor
         assert math.isclose(float(loss_c), float(loss_e), rel_tol=1e-4)
-    # an uncaptured run resumes from the captured run's checkpoint
+    # an uncaptured run resumes from the captured run's checkpoint, and a captured one from the eager run's: the same
     resumed = train(config, _settings(tiny_layout, tmp_path, "resumed", resume_from=str(graphed / "last.ckpt"),
-                                      max_steps=5))
-    assert torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+                                      max_steps=6))
+    captured = train(config, _settings(tiny_layout, tmp_path, "captured", resume_from=str(eager / "last.ckpt"),
+                                       max_steps=6, cuda_graphs=True), capture=stand_in_capture)
+    for run in (resumed, captured):
+        assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 6
+    a, b = (load_model(run / "model.safetensors").state_dict() for run in (resumed, captured))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("flags, says", [

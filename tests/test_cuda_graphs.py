@@ -4,6 +4,7 @@ The stand-in keeps what a real graph does to memory: the outputs of the capture 
 rewrites, and the input is read from the static buffer the capture saw. CUDA itself is checked by the GPU window.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,15 @@ def test_cli_cuda_graphs_off_cuda_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == ["error: --cuda_graphs needs a CUDA device; leave it out on cpu"]
     assert not (tmp_path / "out").exists()
+
+
+def test_moceir_restore_takes_a_graphed_network(model):
+    """The Python API: ``moceir.restore(GraphedNetwork(net), image)`` replays from the second image of a size."""
+    graphed = GraphedNetwork(model, capture=fake_capture)
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    for photo in photos:
+        assert np.array_equal(moceir.restore(graphed, photo), moceir.restore(model, photo))
+    assert graphed.captures == 1 and graphed.replays == 2 and not graphed.training
+    with pytest.raises(ValueError, match="eval-mode graphs"):
+        graphed.train()

@@ -105,9 +105,21 @@ class GraphedNetwork:
         self.captures = 0  # graphs captured so far (for reports and tests)
         self.replays = 0
 
+    training = False  # graphs are captured in eval mode; :func:`moceir.restore` reads this
+
     def eval(self) -> "GraphedNetwork":
         """Already in eval mode (for callers that call ``net.eval()``)."""
         return self
+
+    def train(self, mode: bool = True) -> "GraphedNetwork":
+        """Eval mode only: ``train(False)`` is accepted (as :func:`moceir.restore` restores the mode it found)."""
+        if mode:
+            raise ValueError("a GraphedNetwork replays eval-mode graphs; train the MoCEIR it wraps instead")
+        return self
+
+    def parameters(self):
+        """The wrapped network's parameters (callers read the device from them)."""
+        return self.model.parameters()
 
     @staticmethod
     def _key(x: torch.Tensor, experts: torch.Tensor | None) -> GraphKey:
