@@ -20,7 +20,8 @@ the export command), ``judgement.json``, and each model's ``results.json``/``per
 own. Scores already in ``--out`` computed from the same weights (a sha256 of the loaded config and tensors, so an
 export that only rewrote the note matches), data folder and rows are reused (``--rescore`` recomputes them), so an
 interrupted judgement resumes; ``--reuse DIR`` also takes them from an earlier judgement folder (the shipped model
-is usually the last run's pick). A folder in ``--out`` holding scores of other weights under the same label (an
+is usually the last run's pick): its table (results.md) is copied, and its scores.json names under ``reused_from``
+the folder that keeps the per-image reports. A folder in ``--out`` holding scores of other weights under the same label (an
 earlier judgement against another shipped model), or a judgement.json decided under another rule (``flat_veto``,
 ``row_loss_tolerance_db``) or unreadable, is a one-line error, not overwritten, unless ``--rescore``.
 Nothing is exported: shipping stays a
@@ -137,13 +138,17 @@ def reusable(a: argparse.Namespace, key: dict) -> tuple[Path, dict] | None:
 
 
 def copy_scores(earlier: Path, saved: dict, folder: Path) -> None:
-    """Copy a model folder's reports, then its scores (``saved``) last, so an interrupted copy leaves no cache."""
+    """Reuse an earlier model folder's scores (``saved``): its table (results.md) is copied and its scores.json
+    written last, naming under ``reused_from`` the folder that holds the per-image reports (results.json,
+    per_image.csv), which are not copied (each judgement would otherwise carry the shipped model's again)."""
+    origin = saved.get("reused_from") or str(earlier)  # scores that were themselves reused: their first folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").unlink(missing_ok=True)
-    for f in sorted(earlier.iterdir()):
-        if f.is_file() and f.name != "scores.json":
-            shutil.copyfile(f, folder / f.name)
-    (folder / "scores.json").write_text(json.dumps({**saved, "reused_from": str(earlier)}, indent=1))
+    for stale in ("results.json", "per_image.csv"):  # reports of other weights, from an earlier scoring here
+        (folder / stale).unlink(missing_ok=True)
+    if (earlier / "results.md").is_file():
+        shutil.copyfile(earlier / "results.md", folder / "results.md")
+    (folder / "scores.json").write_text(json.dumps({**saved, "reused_from": origin}, indent=1))
 
 
 def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,

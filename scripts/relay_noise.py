@@ -3,7 +3,9 @@
     python scripts/relay_noise.py docs/runs/relay-9 docs/runs/relay-10 docs/runs/relay-11
 
 Reads judgements written by ``scripts/judge_relay.py``: each folder's ``judgement.json`` (its candidates) and the
-``per_image.csv`` of its ``shipped`` model and of every candidate (but those the judge left out as not finite).
+``per_image.csv`` of its ``shipped`` model and of every candidate (but those the judge left out as not finite); for
+scores the judge reused, that of the earlier folder its ``scores.json`` names under ``reused_from`` (as written, or
+the judgement folder of that name beside this one).
 For each validation row and each candidate it takes the per-image PSNR change against that folder's shipped model
 (images matched by name), and prints in markdown:
 
@@ -53,6 +55,25 @@ def per_image(path: Path) -> dict[str, dict[str, float]]:
     return rows
 
 
+def reports_folder(model: Path) -> Path:
+    """The folder holding ``model``'s per_image.csv: itself, or the one its scores were reused from."""
+    if (model / "per_image.csv").exists():
+        return model
+    try:
+        origin = json.loads((model / "scores.json").read_text()).get("reused_from")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        origin = None
+    if not isinstance(origin, str) or not origin:
+        return model  # per_image() then names the missing file
+    origin_path = Path(origin)
+    for candidate in (origin_path, model.parent.parent / origin_path.parent.name / origin_path.name):
+        if (candidate / "per_image.csv").exists():
+            return candidate
+    raise NoiseError(f"{model}: its scores were reused from {origin}, which holds no per_image.csv (nor does "
+                     f"{model.parent.parent / origin_path.parent.name / origin_path.name}); run it from the "
+                     "folder the judge ran in")
+
+
 def changes(folder: Path) -> dict[str, dict[str, list[float]]]:
     """``{candidate: {row: per-image PSNR changes against the folder's shipped model}}`` for one judgement."""
     try:
@@ -61,12 +82,13 @@ def changes(folder: Path) -> dict[str, dict[str, list[float]]]:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise NoiseError(f"{folder}: no readable judgement.json with candidates; "
                          "give folders written by scripts/judge_relay.py") from None
-    shipped = per_image(folder / "shipped" / "per_image.csv")
+    shipped_csv = reports_folder(folder / "shipped") / "per_image.csv"
+    shipped = per_image(shipped_csv)
     if not shipped:
-        raise NoiseError(f"{folder / 'shipped' / 'per_image.csv'}: no per-image scores")
+        raise NoiseError(f"{shipped_csv}: no per-image scores")
     out: dict[str, dict[str, list[float]]] = {}
     for name in names:
-        cand = per_image(folder / name / "per_image.csv")
+        cand = per_image(reports_folder(folder / name) / "per_image.csv")
         out[name] = {}
         for row, base in shipped.items():
             if row not in cand:

@@ -126,7 +126,13 @@ def test_scores_of_the_same_weights_are_reused_from_an_earlier_judgement(tmp_pat
     assert second["reused_from"] == {"shipped": str(first_out / "base"),
                                      "shipped_bypassed": str(first_out / "base_bypassed")}
     assert json.loads((out / "shipped_bypassed" / "scores.json").read_text())["key"]["experts_bypassed"] is True
-    assert (out / "shipped" / "per_image.csv").exists()
+    # the table is copied, the per-image reports stay in the earlier folder (relay_noise.py follows reused_from)
+    assert (out / "shipped" / "results.md").read_text() == (first_out / "base" / "results.md").read_text()
+    assert not (out / "shipped" / "per_image.csv").exists() and (first_out / "base" / "per_image.csv").exists()
+    # reusing a folder whose scores were themselves reused names the folder that keeps the reports
+    third = tmp_path / "run_d"
+    assert _judge(paths, "shipped_now", ["identity"], tiny_layout, third, "--reuse", str(out)).returncode == 0
+    assert json.loads((third / "judgement.json").read_text())["reused_from"]["shipped"] == str(first_out / "base")
     # the candidate was never judged before: scored, not taken from another model's folder
     assert "identity" not in second["reused_from"] and second["scores"]["identity"] != second["scores"]["shipped"]
 

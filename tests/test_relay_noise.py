@@ -120,3 +120,20 @@ def test_bad_usage_names_the_choices(tmp_path, capsys):
     other = judgement(tmp_path / "elsewhere" / "relay-4", SHIPPED, {"model_fp16": RAW})  # two inputs, one name
     assert relay_noise.main([str(folder), str(other)]) == 2
     assert "distinct names" in capsys.readouterr().err
+
+
+def test_reused_shipped_scores_are_read_from_the_folder_they_came_from(tmp_path, monkeypatch):
+    first = judgement(tmp_path / "runs" / "relay-1", SHIPPED, {"model_fp16": RAW})
+    second = judgement(tmp_path / "runs" / "relay-2", SHIPPED, {"model_fp16": RAW})
+    (second / "shipped" / "per_image.csv").unlink()  # as judge_relay.py --reuse leaves it
+    (second / "shipped" / "scores.json").write_text(json.dumps({"reused_from": "runs/relay-1/shipped"}))
+    monkeypatch.chdir(tmp_path)  # the path as the judge wrote it, from the folder it ran in
+    assert relay_noise.reports_folder(second / "shipped") == Path("runs/relay-1/shipped")
+    expected = relay_noise.changes(first)
+    assert expected["model_fp16"]["dehaze"] == [1.0, 0.0]
+    assert relay_noise.changes(second) == expected
+    monkeypatch.chdir(second)  # elsewhere: the judgement folder of that name beside this one
+    assert relay_noise.changes(second) == expected
+    (first / "shipped" / "per_image.csv").unlink()
+    with pytest.raises(relay_noise.NoiseError, match="reused from runs/relay-1/shipped, which holds no"):
+        relay_noise.changes(second)
