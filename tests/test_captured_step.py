@@ -7,6 +7,7 @@ device memory at every replay, the speed) is checked by the GPU window; the rate
 """
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -222,3 +223,58 @@ def test_an_error_in_the_step_itself_is_not_dressed_as_a_capture_failure(tiny_la
     with pytest.raises(ValueError, match="a bug"):
         train(moceir.get_config("MoCE_IR_tiny"), _settings(tiny_layout, tmp_path, "b", cuda_graphs=True),
               capture=broken_step)
+
+
+def test_the_captured_training_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch):
+    """As the eager step (test_training_speed_flags.py): setup, capture, replay and logging read no tensor on the
+    host; the learning rate is logged from its device tensor."""
+    from moceir.training import MoCEModule
+    from test_training_speed_flags import SYNCING, _refuse
+
+    real_step, steps, unguarded = MoCEModule.training_step, [], []
+    real_methods = {name: getattr(torch.Tensor, name) for name in SYNCING}
+    real_adamw_step = torch.optim.AdamW.step
+
+    def guarded(self, batch, batch_idx):
+        steps.append(batch_idx)
+        with pytest.MonkeyPatch.context() as mp:
+            for name in SYNCING:
+                mp.setattr(torch.Tensor, name, _refuse)
+            return real_step(self, batch, batch_idx)
+
+    def adamw_step(self, *args, **kwargs):
+        # The CPU's AdamW (capturable needs CUDA) reads its step count on the host; CUDA's capturable AdamW does not
+        # (torch's _multi_tensor_adam and _fused_adam with capturable), so only the optimizer step is let through.
+        unguarded.append(1)
+        guards = {name: getattr(torch.Tensor, name) for name in SYNCING}
+        for name, method in real_methods.items():
+            setattr(torch.Tensor, name, method)
+        try:
+            return real_adamw_step(self, *args, **kwargs)
+        finally:
+            for name, method in guards.items():
+                setattr(torch.Tensor, name, method)
+
+    monkeypatch.setattr(MoCEModule, "training_step", guarded)
+    monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
+    train(moceir.get_config("MoCE_IR_tiny"), _settings(tiny_layout, tmp_path, "s", cuda_graphs=True, max_steps=3),
+          capture=stand_in_capture)
+    assert steps == [0, 1, 2] and len(unguarded) == 3 + 1 + 3  # warm-up, the stand-in's capture, 3 replays
+
+
+def test_a_non_finite_replayed_loss_stops_training(tiny_layout, tmp_path, monkeypatch):
+    import moceir.training as training
+
+    real_loss = training.restoration_loss
+
+    def nan_loss(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(training, "restoration_loss", nan_loss)
+    settings = dataclasses.replace(_settings(tiny_layout, tmp_path, "n", cuda_graphs=True), log_every_n_steps=2,
+                                   ema_decay=0.0)
+    with pytest.raises(training.NonFiniteLossError, match="the training loss became NaN or inf"):
+        train(moceir.get_config("MoCE_IR_tiny"), settings, capture=stand_in_capture)
+    assert not (tmp_path / "n" / "model.safetensors").exists()
