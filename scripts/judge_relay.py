@@ -17,7 +17,7 @@ column). The pick is to be shipped only if it passed the veto and its mean beats
 
 Writes into ``--out``: ``judgement.md`` (the tables for the model card, the rows that got worse, the decision and
 the export command), ``judgement.json``, and each model's ``results.json``/``per_image.csv`` under a folder of its
-own. Scores already in ``--out`` computed from the same weights (a sha256 of the loaded config and tensors, so an
+own (for reused scores, the earlier folder keeps them: below). Scores already in ``--out`` computed from the same weights (a sha256 of the loaded config and tensors, so an
 export that only rewrote the note matches), data folder and rows are reused (``--rescore`` recomputes them), so an
 interrupted judgement resumes; ``--reuse DIR`` also takes them from an earlier judgement folder (the shipped model
 is usually the last run's pick): its table (results.md) is copied, and its scores.json names under ``reused_from``
@@ -144,7 +144,7 @@ def copy_scores(earlier: Path, saved: dict, folder: Path) -> None:
     origin = saved.get("reused_from") or str(earlier)  # scores that were themselves reused: their first folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").unlink(missing_ok=True)
-    for stale in ("results.json", "per_image.csv"):  # reports of other weights, from an earlier scoring here
+    for stale in ("results.json", "per_image.csv", "results.md"):  # reports of other weights, scored here before
         (folder / stale).unlink(missing_ok=True)
     if (earlier / "results.md").is_file():
         shutil.copyfile(earlier / "results.md", folder / "results.md")

@@ -55,23 +55,33 @@ def per_image(path: Path) -> dict[str, dict[str, float]]:
     return rows
 
 
+def _scores_key(folder: Path) -> object:
+    try:
+        return json.loads((folder / "scores.json").read_text()).get("key")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+
+
 def reports_folder(model: Path) -> Path:
-    """The folder holding ``model``'s per_image.csv: itself, or the one its scores were reused from."""
+    """The folder holding ``model``'s per_image.csv: itself, or the one its scores were reused from (the judgement
+    folder of that name beside this one first, then the path as written), if its scores.json holds the same key
+    (weights, data, rows, bypass)."""
     if (model / "per_image.csv").exists():
         return model
     try:
-        origin = json.loads((model / "scores.json").read_text()).get("reused_from")
+        saved = json.loads((model / "scores.json").read_text())
+        origin = saved.get("reused_from")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        origin = None
+        saved, origin = {}, None
     if not isinstance(origin, str) or not origin:
         return model  # per_image() then names the missing file
     origin_path = Path(origin)
-    for candidate in (origin_path, model.parent.parent / origin_path.parent.name / origin_path.name):
-        if (candidate / "per_image.csv").exists():
+    places = (model.parent.parent / origin_path.parent.name / origin_path.name, origin_path)
+    for candidate in places:
+        if (candidate / "per_image.csv").exists() and _scores_key(candidate) == saved.get("key"):
             return candidate
-    raise NoiseError(f"{model}: its scores were reused from {origin}, which holds no per_image.csv (nor does "
-                     f"{model.parent.parent / origin_path.parent.name / origin_path.name}); run it from the "
-                     "folder the judge ran in")
+    raise NoiseError(f"{model}: its scores were reused from {origin}, but neither {places[0]} nor {places[1]} holds "
+                     "a per_image.csv scored with the same key; restore that judgement folder beside this one")
 
 
 def changes(folder: Path) -> dict[str, dict[str, list[float]]]:

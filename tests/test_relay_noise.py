@@ -126,14 +126,20 @@ def test_reused_shipped_scores_are_read_from_the_folder_they_came_from(tmp_path,
     first = judgement(tmp_path / "runs" / "relay-1", SHIPPED, {"model_fp16": RAW})
     second = judgement(tmp_path / "runs" / "relay-2", SHIPPED, {"model_fp16": RAW})
     (second / "shipped" / "per_image.csv").unlink()  # as judge_relay.py --reuse leaves it
-    (second / "shipped" / "scores.json").write_text(json.dumps({"reused_from": "runs/relay-1/shipped"}))
-    monkeypatch.chdir(tmp_path)  # the path as the judge wrote it, from the folder it ran in
-    assert relay_noise.reports_folder(second / "shipped") == Path("runs/relay-1/shipped")
+    key = {"weights_digest": "abc", "experts_bypassed": False}
+    (first / "shipped" / "scores.json").write_text(json.dumps({"key": key}))
+    (second / "shipped" / "scores.json").write_text(json.dumps({"key": key, "reused_from": "runs/relay-1/shipped"}))
     expected = relay_noise.changes(first)
     assert expected["model_fp16"]["dehaze"] == [1.0, 0.0]
+    assert relay_noise.reports_folder(second / "shipped") == first / "shipped"  # beside it, from any folder
     assert relay_noise.changes(second) == expected
-    monkeypatch.chdir(second)  # elsewhere: the judgement folder of that name beside this one
-    assert relay_noise.changes(second) == expected
-    (first / "shipped" / "per_image.csv").unlink()
-    with pytest.raises(relay_noise.NoiseError, match="reused from runs/relay-1/shipped, which holds no"):
-        relay_noise.changes(second)
+    monkeypatch.chdir(tmp_path)  # the path as the judge wrote it, from the folder it ran in, also serves
+    moved = tmp_path / "elsewhere" / "relay-2"
+    moved.parent.mkdir()
+    second.rename(moved)
+    assert relay_noise.reports_folder(moved / "shipped") == Path("runs/relay-1/shipped")
+    assert relay_noise.changes(moved) == expected
+    # scores of other weights where the reports should be (a later --rescore there) are not read as these
+    (first / "shipped" / "scores.json").write_text(json.dumps({"key": {**key, "weights_digest": "other"}}))
+    with pytest.raises(relay_noise.NoiseError, match="reused from runs/relay-1/shipped, but neither"):
+        relay_noise.changes(moved)

@@ -32,7 +32,12 @@ Capture = Callable[[Callable[[], Parts]], tuple[Callable[[], None], Parts]]
 
 
 class CaptureError(RuntimeError):
-    """Capturing the step failed for another reason than memory; the message is the operation's own error."""
+    """Capturing the step failed (its warm-up ran); the message is the operation's own error. ``out_of_memory``
+    says whether memory ran out during the capture."""
+
+    def __init__(self, message: str, out_of_memory: bool = False):
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
@@ -146,12 +151,11 @@ class CapturedTrainStep:
                 self._replay, self._parts = self._capture(self._step)
             except RuntimeError as e:
                 cause = e.__context__ or e  # a failed capture's own error (capture_end) hides the one that caused it
-                if isinstance(cause, torch.OutOfMemoryError):
-                    raise cause from None
-                if isinstance(e, torch.OutOfMemoryError):
+                if not isinstance(cause, RuntimeError):  # a bug (TypeError, AssertionError, ...): its traceback
                     raise
                 lines = str(cause).strip().splitlines()
-                raise CaptureError(lines[0][:200] if lines else type(cause).__name__) from e
+                raise CaptureError(lines[0][:200] if lines else type(cause).__name__,
+                                   out_of_memory=isinstance(cause, torch.OutOfMemoryError)) from e
         _set_rng_state(device, rng)  # the first replay draws the router noise an eager first step would
 
     def __call__(self, lq: torch.Tensor, gt: torch.Tensor) -> Parts:

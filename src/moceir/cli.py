@@ -185,7 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         balance_loss_weight=args.balance_loss_weight, num_workers=args.num_workers, num_gpus=args.num_gpus,
         num_cpu_processes=args.num_cpu_processes, num_nodes=args.num_nodes, precision=args.precision, compile=args.compile,
         compile_scope=args.compile_scope,
-        fused_adamw=args.fused_adamw, cuda_graphs=args.cuda_graphs, fft_impl=args.fft_impl, ema_decay=args.ema_decay, dispatch=args.dispatch,
+        fused_adamw=args.fused_adamw, cuda_graphs=args.cuda_graphs, fft_impl=args.fft_impl, ema_decay=args.ema_decay,
+        dispatch=args.dispatch,
         channels_last=args.channels_last, seed=args.seed, ckpt_dir=args.ckpt_dir, run_name=args.run_name,
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)

@@ -199,13 +199,10 @@ class MoCEModule(pl.LightningModule):
 
     def _replay(self, lq: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
         """The captured step; a capture that fails (out of memory, an operation capture cannot take) is one line."""
-        first = self._captured is None
         try:
             return self._captured_step()(lq, gt)
-        except (CaptureError, torch.OutOfMemoryError) as e:
-            if not first:
-                raise
-            what = f"out of memory at batch {lq.shape[0]}; lower --batch_size" if not isinstance(e, CaptureError) else e
+        except CaptureError as e:
+            what = f"out of memory at batch {lq.shape[0]}; lower --batch_size" if e.out_of_memory else e
             raise TrainingSetupError(f"--cuda_graphs: capturing the training step failed ({what}), or train "
                                      "without --cuda_graphs") from e
 
