@@ -243,19 +243,11 @@ def test_a_bug_in_the_step_is_not_dressed_as_a_capture_failure(tiny_layout, tmp_
 def test_the_captured_training_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch):
     """As the eager step (test_training_speed_flags.py): setup, capture, replay and logging read no tensor on the
     host; the learning rate is logged from its device tensor."""
-    from moceir.training import MoCEModule
-    from test_training_speed_flags import SYNCING, _refuse
+    from test_training_speed_flags import SYNCING, guard_training_step
 
-    real_step, steps, unguarded = MoCEModule.training_step, [], []
+    steps, unguarded = [], []
     real_methods = {name: getattr(torch.Tensor, name) for name in SYNCING}
     real_adamw_step = torch.optim.AdamW.step
-
-    def guarded(self, batch, batch_idx):
-        steps.append(batch_idx)
-        with pytest.MonkeyPatch.context() as mp:
-            for name in SYNCING:
-                mp.setattr(torch.Tensor, name, _refuse)
-            return real_step(self, batch, batch_idx)
 
     def adamw_step(self, *args, **kwargs):
         # The CPU's AdamW (capturable needs CUDA) reads its step count on the host; CUDA's capturable AdamW does not
@@ -270,7 +262,7 @@ def test_the_captured_training_step_never_waits_for_the_device(tiny_layout, tmp_
             for name, method in guards.items():
                 setattr(torch.Tensor, name, method)
 
-    monkeypatch.setattr(MoCEModule, "training_step", guarded)
+    guard_training_step(monkeypatch, steps)
     monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
     train(moceir.get_config("MoCE_IR_tiny"), _settings(tiny_layout, tmp_path, "s", cuda_graphs=True, max_steps=3),
           capture=stand_in_capture)

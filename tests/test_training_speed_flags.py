@@ -182,9 +182,9 @@ def _refuse(*args, **kwargs):
     raise AssertionError("host synchronisation in the training step")
 
 
-def test_training_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch):
-    """Dense dispatch, loss and logging read no tensor on the host; the NaN check waits for the log period."""
-    real_step, steps = MoCEModule.training_step, []
+def guard_training_step(monkeypatch, steps: list[int]) -> None:
+    """MoCEModule.training_step runs with the syncing tensor methods made to raise; ``steps`` gets each batch_idx."""
+    real_step = MoCEModule.training_step
 
     def guarded(self, batch, batch_idx):
         steps.append(batch_idx)
@@ -194,6 +194,12 @@ def test_training_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeyp
             return real_step(self, batch, batch_idx)
 
     monkeypatch.setattr(MoCEModule, "training_step", guarded)
+
+
+def test_training_step_never_waits_for_the_device(tiny_layout, tmp_path, monkeypatch):
+    """Dense dispatch, loss and logging read no tensor on the host; the NaN check waits for the log period."""
+    steps = []
+    guard_training_step(monkeypatch, steps)
     assert _train(tiny_layout, tmp_path / "ck", "--run_name", "s", "--ema_decay", "0.9") == 0
     assert steps == [0, 1, 2]
 
