@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .cuda_graphs import capture_cuda_graph
+from .cuda_graphs import capture_cuda_graph, capture_failure
 from .models import MoCEIR
 from .models.network import MoCEOutput
 
@@ -150,12 +150,10 @@ class CapturedTrainStep:
             try:
                 self._replay, self._parts = self._capture(self._step)
             except RuntimeError as e:
-                cause = e.__context__ or e  # a failed capture's own error (capture_end) hides the one that caused it
+                cause, reason, out_of_memory = capture_failure(e)
                 if not isinstance(cause, RuntimeError):  # a bug (TypeError, AssertionError, ...): its traceback
                     raise
-                lines = str(cause).strip().splitlines()
-                raise CaptureError(lines[0][:200] if lines else type(cause).__name__,
-                                   out_of_memory=isinstance(cause, torch.OutOfMemoryError)) from e
+                raise CaptureError(reason, out_of_memory=out_of_memory) from e
         _set_rng_state(device, rng)  # the first replay draws the router noise an eager first step would
 
     def __call__(self, lq: torch.Tensor, gt: torch.Tensor) -> Parts:

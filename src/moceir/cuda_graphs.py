@@ -49,6 +49,15 @@ def capture_cuda_graph(fn: Callable[[], T], warm_up: bool = True) -> tuple[Calla
     return graph.replay, outputs
 
 
+def capture_failure(e: RuntimeError) -> tuple[BaseException, str, bool]:
+    """What a failed capture says -> (the error that caused it, its first line (at most 200 characters), whether
+    memory ran out). A failed capture's own error (capture_end) hides the one that caused it, as its context."""
+    cause = e.__context__ or e
+    lines = str(cause).strip().splitlines()
+    reason = lines[0][:200] if lines else type(cause).__name__
+    return cause, reason, isinstance(e, torch.OutOfMemoryError) or isinstance(cause, torch.OutOfMemoryError)
+
+
 @dataclass
 class GraphedOutput:
     """What :class:`GraphedNetwork` returns with ``return_aux``: image [B, 3, H, W], expert_indices [layers, B, k]."""
@@ -194,13 +203,12 @@ class GraphedNetwork:
             with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # capture on the input's GPU
                 replay, outputs = self._capture(lambda: self._forward(static_x, static_e))
         except RuntimeError as e:  # out of memory, or e.g. an operation that cannot be captured
-            cause = e.__context__ or e  # a failed capture's own error (capture_end) hides the one that caused it
-            if isinstance(e, torch.OutOfMemoryError) or isinstance(cause, torch.OutOfMemoryError):
+            _, reason, out_of_memory = capture_failure(e)
+            if out_of_memory:
                 self._eager_keys.add(key)
                 failure = "memory"
             else:
-                reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-                self.disabled = f"CUDA graph capture failed ({reason[:200]}); running eagerly from here on"
+                self.disabled = f"CUDA graph capture failed ({reason}); running eagerly from here on"
                 failure = "error"
         if failure is not None:
             self.clear()  # outside the except block, so the failed graph's memory is no longer referenced
