@@ -41,6 +41,10 @@ def read_judgement(folder: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         raise HistoryError(f"{folder}: no readable judgement.json with scores of the shipped model and its "
                            "candidates; give folders written by scripts/judge_relay.py") from None
+    bad = sorted(r for r, v in shipped.items() if not math.isfinite(v))
+    if bad:
+        raise HistoryError(f"{folder}: the shipped model's score of row {bad[0]} is {shipped[bad[0]]}; a bound needs "
+                           "finite scores")
     return {"candidates": rows, "shipped": shipped, "tolerance": verdict.get("row_loss_tolerance_db")}
 
 
@@ -52,6 +56,8 @@ def _order(folder: Path) -> tuple[int, str]:
 def history(folders: list[Path]) -> list[dict]:
     """One dict per row of the last judgement's shipped model: the candidates' statistics and the bound's reach."""
     judgements = [(f, read_judgement(f)) for f in sorted(folders, key=_order)]
+    if not any(j["candidates"] for _, j in judgements):
+        raise HistoryError(f"no usable candidate in {len(folders)} judgement folder(s); give folders that judged one")
     last = judgements[-1][1]
     tolerance = last["tolerance"] if isinstance(last["tolerance"], (int, float)) else 0.0
     out = []

@@ -48,3 +48,14 @@ def test_a_folder_that_is_not_a_judgement_is_one_line_and_exit_2(tmp_path, capsy
         assert relay_history.main([str(tmp_path / "relay-1"), str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_a_non_finite_shipped_score_or_no_candidate_is_one_line_and_exit_2(tmp_path, capsys):
+    judgement(tmp_path / "relay-1", {"sots": float("nan")}, {"raw": {"sots": 21.0}})
+    judgement(tmp_path / "relay-2", {"sots": 20.0}, {})
+    judgement(tmp_path / "relay-3", {"sots": 20.0}, {"raw": {"sots": float("nan")}}, unusable=["raw"])
+    for folders, says in (([tmp_path / "relay-1"], "score of row sots is nan"),
+                          ([tmp_path / "relay-2", tmp_path / "relay-3"], "no usable candidate in 2")):
+        assert relay_history.main([str(f) for f in folders]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
