@@ -22,6 +22,7 @@ import torch
 
 from common import build, inference_seconds, peak_memory_mb, reset_peak, train_patches_per_second
 from moceir.models import fused
+from moceir.models.experts import set_expert_bypass
 
 # Issue 14's GPU inference targets, ms per image at batch 1, by image side. Rows record them and, on CUDA, whether
 # they were met.
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["eager"],
                    help="eager, compiled (torch.compile) and/or graphs (CUDA graph replay; inference rows only)")
     p.add_argument("--dispatches", nargs="+", default=["auto"], help="expert dispatch: auto, dense and/or sparse")
+    p.add_argument("--experts", nargs="+", default=["run"], choices=["run", "skip"],
+                   help="skip: every complexity expert bypassed, as `moceir restore --experts skip` (inference rows)")
     p.add_argument("--cpu_fusions", nargs="+", default=["on"], choices=["on", "off"],
                    help="oneDNN-fused CPU inference path (moceir/models/fused.py) on and/or off")
     p.add_argument("--cudnn_benchmark", choices=["on", "off"], default="on",
@@ -90,24 +93,26 @@ def main() -> None:
         Path(a.out).write_text(json.dumps({"meta": {"device": _device_name(device), "partial": True}, "rows": rows}))
         if a.jsonl:
             at = f" {row.get('size', row.get('patch'))} b{row['batch']}" if "batch" in row else ""
-            line = {"kind": row["task"], "key": f"{row['task']} {row['mode']} {row['precision']}{at}",
+            skip = " experts-skip" if row.get("experts") == "skip" else ""
+            line = {"kind": row["task"], "key": f"{row['task']} {row['mode']} {row['precision']}{skip}{at}",
                     "status": "skipped" if "skipped" in row else "failed" if "error" in row else "ok",
                     "model": a.model, "device": _device_name(device), **row}
             with open(a.jsonl, "a") as f:
                 f.write(json.dumps(line) + "\n")
 
-    configs = [(layout, mode, dispatch, precision, fusion) for layout in a.layouts for mode in a.modes
-               for dispatch in a.dispatches for precision in a.precisions for fusion in a.cpu_fusions
-               if not (fusion == "off" and device.type != "cpu")]
-    for layout, mode, dispatch, precision, fusion in configs:
-        key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision}
+    configs = [(layout, mode, dispatch, precision, experts, fusion) for layout in a.layouts for mode in a.modes
+               for dispatch in a.dispatches for precision in a.precisions for experts in a.experts
+               for fusion in a.cpu_fusions if not (fusion == "off" and device.type != "cpu")]
+    for layout, mode, dispatch, precision, experts, fusion in configs:
+        key = {"layout": layout, "mode": mode, "dispatch": dispatch, "precision": precision, "experts": experts}
         if device.type == "cpu":
             key["cpu_fusion"] = fusion
         if why := _skip_reason(device, mode, precision, dispatch):
             record({"task": "inference", **key, "skipped": why})
             continue
         fused.set_enabled(fusion == "on")
-        model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
+        model = set_expert_bypass(build(a.model, device, layout == "channels_last", mode == "compiled", dispatch),
+                                  experts == "skip")
         for size in a.sizes:
             for batch in a.batches:
                 if batch * size * size > a.max_pixels:
@@ -125,7 +130,8 @@ def main() -> None:
                         "images_per_s": batch / sec, "peak_mb": peak_memory_mb(device),
                         "wall_s": time.perf_counter() - t0,
                         **({"max_abs_diff_vs_eager": diff} if diff is not None else {})})
-        if a.skip_train or mode == "graphs" or fusion == "off":  # training never takes the fused path
+        # training never takes the fused path, and never bypasses the experts
+        if a.skip_train or mode == "graphs" or fusion == "off" or experts == "skip":
             continue
         for batch in a.train_batches:
             model = build(a.model, device, layout == "channels_last", mode == "compiled", dispatch)
@@ -151,24 +157,22 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
              "| task | layout | mode | dispatch | precision | size / patch | batch | result | peak memory |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        mode = (r["mode"] + (", fusion off" if r.get("cpu_fusion") == "off" else "")
+                + (", experts skipped" if r.get("experts") == "skip" else ""))
+        head = f"| {r['task']} | {r['layout']} | {mode} | {r.get('dispatch', 'auto')} | {r['precision']} | "
         if "skipped" in r:
-            lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
-                         f"| | skipped: {r['skipped']} | |")
+            lines.append(f"{head}| | skipped: {r['skipped']} | |")
             continue
         if "error" in r:
-            lines.append(f"| {r['task']} | {r['layout']} | {r['mode']} | {r.get('dispatch', 'auto')} | {r['precision']} | "
-                         f"{r['size']}² | {r['batch']} | failed: {r['error'][:80]} | |")
+            lines.append(f"{head}{r['size']}² | {r['batch']} | failed: {r['error'][:80]} | |")
             continue
-        mode = r["mode"] + (", fusion off" if r.get("cpu_fusion") == "off" else "")
         if r["task"] == "inference":
             res = f"{r['ms_per_image']:.1f} ms/image ({r['images_per_s']:.1f} img/s)"
             size = f"{r['size']}²"
         else:
             res = f"{r['patches_per_s']:.1f} patches/s"
             size = f"{r['patch']}²"
-        lines.append(f"| {r['task']} | {r['layout']} | {mode} | {r.get('dispatch', 'auto')} | {r['precision']} | "
-                     f"{size} | {r['batch']} | "
-                     f"{res} | {r['peak_mb']:.0f} MB |")
+        lines.append(f"{head}{size} | {r['batch']} | {res} | {r['peak_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"
 
 

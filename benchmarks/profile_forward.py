@@ -2,6 +2,7 @@
 
     python benchmarks/profile_forward.py --device cuda --size 256 --dispatch dense --out profile_cuda.md
     python benchmarks/profile_forward.py --device cpu --size 256 --out profile_cpu.md
+    python benchmarks/profile_forward.py --device cpu --size 128 --dispatch dense --experts skip --out skip.md
 
 On CUDA, a device-busy time far below the wall time means the forward is bound by launches and host work
 (CUDA graphs or torch.compile help), not by the kernels. Writes a Markdown summary with the top operators;
@@ -19,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import autocast, build, sync
+from moceir.models.experts import set_expert_bypass
 
 
 def main() -> None:
@@ -30,12 +32,14 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--dispatch", default="auto", choices=["auto", "dense", "sparse"])
     p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
+    p.add_argument("--experts", default="run", choices=["run", "skip"], help="skip: every expert bypassed")
     p.add_argument("--out", default="profile.md")
     p.add_argument("--jsonl", help="also append the figures and the top operators to these JSON lines")
     a = p.parse_args()
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = False  # no autotuning: the profile should show steady-state kernels
-    model = build(a.model, device, a.layout == "channels_last", False, a.dispatch).eval()
+    model = set_expert_bypass(build(a.model, device, a.layout == "channels_last", False, a.dispatch).eval(),
+                              a.experts == "skip")
     x = torch.rand(a.batch, 3, a.size, a.size, device=device)
 
     def forward():
@@ -54,12 +58,13 @@ def main() -> None:
     events = prof.key_averages()
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     lines = [f"# Forward profile: {a.model}, {a.batch}x3x{a.size}x{a.size}, {a.precision}, {a.layout}, "
-             f"dispatch {a.dispatch}, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''})",
+             f"dispatch {a.dispatch}, experts {a.experts}, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''})",
              "", f"- wall time of one forward, unprofiled: {wall_ms:.1f} ms",
              f"- aten operator calls: {ops}"]
     sort_key = "self_cpu_time_total"
     row = {"kind": "profile", "key": f"profile {a.precision} {a.size} b{a.batch}", "model": a.model, "size": a.size,
-           "batch": a.batch, "precision": a.precision, "dispatch": a.dispatch, "layout": a.layout,
+           "batch": a.batch, "precision": a.precision, "dispatch": a.dispatch, "experts": a.experts,
+           "layout": a.layout,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
            "wall_ms": wall_ms, "aten_ops": ops, "cuda_kernels": None, "device_busy_ms": None, "busy_pct": None}
     if device.type == "cuda":

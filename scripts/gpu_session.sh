@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU window as one command, under 10 minutes (docs/gpu-window.md):
-#   inference (INFER_S, 0 skips it): benchmarks/bench.py at 256² and 1024², batch 1 and 8, fp32 and bf16, CUDA-graph
-#     replay (eager too on the dry run), each row judged against issue 14's batch-1 targets; LayerNorm timings
-#     (layernorm_speed.py); a forward profile at 256² on the dry run (PROFILE_S);
+#   inference (INFER_S, 0 skips it): benchmarks/bench.py at 256² and 1024², batch 1 and 8, fp32 and bf16, experts run
+#     and skipped, CUDA-graph replay (eager too on the dry run), each row judged against issue 14's batch-1 targets;
+#     LayerNorm timings (layernorm_speed.py); a forward profile at 256² on the dry run (PROFILE_S);
 #   phase 1 (PHASE1_S): training throughput of upstream against moceir: eager fp32 at batch 16 and 64, upstream
 #     fp32, each block compiled by Inductor (bf16) and the step captured over the compiled blocks, then the step
 #     captured at b64 and eager variants, each fast configuration checked against eager (train_throughput.py);
@@ -118,8 +118,8 @@ if [ "$INFER_S" -gt 0 ]; then
   bench_s=$((INFER_S - LN_S - PROFILE_S > 0 ? INFER_S - LN_S - PROFILE_S : 1))  # timeout 0 would mean no limit
   # shellcheck disable=SC2086  # INFER_SIZES and INFER_MODES are lists
   (cd benchmarks && timeout -k 5 $bench_s python3 bench.py --model "$MODEL" --sizes $INFER_SIZES \
-    --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --modes $INFER_MODES --dispatches dense \
-    --cudnn_benchmark off --skip_train --out "$WORK/inference.json" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
+    --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --experts run skip --modes $INFER_MODES \
+    --dispatches dense --cudnn_benchmark off --skip_train --out "$WORK/inference.json" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
   bench_rc=$?
   # The LayerNorm formulations at the network's shapes (window 3's 1024² profile: F.layer_norm 18.5% of the time)
   ln_s=$((infer_end - SECONDS - PROFILE_S))
@@ -239,7 +239,8 @@ attempts = [json.loads(l) for l in (work / "attempts.jsonl").read_text().splitli
 
 
 def inference_summary(rows):
-    """Best batch-1 ms per size (with its target) and best batch-8 images/s, from the inference rows."""
+    """Best batch-1 ms per size (with its target) and best batch-8 images/s, from the inference rows; with the
+    experts run (the trained model) and, apart, with every expert bypassed."""
     phase = work / "inference_phase.json"
     if os.environ["INFER_S"] == "0":
         return {"skipped": "INFER_S=0"}
@@ -248,20 +249,24 @@ def inference_summary(rows):
     by_status = {}
     for r in inf:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-    best1, best8 = {}, {}
+    best = {(n, e): {} for n in (1, 8) for e in ("run", "skip")}  # (batch, experts) -> size -> best row
     for r in ok:
-        size = f"{r['size']}"
-        if r["batch"] == 1 and (size not in best1 or r["ms_per_image"] < best1[size]["ms"]):
-            best1[size] = {"ms": r["ms_per_image"], "mode": r["mode"], "precision": r["precision"],
-                           "target_ms": r["target_ms"], "met": r["met"]}
-        if r["batch"] == 8 and (size not in best8 or r["images_per_s"] > best8[size]["images_per_s"]):
-            best8[size] = {"images_per_s": r["images_per_s"], "mode": r["mode"], "precision": r["precision"]}
+        size, b = f"{r['size']}", best.get((r["batch"], r.get("experts", "run")))
+        if b is None:
+            continue
+        if r["batch"] == 1 and (size not in b or r["ms_per_image"] < b[size]["ms"]):
+            b[size] = {"ms": r["ms_per_image"], "mode": r["mode"], "precision": r["precision"],
+                       "target_ms": r["target_ms"], "met": r["met"]}
+        if r["batch"] == 8 and (size not in b or r["images_per_s"] > b[size]["images_per_s"]):
+            b[size] = {"images_per_s": r["images_per_s"], "mode": r["mode"], "precision": r["precision"]}
     prof = next((r for r in rows if r.get("kind") == "profile"), None)
     # per LayerNorm shape: ms of each formulation (benchmarks/layernorm_speed.py)
     ln = {f"{r['channels']}x{r['side']}": {k[:-3]: round(v, 4) for k, v in r.items() if k.endswith("_ms")}
           for r in rows if r.get("kind") == "layernorm"}
     return {"layernorm_ms": ln, "phase": json.loads(phase.read_text()) if phase.exists() else None,
-            "rows_by_status": by_status, "batch1_best": best1, "batch8_best": best8,
+            "rows_by_status": by_status, "batch1_best": best[1, "run"], "batch8_best": best[8, "run"],
+            # the same with every expert bypassed (`--experts skip`): an ablation, not the trained model's output
+            "batch1_best_experts_skipped": best[1, "skip"], "batch8_best_experts_skipped": best[8, "skip"],
             "not_measured": [f"{r['key']}: {r.get('skipped') or r.get('error')}" for r in inf if r["status"] != "ok"],
             "profile": prof and {k: prof[k] for k in ("size", "precision", "wall_ms", "aten_ops", "cuda_kernels",
                                                       "device_busy_ms", "busy_pct")}}

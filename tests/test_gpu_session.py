@@ -83,14 +83,15 @@ def test_inference_rows_come_first_with_their_targets(out):
     assert kinds.index("meta") == kinds.index("profile") + 1 and kinds[-1] == "selection"
     inf = [r for r in rows if r["kind"] == "inference"]
     assert {(r["mode"], r["precision"]) for r in inf} == {(m, p) for m in ("eager", "graphs") for p in ("fp32", "bf16")}
-    ok = {(r["size"], r["batch"]): r for r in inf if r["status"] == "ok"}
-    # the dry run's --max_pixels keeps 64² at batch 1 and 8 and 256² at batch 1; CPU times eager fp32 only
-    assert set(ok) == {(64, 1), (64, 8), (256, 1)}
+    ok = {(r["size"], r["batch"], r["experts"]): r for r in inf if r["status"] == "ok"}
+    # the dry run's --max_pixels keeps 64² at batch 1 and 8 and 256² at batch 1; CPU times eager fp32 only, with the
+    # experts run and bypassed
+    assert set(ok) == {(s, b, e) for s, b in ((64, 1), (64, 8), (256, 1)) for e in ("run", "skip")}
     assert all(r["mode"] == "eager" and r["dispatch"] == "dense" and r["ms_per_image"] > 0 for r in ok.values())
-    assert ok[256, 1]["target_ms"] == 5.0 and ok[64, 1]["target_ms"] is None
+    assert ok[256, 1, "skip"]["target_ms"] == 5.0 and ok[64, 1, "run"]["target_ms"] is None
     assert all(r["met"] is None for r in inf)  # judged on CUDA only
     skipped = {r["key"]: r["skipped"] for r in inf if r["status"] == "skipped"}
-    assert "CUDA graphs" in skipped["inference graphs fp32"] and len(skipped) == 3
+    assert "CUDA graphs" in skipped["inference graphs fp32 experts-skip"] and len(skipped) == 6
     ln = [r for r in rows if r["kind"] == "layernorm"]
     assert [r["channels"] for r in ln] == [32, 64, 128, 256]
     assert all(r["manual_max_abs_diff"] < 1e-5 and r["var_mean_max_abs_diff"] < 1e-5 for r in ln)
@@ -115,7 +116,10 @@ def test_summary_has_the_inference_section(out):
     assert inf["batch1_best"]["256"] == {**inf["batch1_best"]["256"], "mode": "eager", "precision": "fp32",
                                          "target_ms": 5.0, "met": None}
     assert inf["batch1_best"]["256"]["ms"] > 0 and inf["batch8_best"]["64"]["images_per_s"] > 0
-    assert inf["rows_by_status"] == {"ok": 3, "skipped": 3} and len(inf["not_measured"]) == 3
+    skipped = inf["batch1_best_experts_skipped"]["256"]  # apart: bypassed experts never stand for the trained model
+    assert skipped["ms"] > 0 and skipped["ms"] != inf["batch1_best"]["256"]["ms"] and skipped["target_ms"] == 5.0
+    assert set(inf["batch8_best_experts_skipped"]) == {"64"}
+    assert inf["rows_by_status"] == {"ok": 6, "skipped": 6} and len(inf["not_measured"]) == 6
     assert inf["profile"]["wall_ms"] > 0 and inf["profile"]["cuda_kernels"] is None
 
 
