@@ -228,3 +228,22 @@ def test_a_nan_image_does_not_reach_the_others_under_dense_dispatch():
         alone = model(x[[0, 2]])
     assert torch.isnan(y[1]).any() and torch.isfinite(y[[0, 2]]).all()
     torch.testing.assert_close(y[[0, 2]], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_channel_attention_head_mask_held_by_the_module_equals_the_one_built_per_call():
+    from moceir.models.attention import ChannelAttention, channel_attention, off_head_mask
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 5, 7) for _ in range(3))
+    temperature = torch.rand(3, 1, 1) + 0.5
+    reference = channel_attention(q, k, v, 3, temperature)  # NCHW: per-head reshapes, no mask
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (q, k, v)]
+    built = channel_attention(*cl, 3, temperature)
+    held = channel_attention(*cl, 3, temperature, off_head_mask(12, 3))
+    torch.testing.assert_close(built, reference)
+    assert torch.equal(held, built)
+    mask = off_head_mask(12, 3)
+    assert mask.dtype == torch.bool and not mask[:4, :4].any() and mask[:4, 4:].all() and mask.sum() == 144 - 48
+    # a non-persistent buffer: upstream checkpoints load strictly, and casts to half precision leave it boolean
+    attention = ChannelAttention(12, 3, True).half()
+    assert "off_head" not in attention.state_dict() and attention.off_head.dtype == torch.bool

@@ -10,15 +10,16 @@ from . import fused
 from .layers import LayerNorm2d, conv1x1, depthwise, is_channels_last
 
 
-def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                      temperature: torch.Tensor) -> torch.Tensor:
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, temperature: torch.Tensor,
+                      off_head: torch.Tensor | None = None) -> torch.Tensor:
     """Transposed attention over channels. q, k, v: [B, C, H, W]; temperature: [heads, 1, 1] -> [B, C, H, W].
 
     Each head attends between its C/heads channels, with q and k L2-normalised along H*W. Channels-last
-    inputs take :func:`_channel_attention_nhwc`, which gives the same result without layout copies.
+    inputs take :func:`_channel_attention_nhwc`, which gives the same result without layout copies;
+    ``off_head`` ([C, C] bool, :func:`off_head_mask`) spares it building its mask on every call.
     """
     if is_channels_last(q):
-        return _channel_attention_nhwc(q, k, v, heads, temperature)
+        return _channel_attention_nhwc(q, k, v, heads, temperature, off_head)
     b, c, h, w = q.shape
     q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
     q = F.normalize(q, dim=-1)
@@ -27,8 +28,14 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return (attn @ v).reshape(b, c, h, w)
 
 
+def off_head_mask(channels: int, heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[C, C] bool: True where channels i and j belong to different heads (the blocks off the diagonal)."""
+    block = torch.arange(channels, device=device) // (channels // heads)
+    return block[:, None] != block[None, :]
+
+
 def _channel_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                            temperature: torch.Tensor) -> torch.Tensor:
+                            temperature: torch.Tensor, off_head: torch.Tensor | None = None) -> torch.Tensor:
     """Channels-last form of :func:`channel_attention`, on [B, HW, C] views of the inputs.
 
     The Gram matrix q^T k is computed for all C channels and normalised afterwards by the outer product of
@@ -42,11 +49,11 @@ def _channel_attention_nhwc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     nq = torch.linalg.vecdot(qt, qt, dim=1).float().sqrt().clamp_min(1e-12).to(qt.dtype)  # [B, C]
     nk = torch.linalg.vecdot(kt, kt, dim=1).float().sqrt().clamp_min(1e-12).to(kt.dtype)
     gram = qt.transpose(1, 2) @ kt  # [B, C, C]
-    scale = temperature.view(heads, 1, 1).repeat_interleave(d, dim=0).view(1, c, 1)
+    scale = temperature.view(heads, 1, 1).expand(heads, d, 1).reshape(1, c, 1)
     logits = gram / (nq[:, :, None] * nk[:, None, :]) * scale
     if heads > 1:
-        block = torch.arange(c, device=q.device) // d
-        logits = logits.masked_fill(block[:, None] != block[None, :], float("-inf"))
+        logits = logits.masked_fill(off_head_mask(c, heads, q.device) if off_head is None else off_head,
+                                    float("-inf"))
     attn = logits.softmax(dim=-1)
     out = vt @ attn.transpose(1, 2)  # [B, HW, C]
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
@@ -59,6 +66,7 @@ class ChannelAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)  # not in the state_dict
         self.qkv = conv1x1(dim, dim * 3, bias)
         self.qkv_dwconv = depthwise(dim * 3, 3, bias)
         self.project_out = conv1x1(dim, dim, bias)
@@ -66,7 +74,8 @@ class ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W] -> [B, C, H, W], plus ``residual`` when given."""
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature), residual)
+        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature, self.off_head),
+                        residual)
 
 
 class ChannelCrossAttention(nn.Module):
@@ -76,6 +85,7 @@ class ChannelCrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)  # not in the state_dict
         self.q = conv1x1(dim, dim, bias)
         self.q_dwconv = depthwise(dim, 3, bias)
         self.kv = conv1x1(dim, dim * 2, bias)
@@ -86,7 +96,8 @@ class ChannelCrossAttention(nn.Module):
         """x, y: [B, C, H, W] -> [B, C, H, W], plus ``residual`` when given."""
         q = self.q_dwconv(self.q(x))
         k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
-        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature), residual)
+        return _project(self.project_out, channel_attention(q, k, v, self.heads, self.temperature, self.off_head),
+                        residual)
 
 
 def _project(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
