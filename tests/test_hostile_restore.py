@@ -324,3 +324,159 @@ def test_restore_files_api_returns_rows(tmp_path, tiny_model):
     rows = moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None)
     assert [os.path.basename(r["input"]) for r in rows] == ["a.png", "bad.png"]
     assert "error" in rows[1] and rows[0]["output"].endswith("a.png") and str(a) == rows[0]["input"]
+
+
+# ------------------------------------------------------------------ hostile probe of 2026-12-06 (each was a bug)
+def test_an_ext_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny_ckpt, capsys):
+    # PIL raised KeyError for xpm in the writer thread, which nobody read: "restored 0, 0 failed", exit 0
+    src = _img(tmp_path / "in" / "a.png")
+    for ext in ("xpm", "xyz"):
+        assert _restore(src, "-o", tmp_path / "o", "--ext", ext, "--checkpoint", tiny_ckpt) == 2
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert f"--ext {ext}" in err and "png" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unexpected_writer_error_is_never_silent(tmp_path, tiny_model, monkeypatch):
+    import moceir.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in the writer")
+
+    _img(tmp_path / "in" / "a.png")
+    _img(tmp_path / "in" / "b.png", seed=1)
+    monkeypatch.setattr(pipeline, "save_image", broken)
+    with pytest.raises(KeyError, match="a bug in the writer"):
+        moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None)
+    assert not list((tmp_path / "o").iterdir())  # nothing half-written either
+
+
+def test_an_input_without_a_writable_extension_is_written_as_png(tmp_path, tiny_ckpt, capsys):
+    # the temporary file's random suffix used to be named in "unknown file extension: .fokesvys"
+    src = tmp_path / "in" / "noext"
+    src.parent.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src, format="PNG")
+    assert main(["restore", str(src), "-o", str(tmp_path / "o"), "--checkpoint", tiny_ckpt]) == 0
+    assert (tmp_path / "o" / "noext.png").is_file()
+    assert "writing PNG" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["/x", "a/../b", ".."])
+def test_a_suffix_with_a_path_separator_is_refused(tmp_path, tiny_ckpt, capsys, suffix):
+    src = _img(tmp_path / "in" / "a.png")
+    assert _restore(src, "-o", tmp_path / "o", f"--suffix={suffix}", "--checkpoint", tiny_ckpt) == 2
+    _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("mode, dtype", [("float", np.float32), ("nan", np.float32), ("int16", np.int16),
+                                         ("int32", np.int32)])
+def test_float_and_signed_tiffs_are_refused_not_clipped(tmp_path, tiny_ckpt, capsys, mode, dtype):
+    # they came out black or white, exit 0
+    import tifffile
+
+    src = tmp_path / "in" / f"{mode}.tif"
+    src.parent.mkdir()
+    data = (np.random.default_rng(0).random((16, 16)) * (1 if dtype == np.float32 else 1000)).astype(dtype)
+    if mode == "nan":
+        data[3, 3] = np.nan
+    tifffile.imwrite(src, data)
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert f"{mode}.tif" in err and "not supported" in err and "16-bit" in err
+    assert not (tmp_path / "o" / f"{mode}.tif").exists()
+
+
+def test_non_finite_output_is_not_written(tmp_path, tiny_model, capsys):
+    # NaN weights (or fp16 overflow) gave black images and exit 0
+    import copy
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.output.weight.fill_(float("nan"))
+    _img(tmp_path / "in" / "a.png")
+    rows = moceir.restore_files(tmp_path / "in", tmp_path / "o", broken, progress=False, log=print)
+    assert "error" in rows[0] and "NaN or inf" in rows[0]["error"] and "a.png" in rows[0]["error"]
+    assert not (tmp_path / "o" / "a.png").exists()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16bit_images_take_their_orientation_as_8bit_ones_do(tmp_path, orientation):
+    import tifffile
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    u8 = (rng.random((6, 10, 3)) * 255).astype(np.uint8)
+    tag = [(274, "H", 1, orientation, False)]
+    tifffile.imwrite(tmp_path / "a16.tif", u8.astype(np.uint16) * 257, photometric="rgb", extratags=tag)
+    tifffile.imwrite(tmp_path / "a8.tif", u8, photometric="rgb", extratags=tag)
+    with Image.open(tmp_path / "a8.tif") as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.float32) / 255
+    got = load_image(tmp_path / "a16.tif")
+    assert got.bit_depth == 16 and got.rgb.shape == expected.shape
+    np.testing.assert_allclose(got.rgb, expected, atol=1e-6)
+
+
+def test_memory_error_while_decoding_gets_the_memory_advice(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    import moceir.io as io
+
+    def no_memory(path):
+        raise MemoryError("Unable to allocate 1.12 GiB")
+
+    src = _img(tmp_path / "in" / "big.png")
+    monkeypatch.setattr(io, "_png_bit_depth", no_memory)
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "out of memory while decoding" in err and "truncated" not in err
+
+
+def test_output_folder_under_a_file_and_report_beside_it_are_one_line(tmp_path, tiny_ckpt, capsys):
+    src = _img(tmp_path / "in" / "a.png")
+    (tmp_path / "victim.png").write_text("a file")
+    assert _restore(src, "-o", tmp_path / "victim.png" / "sub", "--checkpoint", tiny_ckpt) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "is a file, not a folder" in err
+    assert _restore(src, "-o", tmp_path / "o", "--report", tmp_path / "victim.png" / "r.json",
+                    "--checkpoint", tiny_ckpt) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "is a file, not a folder" in err and not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_and_report_folders_are_refused_before_work(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    # root passes any permission check, so the test takes the folder's answer from os.access
+    src = _img(tmp_path / "in" / "a.png")
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
+    assert _restore(src, "-o", tmp_path / "ro", "--checkpoint", tiny_ckpt) == 2
+    assert _restore(src, "-o", tmp_path / "ro" / "new", "--checkpoint", tiny_ckpt) == 2
+    assert _restore(src, "-o", tmp_path / "o", "--report", tmp_path / "ro" / "r.json", "--checkpoint", tiny_ckpt) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all("not writable" in ln for ln in lines), lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_inside_the_output_folder_to_be_made_is_accepted(tmp_path, tiny_ckpt):
+    src = _img(tmp_path / "in" / "a.png")
+    assert _restore(src, "-o", tmp_path / "o", "--report", tmp_path / "o" / "r.json", "--checkpoint", tiny_ckpt) == 0
+    assert json.loads((tmp_path / "o" / "r.json").read_text())["images"][0]["input"] == str(src)
+
+
+def test_global_routing_of_a_very_elongated_image(tmp_path, tiny_ckpt):
+    src = tmp_path / "in" / "thin.png"
+    src.parent.mkdir()
+    Image.fromarray(np.full((1, 1200, 3), 128, np.uint8)).save(src)  # the downscaled pass was 0 px high
+    assert _restore(src, "-o", tmp_path / "o", "--tile", "64", "--tile_routing", "global",
+                    "--checkpoint", tiny_ckpt) == 0
+    assert Image.open(tmp_path / "o" / "thin.png").size == (1200, 1)
+
+
+@pytest.mark.parametrize("device", ["meta", "mkldnn"])
+def test_a_device_that_cannot_compute_is_refused_up_front(tmp_path, tiny_ckpt, capsys, device):
+    src = _img(tmp_path / "in" / "a.png")
+    assert _restore(src, "-o", tmp_path / "o", "--device", device, "--checkpoint", tiny_ckpt) == 2
+    _one_line(capsys.readouterr().err)

@@ -51,7 +51,9 @@ def global_experts(model: MoCEIR, x: torch.Tensor, max_side: int = 512) -> torch
     """One routing decision per image from a downscaled pass: [layers, B, k] expert indices."""
     h, w = x.shape[-2:]
     scale = min(1.0, max_side / max(h, w))
-    small = F.interpolate(x, scale_factor=scale, mode="area") if scale < 1 else x
+    # floor, as scale_factor would, but at least 1 px: the short side of a 1 x 5000 image would become 0
+    size = (max(1, math.floor(h * scale)), max(1, math.floor(w * scale)))
+    small = F.interpolate(x, size=size, mode="area") if scale < 1 else x
     small, _ = pad_to_multiple(small, model.config.size_multiple)
     return model(small, return_aux=True).expert_indices
 

@@ -9,6 +9,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
+WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
+# PIL's EXIF orientations (tag 0x0112) as array operations on [H, W, ...], as ImageOps.exif_transpose applies them.
+_ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+           8: lambda a: np.rot90(a, 1)}
 
 
 class ImageReadError(RuntimeError):
@@ -81,8 +87,10 @@ def _read_tiff_page(path: Path) -> np.ndarray:
     return arr
 
 
-def _sixteen_bit(path: Path, fmt: str, frames: int) -> LoadedImage:
+def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1) -> LoadedImage:
     arr = _load_16bit(path)
+    if orientation in _ORIENT:
+        arr = np.ascontiguousarray(_ORIENT[orientation](arr))
     gray = arr.shape[2] in (1, 2)
     alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
     rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
@@ -96,13 +104,18 @@ def load_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
+            orientation = _orientation(im)
             if fmt == "TIFF" and _tiff_is_16bit(path):  # before im.load(): PIL cannot decode planar 16-bit TIFF
-                return _sixteen_bit(path, fmt, frames)
+                return _sixteen_bit(path, fmt, frames, orientation)
             im.load()
             if fmt == "PNG" and _png_bit_depth(path) == 16:
-                return _sixteen_bit(path, fmt, frames)
+                return _sixteen_bit(path, fmt, frames, orientation)
+            if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
+                kind = "floating-point" if im.mode.startswith("F") else "32-bit or signed integer"
+                raise ImageReadError(f"{path}: {kind} samples (PIL mode {im.mode}) are not supported; convert it "
+                                     "to an 8- or 16-bit (unsigned) PNG or TIFF")
             im = ImageOps.exif_transpose(im)
-            grayscale = im.mode in ("L", "LA", "1", "I", "F")
+            grayscale = im.mode in ("L", "LA", "1")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
                 return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
@@ -112,12 +125,15 @@ def load_image(path: str | Path) -> LoadedImage:
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: image too large ({e}); restore a downscaled copy, or raise "
                              "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
-    except ImageReadError:
+    except (ImageReadError, MemoryError):  # a MemoryError gets its own advice from the caller
         raise
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied; make the file readable") from None
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else ""
-        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {detail}); "
-                             "the file is truncated, empty or not an image") from None
+        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {detail}); the file is truncated, "
+                             "empty, not an image, or in a variant moceir does not read (8- and 16-bit PNG, "
+                             "JPEG, TIFF, WebP, BMP)") from None
 
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
@@ -129,6 +145,14 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         return (w, h) if rotated else (h, w)
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
         return None
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 to 8), 1 where the file has none or its EXIF cannot be read."""
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not make a readable image unreadable
+        return 1
 
 
 def _tiff_is_16bit(path: Path) -> bool:

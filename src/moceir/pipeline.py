@@ -26,7 +26,8 @@ import torch
 
 from .cuda_graphs import GraphedNetwork
 from .inference import ROUTING_MODES, auto_tile, batch_that_fits, memory_budget, restore_tensor
-from .io import IMAGE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image, save_image
+from .io import (IMAGE_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image,
+                 save_image)
 from .models import MoCEIR
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,9 +63,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} requested but no CUDA device is available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):  # torch parses e.g. "meta", on which nothing can be computed
+        raise UsageError(f"device {name!r} cannot restore images; use auto, cpu or cuda[:N]")
+    return device
 
 
 def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -92,19 +96,26 @@ def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
                  suffix: str = "") -> tuple[list[Job], list[str]]:
     """Name every output before anything is written; returns (jobs, notes about renamed outputs).
 
-    Outputs are ``<stem><suffix><ext>`` in ``out_dir``. Inputs that would share a name (``a/x.png`` and
+    Outputs are ``<stem><suffix><ext>`` in ``out_dir``; without ``ext``, the input's extension, or ``.png`` where
+    :func:`moceir.io.save_image` cannot write it (a note says so). Inputs that would share a name (``a/x.png`` and
     ``b/x.png``, or ``y.png`` and ``y.jpg`` with ``--ext png``; compared case-insensitively) each get their
     parent folder's name, else their own extension, else a number appended, and a note says so.
     """
     out_dir = Path(os.path.abspath(out_dir))
+    check_name_parts(ext, suffix)
+    notes = []
 
     def target_ext(f: Path) -> str:
-        return ("." + ext.lstrip(".")) if ext else f.suffix
+        if ext:
+            return "." + ext.lstrip(".")
+        return f.suffix if f.suffix.lower() in WRITABLE_EXTS else ".png"
 
+    for f in files:
+        if not ext and f.suffix.lower() not in WRITABLE_EXTS:
+            notes.append(f"{f}: moceir does not write {f.suffix or 'files without an extension'}; writing PNG")
     names = {f: f"{f.stem}{suffix}{target_ext(f)}" for f in files}
     clashes = Counter(n.lower() for n in names.values())
     taken = {n.lower() for n, c in clashes.items() if c == 1}
-    notes = []
     for name in [n for n, c in clashes.items() if c > 1]:
         group = [f for f in files if names[f].lower() == name]
         parents = [f.parent.name for f in group]
@@ -123,6 +134,28 @@ def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
     return [Job(f, out_dir / names[f]) for f in files], notes
 
 
+def check_name_parts(ext: str | None, suffix: str) -> None:
+    """A UsageError for an ``ext`` save_image cannot write or a ``suffix`` that would leave the output folder."""
+    if ext and "." + ext.lstrip(".").lower() not in WRITABLE_EXTS:
+        raise UsageError(f"--ext {ext}: cannot write that format; use one of "
+                         + ", ".join(e[1:] for e in WRITABLE_EXTS))
+    if any(c in suffix for c in ("/", "\\", os.sep, "\0")) or suffix in (".", ".."):
+        raise UsageError(f"--suffix {suffix!r} holds a path separator; give text to append to the file names")
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """A UsageError, before any work, where the output folder cannot be made or written."""
+    out_dir = Path(os.path.abspath(out_dir))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
+    existing = next(p for p in (out_dir, *out_dir.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UsageError(f"-o {out_dir}: {existing} is a file, not a folder; choose another -o")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "folder" if existing == out_dir else f"folder {existing}, in which it would be made,"
+        raise UsageError(f"-o {out_dir}: the {what} is not writable; choose another -o")
+
+
 def output_problem(job: Job, inputs: set[Path], overwrite: bool) -> str | None:
     """Why ``job.output`` must not be written, or None. Links are judged as links, never followed."""
     out = job.output
@@ -136,15 +169,24 @@ def output_problem(job: Job, inputs: set[Path], overwrite: bool) -> str | None:
     return None
 
 
-def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path], overwrite: bool) -> Path:
-    """The report follows the outputs' rules; a problem is a UsageError before any image is restored."""
+def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path], overwrite: bool,
+                      out_dir: Path | None = None) -> Path:
+    """The report follows the outputs' rules; a problem is a UsageError before any image is restored.
+
+    Its folder must exist and be writable, or be ``out_dir`` (the output folder, made before restoring).
+    """
     path = Path(os.path.abspath(report))
     if path in inputs or (path.exists() and path.resolve() in inputs):
         raise UsageError(f"--report {report} is one of the inputs; choose another path")
     if path in outputs:
         raise UsageError(f"--report {report} is also an output image's path; choose another path")
-    if not path.parent.is_dir():
+    in_out_dir = out_dir is not None and path.parent == Path(os.path.abspath(out_dir))
+    if os.path.lexists(path.parent) and not path.parent.is_dir():
+        raise UsageError(f"--report {report}: {path.parent} is a file, not a folder; choose another path")
+    if not path.parent.is_dir() and not in_out_dir:
         raise UsageError(f"--report {report}: folder {path.parent} does not exist; create it or choose another path")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--report {report}: folder {path.parent} is not writable; choose another path")
     if path.is_dir():
         raise UsageError(f"--report {report} is a folder; give a file name such as report.json")
     if os.path.lexists(path) and not overwrite:
@@ -226,8 +268,8 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     Raises UsageError for options that cannot work (nothing has been written then).
     """
     out_dir = Path(output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
+    check_output_dir(out_dir)
+    check_name_parts(ext, suffix)
     files, errors = gather_inputs(inputs)
     failures = [{"input": spec, "error": e} for spec, e in errors]
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
@@ -236,7 +278,7 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     for n in notes:
         log(f"note: {n}")
     input_set = set(files)
-    report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite)
+    report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite, out_dir)
                    if report is not None else None)
     by_size: dict[tuple[int, int] | int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -423,6 +465,7 @@ class Restorer:
                 torch.cuda.synchronize(self.device)
             seconds = (time.perf_counter() - t0) / len(group)
             del x
+            finite = torch.isfinite(y).flatten(1).all(1).tolist()
             y = y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         except (RuntimeError, MemoryError) as e:
             for i, _ in group:
@@ -432,10 +475,14 @@ class Restorer:
             if tiles_bar is not None:
                 tiles_bar.close()
         experts = torch.as_tensor(experts).cpu()
+        for b, (i, _) in enumerate(group):
+            if not finite[b]:  # clamp keeps NaN, which would be written as black: never write it
+                self.fail(i, f"{self.jobs[i].input}: the model's output holds NaN or inf values, not written; with "
+                             "--precision fp16 use bf16 or fp32, else the checkpoint is damaged")
         return [(i, y[b], img, {"input": str(self.jobs[i].input), "output": str(self.jobs[i].output), "height": h,
                                 "width": w, "seconds": round(seconds, 3), "batch": len(group), "tile": tile,
                                 "experts": experts[:, min(b, experts.shape[1] - 1), 0].tolist()})
-                for b, (i, img) in enumerate(group)]
+                for b, (i, img) in enumerate(group) if finite[b]]
 
     def submit(self, results: list[tuple[int, np.ndarray, LoadedImage, dict]]) -> None:
         """Queue restored images for the background writer (at most 2 x batch_size wait at a time)."""
@@ -452,10 +499,19 @@ class Restorer:
             self.rows[i] = row
         except (OSError, ValueError) as e:
             self.fail(i, e)
+        except BaseException as e:  # a bug: the image is counted as failed, and close() raises it
+            self.fail(i, e)
+            raise
 
     def close(self) -> dict[int, dict]:
-        """Wait for every output to be written; returns the rows by job index."""
+        """Wait for every output to be written; returns the rows by job index.
+
+        An unexpected error in the writer (a bug) is raised here, after the other outputs are written, so that no
+        image is ever dropped without a word.
+        """
         self._writer.shutdown(wait=True)
+        for f in self._pending:
+            f.result()
         return self.rows
 
 
