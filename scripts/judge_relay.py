@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import moceir  # noqa: E402
 from moceir.data.datasets import BENCHMARKS, DatasetLayoutError  # noqa: E402
 from moceir.evaluation import scored_benchmark, write_reports  # noqa: E402
+from moceir.models.checkpoints import NonFiniteWeights  # noqa: E402
 from moceir.models.experts import set_expert_bypass  # noqa: E402
 from moceir.pipeline import write_atomically  # noqa: E402
 
@@ -305,13 +307,19 @@ def cands_paths(a: argparse.Namespace) -> dict[str, str]:
     return {Path(c).stem: c for c in a.candidates}
 
 
-def load_all(a: argparse.Namespace, sources: dict[str, str]) -> tuple[dict, dict]:
-    """Models and sha256 per label; every candidate must have the shipped model's architecture."""
-    models, hashes = {}, {}
+def load_all(a: argparse.Namespace, sources: dict[str, str]) -> tuple[dict, dict, list[str]]:
+    """Models and sha256 per label, and the candidates left out for NaN or inf weights (an error line each);
+    every candidate must have the shipped model's architecture."""
+    models, hashes, refused = {}, {}, []
     for name, path in sources.items():
         try:
             models[name] = moceir.load_model(path).eval()
             hashes[name] = fingerprint(models[name])
+        except NonFiniteWeights as e:
+            if name == "shipped":
+                raise JudgeError(str(e)) from None
+            print(f"error: {path}: its weights are not finite (NaN or inf); it cannot ship", file=sys.stderr)
+            refused.append(name)
         except moceir.CheckpointError as e:
             message = str(e) if str(path) in str(e) else f"{path}: {e}"
             raise JudgeError(message) from None
@@ -319,7 +327,7 @@ def load_all(a: argparse.Namespace, sources: dict[str, str]) -> tuple[dict, dict
         if m.config != models["shipped"].config:
             raise JudgeError(f"{sources[name]}: its architecture differs from the shipped model's "
                              f"({a.shipped}); a relay run continues the shipped architecture")
-    return models, hashes
+    return models, hashes, refused
 
 
 def finite_or_error(name: str, path: str, psnr: dict[str, float]) -> bool:
@@ -374,8 +382,8 @@ def main() -> int:
         return 1
     try:
         sources = {"shipped": a.shipped, **paths}
-        models, hashes = load_all(a, sources)
-        for label in [] if a.rescore else sources:
+        models, hashes, refused = load_all(a, sources)
+        for label in [] if a.rescore else models:
             clash = other_weights(a, label, hashes[label])
             if clash is not None:
                 raise JudgeError(f"{clash} holds the scores of other weights than {sources[label]}, from an earlier "
@@ -385,11 +393,12 @@ def main() -> int:
         shipped = scores(models["shipped"], "shipped", a, hashes["shipped"])
         if not finite_or_error("shipped", a.shipped, shipped):
             return 1
-        cands = {n: scores(models[n], n, a, hashes[n]) for n in paths}
+        cands = {n: scores(models[n], n, a, hashes[n]) if n in models else dict.fromkeys(a.benchmarks, math.nan)
+                 for n in paths}  # a refused candidate scores NaN, as one whose outputs are not finite
     except (JudgeError, DatasetLayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    unusable = [n for n in paths if not finite_or_error(n, paths[n], cands[n])]
+    unusable = [n for n in paths if n in refused or not finite_or_error(n, paths[n], cands[n])]
     if len(unusable) == len(paths):
         return 1
     flat = {n: flat_region_rows(models[n]) for n in ("shipped", *paths) if n not in unusable}

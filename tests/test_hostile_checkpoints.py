@@ -2,6 +2,7 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,3 +114,145 @@ def test_truncated_and_text_checkpoints_are_one_line(tmp_path, tiny, capsys):
     _refused_by_cli(capsys, str(tmp_path / "trunc.safetensors"), "trunc.safetensors")
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     _refused_by_cli(capsys, str(tmp_path / "text.ckpt"), "text.ckpt")
+
+
+# ---- probe of the export and weight checks: NaN weights, temporary files, links, malformed shapes and configs
+
+
+def _nan_copy(model, value: float = float("nan")) -> dict:
+    sd = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    sd["output.weight"][0, 0, 0, 0] = value
+    return sd
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["safetensors", "lightning"])
+def test_non_finite_weights_are_refused(tmp_path, tiny, capsys, value, kind):
+    sd = _nan_copy(tiny, value)
+    if kind == "safetensors":
+        path = tmp_path / "nan.safetensors"
+        save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(tiny.config.to_dict()), "format": "moceir"})
+    else:
+        path = tmp_path / "nan.ckpt"
+        torch.save({"state_dict": {f"net.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match=r"nan\..*1 tensor\(s\) hold NaN or inf values \(output.weight\)"):
+        moceir.load_model(path)
+    _refused_by_cli(capsys, str(path), "nan.", "output.weight")
+    assert main(["export", str(path), str(tmp_path / "out.safetensors")]) == 2
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_non_finite_bundled_default_is_refused(tmp_path, tiny, monkeypatch):
+    save_file(_nan_copy(tiny), str(tmp_path / "default.safetensors"))
+    monkeypatch.setattr(checkpoints, "DEFAULT_WEIGHTS", tmp_path / "default.safetensors")
+    with pytest.raises(CheckpointError, match="NaN"):
+        moceir.load_model("default")
+
+
+class _FakeOnnxProgram:
+    """What torch.onnx.export returns, as far as export_onnx's file handling needs it (no real export: fast)."""
+
+    def __init__(self):
+        self.model = SimpleNamespace(metadata_props={})
+
+    def save(self, path: str, external_data: bool = False) -> None:
+        assert path.endswith(".onnx")
+        with open(path, "w") as f:
+            f.write("onnx")
+
+
+@pytest.fixture
+def fake_onnx_export(monkeypatch):
+    pytest.importorskip("onnxscript")
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: _FakeOnnxProgram())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
+def test_export_keeps_an_unrelated_tmp_file(tmp_path, tiny, capsys, fake_onnx_export, suffix):
+    ckpt = moceir.save_model(tiny, tmp_path / "tiny.safetensors")
+    out = tmp_path / f"m{suffix}"
+    precious = out.with_name(out.name + ".tmp")
+    precious.write_text("precious")
+    assert main(["export", str(ckpt), str(out), "--no-optimize"]) == 0
+    assert precious.read_text() == "precious" and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny.safetensors", out.name, precious.name])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
+def test_export_to_a_dangling_link_or_under_a_file_is_one_line(tmp_path, tiny, capsys, fake_onnx_export, suffix):
+    ckpt = str(moceir.save_model(tiny, tmp_path / "tiny.safetensors"))
+    link = tmp_path / f"dl{suffix}"
+    link.symlink_to(tmp_path / "nowhere")
+    victim = tmp_path / "victim.png"
+    victim.write_text("a photo")
+    for out, needle in ((link, "a link"), (victim / f"m{suffix}", "not a folder")):
+        assert main(["export", ckpt, str(out), "--no-optimize"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and str(out if needle == "a link" else victim) in err, err
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists() and victim.read_text() == "a photo"
+    with pytest.raises(FileExistsError):  # the library keeps its documented exception type
+        moceir.save_model(tiny, link)
+    assert main(["export", ckpt, str(link), "--overwrite", "--no-optimize"]) == 0
+    assert not link.is_symlink() and link.is_file() and not (tmp_path / "nowhere").exists()
+
+
+def _without_config(tmp_path, tiny, name: str, **changes) -> str:
+    sd = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+    sd.update(changes)
+    save_file(sd, str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("weight", [torch.zeros(8), torch.zeros(0, 3, 3, 3), torch.zeros(8, 3, 0)])
+def test_malformed_shapes_without_config_are_one_line(tmp_path, tiny, capsys, weight):
+    path = _without_config(tmp_path, tiny, "shape.safetensors", **{"patch_embed.proj.weight": weight})
+    with pytest.raises(CheckpointError, match="shape.safetensors"):
+        moceir.load_model(path)
+    _refused_by_cli(capsys, path, "shape.safetensors", "patch_embed.proj.weight")
+
+
+@pytest.mark.parametrize("change, field", [({"heads": [0, 0, 0, 0]}, "heads"), ({"dim": "48"}, "dim"),
+                                           ({"dim": 8.5}, "dim"), ({"num_dec_blocks": [1, 0, 1]}, "num_dec_blocks"),
+                                           ({"heads": ["1", "1", "2", "2"]}, "heads"), ({"bias": "no"}, "bias"),
+                                           ({"ffn_expansion_factor": float("nan")}, "ffn_expansion_factor"),
+                                           ({"latent_dim": 0}, "latent_dim"), ({"num_blocks": 4}, "num_blocks")])
+def test_malformed_embedded_config_is_one_line(tmp_path, tiny, capsys, change, field):
+    torch.save({CONFIG_KEY: {**tiny.config.to_dict(), **change}, "state_dict": tiny.state_dict()},
+               tmp_path / "cfg.ckpt")
+    err = _refused_by_cli(capsys, str(tmp_path / "cfg.ckpt"), "cfg.ckpt", field)
+    assert "not a valid configuration" in err
+
+
+def test_config_validation_keeps_valid_configs():
+    from moceir.models.config import PRESETS, MoCEConfig
+
+    for cfg in PRESETS.values():
+        assert MoCEConfig.from_dict(cfg.to_dict()) == cfg
+    assert MoCEConfig(num_blocks=[4, 0, 6, 8], num_refinement_blocks=0, ffn_expansion_factor=2).num_blocks[1] == 0
+    with pytest.raises(ValueError, match="heads"):
+        MoCEConfig(heads=(0, 0, 0, 0))
+
+
+def test_random_bytes_are_not_called_a_pickle(tmp_path, capsys):
+    (tmp_path / "x.ckpt").write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                    dtype=torch.uint8).numpy().tobytes())
+    err = _refused_by_cli(capsys, str(tmp_path / "x.ckpt"), "x.ckpt", "not a checkpoint")
+    assert "pickled" not in err
+
+
+def test_upper_case_suffix_is_safetensors(tmp_path, tiny):
+    path = moceir.save_model(tiny, tmp_path / "model.SAFETENSORS")
+    assert moceir.load_model(path).config == tiny.config
+
+
+def test_a_plain_pickle_with_code_is_still_refused(tmp_path, capsys):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    for protocol in (2, 4):
+        (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Payload()}, protocol=protocol))
+        _refused_by_cli(capsys, str(tmp_path / "evil.pt"), "evil.pt", "pickled")
+        assert "ran code" not in capsys.readouterr().out

@@ -12,8 +12,10 @@ import math
 import os
 import pickle
 import re
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -27,6 +29,15 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default.
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not match the network."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """A checkpoint whose floating-point weights hold NaN or inf."""
+
+
+class OutputPathError(CheckpointError, FileExistsError):
+    """A checkpoint or export cannot be written where asked: the name is taken (a file, a link, a file where a
+    folder should be). A CheckpointError, so the CLI reports it in one line; a FileExistsError, as documented."""
 
 
 def strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +75,7 @@ def checkpoint_note(path: str | Path) -> str:
     """The 'note' a safetensors checkpoint carries (e.g. that the bundled model is early and weak); "" if none."""
     try:
         p = resolve_path(path)
-        if p.suffix != ".safetensors":
+        if not _is_safetensors(p):
             return ""
         from safetensors import safe_open
 
@@ -74,11 +85,42 @@ def checkpoint_note(path: str | Path) -> str:
         return ""
 
 
+def _head(p: Path, n: int = 16) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _is_safetensors(p: Path) -> bool:
+    """By suffix (any case), or by content: an 8-byte header length, then the JSON header."""
+    return p.suffix.lower() == ".safetensors" or _head(p, 9)[8:] == b"{"
+
+
+def _is_torch_file(p: Path) -> bool:
+    """What torch.save writes: a zip archive, or (legacy) a pickle that opens with a protocol 2-5 marker."""
+    head = _head(p, 4)
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse NaN or inf in floating-point weights: such a network writes black or garbage images."""
+    bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        names = ", ".join(bad[:4]) + (f", ... (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({names}); the checkpoint is "
+                              "damaged: retrain or use another one")
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read any supported file -> (network state_dict with upstream names, embedded config dict or None)."""
+    """Read any supported file -> (network state_dict with upstream names, embedded config dict or None).
+
+    Refuses files that are not checkpoints, pickles of anything but tensors, and non-finite weights.
+    """
     p = resolve_path(path)
     try:
-        if p.suffix == ".safetensors":
+        if _is_safetensors(p):
             from safetensors import safe_open
 
             with safe_open(str(p), framework="pt") as f:
@@ -86,16 +128,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 sd = {k: f.get_tensor(k) for k in f.keys()}
             config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
         else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on pickle protocols would break the one-line error
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(p, map_location="cpu", weights_only=True)
             if not isinstance(obj, Mapping):
                 raise CheckpointError(f"{p} holds a {type(obj).__name__}, not a state_dict or checkpoint")
             config = obj.get(CONFIG_KEY)
             sd = obj.get("state_dict", obj.get("model", obj))
     except CheckpointError:
         raise
-    except pickle.UnpicklingError:  # weights_only refused a pickled object; torch's advice to disable that is wrong here
+    except pickle.UnpicklingError:  # weights_only refused it; torch's advice to disable that is wrong here
+        if not _is_torch_file(p):
+            raise CheckpointError(f"cannot read checkpoint {p}: not a checkpoint (neither safetensors nor a PyTorch "
+                                  "file); check the path") from None
         raise CheckpointError(f"cannot read checkpoint {p}: it holds pickled Python objects besides tensors, which "
-                              "moceir never loads (they can run code); re-save it as a state_dict or safetensors") from None
+                              "moceir never loads (they can run code); re-save it as a state_dict or safetensors"
+                              ) from None
     except Exception as e:  # empty or truncated file, wrong format
         raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}{_first_line(e)} "
                               "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
@@ -103,8 +151,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{p}: its state_dict is a {type(sd).__name__}, not a mapping of names to tensors")
     if config is not None and not isinstance(config, Mapping):
         raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
-    sd = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return strip_wrappers(sd), (dict(config) if config is not None else None)
+    sd = strip_wrappers({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
+    check_finite(sd, str(p))
+    return sd, (dict(config) if config is not None else None)
 
 
 def _first_line(e: BaseException) -> str:
@@ -118,32 +167,45 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def infer_config(sd: Mapping[str, torch.Tensor]) -> MoCEConfig:
+def infer_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> MoCEConfig:
     """Rebuild the architecture from tensor shapes (upstream checkpoints carry no hyper-parameters).
 
     ``topk`` and ``with_complexity`` leave no trace in the weights and take the preset defaults.
+    A missing tensor, or one whose shape describes no network, raises CheckpointError naming ``source``.
     """
+    def shape(key: str, ndim: int = 1) -> tuple[int, ...]:
+        """The shape of ``sd[key]``: at least ``ndim`` dimensions, none of them empty."""
+        if key not in sd:
+            raise CheckpointError(f"{source}: not a MoCE-IR state_dict: it has no tensor {key!r}")
+        dims = tuple(sd[key].shape)
+        if len(dims) < ndim or 0 in dims:
+            raise CheckpointError(f"{source}: not a MoCE-IR state_dict: {key} has shape {list(dims)}")
+        return dims
+
+    dim, inp = shape("patch_embed.proj.weight", 4)[:2]
+    levels = _count(sd, r"enc\.(\d+)\.") + 1
+    num_blocks = [_count(sd, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1)]
+    num_blocks.append(_count(sd, r"latent\.layers\.(\d+)\."))
+    # dec.i (deepest first) serves level levels-2-i
+    dec = [_count(sd, rf"dec\.{levels - 2 - lvl}\.2\.layers\.(\d+)\.") for lvl in range(levels - 1)]
+    heads = [shape(f"dec.{levels - 2 - lvl}.2.layers.0.shared.temperature")[0] for lvl in range(levels - 1)]
+    heads.append(shape("latent.layers.0.mixer.temperature")[0])
+    expansion = shape("dec.0.2.layers.0.ffn.project_out.weight", 2)[1] / (dim * 2 ** (levels - 2))
+    prefix = f"dec.{levels - 2}.2.layers.0.adapter"
+    n_exp = _count(sd, rf"{re.escape(prefix)}\.experts\.(\d+)\.")
+    ranks = [shape(f"{prefix}.experts.{i}.0.proj.0.weight")[0] for i in range(n_exp)]
+    shape(f"{prefix}.routing.complexity")
+    complexity = float(sd[f"{prefix}.routing.complexity"].max())
+    base = dict(dim=dim, inp_channels=inp, out_channels=shape("output.weight", 4)[0],
+                num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
+                num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
+                ffn_expansion_factor=expansion, bias="output.bias" in sd, num_exp_blocks=n_exp,
+                complexity_scale="max" if math.isclose(complexity, 1.0, rel_tol=1e-3) else "min")
     try:
-        dim, inp = sd["patch_embed.proj.weight"].shape[:2]
-        levels = _count(sd, r"enc\.(\d+)\.") + 1
-        num_blocks = [_count(sd, rf"enc\.{i}\.0\.layers\.(\d+)\.") for i in range(levels - 1)]
-        num_blocks.append(_count(sd, r"latent\.layers\.(\d+)\."))
-        # dec.i (deepest first) serves level levels-2-i
-        dec = [_count(sd, rf"dec\.{levels - 2 - lvl}\.2\.layers\.(\d+)\.") for lvl in range(levels - 1)]
-        heads = [sd[f"dec.{levels - 2 - lvl}.2.layers.0.shared.temperature"].shape[0] for lvl in range(levels - 1)]
-        heads.append(sd["latent.layers.0.mixer.temperature"].shape[0])
-        expansion = sd["dec.0.2.layers.0.ffn.project_out.weight"].shape[1] / (dim * 2 ** (levels - 2))
-        prefix = f"dec.{levels - 2}.2.layers.0.adapter"
-        n_exp = _count(sd, rf"{re.escape(prefix)}\.experts\.(\d+)\.")
-        ranks = [sd[f"{prefix}.experts.{i}.0.proj.0.weight"].shape[0] for i in range(n_exp)]
-        complexity = sd[f"{prefix}.routing.complexity"]
-        base = dict(dim=int(dim), inp_channels=int(inp), out_channels=int(sd["output.weight"].shape[0]),
-                    num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
-                    num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
-                    ffn_expansion_factor=expansion, bias="output.bias" in sd, num_exp_blocks=n_exp,
-                    complexity_scale="max" if math.isclose(float(complexity.max()), 1.0, rel_tol=1e-3) else "min")
-    except (KeyError, IndexError) as e:
-        raise CheckpointError(f"not a MoCE-IR state_dict: missing or malformed {e}") from None
+        MoCEConfig(**base)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: not a MoCE-IR state_dict: its tensor shapes describe no network "
+                              f"({_first_line(e)[2:]})") from None
     for rank_type in RANK_TYPES:
         for latent in range(1, 65) if rank_type != "spread" else (2,):
             try:
@@ -152,7 +214,8 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> MoCEConfig:
                 continue
             if cfg.expert_ranks(cfg.dim) == ranks:
                 return cfg
-    raise CheckpointError(f"cannot infer the expert rank rule from ranks {ranks}")
+    raise CheckpointError(f"{source}: cannot infer the expert rank rule from ranks {ranks}; the file is damaged or "
+                          "not a MoCE-IR model")
 
 
 # What a configuration may ask for: far above every published MoCE-IR, far below what exhausts a machine.
@@ -163,13 +226,9 @@ SHAPE_FIELDS = ("dim", "inp_channels", "out_channels", "num_blocks", "num_dec_bl
 
 
 def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCEConfig:
-    """Validate an embedded configuration (types and CONFIG_LIMITS) before anything is built from it."""
+    """Validate an embedded configuration (types, by MoCEConfig, and CONFIG_LIMITS) before anything is built."""
     try:
         config = MoCEConfig.from_dict(dict(d))
-        numbers = [config.dim, config.num_refinement_blocks, config.num_exp_blocks, config.topk, config.latent_dim,
-                   *config.num_blocks, *config.num_dec_blocks, *config.heads]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
-            raise TypeError("size fields must be integers")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} is not a valid configuration "
                               f"({_first_line(e)[2:]}); re-export the checkpoint or pass --model") from None
@@ -191,7 +250,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCECo
 
 def check_config_matches(config: MoCEConfig, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Refuse an embedded config that contradicts the tensor shapes, before a network is built from it."""
-    inferred = infer_config(sd)
+    inferred = infer_config(sd, source)
     diff = [f"{f}={getattr(config, f)!r} but the weights say {getattr(inferred, f)!r}" for f in SHAPE_FIELDS
             if getattr(config, f) != getattr(inferred, f)]
     if not math.isclose(config.ffn_expansion_factor, inferred.ffn_expansion_factor, rel_tol=0.02):
@@ -236,7 +295,7 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
             config = config_from_dict(embedded, str(path))
             check_config_matches(config, sd, str(path))
         else:
-            config = infer_config(sd)
+            config = infer_config(sd, str(path))
     if overrides:
         config = config.replace(**overrides)
     model = MoCEIR(config)
@@ -245,26 +304,58 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to write ``path`` if that would clobber what is there: an existing file or link (unless
+    ``overwrite``: then a link is replaced, never followed), a folder, or a file where a parent folder should be."""
+    path = Path(path)
+    if os.path.lexists(path):
+        if path.is_dir() and not path.is_symlink():
+            raise OutputPathError(f"{path} is a folder; give the output a file name")
+        if not overwrite:
+            what = " (a link)" if path.is_symlink() else ""
+            raise OutputPathError(f"{path} exists{what}; remove it or choose another name, or pass overwrite=True "
+                                  "(--overwrite) to replace it")
+    ancestor = next((a for a in path.parents if os.path.lexists(a)), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise OutputPathError(f"{ancestor} is not a folder, so {path} cannot be written; choose another path")
+    return path
+
+
+def write_output(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through ``write(tmp)`` into a fresh temporary file beside ``path`` (same suffix), then move it onto
+    ``path``. Nothing else is touched: the temporary name is unique, and is removed if anything fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None,
                overwrite: bool = False) -> Path:
     """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it).
 
     ``note`` is stored in the metadata; :func:`load_model` callers such as the CLI print it. An existing
-    ``path`` raises FileExistsError unless ``overwrite`` (as ``moceir export``); the write is atomic.
+    ``path`` raises OutputPathError (a FileExistsError) unless ``overwrite`` (as ``moceir export``), see
+    :func:`check_output_path`; the write is atomic.
     """
     from safetensors.torch import save_file
 
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path = check_output_path(path, overwrite)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in model.state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"}
     if note:
         metadata["note"] = note
-    save_file(sd, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)
-    tmp.replace(path)
-    return path
+    return write_output(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +19,24 @@ COMPLEXITY_SCALES = ("max", "min")
 # How the experts' per-patch FFT product is computed (moceir.models.attention.PATCH_PRODUCTS): "fft" with
 # torch.fft, "matmul" with real DFT matrices (no complex tensors: exportable to ONNX). Same result to fp32 rounding.
 FFT_IMPLS = ("fft", "matmul")
+# Smallest value of each integer field, and of each entry of each integer-list field (checked in __post_init__).
+INT_MINIMUMS = {"dim": 1, "inp_channels": 1, "out_channels": 1, "num_refinement_blocks": 0, "num_exp_blocks": 1,
+                "topk": 1, "latent_dim": 1}
+INT_LIST_MINIMUMS = {"num_blocks": 0, "num_dec_blocks": 1, "heads": 1, "stage_depth": 0}
+BOOL_FIELDS = ("bias", "with_complexity", "eval_router_noise")
+
+
+def _integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int (numpy integers too; not bools, floats or strings) of at least ``minimum``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {v}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -42,8 +62,21 @@ class MoCEConfig:
     fft_impl: str = "fft"  # experts' patch FFT product: "fft" or "matmul" (FFT_IMPLS); no effect on the weights
 
     def __post_init__(self) -> None:
-        for name in ("num_blocks", "num_dec_blocks", "heads", "stage_depth"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name, minimum in INT_MINIMUMS.items():
+            object.__setattr__(self, name, _integer(name, getattr(self, name), minimum))
+        for name, minimum in INT_LIST_MINIMUMS.items():
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                raise ValueError(f"{name} must be a list of integers, got {values!r}")
+            object.__setattr__(self, name, tuple(_integer(f"{name}[{i}]", v, minimum) for i, v in enumerate(values)))
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        factor = self.ffn_expansion_factor
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < factor < math.inf:
+            raise ValueError(f"ffn_expansion_factor must be a positive finite number, got {factor!r}")
+        if not isinstance(self.depth_type, str):
+            raise ValueError(f"depth_type must be a string, got {self.depth_type!r}")
         levels = len(self.num_blocks)
         if levels < 2:
             raise ValueError(f"num_blocks needs at least 2 entries (encoder levels + latent), got {self.num_blocks}")
