@@ -239,15 +239,16 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     from .data.datasets import DatasetLayoutError
     from .distributed import Launch, evaluate_distributed, global_rank
-    from .evaluation import benchmark_dataset, collect, markdown_table, score_image, write_reports
+    from .evaluation import benchmark_dataset, check_output_path, collect, markdown_table, score_image, write_reports
 
     from .models.experts import set_expert_bypass
 
+    out_dir = Path(args.output_path)
+    check_output_path(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
     model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)
     set_expert_bypass(model, args.experts == "skip")
     subset = _cdd11_subset(args)
-    out_dir = Path(args.output_path)
     failed = False
     entries = []
     for bench in args.benchmarks:
@@ -256,7 +257,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         except (DatasetLayoutError, ValueError) as e:
             print(f"error: {bench}: {e}", file=sys.stderr)
             failed = True
-    score = partial(score_image, y_channel=args.y_channel, context_pad=args.context_pad)
+    score = partial(score_image, y_channel=args.y_channel, context_pad=args.context_pad, overwrite=args.overwrite)
     saves = [(ds, out_dir / "images" / bench if args.save_results else None) for bench, ds in entries]
     if launch.world_size > 1:
         scored = evaluate_distributed(model, saves, [len(ds) for ds, _ in saves], score, launch)
@@ -278,7 +279,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if results and global_rank() == 0:
         title = f"moceir test: {path}"
         print(markdown_table(results, title))
-        paths = write_reports(results, out_dir, title)
+        paths = write_reports(results, out_dir, title, overwrite=args.overwrite)
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
     return 1 if failed or not results else 0
 
@@ -432,7 +433,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")
-    if out.exists() and not args.overwrite:
+    if out.exists() and not args.overwrite:  # a dangling link: save_model's own one-line refusal
         print(f"error: {out} exists; choose another name or pass --overwrite", file=sys.stderr)
         return 1
     model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
@@ -566,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p)
     p.add_argument("--output_path", default="output/", help="where results.md/json/csv are written")
     p.add_argument("--save_results", action="store_true", help="write the restored PNGs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output_path (results.md/json, per_image.csv, "
+                        "images/<benchmark>)")
     p.add_argument("--y_channel", action="store_true", help="also report PSNR/SSIM on the Y channel")
     p.add_argument("--context_pad", type=_non_negative, default=0,
                    help="reflected context around each image (0: upstream's protocol)")
@@ -608,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: replay a captured graph for each image or tile size seen twice (tiles of a large "
                         "image, a data set of one size); far less host work per forward")
     _add_scale_flags(p)
-    p.add_argument("--ext", help="output format, e.g. png (default: the input's)")
+    p.add_argument("--ext", help="output format: png, jpg, tif, webp, bmp or gif (default: the input's; png where "
+                                 "moceir does not write the input's format)")
     p.add_argument("--suffix", default="", help="appended to output names")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and report (never inputs)")
     p.add_argument("--report", help="write a JSON report: size, time and experts per image")

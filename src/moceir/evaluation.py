@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from .inference import restore_tensor
 from .io import ImageReadError, save_image
 from .metrics import psnr, ssim
 from .models import MoCEIR
+from .pipeline import UsageError, write_atomically
+
+REPORT_FILES = ("results.md", "results.json", "per_image.csv")
 
 
 @dataclass
@@ -34,12 +39,18 @@ class BenchmarkResult:
 
 
 def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]:
-    """A benchmark item, or a one-line reason why it cannot be scored (unreadable file, sizes that differ)."""
+    """A benchmark item, or a one-line reason why it cannot be scored (unreadable, too small, sizes that differ)."""
     pair = ds.pairs[idx]
     try:
         item = ds[idx]
     except ImageReadError as e:
         return None, str(e)
+    except MemoryError:
+        return None, f"{pair.degraded or pair.clean}: out of memory while decoding; score a downscaled copy"
+    base = ds.crop_base
+    for path, img in ((pair.clean, item["gt"]), (pair.degraded, item["lq"])):
+        if path is not None and min(img.shape[1:]) < base:  # the crop to multiples of 16 left nothing
+            return None, f"{path}: smaller than {base}x{base} after cropping to multiples of {base}; not scored"
     if item["lq"].shape != item["gt"].shape:
         (_, h, w), (_, gh, gw) = item["lq"].shape, item["gt"].shape
         return None, (f"{pair.degraded}: {h}x{w} (after the crop to multiples of 16) does not match its clean "
@@ -48,8 +59,11 @@ def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]
 
 
 def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx: int, device: torch.device,
-                y_channel: bool = False, context_pad: int = 0) -> dict | str:
-    """Restore and score image ``idx`` of ``entry = (dataset, save_dir)`` -> its row, or a one-line error."""
+                y_channel: bool = False, context_pad: int = 0, overwrite: bool = True) -> dict | str:
+    """Restore and score image ``idx`` of ``entry = (dataset, save_dir)`` -> its row, or a one-line error.
+
+    The restored image goes to ``save_dir/<name>.png`` (atomically; without ``overwrite`` never over a file).
+    """
     ds, save_dir = entry
     item, error = _load_item(ds, idx)
     if item is None:
@@ -69,8 +83,12 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx:
         row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
         row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
     if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        save_image(save_dir / f"{Path(item['name']).stem}.png", restored)
+        target = save_dir / Path(item["name"]).with_suffix(".png")  # CDD11: save_dir/haze/001.png
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, lambda tmp: save_image(tmp, restored), overwrite)
+        except OSError as e:
+            return f"{item['name']}: cannot write {target} ({e.strerror or e}); check --output_path"
     return row
 
 
@@ -121,21 +139,66 @@ def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "") -> dict[str, Path]:
-    """results.md (table), results.json (summaries + per-image rows), per_image.csv."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / "results.md", "json": out_dir / "results.json", "csv": out_dir / "per_image.csv"}
-    paths["md"].write_text(markdown_table(results, title))
-    paths["json"].write_text(json.dumps({"title": title, "summary": [r.summary() for r in results],
-                                         "per_image": {r.name: r.rows for r in results},
-                                         "errors": {r.name: r.errors for r in results if r.errors}}, indent=1))
-    with open(paths["csv"], "w", newline="") as f:
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or written in, or None."""
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"folder {existing} is not writable"
+    return None
+
+
+def check_output_path(out_dir: str | Path, benchmarks: Sequence[str] = (), save_results: bool = False,
+                      overwrite: bool = True) -> None:
+    """A UsageError, before any scoring, where ``out_dir`` (and ``images/<benchmark>`` with ``save_results``)
+    cannot be made or written, or, without ``overwrite``, where it holds results of an earlier run."""
+    out_dir = Path(os.path.abspath(out_dir))
+    folders = [out_dir] + [out_dir / "images" / b for b in benchmarks if save_results]
+    for folder in folders:
+        problem = _folder_problem(folder)
+        if problem:
+            raise UsageError(f"--output_path {out_dir}: {problem}; choose another --output_path")
+    files = [out_dir / name for name in REPORT_FILES]
+    for path in files:
+        if path.is_dir():
+            raise UsageError(f"--output_path {out_dir}: {path} is a folder; choose another --output_path")
+    earlier = [str(p) for p in files + folders[1:] if os.path.lexists(p)]
+    if earlier and not overwrite:
+        raise UsageError(f"{', '.join(earlier)} exist(s) from an earlier run; pass --overwrite or choose another "
+                         "--output_path")
+
+
+def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
+    with open(path, "w", newline="") as f:
         keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts"]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in results:
             for row in r.rows:
                 writer.writerow({"benchmark": r.name, **row, "experts": " ".join(map(str, row["experts"]))})
+
+
+def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
+                  overwrite: bool = True) -> dict[str, Path]:
+    """results.md (table), results.json (summaries + per-image rows), per_image.csv; each written atomically.
+
+    A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError.
+    """
+    check_output_path(out_dir, overwrite=overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
+    table = markdown_table(results, title)
+    data = json.dumps({"title": title, "summary": [r.summary() for r in results],
+                       "per_image": {r.name: r.rows for r in results},
+                       "errors": {r.name: r.errors for r in results if r.errors}}, indent=1)
+    writers = {"md": lambda tmp: tmp.write_text(table), "json": lambda tmp: tmp.write_text(data),
+               "csv": lambda tmp: _write_csv(tmp, results)}
+    for key, write in writers.items():
+        try:
+            write_atomically(paths[key], write, overwrite)
+        except OSError as e:
+            raise UsageError(f"cannot write {paths[key]} ({e.strerror or e}); check --output_path") from None
     return paths
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +50,13 @@ class Pair:
     degraded: Path | None
     clean: Path
     task: str
+    folder: str = ""  # sub-folder of a layout whose folders share file names (CDD11's "haze"); "" when flat
+
+    @property
+    def name(self) -> str:
+        """Unique within its benchmark: the file name, under its folder where it has one ("haze/001.png")."""
+        file = (self.degraded or self.clean).name
+        return f"{self.folder}/{file}" if self.folder else file
 
 
 def images_in(folder: Path, layout: str) -> list[Path]:
@@ -131,8 +138,10 @@ def cdd11_pairs(root: str | Path, split: str, subset: str) -> list[Pair]:
     chosen = [d for d in folders if subset == "all" or d.name == subset
               or counts.get(subset) == d.name.count("_") + 1]
     if not chosen:
-        raise DatasetLayoutError(f"no CDD11 degradation folders for subset {subset!r} in {base}; expected layout: {layout}")
-    return [pair for d in chosen for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}")]
+        raise DatasetLayoutError(f"no CDD11 degradation folders for subset {subset!r} in {base}; "
+                                 f"expected layout: {layout}")
+    return [replace(pair, folder=d.name) for d in chosen
+            for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}")]
 
 
 def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all") -> list[Pair]:
@@ -313,7 +322,7 @@ class BenchmarkDataset(Dataset):
     """Full test images centre-cropped to multiples of 16 (upstream's protocol).
 
     Noise for the denoising benchmarks is seeded by the image's name and sigma, so a score does not depend
-    on what ran before. Item: {"lq", "gt": [3, H, W] float, "name": str}.
+    on what ran before. Item: {"lq", "gt": [3, H, W] float, "name": :attr:`Pair.name`}.
     """
 
     def __init__(self, pairs: list[Pair], crop_base: int = 16):
@@ -331,4 +340,4 @@ class BenchmarkDataset(Dataset):
             degraded = add_gaussian_noise(clean, sigma, seeded_rng(pair.clean.name, sigma))
         else:
             degraded = crop_to_multiple(read_rgb(pair.degraded), self.crop_base)
-        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "name": (pair.degraded or pair.clean).name}
+        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "name": pair.name}
