@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moceir
-from moceir.cli import build_parser, main
+from moceir.cli import main
 from moceir.io import save_image
 
 from conftest import fill_deterministic, make_tiny_layout
@@ -123,11 +123,6 @@ def test_earlier_results_are_refused_without_overwrite(tmp_path):
     check_output_path(tmp_path / "s", ["lolv1"], save_results=False, overwrite=False)
 
 
-def _test_takes_overwrite() -> bool:
-    return not build_parser().parse_known_args(["test", "--benchmarks", "lolv1", "--overwrite"])[1]
-
-
-@pytest.mark.skipif(not _test_takes_overwrite(), reason="`moceir test --overwrite` is not in cli.py yet")
 def test_second_test_run_refuses_to_replace_results(tmp_path, layout, tiny_ckpt, capsys):
     out = tmp_path / "r"
     assert _test(tiny_ckpt, layout, out, "lolv1") == 0
