@@ -58,11 +58,14 @@ def main() -> None:
     events = prof.key_averages()
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
     lines = [f"# Forward profile: {a.model}, {a.batch}x3x{a.size}x{a.size}, {a.precision}, {a.layout}, "
-             f"dispatch {a.dispatch}, experts {a.experts}, {device.type} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''})",
+             f"dispatch {a.dispatch}, experts {a.experts}, {device.type} "
+             f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''})",
              "", f"- wall time of one forward, unprofiled: {wall_ms:.1f} ms",
              f"- aten operator calls: {ops}"]
     sort_key = "self_cpu_time_total"
-    row = {"kind": "profile", "key": f"profile {a.precision} {a.size} b{a.batch}", "model": a.model, "size": a.size,
+    skip = " experts-skip" if a.experts == "skip" else ""
+    row = {"kind": "profile", "key": f"profile {a.precision}{skip} {a.size} b{a.batch}", "model": a.model,
+           "size": a.size,
            "batch": a.batch, "precision": a.precision, "dispatch": a.dispatch, "experts": a.experts,
            "layout": a.layout,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
@@ -71,7 +74,8 @@ def main() -> None:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.device_time for e in kernels) / 1000
         lines += [f"- CUDA kernels launched: {len(kernels)}",
-                  f"- device-busy time (sum of kernel times): {busy_ms:.1f} ms, {100 * busy_ms / wall_ms:.0f}% of the wall time"]
+                  f"- device-busy time (sum of kernel times): {busy_ms:.1f} ms, "
+                  f"{100 * busy_ms / wall_ms:.0f}% of the wall time"]
         sort_key = "self_device_time_total"
         row.update(cuda_kernels=len(kernels), device_busy_ms=busy_ms, busy_pct=100 * busy_ms / wall_ms)
     if a.jsonl:

@@ -118,8 +118,9 @@ if [ "$INFER_S" -gt 0 ]; then
   bench_s=$((INFER_S - LN_S - PROFILE_S > 0 ? INFER_S - LN_S - PROFILE_S : 1))  # timeout 0 would mean no limit
   # shellcheck disable=SC2086  # INFER_SIZES and INFER_MODES are lists
   (cd benchmarks && timeout -k 5 $bench_s python3 bench.py --model "$MODEL" --sizes $INFER_SIZES \
-    --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --experts run skip --modes $INFER_MODES \
-    --dispatches dense --cudnn_benchmark off --skip_train --out "$WORK/inference.json" --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
+    --batches 1 8 --max_pixels "$INFER_MAX_PIXELS" --precisions fp32 bf16 --experts run skip \
+    --modes $INFER_MODES --dispatches dense --cudnn_benchmark off --skip_train --out "$WORK/inference.json" \
+    --jsonl "$OUT/bench.jsonl") >> "$LOG" 2>&1
   bench_rc=$?
   # The LayerNorm formulations at the network's shapes (window 3's 1024² profile: F.layer_norm 18.5% of the time)
   ln_s=$((infer_end - SECONDS - PROFILE_S))

@@ -341,15 +341,45 @@ def test_an_ext_that_cannot_be_written_is_refused_before_any_work(tmp_path, tiny
 def test_an_unexpected_writer_error_is_never_silent(tmp_path, tiny_model, monkeypatch):
     import moceir.pipeline as pipeline
 
-    def broken(*args, **kwargs):
-        raise KeyError("a bug in the writer")
+    real_save = pipeline.save_image
 
-    _img(tmp_path / "in" / "a.png")
-    _img(tmp_path / "in" / "b.png", seed=1)
-    monkeypatch.setattr(pipeline, "save_image", broken)
-    with pytest.raises(KeyError, match="a bug in the writer"):
-        moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None)
-    assert not list((tmp_path / "o").iterdir())  # nothing half-written either
+    def broken_for_b(path, *args, **kwargs):
+        if path.name.startswith(".b."):
+            raise KeyError("a bug in the writer")
+        real_save(path, *args, **kwargs)
+
+    for k, name in enumerate("abc"):
+        _img(tmp_path / "in" / f"{name}.png", seed=k)
+    monkeypatch.setattr(pipeline, "save_image", broken_for_b)
+    with pytest.raises(KeyError, match="a bug in the writer"):  # raised, after the others and the report
+        moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None,
+                             report=tmp_path / "r.json")
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "c.png"]  # nothing half-written
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [os.path.basename(r["input"]) for r in report["images"]] == ["a.png", "c.png"]
+    assert len(report["errors"]) == 1 and "b.png" in report["errors"][0]
+
+
+def test_a_report_in_the_output_folder_is_written_when_nothing_is_restored(tmp_path, tiny_ckpt, capsys):
+    assert _restore(tmp_path / "missing.png", "-o", tmp_path / "o", "--report", tmp_path / "o" / "r.json",
+                    "--checkpoint", tiny_ckpt) == 1
+    _one_line(capsys.readouterr().err)
+    assert json.loads((tmp_path / "o" / "r.json").read_text())["errors"]
+
+
+def test_a_png_with_damaged_image_data_is_refused(tmp_path, tiny_ckpt, capsys):
+    # reading the EXIF block before decoding made PIL swallow the decoding error: a black image, exit 0
+    src = tmp_path / "in" / "bad.png"
+    src.parent.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(src)
+    data = bytearray(src.read_bytes())
+    start = data.index(b"IDAT") + 4 + 200
+    data[start:start + 60] = bytes(b ^ 0xFF for b in data[start:start + 60])
+    src.write_bytes(bytes(data))
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "bad.png" in err and not (tmp_path / "o" / "bad.png").exists()
 
 
 def test_an_input_without_a_writable_extension_is_written_as_png(tmp_path, tiny_ckpt, capsys):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -113,6 +112,8 @@ class _RestoreTask(pl.LightningModule):
     def on_predict_end(self) -> None:
         rows = self.restorer.close()
         self.rows = {i: r for part in _gather(rows) for i, r in part.items()}
+        if self.restorer.writer_error is not None:  # a bug in this rank's writer, after every rank's rows are in
+            raise self.restorer.writer_error
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # decoded images stay on the host; the Restorer moves each batch

@@ -104,14 +104,14 @@ def load_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
-            orientation = _orientation(im)
             if fmt == "TIFF" and _tiff_is_16bit(path):  # before im.load(): PIL cannot decode planar 16-bit TIFF
-                return _sixteen_bit(path, fmt, frames, orientation)
-            im.load()
+                return _sixteen_bit(path, fmt, frames, _orientation(im))
+            im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
             if fmt == "PNG" and _png_bit_depth(path) == 16:
-                return _sixteen_bit(path, fmt, frames, orientation)
+                return _sixteen_bit(path, fmt, frames, _orientation(im))
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
-                kind = "floating-point" if im.mode.startswith("F") else "32-bit or signed integer"
+                kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
+                        else "32-bit or signed integer")
                 raise ImageReadError(f"{path}: {kind} samples (PIL mode {im.mode}) are not supported; convert it "
                                      "to an 8- or 16-bit (unsigned) PNG or TIFF")
             im = ImageOps.exif_transpose(im)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -406,6 +406,7 @@ class Restorer:
         self.rows: dict[int, dict] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moceir-writer")
         self._pending: list[Future] = []
+        self.writer_error: BaseException | None = None
 
     def fail(self, i: int, e: BaseException | str) -> None:
         line = e if isinstance(e, str) else _error_line(self.jobs[i].input, e)
@@ -487,8 +488,8 @@ class Restorer:
     def submit(self, results: list[tuple[int, np.ndarray, LoadedImage, dict]]) -> None:
         """Queue restored images for the background writer (at most 2 x batch_size wait at a time)."""
         for i, y, img, row in results:
-            while sum(not f.done() for f in self._pending) >= 2 * self.opts.batch_size:
-                next(f for f in self._pending if not f.done()).result()
+            while len(busy := [f for f in self._pending if not f.done()]) >= 2 * self.opts.batch_size:
+                wait(busy, return_when=FIRST_COMPLETED)  # not .result(): a writer's bug is raised by close()
             self._pending.append(self._writer.submit(self._write, i, y, img, row))
 
     def _write(self, i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
@@ -506,12 +507,11 @@ class Restorer:
     def close(self) -> dict[int, dict]:
         """Wait for every output to be written; returns the rows by job index.
 
-        An unexpected error in the writer (a bug) is raised here, after the other outputs are written, so that no
-        image is ever dropped without a word.
+        An unexpected error in the writer (a bug) is kept in ``writer_error`` (its image's row holds the error),
+        for the caller to raise after writing the report: no image is ever dropped without a word.
         """
         self._writer.shutdown(wait=True)
-        for f in self._pending:
-            f.result()
+        self.writer_error = next((f.exception() for f in self._pending if f.exception() is not None), None)
         return self.rows
 
 
@@ -581,7 +581,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         raise UsageError(f"--cuda_graphs needs a MoCE-IR PyTorch network, got {type(net).__name__}")
     budget = max_memory if max_memory is not None else memory_budget(device)
     plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)
-    if plan.batches:
+    if plan.batches or (plan.report is not None and not plan.report.parent.exists()):  # the report may go in -o
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     if launch.world_size > 1:
         rows = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
@@ -604,4 +604,6 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     ordered = plan.failures + [rows[i] for i in sorted(rows)]
     if plan.report is not None:
         write_report(plan.report, model, ordered, overwrite)
+    if restorer.writer_error is not None:
+        raise restorer.writer_error
     return ordered

@@ -66,7 +66,7 @@ class ChannelAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)  # not in the state_dict
+        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)
         self.qkv = conv1x1(dim, dim * 3, bias)
         self.qkv_dwconv = depthwise(dim * 3, 3, bias)
         self.project_out = conv1x1(dim, dim, bias)
@@ -85,7 +85,7 @@ class ChannelCrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)  # not in the state_dict
+        self.register_buffer("off_head", off_head_mask(dim, heads), persistent=False)
         self.q = conv1x1(dim, dim, bias)
         self.q_dwconv = depthwise(dim, 3, bias)
         self.kv = conv1x1(dim, dim * 2, bias)
