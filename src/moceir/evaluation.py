@@ -19,7 +19,7 @@ from .inference import restore_tensor
 from .io import ImageReadError, save_image
 from .metrics import psnr, ssim
 from .models import MoCEIR
-from .pipeline import UsageError, write_atomically
+from .pipeline import UsageError, folder_problem, write_atomically
 
 REPORT_FILES = ("results.md", "results.json", "per_image.csv")
 
@@ -139,16 +139,6 @@ def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _folder_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be made or written in, or None."""
-    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"folder {existing} is not writable"
-    return None
-
-
 def check_output_path(out_dir: str | Path, benchmarks: Sequence[str] = (), save_results: bool = False,
                       overwrite: bool = True) -> None:
     """A UsageError, before any scoring, where ``out_dir`` (and ``images/<benchmark>`` with ``save_results``)
@@ -156,7 +146,7 @@ def check_output_path(out_dir: str | Path, benchmarks: Sequence[str] = (), save_
     out_dir = Path(os.path.abspath(out_dir))
     folders = [out_dir] + [out_dir / "images" / b for b in benchmarks if save_results]
     for folder in folders:
-        problem = _folder_problem(folder)
+        problem = folder_problem(folder)
         if problem:
             raise UsageError(f"--output_path {out_dir}: {problem}; choose another --output_path")
     files = [out_dir / name for name in REPORT_FILES]

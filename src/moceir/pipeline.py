@@ -143,17 +143,25 @@ def check_name_parts(ext: str | None, suffix: str) -> None:
         raise UsageError(f"--suffix {suffix!r} holds a path separator; give text to append to the file names")
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be made or written in (a file on its path, no write permission), or None."""
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"folder {existing} is not writable"
+    return None
+
+
 def check_output_dir(out_dir: Path) -> None:
     """A UsageError, before any work, where the output folder cannot be made or written."""
     out_dir = Path(os.path.abspath(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
-    existing = next(p for p in (out_dir, *out_dir.parents) if os.path.lexists(p))
-    if not existing.is_dir():
-        raise UsageError(f"-o {out_dir}: {existing} is a file, not a folder; choose another -o")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "folder" if existing == out_dir else f"folder {existing}, in which it would be made,"
-        raise UsageError(f"-o {out_dir}: the {what} is not writable; choose another -o")
+    problem = folder_problem(out_dir)
+    if problem:
+        raise UsageError(f"-o {out_dir}: {problem}; choose another -o")
 
 
 def output_problem(job: Job, inputs: set[Path], overwrite: bool) -> str | None:
