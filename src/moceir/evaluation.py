@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs
 from .inference import restore_tensor
-from .io import ImageReadError, save_image
+from .io import ImageReadError, save_image, write_atomically
 from .metrics import psnr, ssim
 from .models import MoCEIR
-from .pipeline import UsageError, folder_problem, write_atomically
+from .pipeline import UsageError, folder_problem
 
 REPORT_FILES = ("results.md", "results.json", "per_image.csv")
 

@@ -1,9 +1,12 @@
-"""Image reading and writing with one-line errors that name the file."""
+"""Image reading and writing with one-line errors that name the file, and atomic file writes."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -195,3 +198,34 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
     im.save(path, **kwargs)
+
+
+def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Write through ``write(tmp)`` into a fresh temporary file beside ``target``, then move it into place.
+
+    Without ``overwrite`` the move is a hard link, which fails if anything (a file, a dangling link) appeared
+    at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
+    followed.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target, follow_symlinks=False)
+            except FileExistsError:
+                raise OSError(f"output {target} appeared meanwhile; pass --overwrite to replace it") from None
+            except OSError:  # a filesystem without hard links
+                if os.path.lexists(target):
+                    raise
+                os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -189,7 +189,7 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
     if note:
         metadata[NOTE_KEY] = note
     program.model.metadata_props.update(metadata)
-    return write_output(path, lambda tmp: program.save(str(tmp), external_data=False))
+    return write_output(path, lambda tmp: program.save(str(tmp), external_data=False), overwrite)
 
 
 class OnnxModel:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,7 +26,7 @@ import torch
 from .cuda_graphs import GraphedNetwork
 from .inference import ROUTING_MODES, auto_tile, batch_that_fits, memory_budget, restore_tensor
 from .io import (IMAGE_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image,
-                 save_image)
+                 save_image, write_atomically)
 from .models import MoCEIR
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -189,48 +188,16 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
     if path in outputs:
         raise UsageError(f"--report {report} is also an output image's path; choose another path")
     in_out_dir = out_dir is not None and path.parent == Path(os.path.abspath(out_dir))
-    if os.path.lexists(path.parent) and not path.parent.is_dir():
-        raise UsageError(f"--report {report}: {path.parent} is a file, not a folder; choose another path")
-    if not path.parent.is_dir() and not in_out_dir:
+    if not os.path.lexists(path.parent) and not in_out_dir:
         raise UsageError(f"--report {report}: folder {path.parent} does not exist; create it or choose another path")
-    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--report {report}: folder {path.parent} is not writable; choose another path")
+    problem = folder_problem(path.parent)
+    if problem:
+        raise UsageError(f"--report {report}: {problem}; choose another path")
     if path.is_dir():
         raise UsageError(f"--report {report} is a folder; give a file name such as report.json")
     if os.path.lexists(path) and not overwrite:
         raise UsageError(f"--report {report} exists; pass --overwrite to replace it")
     return path
-
-
-def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Write through ``write(tmp)`` into a fresh temporary file beside ``target``, then move it into place.
-
-    Without ``overwrite`` the move is a hard link, which fails if anything (a file, a dangling link) appeared
-    at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
-    followed.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target, follow_symlinks=False)
-            except FileExistsError:
-                raise OSError(f"output {target} appeared while restoring; pass --overwrite to replace it") from None
-            except OSError:  # a filesystem without hard links
-                if os.path.lexists(target):
-                    raise
-                os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -277,7 +244,6 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     """
     out_dir = Path(output_dir)
     check_output_dir(out_dir)
-    check_name_parts(ext, suffix)
     files, errors = gather_inputs(inputs)
     failures = [{"input": spec, "error": e} for spec, e in errors]
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
@@ -519,7 +485,7 @@ class Restorer:
         for the caller to raise after writing the report: no image is ever dropped without a word.
         """
         self._writer.shutdown(wait=True)
-        self.writer_error = next((f.exception() for f in self._pending if f.exception() is not None), None)
+        self.writer_error = next((e for f in self._pending if (e := f.exception()) is not None), None)
         return self.rows
 
 

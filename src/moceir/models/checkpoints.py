@@ -12,13 +12,13 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from ..io import write_atomically
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
 
@@ -321,24 +321,14 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def write_output(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through ``write(tmp)`` into a fresh temporary file beside ``path`` (same suffix), then move it onto
-    ``path``. Nothing else is touched: the temporary name is unique, and is removed if anything fails."""
+def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """:func:`moceir.io.write_atomically` into ``path`` (its folder made first), with a write failure as a
+    one-line CheckpointError; ``path`` has passed :func:`check_output_path`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        write_atomically(path, write, overwrite)
     except OSError as e:
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -358,4 +348,4 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"}
     if note:
         metadata["note"] = note
-    return write_output(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata))
+    return write_output(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata), overwrite)
