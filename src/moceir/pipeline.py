@@ -139,7 +139,8 @@ def check_name_parts(ext: str | None, suffix: str) -> None:
         raise UsageError(f"--ext {ext}: cannot write that format; use one of "
                          + ", ".join(e[1:] for e in WRITABLE_EXTS))
     if any(c in suffix for c in ("/", "\\", os.sep, "\0")) or suffix in (".", ".."):
-        raise UsageError(f"--suffix {suffix!r} holds a path separator; give text to append to the file names")
+        raise UsageError(f"--suffix {suffix!r} is or holds a path part (a separator, '.' or '..'); give text to "
+                         "append to the file names")
 
 
 def folder_problem(folder: Path) -> str | None:
