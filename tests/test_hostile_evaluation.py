@@ -103,7 +103,8 @@ def test_saved_image_is_written_atomically(tmp_path, layout, tiny_ckpt, monkeypa
     monkeypatch.setattr(evaluation, "save_image", half_written)
     ds = evaluation.benchmark_dataset(layout, "lolv1")
     model = moceir.load_model(tiny_ckpt, device="cpu")
-    line = evaluation.score_image(model, (ds, tmp_path / "images"), 0, torch.device("cpu"))
+    targets, _ = evaluation.save_targets(ds, tmp_path / "images")
+    line = evaluation.score_image(model, (ds, targets), 0, torch.device("cpu"))
     assert isinstance(line, str) and "1.png" in line and "No space left" in line
     assert list((tmp_path / "images").iterdir()) == []  # neither a broken 1.png nor a temporary file
 
@@ -162,3 +163,23 @@ def test_results_json_names_the_skipped_image(tmp_path, layout, tiny_ckpt):
     assert _test(tiny_ckpt, layout, out, "lolv1") == 1
     data = json.loads((out / "results.json").read_text())
     assert data["summary"][0]["images"] == 2 and "9.png" in data["errors"]["lolv1"][0]
+
+
+def test_inputs_sharing_a_stem_are_saved_apart(tmp_path, layout, tiny_ckpt, capsys):
+    lol = layout / "llie/LOLv1/Test"
+    save_image(lol / "input/1.jpg", np.full((24, 32, 3), 0.1, np.float32))  # 1.png's twin in another format
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, layout, out, "lolv1", extra=["--save_results"]) == 0
+    assert sorted(name for _, name in _rows(out)) == ["1.jpg", "1.png", "2.png"]
+    assert sorted(p.name for p in (out / "images/lolv1").iterdir()) == ["1_jpg.png", "1_png.png", "2.png"]
+    assert "1.jpg -> 1_jpg.png" in capsys.readouterr().err
+
+
+def test_two_clean_images_for_one_key_is_a_one_line_error(tmp_path, layout, tiny_ckpt, capsys):
+    target = layout / "llie/LOLv1/Test/target"
+    save_image(target / "1.jpg", np.zeros((24, 32, 3), np.float32))
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, layout, out, "lolv1", "dehaze") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1.jpg and 1.png" in err[0] and f"keep one of them in {target}" in err[0]
+    assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]  # the other benchmark is still scored

@@ -239,7 +239,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     from .data.datasets import DatasetLayoutError
     from .distributed import Launch, evaluate_distributed, global_rank
-    from .evaluation import benchmark_dataset, check_output_path, collect, markdown_table, score_image, write_reports
+    from .evaluation import (benchmark_dataset, check_output_path, collect, markdown_table, save_targets, score_image,
+                             write_reports)
 
     from .models.experts import set_expert_bypass
 
@@ -258,7 +259,12 @@ def cmd_test(args: argparse.Namespace) -> int:
             print(f"error: {bench}: {e}", file=sys.stderr)
             failed = True
     score = partial(score_image, y_channel=args.y_channel, context_pad=args.context_pad, overwrite=args.overwrite)
-    saves = [(ds, out_dir / "images" / bench if args.save_results else None) for bench, ds in entries]
+    saves = []
+    for bench, ds in entries:
+        targets, notes = save_targets(ds, out_dir / "images" / bench) if args.save_results else (None, [])
+        for note in notes if global_rank() == 0 else ():
+            print(f"note: {bench}: {note}", file=sys.stderr)
+        saves.append((ds, targets))
     if launch.world_size > 1:
         scored = evaluate_distributed(model, saves, [len(ds) for ds, _ in saves], score, launch)
     else:

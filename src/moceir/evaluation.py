@@ -19,7 +19,7 @@ from .inference import restore_tensor
 from .io import ImageReadError, save_image, write_atomically
 from .metrics import psnr, ssim
 from .models import MoCEIR
-from .pipeline import UsageError, folder_problem
+from .pipeline import UsageError, folder_problem, plan_outputs
 
 REPORT_FILES = ("results.md", "results.json", "per_image.csv")
 
@@ -58,13 +58,34 @@ def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]
     return item, None
 
 
-def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx: int, device: torch.device,
-                y_channel: bool = False, context_pad: int = 0, overwrite: bool = True) -> dict | str:
-    """Restore and score image ``idx`` of ``entry = (dataset, save_dir)`` -> its row, or a one-line error.
+def save_targets(ds: BenchmarkDataset, save_dir: Path) -> tuple[list[Path], list[str]]:
+    """Where each image of ``ds`` is saved -> (one path per pair, notes about renamed ones).
 
-    The restored image goes to ``save_dir/<name>.png`` (atomically; without ``overwrite`` never over a file).
+    ``save_dir/<name>.png`` (CDD11: ``save_dir/haze/001.png``); names that would share one PNG in a folder
+    (``a.png`` and ``a.jpg``) are told apart as restore tells its outputs apart (``a_png.png``, ``a_jpg.png``).
     """
-    ds, save_dir = entry
+    folders: dict[str, list[int]] = {}
+    for i, pair in enumerate(ds.pairs):
+        folders.setdefault(pair.folder, []).append(i)
+    targets: list[Path] = [save_dir] * len(ds.pairs)
+    notes = []
+    for folder, indices in folders.items():
+        files = [Path(ds.pairs[i].name) for i in indices]
+        jobs, renamed = plan_outputs(files, save_dir / folder, ext="png")
+        notes += renamed
+        for i, job in zip(indices, jobs):
+            targets[i] = job.output
+    return targets, notes
+
+
+def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None], idx: int, device: torch.device,
+                y_channel: bool = False, context_pad: int = 0, overwrite: bool = True) -> dict | str:
+    """Restore and score image ``idx`` of ``entry = (dataset, save targets)`` -> its row, or a one-line error.
+
+    With targets (:func:`save_targets`), the restored image goes to ``targets[idx]`` (atomically; without
+    ``overwrite`` never over a file).
+    """
+    ds, targets = entry
     item, error = _load_item(ds, idx)
     if item is None:
         return error
@@ -82,8 +103,8 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, Path | None], idx:
     if y_channel:
         row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
         row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
-    if save_dir is not None:
-        target = save_dir / Path(item["name"]).with_suffix(".png")  # CDD11: save_dir/haze/001.png
+    if targets is not None:
+        target = targets[idx]
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(target, lambda tmp: save_image(tmp, restored), overwrite)
@@ -122,7 +143,8 @@ def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, devi
     ``context_pad`` > 0 departs from upstream's protocol (see :func:`moceir.inference.restore_tensor`).
     """
     ds = benchmark_dataset(data_dir, benchmark, cdd11_subset)
-    scored = [score_image(model, (ds, save_dir), i, device, y_channel, context_pad)
+    targets = save_targets(ds, save_dir)[0] if save_dir is not None else None
+    scored = [score_image(model, (ds, targets), i, device, y_channel, context_pad)
               for i in tqdm(range(len(ds)), desc=benchmark, disable=not progress, leave=False)]
     return collect(benchmark, scored)
 

@@ -75,8 +75,14 @@ def _number(stem: str) -> str:
 
 def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
                  key: Callable[[str], str] = lambda s: s) -> list[Pair]:
-    """Match files by ``key(stem)``, not by sorted order; any unmatched degraded file is an error."""
-    by_key = {key(p.stem): p for p in clean}
+    """Match files by ``key(stem)``, not by sorted order; an unmatched degraded file, or two clean files with one
+    key (``a.png`` and ``a.jpg``: which one is the reference?), is an error."""
+    by_key: dict[str, Path] = {}
+    for p in clean:
+        if key(p.stem) in by_key:
+            raise DatasetLayoutError(f"{by_key[key(p.stem)]} and {p.name} are both the clean image for "
+                                     f"'{key(p.stem)}'; keep one of them in {p.parent}")
+        by_key[key(p.stem)] = p
     missing = [p for p in degraded if key(p.stem) not in by_key]
     if missing:
         raise DatasetLayoutError(f"{len(missing)} file(s) in {missing[0].parent} have no clean counterpart in "
