@@ -205,7 +205,7 @@ def test_export_writes_fp16_with_note_and_never_overwrites(tmp_path, tiny_ckpt, 
         assert f.get_tensor(f.keys()[0]).dtype == torch.float16
     assert moceir.load_model(out).config == moceir.load_model(tiny_ckpt).config
     before = out.read_bytes()
-    assert main(["export", tiny_ckpt, str(out)]) == 1
+    assert main(["export", tiny_ckpt, str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
     bad = tmp_path / "bad.ckpt"
     bad.write_text("nope")

@@ -30,7 +30,7 @@ def test_export_refuses_unknown_suffix_and_existing_file(exported, capsys):
     assert main(["export", ckpt, str(root / "model.pt")]) == 2
     assert "suffix" in capsys.readouterr().err and not (root / "model.pt").exists()
     before = (root / "tiny.onnx").read_bytes()
-    assert main(["export", ckpt, onnx]) == 1
+    assert main(["export", ckpt, onnx]) == 2
     assert (root / "tiny.onnx").read_bytes() == before
 
 

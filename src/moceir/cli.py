@@ -439,9 +439,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")
-    if out.exists() and not args.overwrite:  # a dangling link: save_model's own one-line refusal
-        print(f"error: {out} exists; choose another name or pass --overwrite", file=sys.stderr)
-        return 1
+    if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
+        raise UsageError(f"{out} exists; choose another name or pass --overwrite")
     model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
     if fmt == "onnx":
         from .onnx import export_onnx
