@@ -360,6 +360,43 @@ def test_an_unexpected_writer_error_is_never_silent(tmp_path, tiny_model, monkey
     assert len(report["errors"]) == 1 and "b.png" in report["errors"][0]
 
 
+
+def test_a_distributed_writer_error_is_raised_after_the_report(tmp_path, tiny_model, monkeypatch):
+    """The Lightning path (--num_cpu_processes/--num_gpus) as a one-process world: the writer's bug is handed back
+    instead of being raised inside Trainer.predict, so rank 0 writes the report first, as one process does."""
+    import moceir.distributed as distributed
+    import moceir.pipeline as pipeline
+
+    real_save, real_restore = pipeline.save_image, distributed.restore_distributed
+    handed_back = []
+
+    def broken_for_b(path, *args, **kwargs):
+        if path.name.startswith(".b."):
+            raise KeyError("a bug in the writer")
+        real_save(path, *args, **kwargs)
+
+    def one_process(net, plan, options, budget, launch, *args):
+        rows, error = real_restore(net, plan, options, budget, distributed.Launch(), *args)
+        handed_back.append(error)
+        return rows, error
+
+    class TwoProcesses(distributed.Launch):
+        world_size = 2  # takes the distributed branch; one_process runs it as a world of one
+
+    for k, name in enumerate("abc"):
+        _img(tmp_path / "in" / f"{name}.png", seed=k)
+    monkeypatch.setattr(pipeline, "save_image", broken_for_b)
+    monkeypatch.setattr(distributed, "restore_distributed", one_process)
+    monkeypatch.setattr(distributed, "Launch", TwoProcesses)
+    with pytest.raises(KeyError, match="a bug in the writer"):
+        moceir.restore_files(tmp_path / "in", tmp_path / "o", tiny_model, progress=False, log=lambda s: None,
+                             report=tmp_path / "r.json")
+    assert isinstance(handed_back[0], KeyError)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "c.png"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [os.path.basename(r["input"]) for r in report["images"]] == ["a.png", "c.png"]
+    assert len(report["errors"]) == 1 and "b.png" in report["errors"][0]
+
 def test_a_report_in_the_output_folder_is_written_when_nothing_is_restored(tmp_path, tiny_ckpt, capsys):
     assert _restore(tmp_path / "missing.png", "-o", tmp_path / "o", "--report", tmp_path / "o" / "r.json",
                     "--checkpoint", tiny_ckpt) == 1

@@ -95,6 +95,7 @@ class _RestoreTask(pl.LightningModule):
         self.num_workers, self.log = num_workers, log
         self.restorer: Restorer | None = None
         self.rows: dict[int, dict] = {}
+        self.writer_error: BaseException | None = None
 
     def predict_dataloader(self) -> _AsPlanned:
         mine = PlannedBatches(share(self.plan.batches, self.trainer.global_rank, self.trainer.world_size))
@@ -112,8 +113,7 @@ class _RestoreTask(pl.LightningModule):
     def on_predict_end(self) -> None:
         rows = self.restorer.close()
         self.rows = {i: r for part in _gather(rows) for i, r in part.items()}
-        if self.restorer.writer_error is not None:  # a bug in this rank's writer, after every rank's rows are in
-            raise self.restorer.writer_error
+        self.writer_error = self.restorer.writer_error  # raised by the caller once the report is written
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch  # decoded images stay on the host; the Restorer moves each batch
@@ -131,13 +131,15 @@ class RestoredImageWriter(BasePredictionWriter):
 
 
 def restore_distributed(net: torch.nn.Module, plan: Plan, options: RestoreOptions, budget: float, launch: Launch,
-                        num_workers: int = 0, log: Callable[[str], None] = print) -> dict[int, dict]:
-    """Restore ``plan`` across ``launch``'s processes; returns every rank's rows by job index, on every rank."""
+                        num_workers: int = 0, log: Callable[[str], None] = print
+                        ) -> tuple[dict[int, dict], BaseException | None]:
+    """Restore ``plan`` across ``launch``'s processes -> (every rank's rows by job index, the same on every rank;
+    an unexpected error of this rank's writer, a bug, for the caller to raise after the report is written)."""
     task = _RestoreTask(net, plan, options, budget, num_workers, log)
     trainer = launch.trainer()
     trainer.callbacks.append(RestoredImageWriter())
     trainer.predict(task, return_predictions=False)
-    return task.rows
+    return task.rows, task.writer_error
 
 
 class _AsPlanned:

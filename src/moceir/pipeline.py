@@ -559,10 +559,12 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     if plan.batches or (plan.report is not None and not plan.report.parent.exists()):  # the report may go in -o
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     if launch.world_size > 1:
-        rows = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
+        rows, writer_error = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
         ordered = plan.failures + [rows[i] for i in sorted(rows)]
         if plan.report is not None and global_rank() == 0:
             write_report(plan.report, model, ordered, overwrite)
+        if writer_error is not None:
+            raise writer_error
         return ordered
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
     loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
