@@ -110,18 +110,18 @@ def test_saved_image_is_written_atomically(tmp_path, layout, tiny_ckpt, monkeypa
 
 
 def test_earlier_results_are_refused_without_overwrite(tmp_path):
-    from moceir.evaluation import check_output_path, write_reports
+    from moceir.evaluation import check_results_folder, write_reports
     from moceir.pipeline import UsageError
 
-    check_output_path(tmp_path / "r", ["lolv1"], save_results=True, overwrite=False)  # nothing there yet
+    check_results_folder(tmp_path / "r", ["lolv1"], save_results=True, overwrite=False)  # nothing there yet
     write_reports(_one_result(), tmp_path / "r")
     with pytest.raises(UsageError, match="results.md.*--overwrite"):
-        check_output_path(tmp_path / "r", ["lolv1"], overwrite=False)
-    check_output_path(tmp_path / "r", ["lolv1"])  # overwrite=True (the default): today's behaviour
+        check_results_folder(tmp_path / "r", ["lolv1"], overwrite=False)
+    check_results_folder(tmp_path / "r", ["lolv1"])  # overwrite=True (the default): today's behaviour
     (tmp_path / "s" / "images" / "lolv1").mkdir(parents=True)
     with pytest.raises(UsageError, match="images/lolv1"):
-        check_output_path(tmp_path / "s", ["lolv1"], save_results=True, overwrite=False)
-    check_output_path(tmp_path / "s", ["lolv1"], save_results=False, overwrite=False)
+        check_results_folder(tmp_path / "s", ["lolv1"], save_results=True, overwrite=False)
+    check_results_folder(tmp_path / "s", ["lolv1"], save_results=False, overwrite=False)
 
 
 def test_second_test_run_refuses_to_replace_results(tmp_path, layout, tiny_ckpt, capsys):
@@ -145,7 +145,7 @@ def test_output_path_under_a_file_is_one_line(tmp_path, layout, tiny_ckpt, capsy
 
 @pytest.mark.parametrize("make", ["file_parent", "file_itself", "images_is_a_file"])
 def test_output_path_problems_are_found_before_scoring(tmp_path, make):
-    from moceir.evaluation import check_output_path
+    from moceir.evaluation import check_results_folder
     from moceir.pipeline import UsageError
 
     (tmp_path / "f").write_text("x")
@@ -153,7 +153,7 @@ def test_output_path_problems_are_found_before_scoring(tmp_path, make):
     if make == "images_is_a_file":
         (tmp_path / "images").write_text("x")
     with pytest.raises(UsageError, match="--output_path"):
-        check_output_path(out, ["lolv1"], save_results=True)
+        check_results_folder(out, ["lolv1"], save_results=True)
 
 
 def test_results_json_names_the_skipped_image(tmp_path, layout, tiny_ckpt):

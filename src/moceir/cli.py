@@ -239,13 +239,13 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     from .data.datasets import DatasetLayoutError
     from .distributed import Launch, evaluate_distributed, global_rank
-    from .evaluation import (benchmark_dataset, check_output_path, collect, markdown_table, save_targets, score_image,
-                             write_reports)
+    from .evaluation import (benchmark_dataset, check_results_folder, collect, markdown_table, save_targets,
+                             score_image, write_reports)
 
     from .models.experts import set_expert_bypass
 
     out_dir = Path(args.output_path)
-    check_output_path(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
+    check_results_folder(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
     model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)
     set_expert_bypass(model, args.experts == "skip")

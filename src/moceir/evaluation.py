@@ -161,7 +161,7 @@ def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_output_path(out_dir: str | Path, benchmarks: Sequence[str] = (), save_results: bool = False,
+def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), save_results: bool = False,
                       overwrite: bool = True) -> None:
     """A UsageError, before any scoring, where ``out_dir`` (and ``images/<benchmark>`` with ``save_results``)
     cannot be made or written, or, without ``overwrite``, where it holds results of an earlier run."""
@@ -197,7 +197,7 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
 
     A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError.
     """
-    check_output_path(out_dir, overwrite=overwrite)
+    check_results_folder(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
     table = markdown_table(results, title)
