@@ -70,8 +70,8 @@ def _bytes(v: str) -> float:
 
 def _patch(v: str) -> int:
     x = _number(int, v)
-    if x <= 0 or x % 8:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, got {v}")
+    if x <= 0 or x % 8 or x > 2**16:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 8, at most {2**16}, got {v}")
     return x
 
 
@@ -292,36 +292,52 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- routing
 def cmd_routing(args: argparse.Namespace) -> int:
-    from .evaluation import BenchmarkResult, evaluate_benchmark, routing_counts, routing_flops
+    from .data.datasets import DatasetLayoutError
+    from .evaluation import evaluate_benchmark, results_from_json, routing_counts, routing_flops
     from .plots import plot_routing_heatmap
 
-    from .pipeline import UsageError, write_atomically
+    from .pipeline import UsageError, folder_problem, write_atomically
 
     out = Path(args.output_path)
+    problem = folder_problem(out)
+    if problem:
+        raise UsageError(f"--output_path {out}: {problem}; choose another --output_path")
     files = {name: out / name for name in ("routing_heatmap.png", "routing.md", "routing.json")}
+    folders = [str(p) for p in files.values() if p.is_dir()]
+    if folders:
+        raise UsageError(f"{folders[0]} is a folder; choose another --output_path")
     existing = [str(p) for p in files.values() if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
     model, device, path = _load_for_eval(args)
+    failed = False
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
         try:
-            saved = json.loads(Path(args.from_results).read_text())["per_image"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--from_results {args.from_results}: not a results.json of `moceir test` "
-                             f"({type(e).__name__})") from None
-        results = [BenchmarkResult(b, saved[b]) for b in args.benchmarks if b in saved]
-        missing = [b for b in args.benchmarks if b not in saved]
-        if missing:
-            raise UsageError(f"{args.from_results} has no results for {missing}")
+            results = results_from_json(json.loads(Path(args.from_results).read_text()), args.benchmarks,
+                                        model.num_moe_layers, model.config.num_exp_blocks)
+        except (OSError, ValueError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise UsageError(f"--from_results {args.from_results}: {why}; pass the results.json that "
+                             "`moceir test` wrote with this checkpoint") from None
     else:
         subset = _cdd11_subset(args)
         results = []
         for b in args.benchmarks:
-            r = evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset,
-                                   progress=not args.quiet)
+            try:
+                r = evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset,
+                                       progress=not args.quiet)
+            except (DatasetLayoutError, ValueError) as e:
+                print(f"error: {b}: {e}", file=sys.stderr)
+                failed = True
+                continue
             for line in r.errors:
                 print(f"error: {b}: {line} (skipped)", file=sys.stderr)
-            results.append(r)
+            failed = failed or bool(r.errors)
+            if r.rows:
+                results.append(r)
+        if not results:
+            print("error: no image of any benchmark could be scored; nothing written", file=sys.stderr)
+            return 1
     bypassed = {}
     if args.bypass_column and not args.from_results:  # the ablation: the same images with every expert bypassed
         from .models.experts import set_expert_bypass
@@ -359,7 +375,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     write_atomically(files["routing.json"], lambda tmp: tmp.write_text(data), args.overwrite)
     print(table)
     print(f"wrote {png}, {out / 'routing.md'}, {out / 'routing.json'}")
-    return 0
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------------- restore
@@ -417,13 +433,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- plot-logs
 def cmd_plot_logs(args: argparse.Namespace) -> int:
-    from .plots import plot_training_logs
+    from matplotlib.figure import Figure
 
+    from .pipeline import UsageError, folder_problem
+    from .plots import MetricsError, plot_training_logs
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "training_curves.png"
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix.lower()[1:] not in formats:
+        raise UsageError(f"--out {out}: name it .png (or .{', .'.join(f for f in formats if f != 'png')})")
+    problem = folder_problem(out.parent)
+    if problem or out.is_dir():
+        raise UsageError(f"--out {out}: {problem or 'is a folder'}; choose another --out")
+    if args.out and os.path.lexists(out) and not args.overwrite:  # the run's own training_curves.png is redrawn
+        raise UsageError(f"--out {out} exists; pass --overwrite or choose another --out")
     try:
-        print(plot_training_logs(args.run_dir, args.out))
-    except FileNotFoundError as e:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(plot_training_logs(args.run_dir, out, overwrite=args.overwrite or not args.out))
+    except (FileNotFoundError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write ({e.strerror or e}); choose another --out") from None
     return 0
 
 
@@ -432,6 +463,7 @@ EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import load_model, save_model
+    from .models.checkpoints import resolve_path
     from .pipeline import PRECISIONS, UsageError
 
     out = Path(args.output)
@@ -441,6 +473,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                          "or pass --format")
     if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
         raise UsageError(f"{out} exists; choose another name or pass --overwrite")
+    if out.exists() and os.path.samefile(out, resolve_path(args.checkpoint)):  # --overwrite never means the input
+        raise UsageError(f"{out} is the checkpoint being exported; choose another output name")
     model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
     if fmt == "onnx":
         from .onnx import export_onnx
@@ -450,7 +484,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         try:
             path = export_onnx(model, out, note=args.note, overwrite=args.overwrite, optimize=args.optimize,
                                dispatch=args.dispatch)
-        except ImportError as e:
+        except (ImportError, ValueError) as e:  # onnx missing; a model with router noise in eval
             raise UsageError(str(e)) from None
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX fp32, dynamic batch/height/width in "
               f"multiples of {model.config.size_multiple}, config in its metadata)")
@@ -654,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("plot-logs", "PNG plots of loss, balance loss and LR of a training run")
     p.add_argument("run_dir", help="a training run folder (holding logs/metrics.csv)")
-    p.add_argument("--out", help="PNG path (default: <run_dir>/training_curves.png)")
+    p.add_argument("--out", help="PNG path (default: <run_dir>/training_curves.png, which training also writes and "
+                                 "this redraws)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_plot_logs)
     return parser
 
@@ -673,3 +709,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, UsageError) as e:  # unusable checkpoint or options: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+        return 1

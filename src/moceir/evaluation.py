@@ -214,6 +214,30 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     return paths
 
 
+def results_from_json(data: object, benchmarks: Sequence[str], layers: int, experts: int) -> list[BenchmarkResult]:
+    """The ``per_image`` rows of a ``moceir test`` results.json for ``benchmarks``, checked against a model with
+    ``layers`` MoE layers of ``experts`` experts; a ValueError names the first row that does not fit."""
+    saved = data.get("per_image") if isinstance(data, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError("no 'per_image' table: not a results.json of `moceir test`")
+    missing = [b for b in benchmarks if b not in saved]
+    if missing:
+        raise ValueError(f"no results for {', '.join(missing)}")
+    for b in benchmarks:
+        rows = saved[b]
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"{b}: no per-image rows")
+        for row in rows:
+            name = row.get("name", "?") if isinstance(row, dict) else "?"
+            picks = row.get("experts") if isinstance(row, dict) else None
+            if not (isinstance(picks, list) and len(picks) == layers
+                    and all(type(e) is int and 0 <= e < experts for e in picks)):
+                raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} indices below {experts} "
+                                 "(results of another model?)")
+            if type(row.get("psnr")) not in (int, float):
+                raise ValueError(f"{b}/{name}: no PSNR")
+    return [BenchmarkResult(b, saved[b]) for b in benchmarks]
+
 def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) -> np.ndarray:
     """[benchmarks, layers, experts] number of images that picked each expert."""
     counts = np.zeros((len(results), layers, experts), dtype=np.int64)

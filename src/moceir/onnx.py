@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .models import MoCEConfig, MoCEIR, attention, fused
-from .models.checkpoints import CONFIG_KEY, check_output_path, write_output
+from .models.checkpoints import CONFIG_KEY, CheckpointError, check_output_path, config_from_dict, write_output
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
@@ -240,4 +240,8 @@ def load_onnx(path: str | Path, providers: Sequence[str] | None = None, threads:
     meta = session.get_modelmeta().custom_metadata_map
     if CONFIG_KEY not in meta:
         raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not written by moceir.onnx.export_onnx")
-    return OnnxModel(session, MoCEConfig.from_dict(json.loads(meta[CONFIG_KEY])), meta.get(NOTE_KEY))
+    try:
+        config = json.loads(meta[CONFIG_KEY])
+    except ValueError:
+        raise CheckpointError(f"{path}: its {CONFIG_KEY!r} metadata is not JSON; export the model again") from None
+    return OnnxModel(session, config_from_dict(config, str(path)), meta.get(NOTE_KEY))

@@ -353,6 +353,8 @@ def load_network(model: Any, device: torch.device) -> Any:
         providers = None if device.type == "cuda" else ["CPUExecutionProvider"]
         try:
             return OnnxNetwork(load_onnx(model, providers=providers))
+        except CheckpointError:  # its embedded configuration, refused with its own line
+            raise
         except (OSError, ValueError, ImportError) as e:
             raise CheckpointError(f"cannot use ONNX model {model}: {str(e).splitlines()[0] if str(e) else e!r}") from None
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own errors for a damaged file

@@ -8,20 +8,38 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import write_atomically
+
+
+class MetricsError(ValueError):
+    """A metrics.csv that moceir cannot read (not written by ``moceir train``, or damaged)."""
+
 
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each logged series of a run's logs/metrics.csv: name -> (steps, values)."""
+    """Each logged series of a run's logs/metrics.csv: name -> (steps, values), finite points only.
+
+    FileNotFoundError when nothing is logged yet (no file, or no finite value); MetricsError naming the line
+    where the file is not a metrics.csv.
+    """
     path = Path(run_dir) / "logs" / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
     series: dict[str, list[tuple[float, float]]] = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = float(row.get("step") or 0)
-            for k, v in row.items():
-                if k not in ("step", "epoch") and v not in ("", None):
-                    series.setdefault(k, []).append((step, float(v)))
-    return {k: (np.array([s for s, _ in v]), np.array([y for _, y in v])) for k, v in series.items()}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                if None in row:
+                    raise ValueError(f"more fields than the header's {len(reader.fieldnames or ())}")
+                step = float(row.get("step") or 0)
+                for k, v in row.items():
+                    if k not in ("step", "epoch") and v not in ("", None):
+                        series.setdefault(k, []).append((step, float(v)))
+        except (ValueError, csv.Error) as e:
+            raise MetricsError(f"{path}: line {reader.line_num}: {str(e).splitlines()[0]}; not a metrics.csv "
+                               "written by `moceir train`") from None
+    points = {k: np.array([p for p in v if np.isfinite(p).all()]).reshape(-1, 2) for k, v in series.items()}
+    return {k: (v[:, 0], v[:, 1]) for k, v in points.items() if len(v)}
 
 
 def loss_label(run_dir: str | Path) -> str:
@@ -47,10 +65,13 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss: str | None = None) -> Path:
+def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss: str | None = None,
+                       overwrite: bool = True) -> Path:
     """Training loss, balance loss and learning rate over steps -> PNG (default run_dir/training_curves.png).
 
-    ``loss`` names the training loss in the title; by default it is read from the run's settings.json.
+    ``loss`` names the training loss in the title; by default it is read from the run's settings.json. The
+    figure is written atomically (a link at ``out`` is replaced, not followed); without ``overwrite`` an
+    existing ``out`` is an OSError. FileNotFoundError: nothing logged yet; MetricsError: not a metrics.csv.
     """
     import matplotlib
 
@@ -62,6 +83,9 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
     panels = [("train/loss", f"training loss ({loss or loss_label(run_dir)})", True), ("train/l1", "L1", True),
               ("train/balance", "balance loss (per MoE layer, mean)", False), ("train/lr", "learning rate", False)]
     panels = [p for p in panels if p[0] in m]
+    if not panels:
+        raise FileNotFoundError(f"{run_dir / 'logs' / 'metrics.csv'} holds no finite train/loss, train/l1, "
+                                "train/balance or train/lr value yet; plot again after more steps")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, title, log) in zip(axes[0], panels):
         x, y = m[key]
@@ -79,8 +103,10 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
     fig.suptitle(f"moceir training: {run_dir.name}", fontsize=11)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training_curves.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -1,0 +1,179 @@
+"""routing, plot-logs, export and info against hostile inputs: one line, nothing lost, a truthful exit code."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import moceir
+from moceir.cli import main
+
+from conftest import fill_deterministic, make_tiny_layout
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.05)
+    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
+
+
+@pytest.fixture
+def layout(tmp_path):
+    return make_tiny_layout(tmp_path / "data", n=2, size=(24, 32))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _routing(ckpt, out, *benchmarks, data=None, extra=()):
+    source = ["--data_file_dir", str(data)] if data else []
+    return main(["routing", "--ckpt", ckpt, "--benchmarks", *benchmarks, *source, "--output_path", str(out),
+                 "--device", "cpu", "--quiet", *extra])
+
+
+def _digest(path) -> str:
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_never_replaces_its_own_checkpoint(tmp_path, tiny_ckpt, capsys):
+    before = _digest(tiny_ckpt)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(tiny_ckpt)
+    for source, out in ((tiny_ckpt, tiny_ckpt), (str(link), tiny_ckpt), (tiny_ckpt, str(link))):
+        assert main(["export", source, out, "--overwrite", "--dtype", "fp16"]) == 2
+        assert "is the checkpoint being exported" in _one_line(capsys)
+    assert _digest(tiny_ckpt) == before and link.is_symlink()
+
+
+def test_export_of_a_model_with_router_noise_to_onnx_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    noisy = moceir.create_model("MoCE_IR_tiny", eval_router_noise=True)
+    ckpt = str(moceir.save_model(noisy, tmp_path / "noisy.safetensors"))
+    assert main(["export", ckpt, str(tmp_path / "noisy.onnx"), "--no-optimize"]) == 2
+    assert "router noise" in _one_line(capsys) and not (tmp_path / "noisy.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------------ info
+def test_info_refuses_an_absurd_size(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "MoCE_IR_tiny", "--size", "999999999999999999999992"])
+    assert exit_.value.code == 2 and "at most 65536" in capsys.readouterr().err
+
+
+def test_info_stopped_reader_is_not_a_traceback():
+    cmd = f"{sys.executable} -m moceir info MoCE_IR_tiny | head -c 10"
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and done.stdout == "model: MoC"
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, layout, tiny_ckpt, capsys):
+    out = tmp_path / "r"
+    assert _routing(tiny_ckpt, out, "gopro", "denoise_15", data=layout) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: gopro: missing folder")
+    assert json.loads((out / "routing.json").read_text())["benchmarks"] == ["denoise_15"]
+
+
+def test_routing_with_no_benchmark_to_score_writes_nothing(tmp_path, tiny_ckpt, capsys):
+    assert _routing(tiny_ckpt, tmp_path / "r", "denoise_15", data=tmp_path / "nowhere") == 1
+    assert "nothing written" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_routing_counts_a_skipped_image_in_its_exit_code(tmp_path, layout, tiny_ckpt, capsys):
+    bad = layout / "denoising/cBSD68/original_png/0001.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    out = tmp_path / "r"
+    assert _routing(tiny_ckpt, out, "denoise_15", data=layout) == 1
+    assert "0001.png" in capsys.readouterr().err
+    data = json.loads((out / "routing.json").read_text())  # strict JSON: no NaN anywhere
+    assert np.array(data["counts"]).sum() == 3 and json.dumps(data, allow_nan=False)
+
+
+def test_routing_output_problems_are_found_before_any_scoring(tmp_path, layout, tiny_ckpt, capsys, monkeypatch):
+    import moceir.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_benchmark", lambda *a, **k: pytest.fail("scored before refusing"))
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    (tmp_path / "r" / "routing.md").mkdir(parents=True)
+    for out, needle in ((afile / "sub", "is a file, not a folder"), (afile, "is a file, not a folder"),
+                        (tmp_path / "r", "routing.md is a folder")):
+        assert _routing(tiny_ckpt, out, "denoise_15", data=layout, extra=["--overwrite"]) == 2
+        assert needle in _one_line(capsys)
+    assert afile.read_text() == "keep" and not (tmp_path / "r" / "routing_heatmap.png").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"per_image": {"denoise_15": [{"name": "a"}]}}', "denoise_15/a: its experts None"),
+    ('{"per_image": {"denoise_15": "abc"}}', "no per-image rows"),
+    ('{"per_image": {"denoise_15": [{"name": "a", "experts": [9, 9, 9], "psnr": 30}]}}', "[9, 9, 9] are not 3"),
+    ('{"per_image": {"denoise_15": [{"name": "a", "experts": [0, 1, 2, 3, 0, 1], "psnr": 30}]}}', "are not 3"),
+    ('{"per_image": {"denoise_15": [{"name": "a", "experts": [0, 1, 2]}]}}', "denoise_15/a: no PSNR"),
+    ('{"per_image": {"lolv1": []}}', "no results for denoise_15"),
+    ("[1, 2]", "not a results.json"),
+    ("\x00\xff", "--from_results"),
+])
+def test_routing_from_results_that_do_not_fit_the_model(tmp_path, tiny_ckpt, capsys, content, needle):
+    saved = tmp_path / "results.json"
+    saved.write_bytes(content.encode("latin-1"))
+    assert _routing(tiny_ckpt, tmp_path / "r", "denoise_15", extra=["--from_results", str(saved)]) == 2
+    assert needle in _one_line(capsys) and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------ plot-logs
+def _run(tmp_path, csv_text: str, name: str = "run"):
+    (tmp_path / name / "logs").mkdir(parents=True)
+    (tmp_path / name / "logs" / "metrics.csv").write_bytes(csv_text.encode("latin-1"))
+    return tmp_path / name
+
+
+GOOD_LOG = "step,epoch,train/loss,train/lr\n1,0,0.5,0.1\n2,0,0.4,0.1\n"
+
+
+@pytest.mark.parametrize("csv_text, needle", [
+    ("", "holds no finite"), ("step,epoch,train/loss\n", "holds no finite"), ("step,epoch,foo\n1,0,1\n", "no finite"),
+    ("step,epoch,train/loss\n1,0,nan\n", "holds no finite"), ("step,epoch,train/loss\n1,0,abc\n", "line 2: could not"),
+    ("step,epoch,train/loss\nx,0,0.5\n", "line 2"), ("step,epoch,train/loss\n1,0,0.5,9,9\n", "more fields"),
+    ("\x00\xff\xfe", "holds no finite"),
+])
+def test_plot_logs_of_a_log_it_cannot_plot_is_one_line(tmp_path, capsys, csv_text, needle):
+    run = _run(tmp_path, csv_text)
+    assert main(["plot-logs", str(run)]) == 1
+    assert needle in _one_line(capsys) and not (run / "training_curves.png").exists()
+
+
+def test_plot_logs_never_replaces_a_named_file_or_follows_a_link(tmp_path, capsys):
+    run = _run(tmp_path, GOOD_LOG)
+    mine, victim, link = run / "mine.png", tmp_path / "victim.txt", run / "link.png"
+    mine.write_text("precious")
+    victim.write_text("important")
+    link.symlink_to(victim)
+    for out in (mine, link):
+        assert main(["plot-logs", str(run), "--out", str(out)]) == 2
+        assert "pass --overwrite" in _one_line(capsys)
+    assert main(["plot-logs", str(run), "--out", str(link), "--overwrite"]) == 0
+    assert mine.read_text() == "precious" and victim.read_text() == "important" and not link.is_symlink()
+    assert link.read_bytes().startswith(b"\x89PNG")
+    assert main(["plot-logs", str(run)]) == 0 and main(["plot-logs", str(run)]) == 0  # its own plot is redrawn
+
+
+def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
+    run = _run(tmp_path, GOOD_LOG)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    (run / "folder.png").mkdir()
+    for out, needle in ((afile / "x.png", "is a file, not a folder"), (run / "o.txt", "name it .png"),
+                        (run, "name it .png"), (run / "folder.png", "is a folder")):
+        assert main(["plot-logs", str(run), "--out", str(out)]) == 2
+        assert needle in _one_line(capsys)
+    assert main(["plot-logs", str(run), "--out", str(tmp_path / "new" / "dir" / "curves.pdf")]) == 0
+    assert (tmp_path / "new" / "dir" / "curves.pdf").read_bytes().startswith(b"%PDF")
