@@ -177,3 +177,29 @@ def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
         assert needle in _one_line(capsys)
     assert main(["plot-logs", str(run), "--out", str(tmp_path / "new" / "dir" / "curves.pdf")]) == 0
     assert (tmp_path / "new" / "dir" / "curves.pdf").read_bytes().startswith(b"%PDF")
+
+
+# ------------------------------------------------------------------------------------------------ test / routing
+@pytest.mark.parametrize("command", ["test", "routing"])
+def test_architecture_flags_without_model_are_refused(tmp_path, layout, tiny_ckpt, capsys, command):
+    argv = [command, "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(layout),
+            "--output_path", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--dim", "16"]
+    assert main(argv) == 2
+    assert "--dim takes effect only with --model" in _one_line(capsys) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["test", "routing"])
+def test_an_onnx_graph_is_refused_by_name(tmp_path, layout, capsys, command):
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"not even read")
+    argv = [command, "--ckpt", str(graph), "--benchmarks", "lolv1", "--data_file_dir", str(layout),
+            "--output_path", str(tmp_path / "r"), "--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    assert "is an ONNX graph" in _one_line(capsys)
+
+
+def test_export_format_that_contradicts_the_suffix_is_refused(tmp_path, tiny_ckpt, capsys):
+    assert main(["export", tiny_ckpt, str(tmp_path / "fake.onnx"), "--format", "safetensors"]) == 2
+    assert "its suffix does not name" in _one_line(capsys) and not (tmp_path / "fake.onnx").exists()
+    assert main(["export", tiny_ckpt, str(tmp_path / "model.bin"), "--format", "safetensors"]) == 0
+    assert moceir.load_model(tmp_path / "model.bin").config == moceir.load_model(tiny_ckpt).config

@@ -183,3 +183,22 @@ def test_two_clean_images_for_one_key_is_a_one_line_error(tmp_path, layout, tiny
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1.jpg and 1.png" in err[0] and f"keep one of them in {target}" in err[0]
     assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]  # the other benchmark is still scored
+
+
+def test_an_image_too_large_for_memory_is_skipped_and_the_rest_scored(tmp_path, layout, tiny_ckpt, capsys,
+                                                                     monkeypatch):
+    from moceir import evaluation
+
+    real = evaluation.restore_tensor
+
+    def short_of_memory(model, lq, **kwargs):
+        if lq.mean() < 0.2:  # LOL's dark inputs: the first one "does not fit"
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+        return real(model, lq, **kwargs)
+
+    monkeypatch.setattr(evaluation, "restore_tensor", short_of_memory)
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, layout, out, "lolv1", "dehaze") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("out of memory restoring 16x32 whole" in line for line in err)
+    assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]

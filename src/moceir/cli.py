@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     from . import load_model
     from .models.checkpoints import checkpoint_note
-    from .pipeline import UsageError
+    from .pipeline import UsageError, is_onnx_file
     from .training import resolve_checkpoint
 
     if args.ckpt:
@@ -215,6 +215,13 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
             raise UsageError(f"--checkpoint_id: {e}") from None
     else:
         path = "default"
+    given = [k for k in ARCH_FIELDS if getattr(args, k, None) is not None]
+    if given and not args.model:
+        raise UsageError(f"--{given[0]} takes effect only with --model NAME; without it the checkpoint's own "
+                         "configuration is used")
+    if is_onnx_file(path):
+        raise UsageError(f"{path} is an ONNX graph; `moceir {args.command}` needs the PyTorch checkpoint "
+                         "(.safetensors or .ckpt) it was exported from")
     config = _config_from_args(args) if args.model else None
     device = _device("cpu" if cpu else args.device)  # a distributed run moves the network to each rank's device
     model = load_model(path, device=device, config=config, channels_last=True)
@@ -468,6 +475,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     fmt = args.format or EXPORT_FORMATS.get(out.suffix.lower())
+    if out.suffix.lower() in EXPORT_FORMATS and fmt != EXPORT_FORMATS[out.suffix.lower()]:
+        raise UsageError(f"--format {fmt} would write {out} in a format its suffix does not name; drop --format "
+                         f"or name the file .{fmt}")
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")

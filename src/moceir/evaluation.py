@@ -91,8 +91,15 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
         return error
     lq = item["lq"][None].to(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out, experts = restore_tensor(model, lq, return_experts=True, context_pad=context_pad)
+    try:
+        with torch.no_grad():
+            out, experts = restore_tensor(model, lq, return_experts=True, context_pad=context_pad)
+    except (RuntimeError, MemoryError) as e:  # the protocol restores whole images: a large one may not fit
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e)):
+            raise
+        _, h, w = item["lq"].shape
+        return (f"{item['name']}: out of memory restoring {h}x{w} whole (the benchmark protocol does not tile); "
+                "score it on a machine or GPU with more memory")
     seconds = time.perf_counter() - t0
     restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
     clean = item["gt"].permute(1, 2, 0).numpy()
