@@ -5,6 +5,7 @@ Every run is the tiny preset on a few 64x64 RainTrainL pairs: 6 patches at batch
 
 import csv
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -224,3 +225,202 @@ def test_every_task_repeated_zero_times_is_one_line_and_leaves_no_folder(data, t
     line = _one_error_line(capsys)
     assert "training set is empty" in line and "--repeat" in line
     assert not (tmp_path / "ck").exists()
+
+
+# ---------------------------------------------------------------- second hostile probe (45e96b2): run folders, resume
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier(runs, tmp_path) -> Path:
+    """A copy of the 4-step run "full" as ck/r."""
+    shutil.copytree(runs["full"], tmp_path / "ck" / "r")
+    return tmp_path / "ck" / "r"
+
+
+def test_probe1_reused_run_name_is_refused_before_anything_is_written(data, earlier, capsys):
+    before = _files(earlier)
+    assert _train(data, earlier.parent, "--max_steps", "2", "--run_name", "r") == 2
+    line = _one_error_line(capsys)
+    assert f"{earlier} holds an earlier run (last.ckpt" in line and f"--resume_from {earlier}" in line
+    assert _files(earlier) == before
+
+
+def test_probe1_run_folder_with_a_log_but_no_checkpoint_is_refused(data, earlier, capsys):
+    for ckpt in earlier.glob("*.ckpt"):
+        ckpt.unlink()
+    assert _train(data, earlier.parent, "--max_steps", "2", "--run_name", "r") == 2
+    line = _one_error_line(capsys)
+    assert "model.safetensors" in line and "logs/metrics.csv" in line and "no checkpoint" in line
+
+
+def test_probe1_empty_or_foreign_run_folder_is_trained_into(data, tmp_path):
+    (tmp_path / "ck" / "empty").mkdir(parents=True)
+    (tmp_path / "ck" / "notes").mkdir()
+    (tmp_path / "ck" / "notes" / "README.txt").write_text("mine")
+    for name in ("empty", "notes"):
+        assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", name) == 0
+    assert (tmp_path / "ck" / "notes" / "README.txt").read_text() == "mine"
+
+
+def test_probe2_failed_resume_keeps_the_runs_files(data, earlier, capsys):
+    before = _files(earlier)
+    assert _train(data, earlier.parent, "--max_steps", "6", "--run_name", "r", "--resume_from", "r",
+                  "--dim", "16") == 2
+    line = _one_error_line(capsys)
+    assert "does not match the network" in line and "trained with --model MoCE_IR_tiny (no other" in line
+    assert _files(earlier) == before  # settings.json included
+
+
+def _bad_checkpoint(kind: str, good: Path, path: Path) -> None:
+    from moceir.models import MoCEIR
+
+    if kind in ("text", "empty"):
+        path.write_text("not a checkpoint\n" if kind == "text" else "")
+        return
+    ckpt = torch.load(good, map_location="cpu", weights_only=True)
+    if kind == "no_optimizer":
+        del ckpt["optimizer_states"]
+    elif kind == "bare":
+        ckpt = {"global_step": 3}
+    elif kind == "nan":
+        next(iter(ckpt["state_dict"].values())).fill_(float("nan"))
+    elif kind == "nan_optimizer":
+        ckpt["optimizer_states"][0]["state"][0]["exp_avg"].fill_(float("inf"))
+    elif kind == "missing_key":
+        del ckpt["state_dict"]["net.output.weight"]
+    else:  # another architecture: "dim16" (no embedded config: inferred from shapes) or a preset's name
+        config = get_config("MoCE_IR_tiny", dim=16) if kind == "dim16" else get_config(kind)
+        ckpt["state_dict"] = {f"net.{k}": v for k, v in MoCEIR(config).state_dict().items()}
+        ckpt["moceir_config"] = config.to_dict()
+        if kind == "dim16":
+            del ckpt["moceir_config"]
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("no_optimizer", "not a complete Lightning training checkpoint (no optimizer_states)"),
+    ("bare", "(no state_dict, optimizer_states, lr_schedulers, pytorch-lightning_version)"),
+    ("text", "cannot read checkpoint"), ("empty", "cannot read checkpoint"),
+    ("nan", "hold NaN or inf"), ("nan_optimizer", "(optimizer state): 1 tensor(s) hold NaN or inf"),
+    ("missing_key", "1 missing: [output.weight]"),
+    ("dim16", "trained with --model MoCE_IR_tiny --dim 16:"), ("MoCE_IR_S", "trained with --model MoCE_IR_S (no")])
+def test_probe3_unusable_resume_checkpoint_is_one_line_naming_it(data, runs, tmp_path, capsys, kind, says):
+    bad = tmp_path / f"{kind}.ckpt"
+    _bad_checkpoint(kind, runs["full"] / "last.ckpt", bad)
+    assert _train(data, tmp_path / "ck", "--max_steps", "6", "--run_name", "x", "--resume_from", str(bad)) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: --resume_from: {bad}") or f"checkpoint {bad}" in line
+    assert says in line
+    assert not (tmp_path / "ck").exists()
+
+
+def test_probe4_image_corrupted_during_training_is_one_line(data, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    last = (ck / "r" / "last.ckpt").read_bytes()
+    image = data / "deraining" / "RainTrainL" / "rainy" / "rain-2.png"  # same size and mtime: the cache says good
+    stat = image.stat()
+    image.write_bytes(b"\0" * stat.st_size)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 2
+    line = _one_error_line(capsys)
+    assert f"{image}: cannot read image" in line and f"--resume_from {ck / 'r'}" in line
+    assert (ck / "r" / "last.ckpt").read_bytes() == last
+
+
+def test_probe4_image_error_from_a_loader_worker_keeps_its_own_line():
+    from moceir.io import ImageReadError
+
+    worker = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                            "call last):\n  File \"x.py\", line 1\nmoceir.io.ImageReadError: /d/a.png: cannot read "
+                            "image (OSError: broken); replace or remove the file\n")
+    try:
+        try:
+            raise worker
+        except ImageReadError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as wrapped:
+        assert training._data_problem(wrapped) == ("/d/a.png: cannot read image (OSError: broken); replace or remove "
+                                                   "the file")
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999"])
+def test_probe5_seed_out_of_range_is_one_line(data, tmp_path, capsys, seed):
+    assert _train(data, tmp_path / "ck", "--seed", seed, "--max_steps", "1") == 2
+    assert f"--seed is {seed}" in _one_error_line(capsys)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_probe6_unwritable_run_folder_is_one_line(data, tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert _train(data, tmp_path / "afile" / "ck", "--max_steps", "1", "--run_name", "r") == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in _one_error_line(capsys)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "r").write_text("x")
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 2
+    assert f"run folder {tmp_path / 'ck' / 'r'}: " in _one_error_line(capsys)
+    assert (tmp_path / "ck" / "r").read_text() == "x"
+    read_only, real_access = tmp_path / "ro", os.access  # as root, permissions do not stop a write: pretend
+    read_only.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    assert _train(data, read_only, "--max_steps", "1", "--run_name", "r") == 2
+    assert f"folder {read_only} is not writable" in _one_error_line(capsys)
+    assert not any(read_only.iterdir())
+
+
+def test_probe7_image_smaller_than_the_patch_is_listed(data, tmp_path, capsys):
+    rain = data / "deraining" / "RainTrainL"
+    _write(rain / "gt" / "norain-10.png", (24, 40))
+    _write(rain / "rainy" / "rain-10.png", (24, 40))
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--patch_size", "32") == 2
+    line = _one_error_line(capsys)
+    assert "rain-10.png (40x24 is smaller than the 32-pixel patch" in line and "lower --patch_size" in line
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "p16") == 0  # patch 16 fits
+
+
+@pytest.mark.parametrize("task,folder,stem", [("derain", "deraining/RainTrainL/rainy", "rain-1"),
+                                              ("derain", "deraining/RainTrainL/gt", "norain-1"),
+                                              ("denoise_15", "denoising/BSD400", "1")])
+def test_probe7_two_files_with_one_stem_are_one_line(data, tmp_path, capsys, task, folder, stem):
+    existing = next((data / folder).glob(f"{stem}.*"))
+    other = existing.with_suffix(".jpg" if existing.suffix == ".png" else ".png")
+    Image.open(existing).save(other)
+    assert _train(data, tmp_path / "ck", "--de_type", task, "--max_steps", "1") == 2
+    line = _one_error_line(capsys)
+    assert existing.name in line and other.name in line
+    assert not (tmp_path / "ck").exists()
+
+
+def test_settings_json_says_when_a_call_trained_nothing(data, earlier, capsys):
+    assert _train(data, earlier.parent, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 0
+    settings = json.loads((earlier / "settings.json").read_text())
+    assert settings["start_step"] == settings["global_step"] == 4
+    assert f"nothing trained: {earlier} is at step 4 already" in capsys.readouterr().out
+    assert _train(data, earlier.parent, "--max_steps", "0", "--run_name", "zero") == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]  # no last.ckpt or plot is claimed
+    assert said.startswith("nothing trained") and said.endswith("(model.safetensors, logs/)"), said
+
+
+def test_requeued_slurm_job_resumes_its_hpc_checkpoint(data, tmp_path, monkeypatch):
+    """Lightning saved hpc_ckpt_1.ckpt before SLURM requeued the job, which runs again without --resume_from."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    (ck / "r" / "last.ckpt").rename(ck / "r" / "hpc_ckpt_1.ckpt")
+    monkeypatch.setattr(training, "SLURMEnvironment", type("Slurm", (), {"detect": staticmethod(lambda: True)}))
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 0
+    assert [step for _, step in _rows(ck / "r")] == list(range(4))
+
+
+def test_requeued_slurm_job_without_hpc_checkpoint_resumes_its_last_checkpoint(data, tmp_path, monkeypatch):
+    """A node failed before SLURM's warning signal: no hpc_ckpt, but the requeued job (SLURM_RESTART_COUNT 1)
+    continues from last.ckpt instead of being refused as an earlier run."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    monkeypatch.setattr(training, "SLURMEnvironment", type("Slurm", (), {"detect": staticmethod(lambda: True)}))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 0
+    assert [step for _, step in _rows(ck / "r")] == list(range(4))

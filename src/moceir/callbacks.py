@@ -3,7 +3,7 @@
 Lightning callbacks and plugins used by :func:`moceir.training.train`: :class:`WeightEMA`, :class:`RunCheckpoint`
 (a checkpoint per complete epoch, ``last.ckpt`` at epoch ends and the end, never from non-finite weights),
 :class:`AtomicCheckpointIO` (no truncated file after a crash), :class:`ResumableCSVLogger` (a resumed run continues
-``metrics.csv``) and :class:`PlotAtEnd`.
+``metrics.csv``), :class:`WriteAtStart` (settings.json once a resume is accepted) and :class:`PlotAtEnd`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .io import write_atomically
 from .models import MoCEIR
 
 
@@ -156,7 +157,7 @@ class _ResumedWriter(ExperimentWriter):
                 writer.writeheader()
                 writer.writerows(rows)
             os.replace(self.metrics_file_path + ".tmp", self.metrics_file_path)
-        elif os.path.isfile(self.metrics_file_path):
+        elif history is not None and os.path.isfile(self.metrics_file_path):  # resumed before its first logged step
             os.remove(self.metrics_file_path)
 
     def _check_log_dir_exists(self) -> None:
@@ -185,6 +186,23 @@ class ResumableCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumedWriter(self.log_dir, self._history, self._start_step)
         return self._experiment
+
+
+class WriteAtStart(Callback):
+    """Writes ``text`` into ``path`` (atomically, on rank zero) when training starts: after Lightning has restored a
+    resumed checkpoint, so a resume that fails leaves the run's earlier file as it was."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_text(self.path, self.text)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` in one rename: a crash leaves the old file or the new one, never half of one."""
+    write_atomically(path, lambda tmp: tmp.write_text(text), overwrite=True)
 
 
 class PlotAtEnd(Callback):

@@ -163,7 +163,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import UsageError
+    from .pipeline import UsageError, _launched_rank
     from .training import TrainingSetupError, TrainSettings, train
 
     if args.trainset == "standard" and not args.de_type:
@@ -195,8 +195,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {run_dir} (last.ckpt, model.safetensors, training_curves.png, logs/)")
+    if _launched_rank() == 0:  # rank 0 writes the final settings.json
+        print(_training_summary(run_dir))
     return 0
+
+
+def _training_summary(run_dir: Path) -> str:
+    """What this call of train did, from the run's settings.json, naming only the files that exist."""
+    done = json.loads((run_dir / "settings.json").read_text())
+    start, end = done.get("start_step", 0), done.get("global_step")
+    files = ", ".join(f for f in ("last.ckpt", "model.safetensors", "model_ema.safetensors", "training_curves.png",
+                                  "logs/") if (run_dir / f).exists())
+    if end == start:
+        return (f"nothing trained: {run_dir} is at step {end} already (--max_steps, --epochs or --max_time reached); "
+                f"raise them to train on ({files})")
+    return f"done: {run_dir}, steps {start} to {end} ({files})"
 
 
 # ---------------------------------------------------------------------------------------------------- test

@@ -2,8 +2,9 @@
 
 The network lives under ``self.net``, so checkpoints hold ``net.*`` keys exactly like upstream's train.py
 (each side loads the other's ``last.ckpt``); ours also embed the model config under ``moceir_config``.
-Everything that can be checked before training (settings, hardware, data layout, every training image) is
-checked before the first step and reported as one :class:`TrainingSetupError` line.
+Everything that can be checked before training (settings, hardware, data layout, the checkpoint to resume, the run
+folder, every training image) is checked before the first step and reported as one :class:`TrainingSetupError` line;
+a run folder holding an earlier run is only written into by a run that resumes it.
 
 The training step never waits for the device (no ``.item()``, no ``if tensor``): the loss is checked for NaN/inf
 on the device and read once per logging period, and host-side numbers are logged as CPU tensors (Lightning
@@ -18,8 +19,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,17 +33,20 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
-from .callbacks import (AtomicCheckpointIO, PlotAtEnd, ResumableCSVLogger, RunCheckpoint, WeightEMA,
-                        count_epoch_completed, epoch_complete)
+from .callbacks import (AtomicCheckpointIO, PlotAtEnd, ResumableCSVLogger, RunCheckpoint, WeightEMA, WriteAtStart,
+                        count_epoch_completed, epoch_complete, write_text)
 from .captured_step import Capture, CaptureError, CapturedTrainStep, portable_optimizer_state
 from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
+from .io import ImageReadError
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
-from .models.checkpoints import CONFIG_KEY, CheckpointError, load_model, save_model
-from .models.config import FFT_IMPLS
+from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_finite, config_from_dict, infer_config,
+                                 load_model, load_state_dict_strict, read_checkpoint, save_model)
+from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
 from .runtime import COMPILE_SCOPES, compile_network
 
@@ -57,6 +63,12 @@ class NonFiniteLossError(TrainingSetupError):
 
 
 COMPILE_MODES = ("none", *TORCH_COMPILE_MODES)  # "none": eager
+MAX_SEED = 2**32 - 1  # numpy's limit, which pl.seed_everything enforces with a traceback
+# What Lightning reads to resume, and the flags that give a network its shape (moceir train's names)
+LIGHTNING_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "pytorch-lightning_version")
+ARCH_FLAGS = ("dim", "num_blocks", "num_dec_blocks", "heads", "num_refinement_blocks", "num_exp_blocks", "rank_type",
+              "latent_dim")
+RUN_FILES = ("model.safetensors", "model_ema.safetensors", "logs/metrics.csv")  # what a run leaves besides *.ckpt
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,8 @@ class TrainSettings:
         if self.compile_scope != "network" and self.compile == "none":
             raise TrainingSetupError(f"--compile_scope {self.compile_scope} says what to compile; add --compile "
                                      "(or --compile MODE) to compile it")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise TrainingSetupError(f"--seed is {self.seed}; pass a whole number from 0 to {MAX_SEED}")
         if self.fft_impl not in (None, *FFT_IMPLS):
             raise TrainingSetupError(f"--fft_impl is {self.fft_impl!r}; pass one of {', '.join(FFT_IMPLS)}")
         if self.cuda_graphs:
@@ -291,19 +305,130 @@ def resolve_checkpoint(ref: str, ckpt_dir: str) -> Path:
     raise FileNotFoundError(f"no checkpoint at {ref} nor {Path(ckpt_dir) / ref / 'last.ckpt'}")
 
 
-def _checkpoint_to_resume(settings: TrainSettings) -> tuple[Path | None, int]:
-    """The checkpoint ``--resume_from`` names and the optimizer step it was saved at (0 without resume)."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """A Lightning checkpoint accepted for resuming: its step, network weights and embedded config (or None)."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+
+
+def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
+    """The checkpoint ``--resume_from`` names, checked (see :func:`read_resume_point`); None without resume."""
     if not settings.resume_from:
-        return None, 0
+        return None
     try:
         path = resolve_checkpoint(settings.resume_from, settings.ckpt_dir)
     except FileNotFoundError as e:
         raise TrainingSetupError(f"--resume_from: {e}; pass a run name under --ckpt_dir or a .ckpt path") from None
+    return read_resume_point(path)
+
+
+def _requeued_checkpoint(run_dir: Path) -> ResumePoint | None:
+    """In a SLURM job, the newest ``hpc_ckpt_N.ckpt`` Lightning saved in ``run_dir`` before the job was requeued
+    (Lightning resumes from it by itself; named here, the run keeps its metrics.csv and is not refused as an
+    earlier run); in a requeued job without one (a node failed before the warning signal), its last.ckpt."""
+    if not SLURMEnvironment.detect():
+        return None
+    saved = [(int(m.group(1)), p) for p in run_dir.glob("hpc_ckpt_*.ckpt")
+             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    if saved:
+        return read_resume_point(max(saved)[1])
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+    return read_resume_point(run_dir / "last.ckpt") if requeued and (run_dir / "last.ckpt").is_file() else None
+
+
+def read_resume_point(path: Path) -> ResumePoint:
+    """Refuse, in one line naming ``path``, a file Lightning could not resume from, before anything is written:
+    unreadable, not a complete Lightning checkpoint, or holding NaN/inf weights or optimizer state."""
     try:
-        return path, int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
-    except Exception as e:
-        raise TrainingSetupError(f"--resume_from: cannot read {path} ({type(e).__name__}: {e}); "
-                                 "pass a complete Lightning checkpoint such as last.ckpt") from None
+        weights, config = read_checkpoint(path)  # format problems and non-finite weights, one line each
+        ckpt = _lightning_checkpoint(path)
+        missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{path} is not a complete Lightning training checkpoint (no "
+                                  f"{', '.join(missing)}); pass a last.ckpt that moceir train (or upstream's "
+                                  "train.py) wrote, or pass the file to --fine_tune_from to start from its weights")
+        outside = [str(k) for k in ckpt["state_dict"] if not str(k).startswith("net.")]
+        if outside:
+            raise CheckpointError(f"{path}: its state_dict holds {len(outside)} entries outside the network "
+                                  f"(e.g. {outside[0]}; a moceir run holds net.* only); pass it to --fine_tune_from")
+        check_finite(_optimizer_tensors(ckpt["optimizer_states"]), f"{path} (optimizer state)")
+        return ResumePoint(path, int(ckpt["global_step"]), weights, config)
+    except CheckpointError as e:
+        raise TrainingSetupError(f"--resume_from: {e}") from None
+
+
+def _lightning_checkpoint(path: Path) -> Mapping:
+    """The top level of a torch checkpoint ({} for anything else), memory-mapped where the file's format allows."""
+    for mmap in (True, False):
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception:  # noqa: BLE001 - read_checkpoint has read the file; legacy files cannot be mapped
+            continue
+        return obj if isinstance(obj, Mapping) else {}
+    return {}
+
+
+def _optimizer_tensors(states: Any) -> dict[str, torch.Tensor]:
+    """Adam's moments and steps in a checkpoint's ``optimizer_states``, named for an error message."""
+    return {f"optimizer_states[{i}].state[{pid}].{name}": t
+            for i, state in enumerate(states if isinstance(states, list) else []) if isinstance(state, Mapping)
+            for pid, per_param in (state.get("state") or {}).items() if isinstance(per_param, Mapping)
+            for name, t in per_param.items() if torch.is_tensor(t)}
+
+
+def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
+    """Load the checkpoint's weights into ``net`` (Lightning does so again) or refuse, in one line, weights of
+    another network, naming mismatched keys and the flags the checkpoint was trained with."""
+    try:
+        load_state_dict_strict(net, resume.weights, str(resume.path))
+    except CheckpointError as e:
+        raise TrainingSetupError(f"--resume_from: {e}{_trained_with(resume)}") from None
+
+
+def _trained_with(resume: ResumePoint) -> str:
+    """'; it was trained with --model X --dim N: ...' where the checkpoint tells its architecture, else ''."""
+    try:
+        config = (config_from_dict(resume.config, str(resume.path)) if resume.config
+                  else infer_config(resume.weights, str(resume.path)))
+    except CheckpointError:
+        return ""
+    return f"; it was trained with {architecture_flags(config)}: pass exactly those architecture flags to continue it"
+
+
+def architecture_flags(config: MoCEConfig) -> str:
+    """The ``moceir train`` flags that build ``config``'s network: the nearest preset and the fields it changes."""
+    def changes(preset: MoCEConfig) -> list[str]:
+        values = ((f, getattr(config, f)) for f in ARCH_FLAGS if getattr(config, f) != getattr(preset, f))
+        return [f"--{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for f, v in values]
+
+    name = min(PRESETS, key=lambda n: len(changes(PRESETS[n])))
+    flags = changes(PRESETS[name])
+    return " ".join([f"--model {name}", *flags]) if flags else f"--model {name} (no other architecture flag)"
+
+
+def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
+    """Refuse, before anything is written, a run folder that cannot be written, or that holds an earlier run this
+    one does not resume: training into it would replace its model, log and settings."""
+    from .pipeline import folder_problem  # pipeline imports the inference stack
+
+    problem = folder_problem(run_dir)
+    if problem:
+        raise TrainingSetupError(f"run folder {run_dir}: {problem}; choose another --ckpt_dir or --run_name")
+    if resume is not None and resume.path.parent.resolve() == run_dir.resolve():
+        return
+    ckpts = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime, p.name))
+    earlier = [p.name for p in ckpts] + [f for f in RUN_FILES if (run_dir / f).is_file()]
+    if not earlier:
+        return
+    shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+    target = run_dir if ckpts and ckpts[0].name == "last.ckpt" else (ckpts[0] if ckpts else None)
+    todo = (f"pass --resume_from {target} to continue it or choose another --run_name" if target else
+            "it has no checkpoint to continue from: choose another --run_name or move its files away")
+    raise TrainingSetupError(f"{run_dir} holds an earlier run ({shown}); {todo}")
 
 
 def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
@@ -361,20 +486,21 @@ def build_dataloader(settings: TrainSettings, batch_size: int) -> tuple[DataLoad
     return loader, per_task
 
 
-def _check_images(per_task: dict[str, list], run_dir: Path) -> None:
+def _check_images(per_task: dict[str, list], run_dir: Path, patch_size: int) -> None:
     """Open every training image once (cached in run_dir/data_check.json); all bad files in one error."""
     report = run_dir / "data_check.json"
-    problems = check_training_images([p for pairs in per_task.values() for p in pairs], report)
+    problems = check_training_images([p for pairs in per_task.values() for p in pairs], report,
+                                     patch_size=patch_size)
     if problems:
         shown = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
         raise TrainingSetupError(f"{len(problems)} unusable training image(s): {shown}"
                                  f"{' ...' if len(problems) > 3 else ''} see {report}; replace or remove them")
 
 
-def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_step: int,
+def _trainer(settings: TrainSettings, run_dir: Path, resume: ResumePoint | None,
              extra: tuple[Callback, ...] = (), capture_stand_in: bool = False) -> pl.Trainer:
     accelerator, devices, strategy = _hardware(settings, capture_stand_in)
-    history = resume.parent / "logs" / "metrics.csv" if resume else None
+    history = resume.path.parent / "logs" / "metrics.csv" if resume else None
     checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
                                 save_last=True, resuming=resume is not None)
     try:
@@ -384,7 +510,7 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: Path | None, start_
             precision=settings.precision,
             accumulate_grad_batches=settings.accum_grad, default_root_dir=run_dir,
             logger=[TensorBoardLogger(run_dir, name="logs", version=""),
-                    ResumableCSVLogger(run_dir, history, start_step)],
+                    ResumableCSVLogger(run_dir, history, resume.step if resume else 0)],
             callbacks=[*extra, checkpoints, TQDMProgressBar(refresh_rate=10), PlotAtEnd(run_dir)],
             plugins=[AtomicCheckpointIO()], log_every_n_steps=settings.log_every_n_steps,
             enable_model_summary=False,
@@ -414,47 +540,86 @@ def _run_name(settings: TrainSettings) -> str:
 
 def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None = None) -> Path:
     """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json, and
-    model_ema.safetensors with ``ema_decay``).
+    model_ema.safetensors with ``ema_decay``). Its settings.json says how far training got: ``global_step``, and
+    ``start_step`` (0, or the step resumed from); when they are equal this call trained nothing.
 
-    Settings, checkpoints to resume or fine-tune from, hardware and the data layout are checked before the run
-    folder is made; every training image is checked before the first step. ``capture``: with ``cuda_graphs``, a
-    stand-in for CUDA-graph capture that lets the captured path run on the CPU (tests).
+    Settings, checkpoints to resume or fine-tune from, hardware, the data layout and the run folder (writable, and
+    holding no earlier run unless this one resumes it) are checked before anything is written; every training
+    image is checked before the first step. ``capture``: with ``cuda_graphs``, a stand-in for CUDA-graph capture
+    that lets the captured path run on the CPU (tests).
     """
     settings.validate()
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    resume, start_step = _checkpoint_to_resume(settings)
+    resume = _checkpoint_to_resume(settings)
     source = _fine_tune_source(settings)
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)
+    resume = resume or _requeued_checkpoint(run_dir)
+    _check_run_folder(run_dir, resume)
+    module = _module(source.config if source else config, settings, capture, source, resume)
     ema = WeightEMA(settings.ema_decay) if settings.ema_decay > 0 else None
-    trainer = _trainer(settings, run_dir, resume, start_step, (ema,) if ema else (), capture is not None)
-
-    module = MoCEModule(source.config if source else config, settings, capture)
-    if source:
-        module.net.load_state_dict(source.state_dict())
-    if settings.channels_last:
-        module.net.to(memory_format=torch.channels_last)
-    if settings.compile != "none":
-        compile_network(module.net, settings.compile, settings.compile_scope)
+    start_step = resume.step if resume else 0
+    at_start = WriteAtStart(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step))
+    trainer = _trainer(settings, run_dir, resume, (at_start, ema) if ema else (at_start,), capture is not None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_images(per_task, run_dir)
+    _check_images(per_task, run_dir, settings.patch_size)
     sizes = {task: len(pairs) for task, pairs in per_task.items()}
     print(f"training patches per task: {sizes}; run folder: {run_dir}")
-    if trainer.is_global_zero:
-        (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings))
-    with warnings.catch_warnings():
-        if settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
-            warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    _fit(trainer, module, loader, resume, run_dir)
     if trainer.is_global_zero:
         require_finite(module.net, "model.safetensors")
         save_model(module.net, run_dir / "model.safetensors", overwrite=True)
         if ema is not None:
             _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
-        (run_dir / "settings.json").write_text(_settings_json(module.net.config, settings, trainer))
+        write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer))
     return run_dir
+
+
+def _module(config: MoCEConfig, settings: TrainSettings, capture: Capture | None, source: MoCEIR | None,
+            resume: ResumePoint | None) -> MoCEModule:
+    """The LightningModule: fine-tuned weights loaded, the resume checkpoint checked against it, compiled."""
+    module = MoCEModule(config, settings, capture)
+    if source:
+        module.net.load_state_dict(source.state_dict())
+    if resume:
+        check_resume_network(module.net, resume)
+    if settings.channels_last:
+        module.net.to(memory_format=torch.channels_last)
+    if settings.compile != "none":
+        compile_network(module.net, settings.compile, settings.compile_scope)
+    return module
+
+
+def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: ResumePoint | None,
+         run_dir: Path) -> None:
+    """trainer.fit; an image that became unreadable (or changed size) since it was checked is a one-line error."""
+    with warnings.catch_warnings():
+        if module.settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
+            warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
+        try:
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
+        except Exception as e:
+            problem = _data_problem(e)
+            if problem is None:
+                raise
+            then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
+                    else "train again under another --run_name")
+            raise TrainingSetupError(f"during training: {problem}; then {then}") from None
+
+
+def _data_problem(error: BaseException | None) -> str | None:
+    """The message of an ImageReadError or DatasetLayoutError behind ``error`` (Lightning may wrap it; a DataLoader
+    worker's copy carries the worker's traceback, whose last line holds the message), or None."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ImageReadError, DatasetLayoutError)):
+            text, marker = str(error), f"{type(error).__module__}.{type(error).__qualname__}: "
+            return (text[text.index(marker) + len(marker):] if marker in text else text).strip()
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:
@@ -465,9 +630,11 @@ def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:
                overwrite=True)
 
 
-def _settings_json(config: MoCEConfig, settings: TrainSettings, trainer: pl.Trainer | None = None) -> str:
-    """The run's model config and settings; global_step and epoch once training has ended."""
-    d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings),
+def _settings_json(config: MoCEConfig, settings: TrainSettings, start_step: int,
+                   trainer: pl.Trainer | None = None) -> str:
+    """The run's model config and settings, the step it started from (0, or the resumed checkpoint's); global_step
+    and epoch once training has ended (global_step == start_step: this call trained nothing)."""
+    d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "start_step": start_step,
          "global_step": trainer.global_step if trainer else None, "epoch": trainer.current_epoch if trainer else None}
     d["settings"]["de_type"] = list(settings.de_type)
     return json.dumps(d, indent=1)

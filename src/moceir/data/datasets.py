@@ -97,6 +97,17 @@ def folder_pairs(base: Path, degraded: str, clean: str, task: str,
     return pair_by_name(images_in(base / degraded, layout), images_in(base / clean, layout), task, key)
 
 
+def unique_stems(files: list[Path]) -> list[Path]:
+    """``files`` unless two in one folder share a stem (``1.png`` and ``1.jpg``): both would be trained on."""
+    seen: dict[tuple[Path, str], Path] = {}
+    for p in files:
+        if (p.parent, p.stem) in seen:
+            raise DatasetLayoutError(f"{seen[p.parent, p.stem]} and {p.name} share the name '{p.stem}', so both "
+                                     f"would be trained on; keep one of them in {p.parent}")
+        seen[p.parent, p.stem] = p
+    return files
+
+
 def is_holdout(pair: Pair) -> bool:
     """RainTrainL validation split: images whose number is a multiple of 10 (20 of 200)."""
     num = _number(pair.clean.stem)
@@ -112,7 +123,14 @@ def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", hold
         clean = images_in(den / "BSD400", layout)
         if (den / "WaterlooED").is_dir():
             clean += images_in(den / "WaterlooED", layout)
-        return [Pair(None, p, task) for p in clean]
+        return [Pair(None, p, task) for p in unique_stems(clean)]
+    pairs = _degraded_pairs(root, task, dehaze_source, holdout)
+    unique_stems([p.degraded for p in pairs if p.degraded])
+    return pairs
+
+
+def _degraded_pairs(root: Path, task: str, dehaze_source: str, holdout: bool) -> list[Pair]:
+    """The pairs of a task with degraded files on disk (deraining, RESIDE dehazing, deblurring, low light)."""
     if task == "derain":
         pairs = folder_pairs(root / "deraining" / "RainTrainL", "rainy", "gt", task, _number, "rain-N / norain-N")
         return [p for p in pairs if not (holdout and is_holdout(p))]
@@ -265,12 +283,16 @@ def _stamp(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _pair_problem(pair: Pair, sizes: dict[str, list[int] | str]) -> tuple[str, str] | None:
-    """A pair whose images differ in size once cropped to CROP_BASE, or are smaller than CROP_BASE."""
+def _pair_problem(pair: Pair, sizes: dict[str, list[int] | str], patch_size: int = 0) -> tuple[str, str] | None:
+    """A pair whose images differ in size once cropped to CROP_BASE, or are smaller than CROP_BASE or (so cropped)
+    than the patch, which would be cut from a reflect-padded image."""
     for path in (pair.clean, pair.degraded):
         size = sizes.get(str(path)) if path else None
         if isinstance(size, list) and min(size) < CROP_BASE:
             return str(path), f"{size[0]}x{size[1]} is smaller than {CROP_BASE} pixels"
+        if isinstance(size, list) and min(size) // CROP_BASE * CROP_BASE < patch_size:
+            return str(path), (f"{size[0]}x{size[1]} is smaller than the {patch_size}-pixel patch once cropped to "
+                               f"multiples of {CROP_BASE}; remove it or lower --patch_size")
     if pair.degraded is None:
         return None
     a, b = sizes[str(pair.degraded)], sizes[str(pair.clean)]
@@ -289,8 +311,9 @@ def _cached_entry(path: str, cached: dict) -> dict:
     return entry
 
 
-def check_training_images(pairs: list[Pair], report: Path, workers: int = 8) -> dict[str, str]:
-    """Decode every image of ``pairs`` once (in threads) and compare each pair's sizes -> {file: problem}.
+def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, patch_size: int = 0) -> dict[str, str]:
+    """Decode every image of ``pairs`` once (in threads) and compare each pair's sizes, and each image's with
+    ``patch_size`` -> {file: problem}.
 
     The result is written to ``report`` (JSON), whose entries, keyed by path, file size and mtime, let a later
     call (a resumed run) skip the files that did not change.
@@ -310,7 +333,7 @@ def check_training_images(pairs: list[Pair], report: Path, workers: int = 8) -> 
         entries[f]["size"] = size
     sizes = {f: e["size"] for f, e in entries.items()}
     problems = {f: size for f, size in sizes.items() if isinstance(size, str)}
-    for found in filter(None, (_pair_problem(pair, sizes) for pair in set(pairs))):
+    for found in filter(None, (_pair_problem(pair, sizes, patch_size) for pair in set(pairs))):
         problems.setdefault(*found)
     data = {"problems": dict(sorted(problems.items())), "files": {os.path.abspath(f): e for f, e in entries.items()}}
     if data != old:
