@@ -203,3 +203,11 @@ def test_export_format_that_contradicts_the_suffix_is_refused(tmp_path, tiny_ckp
     assert "its suffix does not name" in _one_line(capsys) and not (tmp_path / "fake.onnx").exists()
     assert main(["export", tiny_ckpt, str(tmp_path / "model.bin"), "--format", "safetensors"]) == 0
     assert moceir.load_model(tmp_path / "model.bin").config == moceir.load_model(tiny_ckpt).config
+
+
+@pytest.mark.parametrize("content, says", [(b"", "the file is empty"), (b"hello world\n", "not a checkpoint")])
+def test_an_empty_or_text_checkpoint_says_what_it_is(tmp_path, capsys, content, says):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(content)
+    assert main(["info", str(bad)]) == 2
+    assert says in _one_line(capsys)

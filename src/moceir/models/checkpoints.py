@@ -145,6 +145,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                               "moceir never loads (they can run code); re-save it as a state_dict or safetensors"
                               ) from None
     except Exception as e:  # empty or truncated file, wrong format
+        if p.stat().st_size == 0:
+            raise CheckpointError(f"cannot read checkpoint {p}: the file is empty; check the path") from None
+        if not _is_safetensors(p) and not _is_torch_file(p):  # torch's own error (KeyError: 101) says nothing
+            raise CheckpointError(f"cannot read checkpoint {p}: not a checkpoint (neither safetensors nor a PyTorch "
+                                  "file); check the path") from None
         raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}{_first_line(e)} "
                               "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
     if not isinstance(sd, Mapping):
