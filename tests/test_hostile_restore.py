@@ -223,6 +223,13 @@ def test_item18_float_outside_unit_range_is_refused(tiny_model):
         moceir.restore(tiny_model, np.full((16, 16, 3), 200.0, np.float32))
 
 
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 0, 3), np.float32), np.zeros((0, 5), np.uint8),
+                                   torch.zeros(0, 3, 8, 8)])
+def test_an_image_without_pixels_is_refused(tiny_model, empty):
+    with pytest.raises(ValueError, match="holds no pixels"):
+        moceir.restore(tiny_model, empty)
+
 def test_item18_hwc_tensor_is_accepted(tiny_model):
     x = torch.rand(16, 24, 3)
     y = moceir.restore(tiny_model, x)

@@ -253,6 +253,8 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
     else:
         accepted = "[3, H, W], [B, 3, H, W] or [H, W, 3]" if is_torch else "[H, W, 3] or [H, W]"
         raise ValueError(f"image of shape {list(shape)}: accepted layouts are {accepted}")
+    if x.numel() == 0:
+        raise ValueError(f"image of shape {list(shape)} holds no pixels")
     if t.dtype in (torch.uint8, torch.uint16, torch.int16, torch.int32) or not t.dtype.is_floating_point:
         if t.dtype not in (torch.uint8, torch.uint16):
             raise ValueError(f"integer images must be uint8 or uint16, got {t.dtype}")
