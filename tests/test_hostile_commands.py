@@ -48,8 +48,9 @@ def test_export_never_replaces_its_own_checkpoint(tmp_path, tiny_ckpt, capsys):
     link = tmp_path / "link.safetensors"
     link.symlink_to(tiny_ckpt)
     for source, out in ((tiny_ckpt, tiny_ckpt), (str(link), tiny_ckpt), (tiny_ckpt, str(link))):
-        assert main(["export", source, out, "--overwrite", "--dtype", "fp16"]) == 2
-        assert "is the checkpoint being exported" in _one_line(capsys)
+        for extra in ([], ["--overwrite"]):  # without --overwrite too: "pass --overwrite" would be wrong advice
+            assert main(["export", source, out, "--dtype", "fp16", *extra]) == 2
+            assert "is the checkpoint being exported" in _one_line(capsys)
     assert _digest(tiny_ckpt) == before and link.is_symlink()
 
 
@@ -211,3 +212,11 @@ def test_an_empty_or_text_checkpoint_says_what_it_is(tmp_path, capsys, content, 
     bad.write_bytes(content)
     assert main(["info", str(bad)]) == 2
     assert says in _one_line(capsys)
+
+
+def test_plot_logs_of_a_mistyped_run_folder_makes_no_folder(tmp_path, capsys):
+    typo = tmp_path / "typo_run"
+    assert main(["plot-logs", str(typo)]) == 1
+    assert main(["plot-logs", str(typo), "--out", str(tmp_path / "a" / "b" / "c.png")]) == 1
+    capsys.readouterr()
+    assert not typo.exists() and not (tmp_path / "a").exists()

@@ -223,12 +223,12 @@ def test_item18_float_outside_unit_range_is_refused(tiny_model):
         moceir.restore(tiny_model, np.full((16, 16, 3), 200.0, np.float32))
 
 
-
 @pytest.mark.parametrize("empty", [np.zeros((0, 0, 3), np.float32), np.zeros((0, 5), np.uint8),
                                    torch.zeros(0, 3, 8, 8)])
 def test_an_image_without_pixels_is_refused(tiny_model, empty):
     with pytest.raises(ValueError, match="holds no pixels"):
         moceir.restore(tiny_model, empty)
+
 
 def test_item18_hwc_tensor_is_accepted(tiny_model):
     x = torch.rand(16, 24, 3)
@@ -367,7 +367,6 @@ def test_an_unexpected_writer_error_is_never_silent(tmp_path, tiny_model, monkey
     assert len(report["errors"]) == 1 and "b.png" in report["errors"][0]
 
 
-
 def test_a_distributed_writer_error_is_raised_after_the_report(tmp_path, tiny_model, monkeypatch):
     """The Lightning path (--num_cpu_processes/--num_gpus) as a one-process world: the writer's bug is handed back
     instead of being raised inside Trainer.predict, so rank 0 writes the report first, as one process does."""
@@ -403,6 +402,7 @@ def test_a_distributed_writer_error_is_raised_after_the_report(tmp_path, tiny_mo
     report = json.loads((tmp_path / "r.json").read_text())
     assert [os.path.basename(r["input"]) for r in report["images"]] == ["a.png", "c.png"]
     assert len(report["errors"]) == 1 and "b.png" in report["errors"][0]
+
 
 def test_a_report_in_the_output_folder_is_written_when_nothing_is_restored(tmp_path, tiny_ckpt, capsys):
     assert _restore(tmp_path / "missing.png", "-o", tmp_path / "o", "--report", tmp_path / "o" / "r.json",

@@ -326,7 +326,7 @@ def test_probe4_image_corrupted_during_training_is_one_line(data, tmp_path, caps
     stat = image.stat()
     image.write_bytes(b"\0" * stat.st_size)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 2
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 1  # a file failed
     line = _one_error_line(capsys)
     assert f"{image}: cannot read image" in line and f"--resume_from {ck / 'r'}" in line
     assert (ck / "r" / "last.ckpt").read_bytes() == last
@@ -405,22 +405,47 @@ def test_settings_json_says_when_a_call_trained_nothing(data, earlier, capsys):
     assert said.startswith("nothing trained") and said.endswith("(model.safetensors, logs/)"), said
 
 
-def test_requeued_slurm_job_resumes_its_hpc_checkpoint(data, tmp_path, monkeypatch):
-    """Lightning saved hpc_ckpt_1.ckpt before SLURM requeued the job, which runs again without --resume_from."""
-    ck = tmp_path / "ck"
-    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
-    (ck / "r" / "last.ckpt").rename(ck / "r" / "hpc_ckpt_1.ckpt")
+def _slurm(monkeypatch, restarts: int) -> None:
     monkeypatch.setattr(training, "SLURMEnvironment", type("Slurm", (), {"detect": staticmethod(lambda: True)}))
-    assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(restarts))
+
+
+def test_requeued_slurm_job_resumes_its_hpc_checkpoint(data, tmp_path, monkeypatch):
+    """Lightning saved hpc_ckpt_1.ckpt before SLURM requeued the job, which runs again: the same command line, here
+    with a --resume_from of another run, which the requeue must not follow (it would be refused as an earlier run)."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "other") == 0
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "r", "--resume_from", "other") == 0
+    (ck / "r" / "last.ckpt").rename(ck / "r" / "hpc_ckpt_1.ckpt")
+    _slurm(monkeypatch, 1)
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "other") == 0
     assert [step for _, step in _rows(ck / "r")] == list(range(4))
 
 
 def test_requeued_slurm_job_without_hpc_checkpoint_resumes_its_last_checkpoint(data, tmp_path, monkeypatch):
-    """A node failed before SLURM's warning signal: no hpc_ckpt, but the requeued job (SLURM_RESTART_COUNT 1)
-    continues from last.ckpt instead of being refused as an earlier run."""
+    """A node failed before SLURM's warning signal: no hpc_ckpt, but the requeued job continues from last.ckpt
+    instead of being refused as an earlier run."""
     ck = tmp_path / "ck"
     assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
-    monkeypatch.setattr(training, "SLURMEnvironment", type("Slurm", (), {"detect": staticmethod(lambda: True)}))
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _slurm(monkeypatch, 1)
     assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 0
     assert [step for _, step in _rows(ck / "r")] == list(range(4))
+
+
+def test_requeued_slurm_job_without_any_checkpoint_starts_again(data, tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    for ckpt in (ck / "r").glob("*.ckpt"):  # the first attempt died before its first checkpoint
+        ckpt.unlink()
+    _slurm(monkeypatch, 1)
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "r") == 0
+    assert [step for _, step in _rows(ck / "r")] == list(range(3))  # the dead attempt's rows are gone
+
+
+def test_a_new_slurm_job_does_not_take_an_old_jobs_hpc_checkpoint(data, tmp_path, monkeypatch, capsys):
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    (ck / "r" / "last.ckpt").rename(ck / "r" / "hpc_ckpt_1.ckpt")
+    _slurm(monkeypatch, 0)
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 2
+    assert "holds an earlier run (hpc_ckpt_1.ckpt" in _one_error_line(capsys)

@@ -163,8 +163,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .pipeline import UsageError, _launched_rank
-    from .training import TrainingSetupError, TrainSettings, train
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from .pipeline import UsageError
+    from .training import TrainingDataError, TrainingSetupError, TrainSettings, train
 
     if args.trainset == "standard" and not args.de_type:
         raise UsageError("--de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
@@ -194,18 +196,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, settings)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if _launched_rank() == 0:  # rank 0 writes the final settings.json
+        return 1 if isinstance(e, TrainingDataError) else 2
+    if rank_zero_only.rank == 0:  # the global rank Lightning gave this process; it wrote the final settings.json
         print(_training_summary(run_dir))
     return 0
 
 
 def _training_summary(run_dir: Path) -> str:
     """What this call of train did, from the run's settings.json, naming only the files that exist."""
-    done = json.loads((run_dir / "settings.json").read_text())
+    try:
+        done = json.loads((run_dir / "settings.json").read_text())
+    except (OSError, ValueError):
+        done = {}
     start, end = done.get("start_step", 0), done.get("global_step")
     files = ", ".join(f for f in ("last.ckpt", "model.safetensors", "model_ema.safetensors", "training_curves.png",
                                   "logs/") if (run_dir / f).exists())
+    if end is None:
+        return f"done: {run_dir} ({files})"
     if end == start:
         return (f"nothing trained: {run_dir} is at step {end} already (--max_steps, --epochs or --max_time reached); "
                 f"raise them to train on ({files})")
@@ -468,7 +475,6 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
     if args.out and os.path.lexists(out) and not args.overwrite:  # the run's own training_curves.png is redrawn
         raise UsageError(f"--out {out} exists; pass --overwrite or choose another --out")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         print(plot_training_logs(args.run_dir, out, overwrite=args.overwrite or not args.out))
     except (FileNotFoundError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -494,10 +500,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")
-    if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
-        raise UsageError(f"{out} exists; choose another name or pass --overwrite")
     if out.exists() and os.path.samefile(out, resolve_path(args.checkpoint)):  # --overwrite never means the input
         raise UsageError(f"{out} is the checkpoint being exported; choose another output name")
+    if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
+        raise UsageError(f"{out} exists; choose another name or pass --overwrite")
     model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
     if fmt == "onnx":
         from .onnx import export_onnx
@@ -588,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                       "with --loss_type fft")
     p.add_argument("--balance_loss_weight", type=_non_negative_float, default=0.01,
                    help="weight of the router's balance loss")
-    p.add_argument("--patch_size", type=_patch, default=128, help="training crop side")
+    p.add_argument("--patch_size", type=_patch, default=128,
+                   help="training crop side (every training image must be at least this large)")
     p.add_argument("--num_workers", type=_non_negative, default=4, help="data loader processes")
     p.add_argument("--accum_grad", type=_positive(), default=1, help="gradient accumulation steps")
     p.add_argument("--resume_from", help="run name under --ckpt_dir or a checkpoint path: restores optimizer and step")

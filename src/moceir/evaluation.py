@@ -245,6 +245,7 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
                 raise ValueError(f"{b}/{name}: no PSNR")
     return [BenchmarkResult(b, saved[b]) for b in benchmarks]
 
+
 def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) -> np.ndarray:
     """[benchmarks, layers, experts] number of images that picked each expert."""
     counts = np.zeros((len(results), layers, experts), dtype=np.int64)

@@ -104,6 +104,7 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training_curves.png"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # only now: a mistyped run folder is never made
         write_atomically(out, lambda tmp: fig.savefig(tmp, dpi=120), overwrite)
     finally:
         plt.close(fig)

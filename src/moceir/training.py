@@ -58,6 +58,10 @@ class TrainingSetupError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+class TrainingDataError(TrainingSetupError):
+    """A training image that broke during training (deleted, damaged): a file failed, exit code 1."""
+
+
 class NonFiniteLossError(TrainingSetupError):
     """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
 
@@ -326,21 +330,23 @@ def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
     return read_resume_point(path)
 
 
+def _requeued() -> bool:
+    """Whether this is a SLURM job that SLURM has requeued (it replays the same command line)."""
+    return SLURMEnvironment.detect() and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+
+
 def _requeued_checkpoint(run_dir: Path) -> ResumePoint | None:
-    """In a SLURM job, the newest ``hpc_ckpt_N.ckpt`` Lightning saved in ``run_dir`` before the job was requeued
-    (Lightning resumes from it by itself; named here, the run keeps its metrics.csv and is not refused as an
-    earlier run); in a requeued job without one (a node failed before the warning signal), its last.ckpt."""
-    if not SLURMEnvironment.detect():
+    """In a requeued SLURM job, where its first attempt stopped: the newest ``hpc_ckpt_N.ckpt`` Lightning saved at
+    SLURM's warning signal, else ``last.ckpt`` (a node failed before the signal); None when there is neither."""
+    if not _requeued():
         return None
     saved = [(int(m.group(1)), p) for p in run_dir.glob("hpc_ckpt_*.ckpt")
              if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    if saved:
-        return read_resume_point(max(saved)[1])
-    requeued = os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
-    return read_resume_point(run_dir / "last.ckpt") if requeued and (run_dir / "last.ckpt").is_file() else None
+    path = max(saved)[1] if saved else run_dir / "last.ckpt"
+    return read_resume_point(path, "requeued SLURM job") if path.is_file() else None
 
 
-def read_resume_point(path: Path) -> ResumePoint:
+def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
     """Refuse, in one line naming ``path``, a file Lightning could not resume from, before anything is written:
     unreadable, not a complete Lightning checkpoint, or holding NaN/inf weights or optimizer state."""
     try:
@@ -358,7 +364,7 @@ def read_resume_point(path: Path) -> ResumePoint:
         check_finite(_optimizer_tensors(ckpt["optimizer_states"]), f"{path} (optimizer state)")
         return ResumePoint(path, int(ckpt["global_step"]), weights, config)
     except CheckpointError as e:
-        raise TrainingSetupError(f"--resume_from: {e}") from None
+        raise TrainingSetupError(f"{label}: {e}") from None
 
 
 def _lightning_checkpoint(path: Path) -> Mapping:
@@ -396,7 +402,7 @@ def _trained_with(resume: ResumePoint) -> str:
                   else infer_config(resume.weights, str(resume.path)))
     except CheckpointError:
         return ""
-    return f"; it was trained with {architecture_flags(config)}: pass exactly those architecture flags to continue it"
+    return f"; it was trained with {architecture_flags(config)}: pass those shape flags to continue it"
 
 
 def architecture_flags(config: MoCEConfig) -> str:
@@ -419,6 +425,8 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
     if problem:
         raise TrainingSetupError(f"run folder {run_dir}: {problem}; choose another --ckpt_dir or --run_name")
     if resume is not None and resume.path.parent.resolve() == run_dir.resolve():
+        return
+    if resume is None and _requeued():  # its first attempt died before any checkpoint: it starts again
         return
     ckpts = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime, p.name))
     earlier = [p.name for p in ckpts] + [f for f in RUN_FILES if (run_dir / f).is_file()]
@@ -555,9 +563,12 @@ def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None =
     source = _fine_tune_source(settings)
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)
-    resume = resume or _requeued_checkpoint(run_dir)
+    resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
     _check_run_folder(run_dir, resume)
+    if resume is None and _requeued():  # every rank, before any logs: the dead first attempt's rows go
+        (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)
     module = _module(source.config if source else config, settings, capture, source, resume)
+    resume = dataclasses.replace(resume, weights={}) if resume else None  # checked; Lightning reads the file
     ema = WeightEMA(settings.ema_decay) if settings.ema_decay > 0 else None
     start_step = resume.step if resume else 0
     at_start = WriteAtStart(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step))
@@ -606,7 +617,7 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
                 raise
             then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
                     else "train again under another --run_name")
-            raise TrainingSetupError(f"during training: {problem}; then {then}") from None
+            raise TrainingDataError(f"during training: {problem}; then {then}") from None
 
 
 def _data_problem(error: BaseException | None) -> str | None:
