@@ -373,7 +373,7 @@ def test_a_distributed_writer_error_is_raised_after_the_report(tmp_path, tiny_mo
     import moceir.distributed as distributed
     import moceir.pipeline as pipeline
 
-    real_save, real_restore = pipeline.save_image, distributed.restore_distributed
+    real_save, real_restore, real_launch = pipeline.save_image, distributed.restore_distributed, distributed.Launch
     handed_back = []
 
     def broken_for_b(path, *args, **kwargs):
@@ -382,7 +382,7 @@ def test_a_distributed_writer_error_is_raised_after_the_report(tmp_path, tiny_mo
         real_save(path, *args, **kwargs)
 
     def one_process(net, plan, options, budget, launch, *args):
-        rows, error = real_restore(net, plan, options, budget, distributed.Launch(), *args)
+        rows, error = real_restore(net, plan, options, budget, real_launch(), *args)  # no DDP in this process
         handed_back.append(error)
         return rows, error
 
