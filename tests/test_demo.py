@@ -144,3 +144,31 @@ def test_the_package_works_without_gradio():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "moceir demo needs Gradio, an optional extra: pip install -e '.[demo]'"
+
+
+def test_a_request_cannot_name_a_server_file_folder_or_glob(tmp_path):
+    """The endpoints skip Gradio's preprocessing: a crafted FileData dict or string path outside the upload folder
+    and the examples must not be read (it returned any image on the server, or restored a whole folder)."""
+    from moceir.demo import DemoError, _upload_path
+
+    private = tmp_path / "secret" / "private.png"
+    private.parent.mkdir()
+    private.write_bytes(b"an image the server must not show")
+    uploads = tmp_path / "uploads"
+    (uploads / "x").mkdir(parents=True)
+    mine = uploads / "x" / "photo.png"
+    mine.write_bytes(b"uploaded")
+    served = (uploads.resolve(),)
+    for value in ({"path": str(private)}, str(private), {"path": str(private.parent)}, {"path": str(uploads / "*")},
+                  {"path": str(uploads / "x" / ".." / ".." / "secret" / "private.png")}, {"path": ["a"]}, 7):
+        with pytest.raises(DemoError, match="upload it again"):
+            _upload_path(value, served)
+    assert _upload_path({"path": str(mine), "orig_name": "../My photo.png"}, served) == (mine, "My photo.png")
+
+
+def test_demo_port_out_of_range_is_refused(capsys):
+    from moceir.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--port", "70000"])
+    assert exit_.value.code == 2 and "1 to 65535" in capsys.readouterr().err

@@ -75,6 +75,13 @@ def _patch(v: str) -> int:
     return x
 
 
+def _port(v: str) -> int:
+    x = _number(int, v)
+    if not 1 <= x <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, got {v}")
+    return x
+
+
 def _repeat(v: str) -> tuple[str, int]:
     task, _, n = v.partition("=")
     if task not in (*TASKS, "cdd11") or not n.isdigit():
@@ -694,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on; 0.0.0.0 opens the page to your network (it has no login)")
-    p.add_argument("--port", type=_positive(), default=7860, help="port to serve on")
+    p.add_argument("--port", type=_port, default=7860, help="port to serve on (1-65535)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--max_pixels", type=_positive(float), default=24e6,
                    help="largest image the page accepts (width x height); larger ones: moceir restore")

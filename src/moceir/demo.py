@@ -217,16 +217,34 @@ EXPERT_HEADERS = ["MoE layer", "scale", "expert", "rank", "patch", "GFLOPs", "co
 METRIC_HEADERS = ["image", "PSNR (dB)", "SSIM"]
 
 
-def _upload_path(value: Any) -> tuple[Path, str]:
-    """(path, file name) of an uploaded image as Gradio passes it unprocessed (a FileData dict) or a path."""
+def _upload_path(value: Any, served: tuple[Path, ...]) -> tuple[Path, str]:
+    """(path, file name) of an uploaded image as Gradio passes it unprocessed (a FileData dict) or a path.
+
+    The endpoints skip Gradio's preprocessing, so a request names any path it likes: only a file inside ``served``
+    (Gradio's upload folder, the examples) is read, never another file, folder or glob on the server.
+    """
     if value is None:
         raise DemoError("no image yet: upload one, paste one or pick an example")
     if isinstance(value, dict):
-        if not value.get("path"):
+        if not isinstance(value.get("path"), str) or not value["path"]:
             raise DemoError("the image did not arrive as a file; upload it again")
         path = Path(value["path"])
-        return path, Path(value.get("orig_name") or path.name).name
-    return Path(value), Path(value).name
+        name = Path(str(value.get("orig_name") or path.name)).name
+    elif isinstance(value, str):
+        path, name = Path(value), Path(value).name
+    else:
+        raise DemoError("the image did not arrive as a file; upload it again")
+    real = path.resolve()
+    if not (real.is_file() and any(real.is_relative_to(root) for root in served)):
+        raise DemoError("the image did not arrive as an upload; upload it again")
+    return path, name
+
+
+def _served_roots(session: "DemoSession") -> tuple[Path, ...]:
+    """Where uploads may come from: Gradio's upload folder (GRADIO_TEMP_DIR, else its default), the examples,
+    the app's own folder."""
+    gradio_temp = os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
+    return tuple(Path(p).resolve() for p in (gradio_temp, EXAMPLES_DIR, session.work_dir))
 
 
 def _examples(prefix: str = "") -> list[str]:
@@ -317,7 +335,7 @@ def _build_blocks(gr, session: DemoSession, concurrency: int):
 
     def restore(image, progress=gr.Progress()):
         try:
-            path, name = _upload_path(image)
+            path, name = _upload_path(image, _served_roots(session))
             progress(0, desc="restoring")
             r = session.restore(path, name, tiles_to(progress))
         except DemoError as e:
@@ -329,7 +347,7 @@ def _build_blocks(gr, session: DemoSession, concurrency: int):
 
     def degrade_and_restore(image, degradation, progress=gr.Progress()):
         try:
-            path, name = _upload_path(image)
+            path, name = _upload_path(image, _served_roots(session))
             progress(0, desc="degrading")
             clean, degraded, degraded_path = session.degrade(path, name, degradation)
             try:
