@@ -62,3 +62,19 @@ def make_tiny_layout(root: Path, n: int = 3, size: tuple[int, int] = (40, 48)) -
 @pytest.fixture
 def tiny_layout(tmp_path) -> Path:
     return make_tiny_layout(tmp_path / "data")
+
+
+@pytest.fixture
+def small_layout(tmp_path) -> Path:
+    """Two 24x32 images per benchmark: the smallest layout that still scores."""
+    return make_tiny_layout(tmp_path / "data", n=2, size=(24, 32))
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> str:
+    """The tiny preset with deterministic weights, saved as safetensors (some modules define their own)."""
+    import moceir
+
+    model = moceir.create_model("MoCE_IR_tiny")
+    fill_deterministic(model, 0.05)
+    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))

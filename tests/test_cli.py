@@ -12,15 +12,6 @@ import moceir
 from moceir.cli import main
 from moceir.io import save_image
 
-from conftest import fill_deterministic
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path):
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.05)
-    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
-
 
 def _bomb_png(path, side=30000):
     """A valid PNG header claiming side x side pixels: above PIL's decompression-bomb limit."""

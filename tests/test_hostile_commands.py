@@ -11,20 +11,6 @@ import pytest
 import moceir
 from moceir.cli import main
 
-from conftest import fill_deterministic, make_tiny_layout
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path):
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.05)
-    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
-
-
-@pytest.fixture
-def layout(tmp_path):
-    return make_tiny_layout(tmp_path / "data", n=2, size=(24, 32))
-
 
 def _one_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
@@ -76,9 +62,9 @@ def test_info_stopped_reader_is_not_a_traceback():
 
 
 # ------------------------------------------------------------------------------------------------ routing
-def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, layout, tiny_ckpt, capsys):
+def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, small_layout, tiny_ckpt, capsys):
     out = tmp_path / "r"
-    assert _routing(tiny_ckpt, out, "gopro", "denoise_15", data=layout) == 1
+    assert _routing(tiny_ckpt, out, "gopro", "denoise_15", data=small_layout) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: gopro: missing folder")
     assert json.loads((out / "routing.json").read_text())["benchmarks"] == ["denoise_15"]
@@ -89,17 +75,17 @@ def test_routing_with_no_benchmark_to_score_writes_nothing(tmp_path, tiny_ckpt, 
     assert "nothing written" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_routing_counts_a_skipped_image_in_its_exit_code(tmp_path, layout, tiny_ckpt, capsys):
-    bad = layout / "denoising/cBSD68/original_png/0001.png"
+def test_routing_counts_a_skipped_image_in_its_exit_code(tmp_path, small_layout, tiny_ckpt, capsys):
+    bad = small_layout / "denoising/cBSD68/original_png/0001.png"
     bad.write_bytes(bad.read_bytes()[:100])
     out = tmp_path / "r"
-    assert _routing(tiny_ckpt, out, "denoise_15", data=layout) == 1
+    assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout) == 1
     assert "0001.png" in capsys.readouterr().err
     data = json.loads((out / "routing.json").read_text())  # strict JSON: no NaN anywhere
     assert np.array(data["counts"]).sum() == 3 and json.dumps(data, allow_nan=False)
 
 
-def test_routing_output_problems_are_found_before_any_scoring(tmp_path, layout, tiny_ckpt, capsys, monkeypatch):
+def test_routing_output_problems_are_found_before_any_scoring(tmp_path, small_layout, tiny_ckpt, capsys, monkeypatch):
     import moceir.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_benchmark", lambda *a, **k: pytest.fail("scored before refusing"))
@@ -108,7 +94,7 @@ def test_routing_output_problems_are_found_before_any_scoring(tmp_path, layout, 
     (tmp_path / "r" / "routing.md").mkdir(parents=True)
     for out, needle in ((afile / "sub", "is a file, not a folder"), (afile, "is a file, not a folder"),
                         (tmp_path / "r", "routing.md is a folder")):
-        assert _routing(tiny_ckpt, out, "denoise_15", data=layout, extra=["--overwrite"]) == 2
+        assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout, extra=["--overwrite"]) == 2
         assert needle in _one_line(capsys)
     assert afile.read_text() == "keep" and not (tmp_path / "r" / "routing_heatmap.png").exists()
 
@@ -182,18 +168,18 @@ def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ test / routing
 @pytest.mark.parametrize("command", ["test", "routing"])
-def test_architecture_flags_without_model_are_refused(tmp_path, layout, tiny_ckpt, capsys, command):
-    argv = [command, "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(layout),
+def test_architecture_flags_without_model_are_refused(tmp_path, small_layout, tiny_ckpt, capsys, command):
+    argv = [command, "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(small_layout),
             "--output_path", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--dim", "16"]
     assert main(argv) == 2
     assert "--dim takes effect only with --model" in _one_line(capsys) and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("command", ["test", "routing"])
-def test_an_onnx_graph_is_refused_by_name(tmp_path, layout, capsys, command):
+def test_an_onnx_graph_is_refused_by_name(tmp_path, small_layout, capsys, command):
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"not even read")
-    argv = [command, "--ckpt", str(graph), "--benchmarks", "lolv1", "--data_file_dir", str(layout),
+    argv = [command, "--ckpt", str(graph), "--benchmarks", "lolv1", "--data_file_dir", str(small_layout),
             "--output_path", str(tmp_path / "r"), "--device", "cpu", "--quiet"]
     assert main(argv) == 2
     assert "is an ONNX graph" in _one_line(capsys)

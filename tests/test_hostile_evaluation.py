@@ -11,21 +11,6 @@ import moceir
 from moceir.cli import main
 from moceir.io import save_image
 
-from conftest import fill_deterministic, make_tiny_layout
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path):
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.05)
-    return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
-
-
-@pytest.fixture
-def layout(tmp_path):
-    """Two 24x32 images per benchmark: the smallest layout that still scores."""
-    return make_tiny_layout(tmp_path / "data", n=2, size=(24, 32))
-
 
 def _test(ckpt, data, out, *benchmarks, extra=()):
     return main(["test", "--ckpt", ckpt, "--benchmarks", *benchmarks, "--data_file_dir", str(data),
@@ -37,12 +22,12 @@ def _rows(out):
         return [(r["benchmark"], r["name"]) for r in csv.DictReader(f)]
 
 
-def test_image_smaller_than_16_px_is_skipped_and_the_rest_scored(tmp_path, layout, tiny_ckpt, capsys):
-    small = layout / "denoising/cBSD68/original_png/small.png"
+def test_image_smaller_than_16_px_is_skipped_and_the_rest_scored(tmp_path, small_layout, tiny_ckpt, capsys):
+    small = small_layout / "denoising/cBSD68/original_png/small.png"
     save_image(small, np.zeros((10, 10, 3), np.float32))
-    save_image(layout / "denoising/cBSD68/original_png/edge.png", np.zeros((20, 17, 3), np.float32))  # -> 16x16
+    save_image(small_layout / "denoising/cBSD68/original_png/edge.png", np.zeros((20, 17, 3), np.float32))  # -> 16x16
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "denoise_25") == 1
+    assert _test(tiny_ckpt, small_layout, out, "denoise_25") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(small) in err[0] and "smaller than 16x16" in err[0]
     assert sorted(name for _, name in _rows(out)) == ["0001.png", "0002.png", "edge.png"]
@@ -61,9 +46,9 @@ def test_cdd11_results_keep_their_degradation_folder(tmp_path, tiny_ckpt):
     assert saved == ["cdd11/haze/001.png", "cdd11/rain/001.png"]
 
 
-def test_flat_benchmarks_keep_their_file_names(tmp_path, layout, tiny_ckpt):
+def test_flat_benchmarks_keep_their_file_names(tmp_path, small_layout, tiny_ckpt):
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "dehaze", "lolv1", extra=["--save_results"]) == 0
+    assert _test(tiny_ckpt, small_layout, out, "dehaze", "lolv1", extra=["--save_results"]) == 0
     assert _rows(out) == [("dehaze", "0001_0.8_0.2.jpg"), ("dehaze", "0002_0.8_0.2.jpg"),
                           ("lolv1", "1.png"), ("lolv1", "2.png")]
     assert sorted(p.name for p in (out / "images" / "dehaze").iterdir()) == ["0001_0.8_0.2.png", "0002_0.8_0.2.png"]
@@ -93,7 +78,7 @@ def test_reports_are_replaced_atomically(tmp_path, monkeypatch):
     assert "per_image.csv" in str(e.value)
 
 
-def test_saved_image_is_written_atomically(tmp_path, layout, tiny_ckpt, monkeypatch):
+def test_saved_image_is_written_atomically(tmp_path, small_layout, tiny_ckpt, monkeypatch):
     from moceir import evaluation
 
     def half_written(path, rgb):
@@ -101,7 +86,7 @@ def test_saved_image_is_written_atomically(tmp_path, layout, tiny_ckpt, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(evaluation, "save_image", half_written)
-    ds = evaluation.benchmark_dataset(layout, "lolv1")
+    ds = evaluation.benchmark_dataset(small_layout, "lolv1")
     model = moceir.load_model(tiny_ckpt, device="cpu")
     targets, _ = evaluation.save_targets(ds, tmp_path / "images")
     line = evaluation.score_image(model, (ds, targets), 0, torch.device("cpu"))
@@ -124,20 +109,20 @@ def test_earlier_results_are_refused_without_overwrite(tmp_path):
     check_results_folder(tmp_path / "s", ["lolv1"], save_results=False, overwrite=False)
 
 
-def test_second_test_run_refuses_to_replace_results(tmp_path, layout, tiny_ckpt, capsys):
+def test_second_test_run_refuses_to_replace_results(tmp_path, small_layout, tiny_ckpt, capsys):
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "lolv1") == 0
+    assert _test(tiny_ckpt, small_layout, out, "lolv1") == 0
     first = (out / "results.json").read_bytes()
     capsys.readouterr()
-    assert _test(tiny_ckpt, layout, out, "lolv1") == 2
+    assert _test(tiny_ckpt, small_layout, out, "lolv1") == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "results.json").read_bytes() == first
-    assert _test(tiny_ckpt, layout, out, "lolv1", extra=["--overwrite"]) == 0
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--overwrite"]) == 0
 
 
-def test_output_path_under_a_file_is_one_line(tmp_path, layout, tiny_ckpt, capsys):
+def test_output_path_under_a_file_is_one_line(tmp_path, small_layout, tiny_ckpt, capsys):
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"keep me")
-    assert _test(tiny_ckpt, layout, victim / "out", "lolv1") == 2
+    assert _test(tiny_ckpt, small_layout, victim / "out", "lolv1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(victim) in err[0] and "--output_path" in err[0]
     assert victim.read_bytes() == b"keep me"
@@ -156,36 +141,36 @@ def test_output_path_problems_are_found_before_scoring(tmp_path, make):
         check_results_folder(out, ["lolv1"], save_results=True)
 
 
-def test_results_json_names_the_skipped_image(tmp_path, layout, tiny_ckpt):
-    save_image(layout / "llie/LOLv1/Test/input/9.png", np.zeros((8, 40, 3), np.float32))
-    save_image(layout / "llie/LOLv1/Test/target/9.png", np.zeros((8, 40, 3), np.float32))
+def test_results_json_names_the_skipped_image(tmp_path, small_layout, tiny_ckpt):
+    save_image(small_layout / "llie/LOLv1/Test/input/9.png", np.zeros((8, 40, 3), np.float32))
+    save_image(small_layout / "llie/LOLv1/Test/target/9.png", np.zeros((8, 40, 3), np.float32))
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "lolv1") == 1
+    assert _test(tiny_ckpt, small_layout, out, "lolv1") == 1
     data = json.loads((out / "results.json").read_text())
     assert data["summary"][0]["images"] == 2 and "9.png" in data["errors"]["lolv1"][0]
 
 
-def test_inputs_sharing_a_stem_are_saved_apart(tmp_path, layout, tiny_ckpt, capsys):
-    lol = layout / "llie/LOLv1/Test"
+def test_inputs_sharing_a_stem_are_saved_apart(tmp_path, small_layout, tiny_ckpt, capsys):
+    lol = small_layout / "llie/LOLv1/Test"
     save_image(lol / "input/1.jpg", np.full((24, 32, 3), 0.1, np.float32))  # 1.png's twin in another format
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "lolv1", extra=["--save_results"]) == 0
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--save_results"]) == 0
     assert sorted(name for _, name in _rows(out)) == ["1.jpg", "1.png", "2.png"]
     assert sorted(p.name for p in (out / "images/lolv1").iterdir()) == ["1_jpg.png", "1_png.png", "2.png"]
     assert "1.jpg -> 1_jpg.png" in capsys.readouterr().err
 
 
-def test_two_clean_images_for_one_key_is_a_one_line_error(tmp_path, layout, tiny_ckpt, capsys):
-    target = layout / "llie/LOLv1/Test/target"
+def test_two_clean_images_for_one_key_is_a_one_line_error(tmp_path, small_layout, tiny_ckpt, capsys):
+    target = small_layout / "llie/LOLv1/Test/target"
     save_image(target / "1.jpg", np.zeros((24, 32, 3), np.float32))
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "lolv1", "dehaze") == 1
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", "dehaze") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1.jpg and 1.png" in err[0] and f"keep one of them in {target}" in err[0]
     assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]  # the other benchmark is still scored
 
 
-def test_an_image_too_large_for_memory_is_skipped_and_the_rest_scored(tmp_path, layout, tiny_ckpt, capsys,
+def test_an_image_too_large_for_memory_is_skipped_and_the_rest_scored(tmp_path, small_layout, tiny_ckpt, capsys,
                                                                      monkeypatch):
     from moceir import evaluation
 
@@ -198,7 +183,7 @@ def test_an_image_too_large_for_memory_is_skipped_and_the_rest_scored(tmp_path, 
 
     monkeypatch.setattr(evaluation, "restore_tensor", short_of_memory)
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, layout, out, "lolv1", "dehaze") == 1
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", "dehaze") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("out of memory restoring 16x32 whole" in line for line in err)
     assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]
