@@ -159,7 +159,9 @@ def test_a_request_cannot_name_a_server_file_folder_or_glob(tmp_path):
     mine = uploads / "x" / "photo.png"
     mine.write_bytes(b"uploaded")
     served = (uploads.resolve(),)
+    (uploads / "x" / "link.png").symlink_to(private)  # a link inside the upload folder to a file outside it
     for value in ({"path": str(private)}, str(private), {"path": str(private.parent)}, {"path": str(uploads / "*")},
+                  {"path": str(uploads / "x" / "link.png")},
                   {"path": str(uploads / "x" / ".." / ".." / "secret" / "private.png")}, {"path": ["a"]}, 7):
         with pytest.raises(DemoError, match="upload it again"):
             _upload_path(value, served)
