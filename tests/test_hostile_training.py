@@ -275,6 +275,20 @@ def test_probe2_failed_resume_keeps_the_runs_files(data, earlier, capsys):
     assert _files(earlier) == before  # settings.json included
 
 
+@pytest.mark.parametrize("flags, was, now", [(("--topk", "2"), "--topk 1", "--topk 2"),
+                                             (("--no-with_complexity",), "--with_complexity", "--no-with_complexity"),
+                                             (("--complexity_scale", "min"), "--complexity_scale max",
+                                              "--complexity_scale min")])
+def test_a_resume_that_would_route_otherwise_is_refused(data, earlier, capsys, flags, was, now):
+    """--topk and the complexity weighting change no weight's shape, so such a resume went on silently as another
+    run than the one it continued."""
+    before = _files(earlier)
+    assert _train(data, earlier.parent, "--max_steps", "6", "--run_name", "r", "--resume_from", "r", *flags) == 2
+    line = _one_error_line(capsys)
+    assert f"trained with {was}, this call asks for {now}" in line and "--fine_tune_from" in line
+    assert _files(earlier) == before
+
+
 def _bad_checkpoint(kind: str, good: Path, path: Path) -> None:
     from moceir.models import MoCEIR
 

@@ -386,13 +386,32 @@ def _optimizer_tensors(states: Any) -> dict[str, torch.Tensor]:
             for name, t in per_param.items() if torch.is_tensor(t)}
 
 
+# Config fields that change what training computes without changing a weight's shape: a resume that changed
+# them would go on as another run than the one it continues.
+RUN_BEHAVIOUR_FIELDS = ("topk", "with_complexity", "complexity_scale")
+
+
 def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
     """Load the checkpoint's weights into ``net`` (Lightning does so again) or refuse, in one line, weights of
-    another network, naming mismatched keys and the flags the checkpoint was trained with."""
+    another network, naming mismatched keys and the flags the checkpoint was trained with, or a run that would
+    route or weigh its experts otherwise than the run it continues (``RUN_BEHAVIOUR_FIELDS``)."""
     try:
         load_state_dict_strict(net, resume.weights, str(resume.path))
     except CheckpointError as e:
         raise TrainingSetupError(f"--resume_from: {e}{_trained_with(resume)}") from None
+    trained = resume.config or {}
+    weighted = trained.get("with_complexity") or net.config.with_complexity  # else complexity_scale is unused
+    changed = [f for f in RUN_BEHAVIOUR_FIELDS if f in trained and trained[f] != getattr(net.config, f)
+               and (weighted or f != "complexity_scale")]
+    if changed:
+        def flag(field: str, value: Any) -> str:
+            return (f"--{field}" if value else f"--no-{field}") if isinstance(value, bool) else f"--{field} {value}"
+
+        was = " ".join(flag(f, trained[f]) for f in changed)
+        now = " ".join(flag(f, getattr(net.config, f)) for f in changed)
+        raise TrainingSetupError(f"--resume_from {resume.path}: the run was trained with {was}, this call asks for "
+                                 f"{now}; pass the run's values to continue it, or --fine_tune_from to start a new "
+                                 "run from its weights")
 
 
 def _trained_with(resume: ResumePoint) -> str:
