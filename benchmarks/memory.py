@@ -4,6 +4,7 @@
     python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000              # `moceir restore` (CLI)
     python benchmarks/memory.py --restore_size 1155x866 3000x2000 4000x3000 --api        # moceir.restore (API)
     python benchmarks/memory.py --tiled 1200x1000 --tile 512 [--tuned_allocator]          # tiles, allocator on/off
+    python benchmarks/memory.py --probe_size 12000x12000    # sizing a PNG from its header (demo, restore planning)
 
 --restore_size restores a real photo resized to each size, each in a fresh process, and prints the time, the
 tile chosen, the peak RSS and the peak that moceir's memory model (moceir.inference.estimate_peak_bytes)
@@ -100,6 +101,34 @@ def _tiled_peak(size: str, tile: int, tuned: bool) -> None:
           f"peak RSS {hwm_mb():.0f} MB")
 
 
+_PROBE_CHILD = """
+import sys, time
+from moceir.io import image_size
+t0 = time.perf_counter()
+size = image_size(sys.argv[1]) if sys.argv[1] != "-" else None
+hwm = dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]  # ru_maxrss survives exec
+print(size, f"{time.perf_counter() - t0:.4f}", int(hwm) / 1024)
+"""
+
+
+def _probe_peak(size: str) -> None:
+    """Peak RSS of moceir.io.image_size on a black WxH PNG (a few hundred kB), in a fresh process, against the peak
+    of a process that only imports moceir.io."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = map(int, size.lower().split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"black_{w}x{h}.png"
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+        runs = {arg: subprocess.run([sys.executable, "-c", _PROBE_CHILD, arg], capture_output=True, text=True,
+                                    check=True).stdout.split() for arg in ("-", str(path))}
+        kb = path.stat().st_size / 1e3
+    *answer, seconds, peak = runs[str(path)]
+    print(f"image_size of a {w}x{h} PNG ({kb:.0f} kB): {' '.join(answer)} in {float(seconds) * 1e3:.1f} ms, "
+          f"peak RSS {float(peak):.0f} MB (a process importing moceir.io: {float(runs['-'][-1]):.0f} MB)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
@@ -112,8 +141,12 @@ def main() -> None:
     p.add_argument("--tiled", help="HxW: peak RSS of restore_tensor on a random HxW image in --tile tiles")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--tuned_allocator", action="store_true", help="with --tiled: apply moceir's glibc tuning first")
+    p.add_argument("--probe_size", help="WxH: peak RSS of reading a black WxH PNG's size from its header")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.probe_size:
+        _probe_peak(a.probe_size)
+        return
     if a.restore_size:
         for size in a.restore_size:
             _restore_peak(size, a.source, a.device, a.api, a.max_memory)

@@ -22,6 +22,20 @@ def fill_deterministic(model: torch.nn.Module, std: float) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
 
+def save_damaged(model: torch.nn.Module, path: Path) -> Path:
+    """Write ``model`` as moceir's safetensors (config embedded) without save_model's checks: for tests of how
+    commands treat a damaged model file (NaN weights), which save_model refuses to write."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from moceir.models.checkpoints import CONFIG_KEY
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"})
+    return path
+
+
 def require_datasets() -> Path:
     """The shared datasets folder, or a skip; under CI (CI=true) a missing folder fails instead."""
     if not SHARED_DATASETS.is_dir():

@@ -11,7 +11,7 @@ from PIL import Image
 import moceir
 from moceir.models.checkpoints import save_model
 
-from conftest import GOLDEN
+from conftest import GOLDEN, save_damaged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(GOLDEN / "upstream_tiny_last.ckpt")
@@ -56,7 +56,7 @@ def test_a_checkpoint_with_nan_outputs_is_an_error_and_the_others_still_run(tmp_
     model = moceir.load_model(TINY)
     with torch.no_grad():
         model.output.weight.fill_(float("nan"))
-    save_model(model, tmp_path / "nan.safetensors")
+    save_damaged(model, tmp_path / "nan.safetensors")
     res = _run(tmp_path / "nan.safetensors", TINY, "--photos", photos, "--every", 1)
     assert res.returncode == 1 and "NaN or inf" in res.stderr and "nan.safetensors" in res.stderr
     assert "Traceback" not in res.stderr and "nan dB" not in res.stdout and "nan levels" not in res.stdout

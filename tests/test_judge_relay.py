@@ -13,7 +13,7 @@ from PIL import Image
 import moceir
 from moceir.models.checkpoints import save_model
 
-from conftest import GOLDEN, make_tiny_layout
+from conftest import GOLDEN, make_tiny_layout, save_damaged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,7 +319,7 @@ def test_hostile_inputs(tmp_path, tiny_layout):
     nan_model = moceir.load_model(paths["base"])
     with torch.no_grad():
         nan_model.output.weight.fill_(float("nan"))
-    save_model(nan_model, tmp_path / "nanw.safetensors")
+    save_damaged(nan_model, tmp_path / "nanw.safetensors")
     paths["nanw"] = tmp_path / "nanw.safetensors"
     res = _judge(paths, "noisy", ["nanw", "identity"], tiny_layout, tmp_path / "n")
     verdict = json.loads((tmp_path / "n" / "judgement.json").read_text())

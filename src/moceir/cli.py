@@ -450,12 +450,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import GradioMissing, launch
+    from .demo import AddressError, GradioMissing, launch
 
     try:
         launch(args.checkpoint, host=args.host, port=args.port, device=args.device, max_pixels=args.max_pixels,
                concurrency=args.concurrency)
-    except GradioMissing as e:
+    except (GradioMissing, AddressError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the port is taken or the address cannot be bound

@@ -47,6 +47,10 @@ class DemoError(ValueError):
     """A request the page refuses or could not restore: one line, shown in the page."""
 
 
+class AddressError(OSError):
+    """The page cannot be served at the given host and port; the message says which of the two to change."""
+
+
 # ------------------------------------------------------------------------------------- degradations (tab 2)
 def _noise(sigma: int) -> Callable[[np.ndarray, str], np.ndarray]:
     def apply(clean: np.ndarray, name: str) -> np.ndarray:
@@ -159,7 +163,7 @@ class DemoSession:
     def degrade(self, path: Path, name: str, degradation: str) -> tuple[np.ndarray, np.ndarray, Path]:
         """(clean, degraded, degraded PNG): uint8 images, centre-cropped to multiples of 16 as the benchmarks
         are; the PNG lies in a fresh folder of the work dir, which the caller removes."""
-        if degradation not in DEGRADATIONS:
+        if not isinstance(degradation, str) or degradation not in DEGRADATIONS:
             raise DemoError(f"unknown degradation {degradation!r}; choose one of {', '.join(DEGRADATIONS)}")
         self.check_size(path, name)
         try:
@@ -427,6 +431,45 @@ def close_app(app) -> None:
         entry[1]()  # the finalizer: runs workspace.cleanup once
 
 
+def server_host(host: str) -> str:
+    """The address the server binds, as Gradio reads ``server_name``: "" is GRADIO_SERVER_NAME or 127.0.0.1,
+    and "[::1]" (the form a URL needs) is ::1."""
+    host = host.strip() or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind every address ``host`` resolves to at ``port`` once, as the server will (address reuse on, as uvicorn),
+    so that a bad host or a taken port is named before the model loads; raises AddressError, one line."""
+    import errno
+    import socket
+
+    host = server_host(host)
+    if not 0 <= port <= 65535:
+        raise AddressError(f"port {port} is not a port number; choose a --port from 1 to 65535")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise AddressError(f"--host {host}: {getattr(e, 'strerror', None) or e}; use 127.0.0.1 (this machine only) "
+                           "or 0.0.0.0 (every network interface)") from None
+    advice = {errno.EADDRINUSE: f"port {port} is in use; choose another --port",
+              errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; choose another --host "
+                                   "(127.0.0.1: this machine only, 0.0.0.0: every network interface)",
+              errno.EACCES: f"port {port} needs administrator rights here; choose a --port of 1024 or more"}
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio's create_server: IPv6 sockets do not take IPv4 too
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EAFNOSUPPORT:  # e.g. ::1 on a machine without IPv6; the server skips it too
+                continue
+            raise AddressError(f"cannot serve at {host}:{port}: "
+                               + advice.get(e.errno, f"{e.strerror or e}; check --host and --port")) from None
+
+
 def launch(checkpoint: str = "default", host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
            max_pixels: float = 24_000_000, concurrency: int = 1, block: bool = True):
     """Serve the demo at http://host:port (127.0.0.1 by default: this machine only; never a public share link).
@@ -434,6 +477,8 @@ def launch(checkpoint: str = "default", host: str = "127.0.0.1", port: int = 786
     With ``block`` (the command) it serves until Ctrl+C or SIGTERM, then removes its temporary folder; without,
     it returns the running app (for tests and notebooks; stop it with :func:`close_app`).
     """
+    host = server_host(host)
+    check_address(host, port)
     app = build_app(checkpoint, device, max_pixels, concurrency)
     try:
         # An upload larger than a 16-bit RGBA image of max_pixels cannot be one the page accepts.
@@ -443,7 +488,8 @@ def launch(checkpoint: str = "default", host: str = "127.0.0.1", port: int = 786
             return app
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop (and clean up) as on Ctrl+C
-        print(f"moceir demo: serving at http://{host}:{port} (Ctrl+C stops it)", flush=True)
+        url_host = f"[{host}]" if ":" in host else host
+        print(f"moceir demo: serving at http://{url_host}:{port} (Ctrl+C stops it)", flush=True)
         while app.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:

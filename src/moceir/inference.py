@@ -4,7 +4,7 @@ batching, and ``restore`` for numpy arrays, PIL images and tensors."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
     are added on every side and cropped away again: the network zero-pads its convolutions, which darkens a
     frame of a few pixels at the image border without it.
     """
-    if routing not in ROUTING_MODES:
+    if not isinstance(routing, str) or routing not in ROUTING_MODES:
         raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
     pad = min(context_pad, x.shape[-2] - 1, x.shape[-1] - 1)
     if pad > 0:
@@ -184,6 +184,28 @@ def auto_tile(model: MoCEIR, h: int, w: int, budget_bytes: float, minimum: int =
     return max(minimum, side - side % m)
 
 
+def check_restore_options(tile: int | None, overlap: int, routing: str, context_pad: int, max_memory: float | None,
+                          overlap_name: str = "overlap", routing_name: str = "routing") -> None:
+    """Refuse tiling options that cannot work with a one-line ValueError: a negative overlap blends with weights
+    that sum to zero (NaN pixels), a tile below 1 or a non-integer one, negative context, a memory budget that is
+    not a positive number. ``*_name``: the names the caller's users know them by."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+    if tile is not None and not (whole(tile) and tile >= 1):
+        raise ValueError(f"tile must be a whole number of pixels >= 1 (or None: automatic), got {tile!r}")
+    if not (whole(overlap) and overlap >= 0):
+        raise ValueError(f"{overlap_name} must be a whole number of pixels >= 0, got {overlap!r}")
+    if not (whole(context_pad) and context_pad >= 0):
+        raise ValueError(f"context_pad must be a whole number of pixels >= 0, got {context_pad!r}")
+    if not isinstance(routing, str) or routing not in ROUTING_MODES:
+        raise ValueError(f"{routing_name} must be one of {ROUTING_MODES}, got {routing!r}")
+    if max_memory is not None and not (isinstance(max_memory, (int, float, np.integer, np.floating))
+                                       and not isinstance(max_memory, (bool, np.bool_))
+                                       and math.isfinite(max_memory) and max_memory > 0):
+        raise ValueError(f"max_memory must be a positive number of bytes (or None: automatic), got {max_memory!r}")
+
+
 def _check_values(x: torch.Tensor | np.ndarray, what: str) -> None:
     t = torch.as_tensor(x)
     if not bool(torch.isfinite(t).all()):
@@ -194,24 +216,45 @@ def _check_values(x: torch.Tensor | np.ndarray, what: str) -> None:
                          "[0, 1] (divide 0..255 data by 255, or pass uint8)")
 
 
+# Pixel types restore takes, and the value of white for the integer ones.
+_INTEGER_WHITE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMPY_PIXELS = (np.uint8, np.uint16, np.float16, np.float32, np.float64)
+
+
+def _pixel_type_error(dtype: Any) -> ValueError:
+    return ValueError(f"pixels of type {dtype} are not supported; pass uint8 (0-255), uint16 (0-65535) or floats "
+                      "in [0, 1] (float16, float32, float64; bfloat16 tensors)")
+
+
 def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile: int | None = None,
             overlap: int = 32, routing: str = "tile", context_pad: int = 16, max_memory: float | None = None):
     """Restore one image (or a batch of tensors) and return it in the kind, layout and dtype it came in.
 
     Accepted ``image`` kinds:
-      - numpy array [H, W, 3] or [H, W]: uint8 and uint16 are scaled by their range; floats must be in [0, 1];
-      - PIL image: any mode PIL converts to RGB; L/LA stay gray and an alpha channel is passed through;
-      - torch tensor [3, H, W], [B, 3, H, W] or [H, W, 3]: uint8 scaled by 255; floats must be in [0, 1].
-    NaN or infinite pixels, floats outside [0, 1] and other shapes raise ValueError; other kinds TypeError.
+      - numpy array [H, W, 3] or [H, W] of uint8, uint16 (scaled by their range) or float16/32/64 in [0, 1];
+      - torch tensor [3, H, W], [B, 3, H, W] or [H, W, 3]: the same types, and bfloat16;
+      - PIL image: RGB, RGBA, L, LA, P, PA, 1 (returned as L), CMYK, YCbCr, ... (returned as RGB); an alpha
+        channel is passed through; 16-bit gray (I;16) stays 16-bit and F (float gray, in [0, 1]) float. Mode I
+        (32-bit integers) has no fixed white level and is refused: convert it to L or I;16 first.
+    NaN or infinite pixels, floats outside [0, 1], other pixel types and other shapes raise ValueError; other
+    kinds TypeError.
 
-    device: where to run (default: the model's device). tile / overlap / routing: see :func:`restore_tensor`;
-    with ``tile=None`` an image whose estimated peak memory exceeds ``max_memory`` bytes (default
-    :func:`memory_budget`) is tiled automatically. context_pad: reflected context in pixels (0: none).
-    The model's training/eval mode is left as it was. Returns the restored image, values clamped to range.
+    device: where to run ("auto", "cpu", "cuda[:N]"; default: the model's device). tile / overlap / routing: see
+    :func:`restore_tensor`; with ``tile=None`` an image whose estimated peak memory exceeds ``max_memory`` bytes
+    (default :func:`memory_budget`) is tiled automatically. context_pad: reflected context in pixels (0: none).
+    Options that cannot work raise ValueError. The model's training/eval mode is left as it was. Returns the
+    restored image, values clamped to range.
     """
     from PIL import Image
 
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    from .runtime import resolve_device
+
+    check_restore_options(tile, overlap, routing, context_pad, max_memory)
+    if not callable(getattr(model, "parameters", None)):  # MoCEIR, or a wrapper: torch.compile's, GraphedNetwork
+        raise TypeError(f"restore takes the network first (from moceir.load_model or create_model), not "
+                        f"{type(model).__name__}")
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -225,12 +268,25 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
 
 
 def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_memory):
+    """A PIL image -> the restored PIL image, in the input's mode where that mode is gray or RGB(A) (see restore)."""
     from PIL import Image
 
-    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
-    arr = np.asarray(image.convert("RGB"))
-    out = Image.fromarray(_restore_array(model, arr, device, tile, overlap, routing, context_pad, max_memory))
-    if image.mode in ("L", "LA"):
+    def run(arr: np.ndarray) -> np.ndarray:
+        return _restore_array(model, arr, device, tile, overlap, routing, context_pad, max_memory)
+
+    if image.mode == "I":  # convert("RGB") clips to 0..255; 8-bit data (L.convert("I")) and 16-bit look alike
+        raise ValueError("a PIL image of mode I (32-bit integers) has no fixed white level; convert it first: "
+                         "image.convert('L') for 8-bit data, or np.asarray(image).astype(np.uint16) for 16-bit")
+    if image.mode.startswith(("I;16", "F")):  # 16-bit or float gray: convert("RGB") would clip to 0..255
+        arr = np.asarray(image)
+        out = run(arr) if image.mode == "F" else run(arr.astype(np.uint16)).astype(arr.dtype)
+        return Image.fromarray(out)  # uint16 -> I;16 (>u2 -> I;16B), float32 -> F
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these to their plain form only
+        image = image.convert(image.mode.upper())
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    alpha = image.convert("RGBA").getchannel("A") if has_alpha else None
+    out = Image.fromarray(run(np.asarray(image.convert("RGB"))))
+    if image.mode in ("L", "LA", "1"):
         out = out.convert("L")
     if alpha is not None:
         out.putalpha(alpha)
@@ -240,7 +296,15 @@ def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_
 def _restore_array(model, image, device, tile, overlap, routing, context_pad, max_memory):
     """numpy or torch, [H, W], [H, W, 3], [3, H, W] or [B, 3, H, W] -> the same kind, layout and dtype."""
     is_torch = isinstance(image, torch.Tensor)
-    t = image.detach() if is_torch else torch.from_numpy(np.array(image))  # a copy: inputs may be read-only
+    if is_torch:
+        if image.dtype not in _INTEGER_WHITE and image.dtype not in _FLOATS:
+            raise _pixel_type_error(image.dtype)
+        t = image.detach()
+    else:
+        native = image.dtype.newbyteorder("=")  # torch reads only this machine's byte order
+        if native.type not in _NUMPY_PIXELS:
+            raise _pixel_type_error(image.dtype)
+        t = torch.from_numpy(np.array(image, dtype=native))  # a copy: inputs may be read-only
     shape = tuple(t.shape)
     if t.dim() == 2:
         layout, x = "HW", t[None, None].expand(1, 3, *shape)
@@ -255,13 +319,10 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         raise ValueError(f"image of shape {list(shape)}: accepted layouts are {accepted}")
     if x.numel() == 0:
         raise ValueError(f"image of shape {list(shape)} holds no pixels")
-    if t.dtype in (torch.uint8, torch.uint16, torch.int16, torch.int32) or not t.dtype.is_floating_point:
-        if t.dtype not in (torch.uint8, torch.uint16):
-            raise ValueError(f"integer images must be uint8 or uint16, got {t.dtype}")
-        scale = 255.0 if t.dtype == torch.uint8 else 65535.0
+    scale = _INTEGER_WHITE.get(t.dtype)
+    if scale is not None:
         x = x.float() / scale
     else:
-        scale = None
         _check_values(x, "image")
     x = x.to(device, torch.float32)
     chunk = x.shape[0]
@@ -281,7 +342,7 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         y = y[0]
     if scale is not None:
         y = torch.round(y * scale)
-    y = y.to(t.dtype if is_torch else (torch.float32 if scale is None else t.dtype)).cpu()
+    y = y.to(t.dtype).cpu()
     if is_torch:
         return y.to(image.device)
-    return y.numpy()
+    return y.numpy().astype(image.dtype, copy=False)

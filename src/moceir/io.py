@@ -133,6 +133,11 @@ def load_image(path: str | Path) -> LoadedImage:
     except PermissionError:
         raise ImageReadError(f"{path}: permission denied; make the file readable") from None
     except Exception as e:
+        samples = _tiff_samples(path)
+        if samples is not None and samples not in (np.uint8, np.uint16):
+            kind = f"floating-point ({samples.name})" if samples.kind == "f" else samples.name
+            raise ImageReadError(f"{path}: a TIFF of {kind} samples is not supported; convert it "
+                                 "to an 8- or 16-bit (unsigned) PNG or TIFF") from None
         detail = str(e).splitlines()[0] if str(e) else ""
         raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {detail}); the file is truncated, "
                              "empty, not an image, or in a variant moceir does not read (8- and 16-bit PNG, "
@@ -144,10 +149,42 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
-        return (w, h) if rotated else (h, w)
+            if im.format == "PNG" and "exif" not in im.info:  # PIL's getexif() would decode the whole image
+                raw = im.info.get("Raw profile type exif")  # ImageMagick's text chunk, read as getexif() does
+                orientation = (_exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw
+                               else _png_exif_orientation(Path(path)))
+            else:
+                orientation = im.getexif().get(0x0112, 1)
+        return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
         return None
+
+
+def _exif_orientation(data: bytes) -> int:
+    exif = Image.Exif()
+    exif.load(data)
+    return int(exif.get(0x0112, 1))
+
+
+def _png_exif_orientation(path: Path) -> int:
+    """The EXIF orientation of a PNG whose eXIf chunk follows the image data, found by walking the chunk
+    headers (a seek per chunk) instead of decoding, up to where PIL stops reading (IEND, or an animation's
+    second frame); 1 where there is none."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(8)  # the signature
+        after_image = False
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if length > size - f.tell():  # truncated or damaged: decoding will say so
+                break
+            if kind == b"eXIf":
+                return _exif_orientation(f.read(length))
+            if kind == b"IEND" or (kind == b"fcTL" and after_image):
+                break
+            after_image = after_image or kind == b"IDAT"
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return 1
 
 
 def _orientation(im: Image.Image) -> int:
@@ -156,6 +193,20 @@ def _orientation(im: Image.Image) -> int:
         return int(im.getexif().get(0x0112, 1))
     except Exception:  # noqa: BLE001 - a damaged EXIF block must not make a readable image unreadable
         return 1
+
+
+def _tiff_samples(path: Path) -> np.dtype | None:
+    """The sample type of a TIFF's first page (tifffile reads what PIL cannot identify), None if not a TIFF."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as t:
+            return np.dtype(t.pages[0].dtype)
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller reports the file anyway
+        return None
 
 
 def _tiff_is_16bit(path: Path) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -24,17 +23,14 @@ import numpy as np
 import torch
 
 from .cuda_graphs import GraphedNetwork
-from .inference import ROUTING_MODES, auto_tile, batch_that_fits, memory_budget, restore_tensor
+from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (IMAGE_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image,
                  save_image, write_atomically)
 from .models import MoCEIR
+from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT_PAD = 16
-
-
-class UsageError(ValueError):
-    """Options that cannot work (a report path that is an input, fp16 on a CPU, ...): one line, nothing done."""
 
 
 @dataclass(frozen=True)
@@ -51,23 +47,6 @@ def _launched_rank() -> int:
         if os.environ.get(var, "0") not in ("", "0"):
             return int(os.environ[var])
     return 0
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """"auto" -> CUDA if available else CPU; a CUDA request without CUDA is a UsageError."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} requested but no CUDA device is available; use --device cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):  # torch parses e.g. "meta", on which nothing can be computed
-        raise UsageError(f"device {name!r} cannot restore images; use auto, cpu or cuda[:N]")
-    return device
 
 
 def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -216,14 +195,16 @@ class RestoreOptions:
     cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
 
     def __post_init__(self) -> None:
-        if self.tile_routing not in ROUTING_MODES:
-            raise UsageError(f"tile_routing must be one of {ROUTING_MODES}, got {self.tile_routing!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        if (self.batch_size is not None and self.batch_size < 1) or self.tile_overlap < 0 or self.context_pad < 0 or (self.tile or 1) < 1:
-            raise UsageError("batch_size and tile must be >= 1, tile_overlap and context_pad >= 0")
-        if self.max_memory is not None and not (math.isfinite(self.max_memory) and self.max_memory > 0):
-            raise UsageError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool)
+                                            or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
+            raise UsageError(f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
+        try:
+            check_restore_options(self.tile, self.tile_overlap, self.tile_routing, self.context_pad, self.max_memory,
+                                  overlap_name="tile_overlap", routing_name="tile_routing")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 @dataclass

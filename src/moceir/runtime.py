@@ -15,6 +15,40 @@ if TYPE_CHECKING:
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+class UsageError(ValueError):
+    """Options that cannot work (a report path that is an input, fp16 on a CPU, ...): one line, nothing done."""
+
+
+def resolve_device(name: "str | int | torch.device") -> "torch.device":
+    """"auto" -> CUDA if available else CPU; an int N -> cuda:N. A device that cannot run the network here (CUDA
+    on a build or machine without it, an index beyond the GPUs, "meta", a typo) is a UsageError. Apple's "mps" and
+    Intel's "xpu" pass where their backend is available (moceir is tested on CPU and CUDA only)."""
+    import torch
+
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, (str, int, torch.device)) or isinstance(name, bool):
+        raise UsageError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a str, int or torch.device), not "
+                         f"{type(name).__name__}")
+    try:
+        device = torch.device("cuda", name) if isinstance(name, int) else torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if device.type not in available:  # torch parses e.g. "meta", on which nothing can be computed
+        raise UsageError(f"device {str(device)!r} cannot restore images; use auto, cpu or cuda[:N]")
+    if not available[device.type]:
+        why = ("this PyTorch build has no CUDA" if device.type == "cuda" and torch.version.cuda is None
+               else f"no {device.type.upper()} device is available")
+        raise UsageError(f"device {str(device)!r} requested but {why}; use cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {str(device)!r} requested but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s); use cuda:0 to cuda:N-1")
+    return device
+
+
 @functools.lru_cache(maxsize=None)
 def _libc():
     try:

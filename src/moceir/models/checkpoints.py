@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..io import write_atomically
+from ..runtime import resolve_device
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
 
@@ -59,6 +60,9 @@ def strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def resolve_path(path: str | Path) -> Path:
+    """"default" -> the bundled model; otherwise ``path``, which must be an existing file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or Path (or \"default\"), not {type(path).__name__}")
     if str(path) == "default":
         if not DEFAULT_WEIGHTS.exists():
             raise CheckpointError(
@@ -104,13 +108,13 @@ def _is_torch_file(p: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                 advice: str = "the checkpoint is damaged: retrain or use another one") -> None:
     """Refuse NaN or inf in floating-point weights: such a network writes black or garbage images."""
     bad = [k for k, v in sd.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
     if bad:
         names = ", ".join(bad[:4]) + (f", ... (+{len(bad) - 4} more)" if len(bad) > 4 else "")
-        raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({names}); the checkpoint is "
-                              "damaged: retrain or use another one")
+        raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({names}); {advice}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -236,7 +240,8 @@ def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCECo
         config = MoCEConfig.from_dict(dict(d))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} is not a valid configuration "
-                              f"({_first_line(e)[2:]}); re-export the checkpoint or pass --model") from None
+                              f"({_first_line(e)[2:]}); re-export the checkpoint, or name its architecture "
+                              "(--model in test and routing, config= in load_model)") from None
     lim = CONFIG_LIMITS
     too_big = [name for name, bad in (
         ("dim", not 1 <= config.dim <= lim["dim"]),
@@ -303,6 +308,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
             config = infer_config(sd, str(path))
     if overrides:
         config = config.replace(**overrides)
+    # before building: a CUDA request on a CPU machine is one line, not a traceback
+    device = resolve_device("cpu" if device is None else device)
     model = MoCEIR(config)
     load_state_dict_strict(model, sd, source=str(path))
     model = model.to(device).eval()
@@ -337,6 +344,9 @@ def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
     return path
 
 
+SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what save_model writes weights as
+
+
 def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None,
                overwrite: bool = False) -> Path:
     """Write the network as safetensors with its config embedded (``dtype`` e.g. torch.float16 to halve it).
@@ -347,9 +357,23 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     """
     from safetensors.torch import save_file
 
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the network it compiled
+    if not isinstance(model, MoCEIR):
+        what = "a state_dict (it has no config to embed)" if isinstance(model, Mapping) else type(model).__name__
+        raise TypeError(f"save_model takes a MoCEIR network, not {what}; build one with create_model (then "
+                        "load_state_dict) or load_model")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, SAVE_DTYPES))} or None, not {dtype!r}: other "
+                         "types truncate the weights or cannot be read back")
     path = check_output_path(path, overwrite)
+    state = model.state_dict()
+    check_finite(state, "the network to save",
+                 "nothing was written: such a network restores to black or noise (did training diverge?)")
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in model.state_dict().items()}
+          for k, v in state.items()}
+    if dtype is not None:
+        check_finite(sd, f"the network cast to {dtype}", "its finite weights overflow that type; nothing was "
+                     "written: keep float32 or use bfloat16 (moceir export --dtype fp32 or bf16)")
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"}
     if note:
         metadata["note"] = note
