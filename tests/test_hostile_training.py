@@ -289,6 +289,15 @@ def test_a_resume_that_would_route_otherwise_is_refused(data, earlier, capsys, f
     assert _files(earlier) == before
 
 
+def test_a_resume_checkpoint_is_read_once_before_lightning(runs, monkeypatch):
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    point = training.read_resume_point(runs["full"] / "last.ckpt")
+    assert point.step == 4 and point.config["topk"] == 1
+    assert len(loads) == 1, loads  # the format check and the Lightning keys each loaded it
+
+
 def _bad_checkpoint(kind: str, good: Path, path: Path) -> None:
     from moceir.models import MoCEIR
 

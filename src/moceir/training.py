@@ -45,7 +45,7 @@ from .io import ImageReadError
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
 from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_finite, config_from_dict, infer_config,
-                                 load_model, load_state_dict_strict, read_checkpoint, save_model)
+                                 load_model, load_state_dict_strict, read_checkpoint_file, save_model)
 from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
 from .runtime import COMPILE_SCOPES, compile_network
@@ -350,8 +350,7 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
     """Refuse, in one line naming ``path``, a file Lightning could not resume from, before anything is written:
     unreadable, not a complete Lightning checkpoint, or holding NaN/inf weights or optimizer state."""
     try:
-        weights, config = read_checkpoint(path)  # format problems and non-finite weights, one line each
-        ckpt = _lightning_checkpoint(path)
+        weights, config, ckpt = read_checkpoint_file(path)  # format problems and non-finite weights, one line each
         missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
         if missing:
             raise CheckpointError(f"{path} is not a complete Lightning training checkpoint (no "
@@ -365,17 +364,6 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
         return ResumePoint(path, int(ckpt["global_step"]), weights, config)
     except CheckpointError as e:
         raise TrainingSetupError(f"{label}: {e}") from None
-
-
-def _lightning_checkpoint(path: Path) -> Mapping:
-    """The top level of a torch checkpoint ({} for anything else), memory-mapped where the file's format allows."""
-    for mmap in (True, False):
-        try:
-            obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-        except Exception:  # noqa: BLE001 - read_checkpoint has read the file; legacy files cannot be mapped
-            continue
-        return obj if isinstance(obj, Mapping) else {}
-    return {}
 
 
 def _optimizer_tensors(states: Any) -> dict[str, torch.Tensor]:

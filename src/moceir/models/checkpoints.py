@@ -122,7 +122,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     Refuses files that are not checkpoints, pickles of anything but tensors, and non-finite weights.
     """
+    sd, config, _ = read_checkpoint_file(path)
+    return sd, config
+
+
+def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Mapping]:
+    """:func:`read_checkpoint`, plus the file's top level as loaded (a Lightning checkpoint's ``global_step``,
+    ``optimizer_states``, ...; {} for safetensors), so that a caller needing both reads the file once."""
     p = resolve_path(path)
+    obj: Mapping = {}
     try:
         if _is_safetensors(p):
             from safetensors import safe_open
@@ -162,7 +170,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
     sd = strip_wrappers({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
     check_finite(sd, str(p))
-    return sd, (dict(config) if config is not None else None)
+    return sd, (dict(config) if config is not None else None), obj
 
 
 def _first_line(e: BaseException) -> str:
