@@ -167,6 +167,29 @@ def test_load_model_of_a_non_path_is_one_line(path):
         moceir.load_model(path)
 
 
+def test_load_model_config_as_a_dict_or_refused(tiny_model, tmp_path):
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    assert moceir.load_model(path, config=tiny_model.config.to_dict()).config == tiny_model.config
+    with pytest.raises(TypeError, match=r"unknown config field\(s\) \['foo'\]"):
+        moceir.load_model(path, config={**tiny_model.config.to_dict(), "foo": 1})
+    with pytest.raises(TypeError, match="config must be a MoCEConfig"):  # was an AttributeError in the network
+        moceir.load_model(path, config="MoCE_IR_tiny")
+
+
+def test_network_input_of_another_layout_is_one_line(tiny_model):
+    for shape in ((1, 1, 16, 16), (3, 16, 16), (1, 4, 16, 16)):  # conv and channels-last errors from torch before
+        with pytest.raises(ValueError, match=r"input must be \[B, 3, H, W\]"):
+            tiny_model(torch.rand(shape))
+
+
+def test_restore_files_of_a_non_path_or_non_network(tiny_model, tmp_path):
+    with pytest.raises(TypeError, match="output_dir must be a folder path"):
+        moceir.restore_files([tmp_path], None, model=tiny_model, progress=False)
+    with pytest.raises(TypeError, match="model must be"):  # an AttributeError deep in the memory model
+        moceir.restore_files([tmp_path], tmp_path / "o", model=5, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_save_model_refuses_a_state_dict(tiny_model, tmp_path):
     with pytest.raises(TypeError, match="not a state_dict"):
         moceir.save_model(tiny_model.state_dict(), tmp_path / "m.safetensors")

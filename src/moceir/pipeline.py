@@ -345,6 +345,9 @@ def load_network(model: Any, device: torch.device) -> Any:
         return load_model(model, device=device)
     if isinstance(model, MoCEIR):
         return model.to(device).eval()
+    if not hasattr(model, "config"):  # a wrapper (torch.compile's, GraphedNetwork, OnnxNetwork) carries one
+        raise TypeError(f"model must be \"default\", a checkpoint or .onnx path, or a loaded network, not "
+                        f"{type(model).__name__}")
     return model
 
 
@@ -520,7 +523,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     say = log or (lambda line: print(line, file=sys.stderr))
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
-    specs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"output_dir must be a folder path (str or Path), not {type(output_dir).__name__}")
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
                           precision=precision, context_pad=context_pad, max_memory=max_memory, overwrite=overwrite,
                           cuda_graphs=cuda_graphs)

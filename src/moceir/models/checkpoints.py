@@ -303,10 +303,16 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     """Build the network described by a checkpoint and load its weights, strictly; returns it in eval mode.
 
     ``path`` may be an upstream Lightning ``last.ckpt``, our checkpoint, a plain state_dict, a
-    ``.safetensors`` file or ``"default"`` (the bundled model). ``config`` replaces the embedded or
+    ``.safetensors`` file or ``"default"`` (the bundled model). ``config`` (a MoCEConfig or a dict of its
+    fields) replaces the embedded or
     inferred configuration; ``overrides`` change fields of it (e.g. ``eval_router_noise=True``).
     ``channels_last`` (default) stores the weights channels-last: the same outputs, faster convolutions.
     """
+    if isinstance(config, Mapping):  # e.g. a settings.json's "config"; unlike a file's, unknown fields are refused
+        config = MoCEConfig().replace(**config)
+    elif config is not None and not isinstance(config, MoCEConfig):
+        raise TypeError(f"config must be a MoCEConfig (moceir.get_config) or a dict of its fields, not "
+                        f"{type(config).__name__}")
     sd, embedded = read_checkpoint(path)
     if config is None:
         if embedded:

@@ -105,6 +105,9 @@ class MoCEIR(nn.Module):
         """x: [B, 3, H, W]. ``experts`` ([layers, B] or [layers, B, k]) forces each MoE layer's choice."""
         if return_aux is None:
             return_aux = self.training
+        if x.dim() != 4 or x.shape[1] != self.config.inp_channels:
+            raise ValueError(f"input must be [B, {self.config.inp_channels}, H, W], got {list(x.shape)}; "
+                             "moceir.restore takes images of other layouts")
         m = self.config.size_multiple
         if x.shape[-2] % m or x.shape[-1] % m:
             raise ValueError(f"input H and W must be multiples of {m}, got {tuple(x.shape[-2:])}; "
