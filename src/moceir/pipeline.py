@@ -197,8 +197,8 @@ class RestoreOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool)
-                                            or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1):
+        whole = isinstance(self.batch_size, (int, np.integer)) and not isinstance(self.batch_size, bool)
+        if self.batch_size is not None and not (whole and self.batch_size >= 1):
             raise UsageError(f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
         try:
             check_restore_options(self.tile, self.tile_overlap, self.tile_routing, self.context_pad, self.max_memory,
