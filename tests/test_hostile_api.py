@@ -226,6 +226,19 @@ def test_save_model_refuses_weights_that_overflow_float16(tmp_path):
     assert moceir.load_model(moceir.save_model(model, tmp_path / "m.safetensors", dtype=torch.bfloat16)) is not None
 
 
+def test_export_to_fp16_that_overflows_is_refused(tmp_path, capsys):
+    from moceir.cli import main
+
+    model = moceir.create_model("MoCE_IR_tiny")
+    with torch.no_grad():
+        model.patch_embed.proj.weight[0, 0, 0, 0] = 1e6
+    source = moceir.save_model(model, tmp_path / "big.safetensors")
+    assert main(["export", str(source), str(tmp_path / "half.safetensors"), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "overflow" in err and "--dtype fp32 or bf16" in err  # was written with inf
+    assert not (tmp_path / "half.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------------ image files
 def _png_with_late_exif(path, h: int, w: int, orientation: int) -> None:
     """A PNG whose eXIf chunk follows the image data (PIL writes it before, so build it by hand)."""
