@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,7 +184,7 @@ def test_network_input_of_another_layout_is_one_line(tiny_model):
 
 
 def test_restore_files_of_a_non_path_or_non_network(tiny_model, tmp_path):
-    with pytest.raises(TypeError, match="output_dir must be a folder path"):
+    with pytest.raises(moceir.UsageError, match="output_dir must be a folder path"):
         moceir.restore_files([tmp_path], None, model=tiny_model, progress=False)
     with pytest.raises(TypeError, match="model must be"):  # an AttributeError deep in the memory model
         moceir.restore_files([tmp_path], tmp_path / "o", model=5, progress=False)
@@ -394,3 +395,183 @@ def test_a_bad_embedded_config_does_not_advise_a_flag_the_demo_lacks(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"--model in test and routing, config= in load_model"):
         config_from_dict({"dim": "wide"}, "m.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------ second probe
+def test_16bit_gray_alpha_tiff_round_trips(tmp_path, tiny_model):
+    """It was written as H pages of W x 2 (load_image read back [16, 2, 3], no alpha) while the row said success."""
+    from moceir.io import load_image, save_image
+
+    rgb = np.repeat(IMAGE[..., :1], 3, axis=2)
+    alpha = IMAGE[..., 1].copy()
+    save_image(tmp_path / "ga.tif", rgb, alpha=alpha, bit_depth=16, grayscale=True)
+    back = load_image(tmp_path / "ga.tif")
+    assert back.rgb.shape == rgb.shape and back.bit_depth == 16 and back.grayscale
+    assert np.abs(back.alpha - alpha).max() < 1e-4
+    rows = moceir.restore_files([tmp_path / "ga.tif"], tmp_path / "o", model=tiny_model, progress=False)
+    out = load_image(rows[0]["output"])
+    assert out.rgb.shape == rgb.shape and np.abs(out.alpha - alpha).max() < 1e-4
+
+
+def test_a_report_through_a_linked_folder_never_replaces_an_image(tmp_path, tiny_model):
+    from moceir.io import save_image
+
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "a.png", IMAGE)
+    (tmp_path / "link").symlink_to(tmp_path / "o")
+    for report in (tmp_path / "link" / "a.png", tmp_path / "o"):  # an output through a link; the output folder
+        with pytest.raises(moceir.UsageError, match="output image's path|is the output folder"):
+            moceir.restore_files([tmp_path / "in"], tmp_path / "o", model=tiny_model, report=report, overwrite=True,
+                                 progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p: __import__("moceir.io").io.save_image(p, (IMAGE * 255).astype(np.uint8)), "float array"),
+    (lambda p: __import__("moceir.io").io.save_image(p, np.full_like(IMAGE, np.nan)), "NaN"),
+    (lambda p: __import__("moceir.io").io.save_image(p, IMAGE, bit_depth=12), "bit_depth must be 8 or 16"),
+    (lambda p: __import__("moceir.io").io.save_image(p.with_suffix(".pdf"), IMAGE), "cannot write .pdf"),
+    (lambda p: __import__("moceir.io").io.save_image(p, IMAGE.transpose(2, 0, 1)), r"\[H, W, 3\]"),
+])
+def test_save_image_refuses_what_it_would_write_wrongly(tmp_path, call, match):
+    with pytest.raises(ValueError, match=match):  # uint8 came out as 0/255, NaN black, 12 bits as 8
+        call(tmp_path / "x.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_degradations_refuse_inputs_they_would_garble():
+    from moceir.data import degradations as d
+
+    rng = np.random.default_rng(0)
+    u8 = (IMAGE * 255).astype(np.uint8)
+    depth = d.pseudo_depth(*IMAGE.shape[:2], rng)
+    for call in (lambda: d.add_gaussian_noise(IMAGE, 25, rng),  # a float image came back uint8 in 0..77
+                 lambda: d.add_gaussian_noise(u8.astype(np.uint16), 25, rng),
+                 lambda: d.add_gaussian_noise(u8, float("nan"), rng),
+                 lambda: d.random_haze(IMAGE, rng),
+                 lambda: d.add_haze(u8, depth, 1.0, 0.9),
+                 lambda: d.add_haze(IMAGE[..., 0], depth, 1.0, 0.9),
+                 lambda: d.add_haze(IMAGE, depth, float("nan"), 0.9),
+                 lambda: d.add_haze(IMAGE, depth, 1.0, 230),
+                 lambda: d.crop_to_multiple(IMAGE, 0), lambda: d.augment(IMAGE, 2.5),
+                 lambda: d.pseudo_depth(0, 0, rng), lambda: d.sigma_for_task([])):
+        with pytest.raises(ValueError):
+            call()
+    assert d.add_gaussian_noise(u8, 25, rng).dtype == np.uint8 and d.random_haze(u8, rng).shape == u8.shape
+
+
+def test_restore_tensor_checks_its_options_and_input(tiny_model):
+    from moceir.inference import restore_tensor
+
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="overlap must be"):  # NaN pixels before
+        restore_tensor(tiny_model, x, tile=16, overlap=-8)
+    with pytest.raises(ValueError, match="tile must be"):  # silently 8 before
+        restore_tensor(tiny_model, x, tile=0)
+    with pytest.raises(ValueError, match="float tensor"):
+        restore_tensor(tiny_model, (x * 255).to(torch.uint8))
+    assert torch.isfinite(restore_tensor(tiny_model, x, tile=16, overlap=4)).all()
+
+
+def test_metrics_refuse_pairs_that_give_wrong_numbers():
+    from moceir.metrics import psnr, ssim
+
+    b = np.clip(IMAGE + 0.05, 0, 1).astype(np.float32)
+    for call, match in ((lambda: psnr(IMAGE, b[..., :1]), "shapes differ"),  # broadcast to 9.38 dB before
+                        (lambda: psnr((IMAGE * 255).astype(np.uint8), (b * 255).astype(np.uint8)), "data_range"),
+                        (lambda: psnr(IMAGE, b, crop_border=-1), "crop_border"),
+                        (lambda: psnr(IMAGE, b, crop_border=10), "after crop_border"),
+                        (lambda: psnr(IMAGE, b, data_range=0), "data_range must be"),
+                        (lambda: ssim(IMAGE[:7, :7], b[:7, :7]), "at least 11x11"),  # NaN before
+                        (lambda: ssim(IMAGE.transpose(2, 0, 1), b.transpose(2, 0, 1)), r"\[H, W, C\]"),
+                        (lambda: psnr(IMAGE[..., :1], b[..., :1], test_y_channel=True), "RGB")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    u8a, u8b = (IMAGE * 255).astype(np.uint8), (b * 255).astype(np.uint8)
+    assert psnr(u8a, u8b, data_range=255) == pytest.approx(psnr(u8a / 255.0, u8b / 255.0), abs=1e-6)
+    assert psnr(IMAGE[..., 0], b[..., 0]) > 0 and 0 < ssim(IMAGE[..., 0], b[..., 0]) <= 1
+
+
+def test_empty_paths_and_odd_arguments_of_restore_files(tmp_path, tiny_model):
+    for kwargs in (dict(inputs=""), dict(inputs=None), dict(inputs=[None]), dict(inputs=b"x"),
+                   dict(output_dir=""), dict(suffix=None), dict(num_workers=1.5), dict(precision=[])):
+        args = {"inputs": [tmp_path], "output_dir": tmp_path / "o", **kwargs}  # "" restored the working folder
+        with pytest.raises(moceir.UsageError):
+            moceir.restore_files(args.pop("inputs"), args.pop("output_dir"), model=tiny_model, progress=False, **args)
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_modules_mode_is_kept_and_low_precision_models_run(tiny_model):
+    model = moceir.create_model("MoCE_IR_tiny")
+    model.load_state_dict(tiny_model.state_dict())
+    model.train()
+    model.patch_embed.eval()  # a frozen part: restore set it back to train
+    moceir.restore(model, IMAGE)
+    assert model.training and not model.patch_embed.training
+    bundled = moceir.load_model("default")
+    reference = moceir.restore(bundled, IMAGE)
+    for dtype, tolerance in ((torch.float16, 5e-3), (torch.bfloat16, 3e-2)):  # "expected scalar type Float"
+        out = moceir.restore(moceir.load_model("default").to(dtype), IMAGE)
+        assert out.dtype == np.float32 and np.abs(out - reference).max() < tolerance
+    overflowing = moceir.create_model("MoCE_IR_tiny").eval()
+    overflowing.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        overflowing.output.weight.mul_(1e4)  # outputs beyond float16's range: came back as NaN pixels
+    with pytest.raises(ValueError, match="float16 model overflows"):
+        moceir.restore(overflowing.half(), IMAGE)
+
+
+def test_a_pipe_is_refused_not_read_forever(tmp_path):
+    import os
+    import threading
+
+    from moceir.io import ImageReadError, image_size, load_image
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            load_image(fifo)
+        except ImageReadError as e:
+            outcome.append(str(e))
+        outcome.append(image_size(fifo))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert outcome and "not a regular file" in outcome[0] and outcome[1] is None, "load_image blocked on a FIFO"
+    for path, says in ((tmp_path / "missing.png", "does not exist"), (tmp_path, "is a folder")):
+        with pytest.raises(ImageReadError, match=says):  # "truncated, empty, not an image" before
+            load_image(path)
+
+
+def test_arrays_and_tensors_whose_kind_cannot_be_kept_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="masked array"):
+        moceir.restore(tiny_model, np.ma.masked_array(IMAGE, mask=IMAGE > 0.5))
+    dense = torch.from_numpy(IMAGE).permute(2, 0, 1).contiguous()
+    for tensor in (dense.to_sparse(), torch.empty(3, 20, 28, device="meta")):
+        with pytest.raises(ValueError, match="dense tensor"):
+            moceir.restore(tiny_model, tensor)
+
+
+def test_configs_that_cannot_build_and_unknown_presets_are_one_line():
+    with pytest.raises(ValueError, match=r"expert ranks \[0, 1, 3, 7\]"):  # torch's "groups must be a positive integer"
+        moceir.create_model("MoCE_IR_tiny", dim=7)
+    with pytest.raises(KeyError) as e:
+        moceir.get_config("MoCE_IR_XL")
+    assert str(e.value).startswith("unknown model 'MoCE_IR_XL'") and isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("ext", ["bmp", "jpg"])
+def test_alpha_that_the_output_format_cannot_hold_is_announced(tmp_path, tiny_model, ext):
+    # gray+alpha to .bmp was PIL's "cannot write mode LA as BMP"; RGBA to .bmp or .jpg dropped alpha without a word
+    for mode in ("LA", "RGBA"):
+        src = tmp_path / f"{mode}.png"
+        Image.fromarray((IMAGE * 255).astype(np.uint8)).convert(mode).save(src)
+        lines = []
+        rows = moceir.restore_files([src], tmp_path / f"o{mode}", model=tiny_model, ext=ext, progress=False,
+                                    log=lines.append)
+        assert "error" not in rows[0] and Path(rows[0]["output"]).is_file()
+        assert any("alpha channel" in line and f".{ext} cannot hold" in line for line in lines), lines

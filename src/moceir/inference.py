@@ -72,8 +72,11 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
     are added on every side and cropped away again: the network zero-pads its convolutions, which darkens a
     frame of a few pixels at the image border without it.
     """
-    if not isinstance(routing, str) or routing not in ROUTING_MODES:
-        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    check_restore_options(tile, overlap, routing, context_pad, None)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or 0 in x.shape:
+        what = f"{x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"restore_tensor takes a float tensor [B, 3, H, W] in [0, 1], not a {what}; "
+                         "moceir.restore takes arrays, PIL images and other layouts")
     pad = min(context_pad, x.shape[-2] - 1, x.shape[-1] - 1)
     if pad > 0:
         h, w = x.shape[-2:]
@@ -233,7 +236,8 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
 
     Accepted ``image`` kinds:
       - numpy array [H, W, 3] or [H, W] of uint8, uint16 (scaled by their range) or float16/32/64 in [0, 1];
-      - torch tensor [3, H, W], [B, 3, H, W] or [H, W, 3]: the same types, and bfloat16;
+      - torch tensor [3, H, W], [B, 3, H, W] or [H, W, 3]: the same types, and bfloat16 (a [3, H, 3] tensor is
+        read as [3, H, W]);
       - PIL image: RGB, RGBA, L, LA, P, PA, 1 (returned as L), CMYK, YCbCr, ... (returned as RGB); an alpha
         channel is passed through; 16-bit gray (I;16) stays 16-bit and F (float gray, in [0, 1]) float. Mode I
         (32-bit integers) has no fixed white level and is refused: convert it to L or I;16 first.
@@ -243,8 +247,10 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
     device: where to run ("auto", "cpu", "cuda[:N]"; default: the model's device). tile / overlap / routing: see
     :func:`restore_tensor`; with ``tile=None`` an image whose estimated peak memory exceeds ``max_memory`` bytes
     (default :func:`memory_budget`) is tiled automatically. context_pad: reflected context in pixels (0: none).
-    Options that cannot work raise ValueError. The model's training/eval mode is left as it was. Returns the
-    restored image, values clamped to range.
+    The model must be on ``device``; a half or bfloat16 model is fed inputs of its type. Options that cannot work
+    raise ValueError. Each module's training/eval flag is left as it was (the model is switched to eval meanwhile:
+    two threads restoring with one model in training mode race on it). Returns the restored image, values clamped
+    to range.
     """
     from PIL import Image
 
@@ -254,8 +260,13 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
     if not callable(getattr(model, "parameters", None)):  # MoCEIR, or a wrapper: torch.compile's, GraphedNetwork
         raise TypeError(f"restore takes the network first (from moceir.load_model or create_model), not "
                         f"{type(model).__name__}")
-    device = resolve_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
+    weight = next(model.parameters())
+    device = resolve_device(device) if device is not None else weight.device
+    if device.type != weight.device.type or device.index not in (None, weight.device.index):
+        raise ValueError(f"the model is on {weight.device}, not {device}: move it first (model.to({str(device)!r})) "
+                         "or leave device out")
+    # each module's own flag, so that frozen parts stay frozen (a GraphedNetwork is no Module: its own flag)
+    modes = {m: m.training for m in (model.modules() if isinstance(model, torch.nn.Module) else [model])}
     model.eval()
     try:
         if isinstance(image, Image.Image):
@@ -264,7 +275,11 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
             return _restore_array(model, image, device, tile, overlap, routing, context_pad, max_memory)
         raise TypeError(f"restore takes a numpy array, PIL image or torch tensor, not {type(image).__name__}")
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            if isinstance(m, torch.nn.Module):
+                m.training = training
+            else:
+                m.train(training)
 
 
 def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_memory):
@@ -297,10 +312,15 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
     """numpy or torch, [H, W], [H, W, 3], [3, H, W] or [B, 3, H, W] -> the same kind, layout and dtype."""
     is_torch = isinstance(image, torch.Tensor)
     if is_torch:
+        if image.is_nested or image.layout != torch.strided or image.device.type == "meta":
+            raise ValueError(f"restore takes a dense tensor with data, not a {image.layout} / nested / meta one; "
+                             "convert it first (to_dense(), or a list of images)")
         if image.dtype not in _INTEGER_WHITE and image.dtype not in _FLOATS:
             raise _pixel_type_error(image.dtype)
         t = image.detach()
     else:
+        if isinstance(image, np.ma.MaskedArray):  # the mask cannot be honoured, and would be dropped
+            raise ValueError("restore cannot honour a masked array's mask; pass image.filled(...) or image.data")
         native = image.dtype.newbyteorder("=")  # torch reads only this machine's byte order
         if native.type not in _NUMPY_PIXELS:
             raise _pixel_type_error(image.dtype)
@@ -324,7 +344,7 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         x = x.float() / scale
     else:
         _check_values(x, "image")
-    x = x.to(device, torch.float32)
+    x = x.to(device, next(model.parameters()).dtype)  # a half or bfloat16 model takes inputs of its own type
     chunk = x.shape[0]
     if tile is None:
         budget = max_memory if max_memory is not None else memory_budget(device)
@@ -333,7 +353,13 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         if tile is None:  # each image fits whole: as many together as fit
             chunk = batch_that_fits(model, hp, wp, budget, x.shape[0])
     y = torch.cat([restore_tensor(model, c, tile, overlap, routing, context_pad=context_pad)
-                   for c in x.split(chunk)]).clamp_(0, 1)
+                   for c in x.split(chunk)])
+    if not bool(torch.isfinite(y).all()):
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        raise ValueError("the network returned NaN or infinite pixels" + (
+            f"; this {x.dtype} model overflows: restore with it in float32 (model.float())" if low
+            else "; its weights or the input are broken"))
+    y = y.clamp_(0, 1)
     if layout == "HW":
         y = y[0].mean(0)
     elif layout == "HWC":

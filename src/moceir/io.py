@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
 WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
+NO_ALPHA_EXTS = (".jpg", ".jpeg", ".bmp")  # formats save_image writes without an alpha channel (PIL's BMP drops it)
 # PIL's EXIF orientations (tag 0x0112) as array operations on [H, W, ...], as ImageOps.exif_transpose applies them.
 _ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
            5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
@@ -103,6 +104,10 @@ def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1) -> Loa
 def load_image(path: str | Path) -> LoadedImage:
     """Read 8/16-bit gray, RGB or RGBA (PNG, JPEG, TIFF, WebP, BMP), applying the EXIF orientation."""
     path = Path(path)
+    if not path.is_file():  # a FIFO or device would block the reader forever
+        what = ("does not exist" if not path.exists() else "is a folder" if path.is_dir()
+                else "is not a regular file (a pipe or device)")
+        raise ImageReadError(f"{path}: {what}; pass an image file")
     try:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
@@ -134,6 +139,13 @@ def load_image(path: str | Path) -> LoadedImage:
         raise ImageReadError(f"{path}: permission denied; make the file readable") from None
     except Exception as e:
         samples = _tiff_samples(path)
+        if samples == np.uint16:  # e.g. 16-bit gray + alpha, which PIL cannot identify
+            try:
+                return _sixteen_bit(path, "TIFF", 1)
+            except ImageReadError:
+                raise
+            except Exception:  # noqa: BLE001 - the generic line below names the file
+                pass
         if samples is not None and samples not in (np.uint8, np.uint16):
             kind = f"floating-point ({samples.name})" if samples.kind == "f" else samples.name
             raise ImageReadError(f"{path}: a TIFF of {kind} samples is not supported; convert it "
@@ -146,6 +158,8 @@ def load_image(path: str | Path) -> LoadedImage:
 
 def image_size(path: str | Path) -> tuple[int, int] | None:
     """(height, width) from the file header, after EXIF orientation; None where the header cannot say."""
+    if not Path(path).is_file():  # a FIFO would block; decoding reports missing files with their names
+        return None
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -220,12 +234,29 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
                grayscale: bool = False) -> None:
     """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
 
-    16 bits are kept for PNG and TIFF; other formats are written with 8.
+    16 bits are kept for PNG and TIFF; other formats are written with 8. An existing file is replaced, as PIL's
+    ``save`` does (moceir's commands write through :func:`write_atomically`, which never follows a link).
+    Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in WRITABLE_EXTS:
+        raise ValueError(f"{path}: cannot write {suffix or 'a file without an extension'}; name it "
+                         f"{', '.join(WRITABLE_EXTS)}")
+    if bit_depth not in (8, 16) or isinstance(bit_depth, bool):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+    for name, x, shape in (("rgb", rgb, "[H, W, 3]"), ("alpha", alpha, "[H, W]")):
+        if x is None:
+            continue
+        if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+            what = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+            raise ValueError(f"{name} must be a float array {shape} in [0, 1], not {what} (divide 8-bit data by 255)")
+        if x.shape != ((*rgb.shape[:2], 3) if name == "rgb" else rgb.shape[:2]) or x.size == 0:
+            raise ValueError(f"{name} must be {shape} (alpha of the image's size), got {x.shape}")
+        if np.isnan(x).any():
+            raise ValueError(f"{name} holds NaN pixels; nothing was written to {path}")
     planes = [rgb.mean(axis=2, keepdims=True) if grayscale else rgb]
-    if alpha is not None and suffix not in (".jpg", ".jpeg"):
+    if alpha is not None and suffix not in NO_ALPHA_EXTS:
         planes.append(alpha[..., None])
     data = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0].astype(np.float32, copy=True)
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
@@ -242,7 +273,10 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         else:
             import tifffile
 
-            tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16)
+            if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
+                tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"])
+            else:
+                tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16)
         return
     data *= 255
     u8 = np.round(data, out=data).astype(np.uint8)

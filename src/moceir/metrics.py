@@ -16,9 +16,44 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     return (y / 255.0)[..., None]
 
 
+SSIM_WINDOW = 2 * int(3.5 * 1.5 + 0.5) + 1  # 11: the Gaussian window's side (sigma 1.5, truncate 3.5)
+
+
+def _check_pair(clean: np.ndarray, restored: np.ndarray, data_range: float, crop_border: int,
+                test_y_channel: bool, min_side: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse, in one line, inputs whose score would be a plausible-looking wrong number; [H, W] -> [H, W, 1].
+
+    NaN pixels are not refused: they give a NaN score, as in numpy and scikit-image."""
+    for name, x in (("clean", clean), ("restored", restored)):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array [H, W, C], not {type(x).__name__}")
+    if clean.shape != restored.shape:  # psnr broadcast [H, W, 3] against [H, W, 1] to a number before
+        raise ValueError(f"image shapes differ: {clean.shape} vs {restored.shape}")
+    if clean.ndim == 2:
+        clean, restored = clean[..., None], restored[..., None]
+    if clean.ndim != 3 or clean.shape[2] > 4:  # [3, H, W] lands here too
+        raise ValueError(f"images must be [H, W] or [H, W, C] with C <= 4, got {clean.shape}")
+    if test_y_channel and clean.shape[2] != 3:
+        raise ValueError(f"test_y_channel needs RGB images [H, W, 3], got {clean.shape}")
+    kinds = {clean.dtype.kind, restored.dtype.kind}
+    if not kinds <= {"f", "u", "i"}:
+        raise ValueError(f"images must be float or integer arrays, got {clean.dtype} and {restored.dtype}")
+    if kinds != {"f"} and (len(kinds) > 1 or data_range == 1.0):
+        raise ValueError(f"integer images ({clean.dtype}, {restored.dtype}) need data_range (255 for uint8) and both "
+                         "of one type; or convert them to floats in [0, 1]")
+    if isinstance(data_range, bool) or not (isinstance(data_range, (int, float, np.number)) and data_range > 0
+                                            and np.isfinite(data_range)):
+        raise ValueError(f"data_range must be a positive number, got {data_range!r}")
+    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
+        raise ValueError(f"crop_border must be a whole number of pixels >= 0, got {crop_border!r}")
+    h, w = clean.shape[0] - 2 * crop_border, clean.shape[1] - 2 * crop_border
+    if min(h, w) < min_side:
+        raise ValueError(f"{clean.shape[1]}x{clean.shape[0]} images leave {max(w, 0)}x{max(h, 0)} pixels after "
+                         f"crop_border={crop_border}; this score needs at least {min_side}x{min_side}")
+    return clean, restored
+
+
 def _prepare(a: np.ndarray, b: np.ndarray, crop_border: int, test_y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
-    if a.shape != b.shape:
-        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
     a, b = a.astype(np.float64), b.astype(np.float64)
     if crop_border:
         a, b = a[crop_border:-crop_border, crop_border:-crop_border], b[crop_border:-crop_border, crop_border:-crop_border]
@@ -29,7 +64,11 @@ def _prepare(a: np.ndarray, b: np.ndarray, crop_border: int, test_y_channel: boo
 
 def psnr(clean: np.ndarray, restored: np.ndarray, data_range: float = 1.0, crop_border: int = 0,
          test_y_channel: bool = False) -> float:
-    """``10 log10(range^2 / MSE)`` over all pixels and channels (scikit-image's peak_signal_noise_ratio)."""
+    """``10 log10(range^2 / MSE)`` over all pixels and channels (scikit-image's peak_signal_noise_ratio).
+
+    clean, restored: [H, W, C] or [H, W] arrays of one shape, floats in [0, 1] (integers with their
+    ``data_range``). Inputs that cannot give a true score raise ValueError; NaN pixels give NaN."""
+    clean, restored = _check_pair(clean, restored, data_range, crop_border, test_y_channel)
     if not test_y_channel:  # as scikit-image: the difference in the inputs' float type, the mean in float64
         dtype = np.result_type(clean.dtype, restored.dtype, np.float32)
         clean, restored = clean.astype(dtype), restored.astype(dtype)
@@ -48,13 +87,15 @@ def ssim(clean: np.ndarray, restored: np.ndarray, data_range: float = 1.0, crop_
     """Gaussian-weighted SSIM (sigma 1.5, truncate 3.5), averaged over channels.
 
     Equals scikit-image's ``structural_similarity(..., channel_axis=2, gaussian_weights=True, data_range=1)``.
+    Inputs as :func:`psnr`; images need at least 11x11 pixels after ``crop_border`` (smaller ones gave NaN).
     """
+    clean, restored = _check_pair(clean, restored, data_range, crop_border, test_y_channel, SSIM_WINDOW)
     a, b = _prepare(clean, restored, crop_border, test_y_channel)
     if not test_y_channel:  # compute in the inputs' float type, as scikit-image does
         dtype = np.result_type(clean.dtype, restored.dtype, np.float32)
         a, b = a.astype(dtype), b.astype(dtype)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    win = 2 * int(3.5 * 1.5 + 0.5) + 1
+    win = SSIM_WINDOW
     pad = (win - 1) // 2
     cov_norm = win**2 / (win**2 - 1)  # scikit-image's default use_sample_covariance=True
 

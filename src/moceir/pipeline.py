@@ -24,8 +24,8 @@ import torch
 
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (IMAGE_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images, load_image,
-                 save_image, write_atomically)
+from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images,
+                 load_image, save_image, write_atomically)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -165,8 +165,14 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
     path = Path(os.path.abspath(report))
     if path in inputs or (path.exists() and path.resolve() in inputs):
         raise UsageError(f"--report {report} is one of the inputs; choose another path")
-    if path in outputs:
+
+    def real(p: Path) -> Path:  # through linked folders, without following a link at the name itself
+        return Path(os.path.realpath(p.parent)) / p.name
+
+    if path in outputs or real(path) in {real(o) for o in outputs}:
         raise UsageError(f"--report {report} is also an output image's path; choose another path")
+    if out_dir is not None and os.path.realpath(path) == os.path.realpath(out_dir):
+        raise UsageError(f"--report {report} is the output folder; give a file name such as report.json")
     in_out_dir = out_dir is not None and path.parent == Path(os.path.abspath(out_dir))
     if not os.path.lexists(path.parent) and not in_out_dir:
         raise UsageError(f"--report {report}: folder {path.parent} does not exist; create it or choose another path")
@@ -195,7 +201,7 @@ class RestoreOptions:
     cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
+        if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         whole = isinstance(self.batch_size, (int, np.integer)) and not isinstance(self.batch_size, bool)
         if self.batch_size is not None and not (whole and self.batch_size >= 1):
@@ -391,6 +397,10 @@ class Restorer:
             else:
                 if img.frames > 1:
                     self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
+                out_ext = self.jobs[i].output.suffix.lower()
+                if img.alpha is not None and out_ext in NO_ALPHA_EXTS:
+                    self.log(f"note: {self.jobs[i].input} has an alpha channel, which {out_ext} cannot hold; it is "
+                             "dropped (--ext png keeps it)")
                 good.append((i, img))
         if len({img.rgb.shape for _, img in good}) <= 1:
             return [good] if good else []
@@ -492,14 +502,14 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
                   num_cpu_processes: int = 1, cuda_graphs: bool = False) -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
-    model: "default", a checkpoint path or a loaded network. Same-size images go through the network
-    ``batch_size`` at a time (default: 1 on CPU, where batches ran slower per image, 4 on CUDA), and never more
-    than the memory budget allows; an image whose estimated peak memory exceeds ``max_memory`` bytes (default:
-    :func:`moceir.inference.memory_budget`) is tiled (``tile`` forces a tile size; ``tile_overlap`` and
-    ``tile_routing`` as in :func:`moceir.inference.restore_tensor`). ``context_pad`` px of reflected context are
-    added around each image and cropped away, which removes the dark frame that the network's zero-padded
-    convolutions leave (0 turns it off). ``num_workers`` loader processes decode ahead; a background thread
-    writes. ``ext`` (e.g. "png") and ``suffix`` shape output names; ``overwrite`` allows replacing existing
+    model: "default", a checkpoint path or a loaded network (moved to ``device``, left in eval mode). Same-size
+    images go through the network ``batch_size`` at a time (default: 1 on CPU, where batches ran slower per image, 4
+    on CUDA), and never more than the memory budget allows; an image whose estimated peak memory exceeds
+    ``max_memory`` bytes (default: :func:`moceir.inference.memory_budget`) is tiled (``tile`` forces a tile size;
+    ``tile_overlap`` and ``tile_routing`` as in :func:`moceir.inference.restore_tensor`). ``context_pad`` px of
+    reflected context are added around each image and cropped away, which removes the dark frame that the network's
+    zero-padded convolutions leave (0 turns it off). ``num_workers`` loader processes decode ahead; a background
+    thread writes. ``ext`` (e.g. "png") and ``suffix`` shape output names; ``overwrite`` allows replacing existing
     outputs (never inputs); ``report`` is a JSON file to write. ``log`` receives notes and error lines;
     ``on_tile(done, total)`` is called after each tile of a tiled image (e.g. for a progress bar in a page).
 
@@ -523,14 +533,21 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     say = log or (lambda line: print(line, file=sys.stderr))
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"output_dir must be a folder path (str or Path), not {type(output_dir).__name__}")
+    if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
+        raise UsageError(f"output_dir must be a folder path (a non-empty str or Path), not {output_dir!r}")
+    if inputs is None or isinstance(inputs, bytes):
+        raise UsageError(f"inputs must be a path, a glob or a list of them, not {type(inputs).__name__}")
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    bad = [spec for spec in specs if not isinstance(spec, (str, os.PathLike)) or not str(spec)]
+    if bad:  # "" would mean the working folder
+        raise UsageError(f"inputs must be non-empty paths or globs; got {bad[0]!r}")
+    if not isinstance(suffix, str) or (ext is not None and not isinstance(ext, str)):
+        raise UsageError(f"suffix and ext must be strings, got {suffix!r} and {ext!r}")
     opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
                           precision=precision, context_pad=context_pad, max_memory=max_memory, overwrite=overwrite,
                           cuda_graphs=cuda_graphs)
-    if num_workers < 0:
-        raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UsageError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
     if PRECISIONS[precision] is not None and device.type != "cuda":
         raise UsageError(f"--precision {precision} needs a CUDA device; use fp32 on {device.type}")

@@ -9,15 +9,34 @@ import numpy as np
 DENOISE_SIGMAS = {"denoise_15": 15, "denoise_25": 25, "denoise_50": 50}
 
 
+def _check_image(img: np.ndarray, kind: str, name: str = "clean") -> None:
+    """Refuse what a degradation would silently turn into garbage: another dtype than it is written for
+    (``kind`` "uint8" or "float"), not [H, W, 3]. (An image cropped to nothing passes: callers check sizes.)"""
+    ok_type = isinstance(img, np.ndarray) and (img.dtype == np.uint8 if kind == "uint8" else img.dtype.kind == "f")
+    if not ok_type:
+        what = img.dtype if isinstance(img, np.ndarray) else type(img).__name__
+        scale = "0..255" if kind == "uint8" else "[0, 1]"
+        raise ValueError(f"{name} must be a {kind} array [H, W, 3] in {scale}, not {what}")
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"{name} must be [H, W, 3], got {img.shape}")
+
+
+def _check_number(name: str, value: float, low: float, high: float = float("inf")) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
 def sigma_for_task(task: str) -> int:
     """Noise level named by the task: "denoise_25" -> 25. (Upstream took it from the task's list position.)"""
-    if task not in DENOISE_SIGMAS:
+    if not isinstance(task, str) or task not in DENOISE_SIGMAS:
         raise ValueError(f"{task!r} is not a denoising task; valid: {', '.join(DENOISE_SIGMAS)}")
     return DENOISE_SIGMAS[task]
 
 
 def add_gaussian_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """uint8 [H, W, C] -> uint8: ``clip(clean + sigma * N(0, 1), 0, 255)`` truncated to uint8, as upstream."""
+    _check_image(clean, "uint8")
+    _check_number("sigma", sigma, 0)
     noisy = clean.astype(np.float64) + rng.standard_normal(clean.shape) * sigma
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
@@ -29,6 +48,8 @@ def seeded_rng(name: str, sigma: float) -> np.random.Generator:
 
 def pseudo_depth(h: int, w: int, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
     """Smooth pseudo-depth in [0, 1], [H, W] float32: a top-far vertical ramp plus bilinear low-frequency noise."""
+    if min(h, w) < 1 or isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+        raise ValueError(f"pseudo_depth needs h, w >= 1 and a grid >= 1, got {h}, {w}, {grid!r}")
     coarse = rng.random((grid + 1, grid + 1))
     ys, xs = np.linspace(0, grid, h), np.linspace(0, grid, w)
     y0, x0 = np.minimum(ys.astype(int), grid - 1), np.minimum(xs.astype(int), grid - 1)
@@ -47,12 +68,20 @@ def add_haze(clean: np.ndarray, depth: np.ndarray, beta: float, airlight: np.nda
 
     clean: float [H, W, 3] in [0, 1]; depth: [H, W]; airlight: scalar or [3] -> float [H, W, 3] in [0, 1].
     """
+    _check_image(clean, "float")
+    if not isinstance(depth, np.ndarray) or depth.shape != clean.shape[:2]:
+        raise ValueError(f"depth must be [H, W] {clean.shape[:2]}, got {getattr(depth, 'shape', type(depth))}")
+    _check_number("beta", beta, 0)
+    air = np.asarray(airlight, dtype=np.float64)
+    if air.shape not in ((), (3,)) or not ((air >= 0) & (air <= 1)).all():
+        raise ValueError(f"airlight must be a number or 3 numbers in [0, 1], got {airlight!r}")
     t = np.exp(-beta * depth)[..., None]
     return np.clip(clean * t + np.asarray(airlight, dtype=np.float32) * (1.0 - t), 0.0, 1.0).astype(np.float32)
 
 
 def random_haze(clean_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 clean -> uint8 hazy with random beta in [0.6, 2.0] and a slightly tinted airlight in [0.7, 1.0]."""
+    _check_image(clean_u8, "uint8", "clean_u8")
     h, w = clean_u8.shape[:2]
     beta = rng.uniform(0.6, 2.0)
     airlight = np.clip(rng.uniform(0.7, 1.0) + rng.uniform(-0.03, 0.03, size=3), 0, 1)
@@ -62,7 +91,7 @@ def random_haze(clean_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment(img: np.ndarray, mode: int) -> np.ndarray:
     """One of the 8 flips/rotations (upstream's modes 0..7) of an [H, W, C] array."""
-    if not 0 <= mode < 8:
+    if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or not 0 <= mode < 8:
         raise ValueError(f"augmentation mode must be in 0..7, got {mode}")
     out = np.rot90(img, k=mode // 2) if mode >= 2 else img
     if mode == 1 or (mode >= 2 and mode % 2 == 1):
@@ -71,7 +100,10 @@ def augment(img: np.ndarray, mode: int) -> np.ndarray:
 
 
 def crop_to_multiple(img: np.ndarray, base: int = 16) -> np.ndarray:
-    """Centre-crop [H, W, ...] to multiples of ``base`` (upstream's ``crop_img``)."""
+    """Centre-crop [H, W, ...] to multiples of ``base`` (upstream's ``crop_img``); a side shorter than ``base``
+    crops to nothing, which callers check."""
+    if isinstance(base, bool) or not isinstance(base, (int, np.integer)) or base < 1:
+        raise ValueError(f"base must be a whole number >= 1, got {base!r}")
     h, w = img.shape[:2]
     ch, cw = h % base, w % base
     return img[ch // 2:h - ch + ch // 2, cw // 2:w - cw + cw // 2]

@@ -96,6 +96,11 @@ class MoCEConfig:
         for i, w in enumerate(self.widths):
             if w % self.heads[i]:
                 raise ValueError(f"level {i} width {w} is not divisible by heads[{i}]={self.heads[i]}")
+        ranks = self.expert_ranks(self.dim)  # the narrowest MoE layer has the smallest ranks
+        if min(ranks) < 1:
+            least = 2 ** (self.num_exp_blocks - 1)
+            raise ValueError(f"expert ranks {ranks} at width dim={self.dim}: each must be at least 1; with rank_type "
+                             f"'spread' dim must be at least 2**(num_exp_blocks - 1) = {least}")
 
     @property
     def levels(self) -> int:
@@ -141,6 +146,13 @@ class MoCEConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class UnknownModelError(KeyError, ValueError):
+    """A preset name that is not in PRESETS (a KeyError, as before, and a ValueError); prints without quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 PRESETS: dict[str, MoCEConfig] = {
     "MoCE_IR_S": MoCEConfig(dim=32),
     "MoCE_IR": MoCEConfig(dim=48),
@@ -152,6 +164,6 @@ PRESETS: dict[str, MoCEConfig] = {
 
 def get_config(name: str, **overrides: Any) -> MoCEConfig:
     """Preset ``name`` with keyword overrides of any field."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model {name!r}; valid choices: {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UnknownModelError(f"unknown model {name!r}; valid choices: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
