@@ -59,7 +59,6 @@ def test_a_device_that_cannot_run_is_one_line(tiny_model, device, match):
         moceir.restore(tiny_model, IMAGE, device=device)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_a_cuda_index_beyond_the_gpus_is_one_line(monkeypatch):
     from moceir.runtime import resolve_device
 
@@ -70,6 +69,7 @@ def test_a_cuda_index_beyond_the_gpus_is_one_line(monkeypatch):
     assert resolve_device(0) == torch.device("cuda:0") == resolve_device(torch.device("cuda", 0))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="requested but .*use cpu"):
         moceir.restore(tiny_model, IMAGE, device="cuda")
@@ -445,19 +445,39 @@ def test_degradations_refuse_inputs_they_would_garble():
     rng = np.random.default_rng(0)
     u8 = (IMAGE * 255).astype(np.uint8)
     depth = d.pseudo_depth(*IMAGE.shape[:2], rng)
-    for call in (lambda: d.add_gaussian_noise(IMAGE, 25, rng),  # a float image came back uint8 in 0..77
-                 lambda: d.add_gaussian_noise(u8.astype(np.uint16), 25, rng),
-                 lambda: d.add_gaussian_noise(u8, float("nan"), rng),
-                 lambda: d.random_haze(IMAGE, rng),
-                 lambda: d.add_haze(u8, depth, 1.0, 0.9),
-                 lambda: d.add_haze(IMAGE[..., 0], depth, 1.0, 0.9),
-                 lambda: d.add_haze(IMAGE, depth, float("nan"), 0.9),
-                 lambda: d.add_haze(IMAGE, depth, 1.0, 230),
-                 lambda: d.crop_to_multiple(IMAGE, 0), lambda: d.augment(IMAGE, 2.5),
-                 lambda: d.pseudo_depth(0, 0, rng), lambda: d.sigma_for_task([])):
-        with pytest.raises(ValueError):
+    for call, match in ((lambda: d.add_gaussian_noise(IMAGE, 25, rng), "uint8 array"),  # came back uint8 0..77
+                        (lambda: d.add_gaussian_noise(u8.astype(np.uint16), 25, rng), "uint8 array"),
+                        (lambda: d.add_gaussian_noise(u8, float("nan"), rng), "sigma must be"),
+                        (lambda: d.random_haze(IMAGE, rng), "uint8 array"),
+                        (lambda: d.add_haze(u8, depth, 1.0, 0.9), "float array"),
+                        (lambda: d.add_haze(IMAGE[..., 0], depth, 1.0, 0.9), r"\[H, W, 3\]"),
+                        (lambda: d.add_haze(IMAGE, depth, float("nan"), 0.9), "beta must be"),
+                        (lambda: d.add_haze(IMAGE, depth, 1.0, 230), "airlight must lie"),
+                        (lambda: d.crop_to_multiple(IMAGE, 0), "base must be"),
+                        (lambda: d.augment(IMAGE, 2.5), "mode must be an int"),
+                        (lambda: d.pseudo_depth(0, 0, rng), "pseudo_depth needs"),
+                        (lambda: d.sigma_for_task([]), "not a denoising task")):
+        with pytest.raises(ValueError, match=match):
             call()
     assert d.add_gaussian_noise(u8, 25, rng).dtype == np.uint8 and d.random_haze(u8, rng).shape == u8.shape
+    assert d.add_gaussian_noise(u8[..., 0], 25, rng).shape == u8.shape[:2]  # any channel count, as documented
+    assert d.add_haze(IMAGE, depth, 1.0, np.full((1, 1, 3), 0.9)).shape == IMAGE.shape  # a broadcasting airlight
+
+
+def test_review_fixes_float16_alpha_cpu_index_numpy_range_float64_tensor(tmp_path, tiny_model):
+    from moceir.inference import restore_tensor
+    from moceir.io import load_image, save_image
+    from moceir.metrics import psnr
+
+    alpha = np.full(IMAGE.shape[:2], 0.9, np.float16)
+    save_image(tmp_path / "h.png", IMAGE.astype(np.float16), alpha=alpha, bit_depth=16)  # alpha came back 0.0
+    assert np.abs(load_image(tmp_path / "h.png").alpha - 0.9).max() < 1e-3
+    assert moceir.restore(tiny_model, IMAGE, device="cpu:0").shape == IMAGE.shape  # "move it to cpu:0"
+    u8 = (IMAGE * 255).astype(np.uint8)
+    noisy = np.clip(u8.astype(int) + 9, 0, 255).astype(np.uint8)
+    assert psnr(u8, noisy, data_range=np.uint8(255)) == pytest.approx(psnr(u8, noisy, data_range=255))  # -9.5 dB
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.allclose(restore_tensor(tiny_model, x.double()).float(), restore_tensor(tiny_model, x), atol=1e-5)
 
 
 def test_restore_tensor_checks_its_options_and_input(tiny_model):

@@ -445,8 +445,8 @@ def check_address(host: str, port: int) -> None:
     import socket
 
     host = server_host(host)
-    if not 0 <= port <= 65535:
-        raise AddressError(f"port {port} is not a port number; choose a --port from 1 to 65535")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:  # 0: any free port
+        raise AddressError(f"port {port!r} is not a port number; choose a --port from 1 to 65535")
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:

@@ -77,6 +77,10 @@ def restore_tensor(model: MoCEIR, x: torch.Tensor, tile: int | None = None, over
         what = f"{x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"restore_tensor takes a float tensor [B, 3, H, W] in [0, 1], not a {what}; "
                          "moceir.restore takes arrays, PIL images and other layouts")
+    weights = getattr(model, "parameters", None)
+    weight = next(weights(), None) if callable(weights) else None
+    if weight is not None and x.dtype != weight.dtype:  # a float64 image, or a half model
+        x = x.to(weight.dtype)
     pad = min(context_pad, x.shape[-2] - 1, x.shape[-1] - 1)
     if pad > 0:
         h, w = x.shape[-2:]
@@ -262,7 +266,7 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
                         f"{type(model).__name__}")
     weight = next(model.parameters())
     device = resolve_device(device) if device is not None else weight.device
-    if device.type != weight.device.type or device.index not in (None, weight.device.index):
+    if device.type != weight.device.type or (device.type == "cuda" and device.index not in (None, weight.device.index)):
         raise ValueError(f"the model is on {weight.device}, not {device}: move it first (model.to({str(device)!r})) "
                          "or leave device out")
     # each module's own flag, so that frozen parts stay frozen (a GraphedNetwork is no Module: its own flag)

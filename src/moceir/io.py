@@ -252,13 +252,14 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             what = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
             raise ValueError(f"{name} must be a float array {shape} in [0, 1], not {what} (divide 8-bit data by 255)")
         if x.shape != ((*rgb.shape[:2], 3) if name == "rgb" else rgb.shape[:2]) or x.size == 0:
-            raise ValueError(f"{name} must be {shape} (alpha of the image's size), got {x.shape}")
-        if np.isnan(x).any():
+            raise ValueError(f"{name} must be {shape}{' (the size of rgb)' if name == 'alpha' else ''}, got {x.shape}")
+        if np.isnan(x.min()):  # one pass, no temporary array
             raise ValueError(f"{name} holds NaN pixels; nothing was written to {path}")
     planes = [rgb.mean(axis=2, keepdims=True) if grayscale else rgb]
     if alpha is not None and suffix not in NO_ALPHA_EXTS:
         planes.append(alpha[..., None])
-    data = np.concatenate(planes, axis=2) if len(planes) > 1 else planes[0].astype(np.float32, copy=True)
+    # float32: float16 would overflow at x 65535
+    data = np.concatenate(planes, axis=2, dtype=np.float32) if len(planes) > 1 else planes[0].astype(np.float32)
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
     if bit_depth == 16 and suffix in (".png", ".tif", ".tiff"):
         data *= 65535

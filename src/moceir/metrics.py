@@ -20,8 +20,9 @@ SSIM_WINDOW = 2 * int(3.5 * 1.5 + 0.5) + 1  # 11: the Gaussian window's side (si
 
 
 def _check_pair(clean: np.ndarray, restored: np.ndarray, data_range: float, crop_border: int,
-                test_y_channel: bool, min_side: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Refuse, in one line, inputs whose score would be a plausible-looking wrong number; [H, W] -> [H, W, 1].
+                test_y_channel: bool, image_layout: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Refuse, in one line, inputs whose score would be a plausible-looking wrong number; returns the pair
+    ([H, W] made [H, W, 1] where ``image_layout`` is needed, as SSIM's window is) and ``data_range`` as a float.
 
     NaN pixels are not refused: they give a NaN score, as in numpy and scikit-image."""
     for name, x in (("clean", clean), ("restored", restored)):
@@ -29,28 +30,32 @@ def _check_pair(clean: np.ndarray, restored: np.ndarray, data_range: float, crop
             raise TypeError(f"{name} must be a numpy array [H, W, C], not {type(x).__name__}")
     if clean.shape != restored.shape:  # psnr broadcast [H, W, 3] against [H, W, 1] to a number before
         raise ValueError(f"image shapes differ: {clean.shape} vs {restored.shape}")
-    if clean.ndim == 2:
+    if clean.ndim == 2 and (image_layout or test_y_channel or crop_border):
         clean, restored = clean[..., None], restored[..., None]
-    if clean.ndim != 3 or clean.shape[2] > 4:  # [3, H, W] lands here too
-        raise ValueError(f"images must be [H, W] or [H, W, C] with C <= 4, got {clean.shape}")
-    if test_y_channel and clean.shape[2] != 3:
+    if clean.size == 0 or ((image_layout or crop_border) and (clean.ndim != 3 or clean.shape[2] > 4)):
+        raise ValueError(f"images must be [H, W] or [H, W, C] with C <= 4, got {clean.shape}")  # [3, H, W] too
+    if test_y_channel and (clean.ndim != 3 or clean.shape[2] != 3):
         raise ValueError(f"test_y_channel needs RGB images [H, W, 3], got {clean.shape}")
     kinds = {clean.dtype.kind, restored.dtype.kind}
     if not kinds <= {"f", "u", "i"}:
         raise ValueError(f"images must be float or integer arrays, got {clean.dtype} and {restored.dtype}")
-    if kinds != {"f"} and (len(kinds) > 1 or data_range == 1.0):
-        raise ValueError(f"integer images ({clean.dtype}, {restored.dtype}) need data_range (255 for uint8) and both "
-                         "of one type; or convert them to floats in [0, 1]")
-    if isinstance(data_range, bool) or not (isinstance(data_range, (int, float, np.number)) and data_range > 0
-                                            and np.isfinite(data_range)):
+    try:
+        value = float(data_range)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(data_range, bool) or not (value > 0 and np.isfinite(value)):
         raise ValueError(f"data_range must be a positive number, got {data_range!r}")
+    if kinds != {"f"} and (clean.dtype != restored.dtype or value == 1.0):
+        raise ValueError(f"integer images ({clean.dtype}, {restored.dtype}) need one type and their data_range "
+                         "(255 for uint8); or convert both to floats in [0, 1]")
     if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
         raise ValueError(f"crop_border must be a whole number of pixels >= 0, got {crop_border!r}")
+    need = SSIM_WINDOW if image_layout else 1
     h, w = clean.shape[0] - 2 * crop_border, clean.shape[1] - 2 * crop_border
-    if min(h, w) < min_side:
+    if min(h, w) < need:
         raise ValueError(f"{clean.shape[1]}x{clean.shape[0]} images leave {max(w, 0)}x{max(h, 0)} pixels after "
-                         f"crop_border={crop_border}; this score needs at least {min_side}x{min_side}")
-    return clean, restored
+                         f"crop_border={crop_border}; this score needs at least {need}x{need}")
+    return clean, restored, value
 
 
 def _prepare(a: np.ndarray, b: np.ndarray, crop_border: int, test_y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +73,7 @@ def psnr(clean: np.ndarray, restored: np.ndarray, data_range: float = 1.0, crop_
 
     clean, restored: [H, W, C] or [H, W] arrays of one shape, floats in [0, 1] (integers with their
     ``data_range``). Inputs that cannot give a true score raise ValueError; NaN pixels give NaN."""
-    clean, restored = _check_pair(clean, restored, data_range, crop_border, test_y_channel)
+    clean, restored, data_range = _check_pair(clean, restored, data_range, crop_border, test_y_channel)
     if not test_y_channel:  # as scikit-image: the difference in the inputs' float type, the mean in float64
         dtype = np.result_type(clean.dtype, restored.dtype, np.float32)
         clean, restored = clean.astype(dtype), restored.astype(dtype)
@@ -89,7 +94,7 @@ def ssim(clean: np.ndarray, restored: np.ndarray, data_range: float = 1.0, crop_
     Equals scikit-image's ``structural_similarity(..., channel_axis=2, gaussian_weights=True, data_range=1)``.
     Inputs as :func:`psnr`; images need at least 11x11 pixels after ``crop_border`` (smaller ones gave NaN).
     """
-    clean, restored = _check_pair(clean, restored, data_range, crop_border, test_y_channel, SSIM_WINDOW)
+    clean, restored, data_range = _check_pair(clean, restored, data_range, crop_border, test_y_channel, True)
     a, b = _prepare(clean, restored, crop_border, test_y_channel)
     if not test_y_channel:  # compute in the inputs' float type, as scikit-image does
         dtype = np.result_type(clean.dtype, restored.dtype, np.float32)

@@ -9,16 +9,17 @@ import numpy as np
 DENOISE_SIGMAS = {"denoise_15": 15, "denoise_25": 25, "denoise_50": 50}
 
 
-def _check_image(img: np.ndarray, kind: str, name: str = "clean") -> None:
+def _check_image(img: np.ndarray, kind: str, name: str = "clean", any_channels: bool = False) -> None:
     """Refuse what a degradation would silently turn into garbage: another dtype than it is written for
-    (``kind`` "uint8" or "float"), not [H, W, 3]. (An image cropped to nothing passes: callers check sizes.)"""
+    (``kind`` "uint8" or "float"), not [H, W, 3] ([H, W] or [H, W, C] with ``any_channels``). (An image cropped
+    to nothing passes: callers check sizes.)"""
     ok_type = isinstance(img, np.ndarray) and (img.dtype == np.uint8 if kind == "uint8" else img.dtype.kind == "f")
     if not ok_type:
         what = img.dtype if isinstance(img, np.ndarray) else type(img).__name__
         scale = "0..255" if kind == "uint8" else "[0, 1]"
         raise ValueError(f"{name} must be a {kind} array [H, W, 3] in {scale}, not {what}")
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"{name} must be [H, W, 3], got {img.shape}")
+    if not (img.ndim in (2, 3) if any_channels else img.ndim == 3 and img.shape[2] == 3):
+        raise ValueError(f"{name} must be {'[H, W] or [H, W, C]' if any_channels else '[H, W, 3]'}, got {img.shape}")
 
 
 def _check_number(name: str, value: float, low: float, high: float = float("inf")) -> None:
@@ -35,7 +36,7 @@ def sigma_for_task(task: str) -> int:
 
 def add_gaussian_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """uint8 [H, W, C] -> uint8: ``clip(clean + sigma * N(0, 1), 0, 255)`` truncated to uint8, as upstream."""
-    _check_image(clean, "uint8")
+    _check_image(clean, "uint8", any_channels=True)
     _check_number("sigma", sigma, 0)
     noisy = clean.astype(np.float64) + rng.standard_normal(clean.shape) * sigma
     return np.clip(noisy, 0, 255).astype(np.uint8)
@@ -70,11 +71,13 @@ def add_haze(clean: np.ndarray, depth: np.ndarray, beta: float, airlight: np.nda
     """
     _check_image(clean, "float")
     if not isinstance(depth, np.ndarray) or depth.shape != clean.shape[:2]:
-        raise ValueError(f"depth must be [H, W] {clean.shape[:2]}, got {getattr(depth, 'shape', type(depth))}")
+        what = depth.shape if isinstance(depth, np.ndarray) else type(depth).__name__
+        raise ValueError(f"depth must be a numpy array [H, W] {clean.shape[:2]}, got {what}")
     _check_number("beta", beta, 0)
     air = np.asarray(airlight, dtype=np.float64)
-    if air.shape not in ((), (3,)) or not ((air >= 0) & (air <= 1)).all():
-        raise ValueError(f"airlight must be a number or 3 numbers in [0, 1], got {airlight!r}")
+    if not ((air >= 0) & (air <= 1)).all():  # NaN fails too
+        raise ValueError(f"airlight must lie in [0, 1] (a number, 3 numbers, or an array that broadcasts), got "
+                         f"{airlight!r}")
     t = np.exp(-beta * depth)[..., None]
     return np.clip(clean * t + np.asarray(airlight, dtype=np.float32) * (1.0 - t), 0.0, 1.0).astype(np.float32)
 
@@ -92,7 +95,7 @@ def random_haze(clean_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def augment(img: np.ndarray, mode: int) -> np.ndarray:
     """One of the 8 flips/rotations (upstream's modes 0..7) of an [H, W, C] array."""
     if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or not 0 <= mode < 8:
-        raise ValueError(f"augmentation mode must be in 0..7, got {mode}")
+        raise ValueError(f"augmentation mode must be an int in 0..7, got {mode!r} ({type(mode).__name__})")
     out = np.rot90(img, k=mode // 2) if mode >= 2 else img
     if mode == 1 or (mode >= 2 and mode % 2 == 1):
         out = np.flipud(out)
