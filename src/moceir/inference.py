@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import is_real, is_whole
 from .models import MoCEIR
 from .runtime import allocator_tuned, release_freed_memory
 
@@ -196,20 +197,15 @@ def check_restore_options(tile: int | None, overlap: int, routing: str, context_
     """Refuse tiling options that cannot work with a one-line ValueError: a negative overlap blends with weights
     that sum to zero (NaN pixels), a tile below 1 or a non-integer one, negative context, a memory budget that is
     not a positive number. ``*_name``: the names the caller's users know them by."""
-    def whole(value: Any) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-    if tile is not None and not (whole(tile) and tile >= 1):
+    if tile is not None and not (is_whole(tile) and tile >= 1):
         raise ValueError(f"tile must be a whole number of pixels >= 1 (or None: automatic), got {tile!r}")
-    if not (whole(overlap) and overlap >= 0):
+    if not (is_whole(overlap) and overlap >= 0):
         raise ValueError(f"{overlap_name} must be a whole number of pixels >= 0, got {overlap!r}")
-    if not (whole(context_pad) and context_pad >= 0):
+    if not (is_whole(context_pad) and context_pad >= 0):
         raise ValueError(f"context_pad must be a whole number of pixels >= 0, got {context_pad!r}")
     if not isinstance(routing, str) or routing not in ROUTING_MODES:
         raise ValueError(f"{routing_name} must be one of {ROUTING_MODES}, got {routing!r}")
-    if max_memory is not None and not (isinstance(max_memory, (int, float, np.integer, np.floating))
-                                       and not isinstance(max_memory, (bool, np.bool_))
-                                       and math.isfinite(max_memory) and max_memory > 0):
+    if max_memory is not None and not (is_real(max_memory) and math.isfinite(max_memory) and max_memory > 0):
         raise ValueError(f"max_memory must be a positive number of bytes (or None: automatic), got {max_memory!r}")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .checks import is_whole
+
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """[H, W, 3] RGB in [0, 1] -> [H, W, 1] Y of YCbCr (ITU-R BT.601, range 16..235) in [0, 1]."""
@@ -48,7 +50,7 @@ def _check_pair(clean: np.ndarray, restored: np.ndarray, data_range: float, crop
     if kinds != {"f"} and (clean.dtype != restored.dtype or value == 1.0):
         raise ValueError(f"integer images ({clean.dtype}, {restored.dtype}) need one type and their data_range "
                          "(255 for uint8); or convert both to floats in [0, 1]")
-    if isinstance(crop_border, bool) or not isinstance(crop_border, (int, np.integer)) or crop_border < 0:
+    if not is_whole(crop_border) or crop_border < 0:
         raise ValueError(f"crop_border must be a whole number of pixels >= 0, got {crop_border!r}")
     need = SSIM_WINDOW if image_layout else 1
     h, w = clean.shape[0] - 2 * crop_border, clean.shape[1] - 2 * crop_border

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images,
@@ -203,8 +204,7 @@ class RestoreOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
-        whole = isinstance(self.batch_size, (int, np.integer)) and not isinstance(self.batch_size, bool)
-        if self.batch_size is not None and not (whole and self.batch_size >= 1):
+        if self.batch_size is not None and not (is_whole(self.batch_size) and self.batch_size >= 1):
             raise UsageError(f"batch_size must be an integer >= 1 (or None), got {self.batch_size!r}")
         try:
             check_restore_options(self.tile, self.tile_overlap, self.tile_routing, self.context_pad, self.max_memory,

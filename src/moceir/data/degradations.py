@@ -6,6 +6,8 @@ import zlib
 
 import numpy as np
 
+from ..checks import is_real, is_whole
+
 DENOISE_SIGMAS = {"denoise_15": 15, "denoise_25": 25, "denoise_50": 50}
 
 
@@ -23,7 +25,7 @@ def _check_image(img: np.ndarray, kind: str, name: str = "clean", any_channels: 
 
 
 def _check_number(name: str, value: float, low: float, high: float = float("inf")) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not low <= value <= high:
+    if not is_real(value) or not low <= value <= high:
         raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
 
 
@@ -49,7 +51,7 @@ def seeded_rng(name: str, sigma: float) -> np.random.Generator:
 
 def pseudo_depth(h: int, w: int, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
     """Smooth pseudo-depth in [0, 1], [H, W] float32: a top-far vertical ramp plus bilinear low-frequency noise."""
-    if min(h, w) < 1 or isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
+    if min(h, w) < 1 or not is_whole(grid) or grid < 1:
         raise ValueError(f"pseudo_depth needs h, w >= 1 and a grid >= 1, got {h}, {w}, {grid!r}")
     coarse = rng.random((grid + 1, grid + 1))
     ys, xs = np.linspace(0, grid, h), np.linspace(0, grid, w)
@@ -94,7 +96,7 @@ def random_haze(clean_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def augment(img: np.ndarray, mode: int) -> np.ndarray:
     """One of the 8 flips/rotations (upstream's modes 0..7) of an [H, W, C] array."""
-    if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or not 0 <= mode < 8:
+    if not is_whole(mode) or not 0 <= mode < 8:
         raise ValueError(f"augmentation mode must be an int in 0..7, got {mode!r} ({type(mode).__name__})")
     out = np.rot90(img, k=mode // 2) if mode >= 2 else img
     if mode == 1 or (mode >= 2 and mode % 2 == 1):
@@ -105,7 +107,7 @@ def augment(img: np.ndarray, mode: int) -> np.ndarray:
 def crop_to_multiple(img: np.ndarray, base: int = 16) -> np.ndarray:
     """Centre-crop [H, W, ...] to multiples of ``base`` (upstream's ``crop_img``); a side shorter than ``base``
     crops to nothing, which callers check."""
-    if isinstance(base, bool) or not isinstance(base, (int, np.integer)) or base < 1:
+    if not is_whole(base) or base < 1:
         raise ValueError(f"base must be a whole number >= 1, got {base!r}")
     h, w = img.shape[:2]
     ch, cw = h % base, w % base
