@@ -112,7 +112,7 @@ def load_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
-            if fmt == "TIFF" and _tiff_is_16bit(path):  # before im.load(): PIL cannot decode planar 16-bit TIFF
+            if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
                 return _sixteen_bit(path, fmt, frames, _orientation(im))
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
             if fmt == "PNG" and _png_bit_depth(path) == 16:
@@ -210,7 +210,8 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _tiff_samples(path: Path) -> np.dtype | None:
-    """The sample type of a TIFF's first page (tifffile reads what PIL cannot identify), None if not a TIFF."""
+    """The sample type of a TIFF's first page (tifffile reads what PIL cannot identify: 16-bit, planar, float),
+    None if not a TIFF or unreadable by tifffile (decoding then reports the file)."""
     try:
         with open(path, "rb") as f:
             if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
@@ -219,15 +220,8 @@ def _tiff_samples(path: Path) -> np.dtype | None:
 
         with tifffile.TiffFile(str(path)) as t:
             return np.dtype(t.pages[0].dtype)
-    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller reports the file anyway
+    except Exception:  # noqa: BLE001 - the caller decodes with PIL, whose error names the file
         return None
-
-
-def _tiff_is_16bit(path: Path) -> bool:
-    import tifffile
-
-    with tifffile.TiffFile(str(path)) as t:
-        return t.pages[0].dtype == np.uint16
 
 
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
