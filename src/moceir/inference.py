@@ -344,7 +344,7 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
         x = x.float() / scale
     else:
         _check_values(x, "image")
-    x = x.to(device, next(model.parameters()).dtype)  # a half or bfloat16 model takes inputs of its own type
+    x = x.to(device, torch.float32)  # restore_tensor feeds a half or bfloat16 model inputs of its own type
     chunk = x.shape[0]
     if tile is None:
         budget = max_memory if max_memory is not None else memory_budget(device)
@@ -355,9 +355,9 @@ def _restore_array(model, image, device, tile, overlap, routing, context_pad, ma
     y = torch.cat([restore_tensor(model, c, tile, overlap, routing, context_pad=context_pad)
                    for c in x.split(chunk)])
     if not bool(torch.isfinite(y).all()):
-        low = x.dtype in (torch.float16, torch.bfloat16)
+        low = y.dtype in (torch.float16, torch.bfloat16)  # the model's type
         raise ValueError("the network returned NaN or infinite pixels" + (
-            f"; this {x.dtype} model overflows: restore with it in float32 (model.float())" if low
+            f"; this {y.dtype} model overflows: restore with it in float32 (model.float())" if low
             else "; its weights or the input are broken"))
     y = y.clamp_(0, 1)
     if layout == "HW":
