@@ -392,11 +392,8 @@ def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
     changed = [f for f in RUN_BEHAVIOUR_FIELDS if f in trained and trained[f] != getattr(net.config, f)
                and (weighted or f != "complexity_scale")]
     if changed:
-        def flag(field: str, value: Any) -> str:
-            return (f"--{field}" if value else f"--no-{field}") if isinstance(value, bool) else f"--{field} {value}"
-
-        was = " ".join(flag(f, trained[f]) for f in changed)
-        now = " ".join(flag(f, getattr(net.config, f)) for f in changed)
+        was = " ".join(_flag(f, trained[f]) for f in changed)
+        now = " ".join(_flag(f, getattr(net.config, f)) for f in changed)
         raise TrainingSetupError(f"--resume_from {resume.path}: the run was trained with {was}, this call asks for "
                                  f"{now}; pass the run's values to continue it, or --fine_tune_from to start a new "
                                  "run from its weights")
@@ -412,11 +409,18 @@ def _trained_with(resume: ResumePoint) -> str:
     return f"; it was trained with {architecture_flags(config)}: pass those shape flags to continue it"
 
 
+def _flag(field: str, value: Any) -> str:
+    """A config field as the ``moceir train`` flag that sets it: --topk 2, --heads 1 2 4 8, --no-with_complexity."""
+    if isinstance(value, bool):
+        return f"--{field}" if value else f"--no-{field}"
+    return f"--{field} {' '.join(map(str, value)) if isinstance(value, (tuple, list)) else value}"
+
+
 def architecture_flags(config: MoCEConfig) -> str:
     """The ``moceir train`` flags that build ``config``'s network: the nearest preset and the fields it changes."""
     def changes(preset: MoCEConfig) -> list[str]:
         values = ((f, getattr(config, f)) for f in ARCH_FLAGS if getattr(config, f) != getattr(preset, f))
-        return [f"--{f} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for f, v in values]
+        return [_flag(f, v) for f, v in values]
 
     name = min(PRESETS, key=lambda n: len(changes(PRESETS[n])))
     flags = changes(PRESETS[name])
