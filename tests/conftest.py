@@ -92,3 +92,13 @@ def tiny_ckpt(tmp_path) -> str:
     model = moceir.create_model("MoCE_IR_tiny")
     fill_deterministic(model, 0.05)
     return str(moceir.save_model(model, tmp_path / "tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The tiny preset with deterministic weights, in eval mode; one per test module (tests may not mutate it)."""
+    import moceir
+
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    fill_deterministic(model, 0.05)
+    return model

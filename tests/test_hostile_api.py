@@ -15,15 +15,6 @@ import torch
 from PIL import Image
 
 import moceir
-from conftest import fill_deterministic
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.05)
-    return model
-
 
 IMAGE = np.random.default_rng(0).random((20, 28, 3)).astype(np.float32)
 

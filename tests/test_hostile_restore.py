@@ -12,15 +12,6 @@ import moceir
 from moceir.cli import main
 from moceir.io import load_image, save_image
 
-from conftest import fill_deterministic
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.05)
-    return model
-
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_model):
