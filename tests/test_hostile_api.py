@@ -308,6 +308,67 @@ def test_image_size_agrees_with_load_image_where_pil_reads_exif_elsewhere(tmp_pa
     assert image_size(tmp_path / "magick.png") == (50, 30)
 
 
+@pytest.mark.parametrize("kind", [b"tEXt", b"zTXt", b"iTXt"])
+def test_image_size_finds_imagemagick_exif_after_the_image_data(tmp_path, kind):
+    import io
+
+    from moceir.io import image_size, load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(buffer, format="PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    text = f"\nexif\n{len(exif.tobytes()):8d}\n{exif.tobytes().hex()}".encode()
+    key = b"Raw profile type exif\0"
+    data = {b"tEXt": key + text, b"zTXt": key + b"\0" + zlib.compress(text),
+            b"iTXt": key + b"\1\0\0\0" + zlib.compress(text)}[kind]
+    png = tmp_path / "late.png"
+    png.write_bytes(_before_iend(buffer.getvalue(), kind, data))
+    assert image_size(png) == load_image(png).rgb.shape[:2] == (50, 30)
+
+
+def test_image_size_lets_a_late_exif_chunk_win_over_imagemagick_text_as_pil_does(tmp_path):
+    import io
+
+    from PIL import PngImagePlugin
+
+    from moceir.io import image_size, load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = exif.tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(data):8d}\n{data.hex()}", zip=True)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    exif[0x0112] = 1
+    png = tmp_path / "both.png"
+    png.write_bytes(_before_iend(buffer.getvalue(), b"eXIf", exif.tobytes()[6:]))
+    assert image_size(png) == load_image(png).rgb.shape[:2] == (30, 50)
+
+
+@pytest.mark.parametrize("name", ["model.png", "model.JPG", "model.gif", "model.onnx"])
+def test_save_model_refuses_a_name_of_another_format(tiny_model, tmp_path, name):
+    from moceir.models.checkpoints import OutputPathError
+
+    with pytest.raises(OutputPathError, match="save_model writes safetensors.*name it .safetensors"):
+        moceir.save_model(tiny_model, tmp_path / name)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_image_keeps_gif_transparency_on_or_off(tmp_path):
+    from moceir.io import load_image, save_image
+
+    rgb = np.random.default_rng(0).random((8, 12, 3)).astype(np.float32)
+    alpha = np.tile(np.linspace(0, 1, 12, dtype=np.float32), (8, 1))
+    for grayscale in (False, True):
+        save_image(tmp_path / f"a{grayscale}.gif", rgb, alpha=alpha, grayscale=grayscale)
+        back = load_image(tmp_path / f"a{grayscale}.gif")
+        assert np.array_equal(back.alpha, (alpha >= 0.5).astype(np.float32))  # PIL's own conversion: all opaque
+        expected = np.repeat(rgb.mean(axis=2, keepdims=True), 3, axis=2) if grayscale else rgb
+        assert np.abs(back.rgb - expected)[alpha >= 0.5].mean() < 0.05  # 255 colours for 96 random pixels
+
+
 def test_a_png_chunk_claiming_gigabytes_is_not_read(tmp_path):
     from moceir.io import image_size
 
@@ -586,3 +647,10 @@ def test_alpha_that_the_output_format_cannot_hold_is_announced(tmp_path, tiny_mo
                                     log=lines.append)
         assert "error" not in rows[0] and Path(rows[0]["output"]).is_file()
         assert any("alpha channel" in line and f".{ext} cannot hold" in line for line in lines), lines
+
+
+def test_a_model_on_another_device_than_asked_is_refused():
+    # no GPU here: a model on the meta device stands for one on another device than ``device=``
+    model = moceir.create_model("MoCE_IR_tiny").to("meta")
+    with pytest.raises(ValueError, match=r"the model is on meta, not cpu: move it first \(model.to\('cpu'\)\)"):
+        moceir.restore(model, np.zeros((16, 16, 3), np.float32), device="cpu")

@@ -13,14 +13,7 @@ from moceir.cli import main
 from moceir.models import checkpoints
 from moceir.models.checkpoints import CONFIG_KEY, CheckpointError
 
-from conftest import fill_deterministic
 
-
-@pytest.fixture
-def tiny():
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.05)
-    return model
 
 
 def _safetensors_with_config(path, model, config: object) -> str:
@@ -41,11 +34,12 @@ def _refused_by_cli(capsys, ckpt: str, *needles: str) -> str:
 
 @pytest.mark.parametrize("change", [{"dim": 4096}, {"num_blocks": [1, 1, 1, 100000]}, {"dim": 16},
                                     {"num_dec_blocks": [1, 1, 3]}])
-def test_item8_embedded_config_is_checked_before_building(tmp_path, tiny, monkeypatch, change):
+def test_item8_embedded_config_is_checked_before_building(tmp_path, tiny_model, monkeypatch, change):
     built = []
     real = checkpoints.MoCEIR
     monkeypatch.setattr(checkpoints, "MoCEIR", lambda cfg: built.append(cfg) or real(cfg))
-    path = _safetensors_with_config(tmp_path / "evil.safetensors", tiny, {**tiny.config.to_dict(), **change})
+    config = {**tiny_model.config.to_dict(), **change}
+    path = _safetensors_with_config(tmp_path / "evil.safetensors", tiny_model, config)
     t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match="evil.safetensors"):
         moceir.load_model(path)
@@ -53,26 +47,27 @@ def test_item8_embedded_config_is_checked_before_building(tmp_path, tiny, monkey
     assert built == []  # refused before any network was built
 
 
-def test_item8_cli_refuses_contradicting_config_in_one_line(tmp_path, tiny, capsys):
-    path = _safetensors_with_config(tmp_path / "evil.safetensors", tiny, {**tiny.config.to_dict(), "dim": 4096})
+def test_item8_cli_refuses_contradicting_config_in_one_line(tmp_path, tiny_model, capsys):
+    config = {**tiny_model.config.to_dict(), "dim": 4096}
+    path = _safetensors_with_config(tmp_path / "evil.safetensors", tiny_model, config)
     _refused_by_cli(capsys, path, "evil.safetensors", "dim")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("wrap", ["plain", "lightning"])
-def test_item9_half_checkpoints_without_config_load(tmp_path, tiny, dtype, wrap):
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
+def test_item9_half_checkpoints_without_config_load(tmp_path, tiny_model, dtype, wrap):
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny_model.state_dict().items()}
     obj = {"state_dict": {f"net.{k}": v for k, v in sd.items()}, "epoch": 1} if wrap == "lightning" else sd
     torch.save(obj, tmp_path / "half.ckpt")
     loaded = moceir.load_model(tmp_path / "half.ckpt")
-    assert loaded.config == tiny.config and next(loaded.parameters()).dtype == torch.float32
+    assert loaded.config == tiny_model.config and next(loaded.parameters()).dtype == torch.float32
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(loaded(x), tiny(x), atol=0.05)
+        assert torch.allclose(loaded(x), tiny_model(x), atol=0.05)
 
 
-def test_item9_half_checkpoint_works_in_export(tmp_path, tiny, capsys):
-    torch.save({k: v.half() for k, v in tiny.state_dict().items()}, tmp_path / "half.pt")
+def test_item9_half_checkpoint_works_in_export(tmp_path, tiny_model, capsys):
+    torch.save({k: v.half() for k, v in tiny_model.state_dict().items()}, tmp_path / "half.pt")
     assert main(["export", str(tmp_path / "half.pt"), str(tmp_path / "out.safetensors")]) == 0
 
 
@@ -84,10 +79,10 @@ def test_item10_zero_byte_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("config", [{"dim": "abc"}, [8, 8], "MoCE_IR_tiny", {"num_blocks": "1111"}])
-def test_item11_config_of_wrong_type(tmp_path, tiny, capsys, config):
+def test_item11_config_of_wrong_type(tmp_path, tiny_model, capsys, config):
     if isinstance(config, dict):
-        config = {**tiny.config.to_dict(), **config}
-    path = _safetensors_with_config(tmp_path / "typed.safetensors", tiny, config)
+        config = {**tiny_model.config.to_dict(), **config}
+    path = _safetensors_with_config(tmp_path / "typed.safetensors", tiny_model, config)
     _refused_by_cli(capsys, path, "typed.safetensors")
 
 
@@ -108,8 +103,8 @@ def test_item11_pickle_refusal_gives_no_unsafe_advice(tmp_path, capsys):
     assert "weights_only=False" not in err and "ran code" not in capsys.readouterr().out
 
 
-def test_truncated_and_text_checkpoints_are_one_line(tmp_path, tiny, capsys):
-    path = moceir.save_model(tiny, tmp_path / "m.safetensors")
+def test_truncated_and_text_checkpoints_are_one_line(tmp_path, tiny_model, capsys):
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
     (tmp_path / "trunc.safetensors").write_bytes(path.read_bytes()[:3000])
     _refused_by_cli(capsys, str(tmp_path / "trunc.safetensors"), "trunc.safetensors")
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
@@ -127,11 +122,11 @@ def _nan_copy(model, value: float = float("nan")) -> dict:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("kind", ["safetensors", "lightning"])
-def test_non_finite_weights_are_refused(tmp_path, tiny, capsys, value, kind):
-    sd = _nan_copy(tiny, value)
+def test_non_finite_weights_are_refused(tmp_path, tiny_model, capsys, value, kind):
+    sd = _nan_copy(tiny_model, value)
     if kind == "safetensors":
         path = tmp_path / "nan.safetensors"
-        save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(tiny.config.to_dict()), "format": "moceir"})
+        save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(tiny_model.config.to_dict()), "format": "moceir"})
     else:
         path = tmp_path / "nan.ckpt"
         torch.save({"state_dict": {f"net.{k}": v for k, v in sd.items()}, "epoch": 1}, path)
@@ -142,8 +137,8 @@ def test_non_finite_weights_are_refused(tmp_path, tiny, capsys, value, kind):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_non_finite_bundled_default_is_refused(tmp_path, tiny, monkeypatch):
-    save_file(_nan_copy(tiny), str(tmp_path / "default.safetensors"))
+def test_non_finite_bundled_default_is_refused(tmp_path, tiny_model, monkeypatch):
+    save_file(_nan_copy(tiny_model), str(tmp_path / "default.safetensors"))
     monkeypatch.setattr(checkpoints, "DEFAULT_WEIGHTS", tmp_path / "default.safetensors")
     with pytest.raises(CheckpointError, match="NaN"):
         moceir.load_model("default")
@@ -168,8 +163,8 @@ def fake_onnx_export(monkeypatch):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
-def test_export_keeps_an_unrelated_tmp_file(tmp_path, tiny, capsys, fake_onnx_export, suffix):
-    ckpt = moceir.save_model(tiny, tmp_path / "tiny.safetensors")
+def test_export_keeps_an_unrelated_tmp_file(tmp_path, tiny_model, capsys, fake_onnx_export, suffix):
+    ckpt = moceir.save_model(tiny_model, tmp_path / "tiny.safetensors")
     out = tmp_path / f"m{suffix}"
     precious = out.with_name(out.name + ".tmp")
     precious.write_text("precious")
@@ -179,8 +174,8 @@ def test_export_keeps_an_unrelated_tmp_file(tmp_path, tiny, capsys, fake_onnx_ex
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
-def test_export_to_a_dangling_link_or_under_a_file_is_one_line(tmp_path, tiny, capsys, fake_onnx_export, suffix):
-    ckpt = str(moceir.save_model(tiny, tmp_path / "tiny.safetensors"))
+def test_export_to_a_dangling_link_or_under_a_file_is_one_line(tmp_path, tiny_model, capsys, fake_onnx_export, suffix):
+    ckpt = str(moceir.save_model(tiny_model, tmp_path / "tiny.safetensors"))
     link = tmp_path / f"dl{suffix}"
     link.symlink_to(tmp_path / "nowhere")
     victim = tmp_path / "victim.png"
@@ -191,21 +186,21 @@ def test_export_to_a_dangling_link_or_under_a_file_is_one_line(tmp_path, tiny, c
         assert len(err.splitlines()) == 1 and needle in err and str(out if needle == "a link" else victim) in err, err
     assert link.is_symlink() and not (tmp_path / "nowhere").exists() and victim.read_text() == "a photo"
     with pytest.raises(FileExistsError):  # the library keeps its documented exception type
-        moceir.save_model(tiny, link)
+        moceir.save_model(tiny_model, link)
     assert main(["export", ckpt, str(link), "--overwrite", "--no-optimize"]) == 0
     assert not link.is_symlink() and link.is_file() and not (tmp_path / "nowhere").exists()
 
 
-def _without_config(tmp_path, tiny, name: str, **changes) -> str:
-    sd = {k: v.contiguous() for k, v in tiny.state_dict().items()}
+def _without_config(tmp_path, tiny_model, name: str, **changes) -> str:
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
     sd.update(changes)
     save_file(sd, str(tmp_path / name))
     return str(tmp_path / name)
 
 
 @pytest.mark.parametrize("weight", [torch.zeros(8), torch.zeros(0, 3, 3, 3), torch.zeros(8, 3, 0)])
-def test_malformed_shapes_without_config_are_one_line(tmp_path, tiny, capsys, weight):
-    path = _without_config(tmp_path, tiny, "shape.safetensors", **{"patch_embed.proj.weight": weight})
+def test_malformed_shapes_without_config_are_one_line(tmp_path, tiny_model, capsys, weight):
+    path = _without_config(tmp_path, tiny_model, "shape.safetensors", **{"patch_embed.proj.weight": weight})
     with pytest.raises(CheckpointError, match="shape.safetensors"):
         moceir.load_model(path)
     _refused_by_cli(capsys, path, "shape.safetensors", "patch_embed.proj.weight")
@@ -216,8 +211,8 @@ def test_malformed_shapes_without_config_are_one_line(tmp_path, tiny, capsys, we
                                            ({"heads": ["1", "1", "2", "2"]}, "heads"), ({"bias": "no"}, "bias"),
                                            ({"ffn_expansion_factor": float("nan")}, "ffn_expansion_factor"),
                                            ({"latent_dim": 0}, "latent_dim"), ({"num_blocks": 4}, "num_blocks")])
-def test_malformed_embedded_config_is_one_line(tmp_path, tiny, capsys, change, field):
-    torch.save({CONFIG_KEY: {**tiny.config.to_dict(), **change}, "state_dict": tiny.state_dict()},
+def test_malformed_embedded_config_is_one_line(tmp_path, tiny_model, capsys, change, field):
+    torch.save({CONFIG_KEY: {**tiny_model.config.to_dict(), **change}, "state_dict": tiny_model.state_dict()},
                tmp_path / "cfg.ckpt")
     err = _refused_by_cli(capsys, str(tmp_path / "cfg.ckpt"), "cfg.ckpt", field)
     assert "not a valid configuration" in err
@@ -240,9 +235,9 @@ def test_random_bytes_are_not_called_a_pickle(tmp_path, capsys):
     assert "pickled" not in err
 
 
-def test_upper_case_suffix_is_safetensors(tmp_path, tiny):
-    path = moceir.save_model(tiny, tmp_path / "model.SAFETENSORS")
-    assert moceir.load_model(path).config == tiny.config
+def test_upper_case_suffix_is_safetensors(tmp_path, tiny_model):
+    path = moceir.save_model(tiny_model, tmp_path / "model.SAFETENSORS")
+    assert moceir.load_model(path).config == tiny_model.config
 
 
 def test_a_plain_pickle_with_code_is_still_refused(tmp_path, capsys):

@@ -545,3 +545,48 @@ def test_a_device_that_cannot_compute_is_refused_up_front(tmp_path, tiny_ckpt, c
     src = _img(tmp_path / "in" / "a.png")
     assert _restore(src, "-o", tmp_path / "o", "--device", device, "--checkpoint", tiny_ckpt) == 2
     _one_line(capsys.readouterr().err)
+
+
+def test_a_suffix_too_long_for_any_name_is_refused_before_work(tmp_path, tiny_ckpt, capsys):
+    a = _img(tmp_path / "a.png")
+    assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt, "--suffix", "x" * 300) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "--suffix of 300 bytes" in err and "255" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_up_to_the_limit_are_written_and_one_past_it_is_named(tmp_path, tiny_ckpt, capsys):
+    a, longer = _img(tmp_path / "in" / "a.png"), _img(tmp_path / "in2" / "ab.png")
+    suffix = "x" * 250  # a + 250 + .png: 255 bytes, legal (the temporary name beside it was not)
+    assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt, "--suffix", suffix) == 0
+    assert [len(p.name) for p in (tmp_path / "out").iterdir()] == [255]
+    capsys.readouterr()
+    assert _restore(longer, "-o", tmp_path / "out2", "--checkpoint", tiny_ckpt, "--suffix", suffix) == 1
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "is 256 bytes, more than the 255 a file name can hold" in err
+
+
+def test_an_output_folder_that_is_a_dangling_link_is_called_one(tmp_path, tiny_ckpt, capsys):
+    a = _img(tmp_path / "a.png")
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 2
+    (tmp_path / "reports").symlink_to(tmp_path / "nowhere")
+    report = tmp_path / "reports" / "r.json"
+    assert _restore(a, "-o", tmp_path / "o2", "--checkpoint", tiny_ckpt, "--report", report) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a link to nothing (dangling), not a folder") == 2, err
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "o2").exists()
+
+
+def test_partial_transparency_to_gif_is_announced_and_kept_on_or_off(tmp_path, tiny_ckpt, capsys):
+    rgb = np.random.default_rng(0).random((16, 24, 3)).astype(np.float32)
+    alpha = np.tile(np.linspace(0, 1, 24, dtype=np.float32), (16, 1))
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "a.png", rgb, alpha=alpha)
+    assert main(["restore", str(tmp_path / "in" / "a.png"), "-o", str(tmp_path / "out"), "--ext", "gif",
+                 "--checkpoint", tiny_ckpt]) == 0
+    assert "partial transparency, which .gif cannot hold" in capsys.readouterr().err
+    back = load_image(tmp_path / "out" / "a.gif")
+    assert np.array_equal(back.alpha, (alpha >= 0.5).astype(np.float32))

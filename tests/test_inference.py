@@ -9,53 +9,46 @@ import moceir
 from moceir.inference import pad_to_multiple, restore_tensor
 from moceir.io import ImageReadError, load_image, save_image
 
-from conftest import fill_deterministic
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.05)
-    return model
 
 
 @pytest.mark.parametrize("h,w", [(1, 1), (7, 13), (321, 481)])
-def test_pad_crop_round_trip(tiny, h, w):
+def test_pad_crop_round_trip(tiny_model, h, w):
     x = torch.rand(1, 3, h, w)
     padded, size = pad_to_multiple(x, 8)
     assert padded.shape[-2] % 8 == 0 and padded.shape[-1] % 8 == 0 and size == (h, w)
     torch.testing.assert_close(padded[..., :h, :w], x)
-    assert restore_tensor(tiny, x).shape == x.shape
+    assert restore_tensor(tiny_model, x).shape == x.shape
 
 
-def test_tiled_matches_untiled_within_measured_bound(tiny):
+def test_tiled_matches_untiled_within_measured_bound(tiny_model):
     """Channel attention sees the whole image, so tiles differ slightly; measured 0.010 at overlap 32 and
     0.0046 at overlap 64 for this tiny random model (tile 128 on 256x256)."""
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    full = restore_tensor(tiny, x)
+    full = restore_tensor(tiny_model, x)
     diffs = {}
     for overlap in (32, 64):
-        tiled = restore_tensor(tiny, x, tile=128, overlap=overlap)
+        tiled = restore_tensor(tiny_model, x, tile=128, overlap=overlap)
         diffs[overlap] = (tiled - full).abs().max().item()
     assert diffs[32] < 0.02 and diffs[64] < 0.01 and diffs[64] < diffs[32]
-    glob = restore_tensor(tiny, x, tile=128, overlap=32, routing="global")
+    glob = restore_tensor(tiny_model, x, tile=128, overlap=32, routing="global")
     assert (glob - full).abs().max() < 0.02
 
 
-def test_restore_api_keeps_the_input_kind(tiny):
+def test_restore_api_keeps_the_input_kind(tiny_model):
     arr = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
-    out = moceir.restore(tiny, arr)
+    out = moceir.restore(tiny_model, arr)
     assert out.dtype == np.uint8 and out.shape == arr.shape
-    f = moceir.restore(tiny, arr.astype(np.float32) / 255)
+    f = moceir.restore(tiny_model, arr.astype(np.float32) / 255)
     assert f.dtype == np.float32 and f.shape == arr.shape
-    gray = moceir.restore(tiny, arr[..., 0])
+    gray = moceir.restore(tiny_model, arr[..., 0])
     assert gray.shape == (20, 30)
-    pil = moceir.restore(tiny, Image.fromarray(arr).convert("RGBA"))
+    pil = moceir.restore(tiny_model, Image.fromarray(arr).convert("RGBA"))
     assert isinstance(pil, Image.Image) and pil.mode == "RGBA" and pil.size == (30, 20)
-    t = moceir.restore(tiny, torch.rand(3, 20, 30))
+    t = moceir.restore(tiny_model, torch.rand(3, 20, 30))
     assert isinstance(t, torch.Tensor) and t.shape == (3, 20, 30)
     with pytest.raises(TypeError):
-        moceir.restore(tiny, [1, 2, 3])
+        moceir.restore(tiny_model, [1, 2, 3])
 
 
 def test_image_formats_round_trip(tmp_path):
@@ -91,10 +84,10 @@ def test_bad_files_raise_one_line_errors(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_allocator_tuning_is_harmless(tiny):
+def test_allocator_tuning_is_harmless(tiny_model):
     from moceir.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(tiny(x), tiny(x))
+        assert torch.equal(tiny_model(x), tiny_model(x))

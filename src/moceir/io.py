@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
 WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
 NO_ALPHA_EXTS = (".jpg", ".jpeg", ".bmp")  # formats save_image writes without an alpha channel (PIL's BMP drops it)
+ON_OFF_ALPHA_EXTS = (".gif",)  # formats that keep only opaque or transparent pixels
 # PIL's EXIF orientations (tag 0x0112) as array operations on [H, W, ...], as ImageOps.exif_transpose applies them.
 _ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
            5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
@@ -164,9 +166,7 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         with Image.open(path) as im:
             w, h = im.size
             if im.format == "PNG" and "exif" not in im.info:  # PIL's getexif() would decode the whole image
-                raw = im.info.get("Raw profile type exif")  # ImageMagick's text chunk, read as getexif() does
-                orientation = (_exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw
-                               else _png_exif_orientation(Path(path)))
+                orientation = _png_exif_orientation(Path(path))
             else:
                 orientation = im.getexif().get(0x0112, 1)
         return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
@@ -180,10 +180,31 @@ def _exif_orientation(data: bytes) -> int:
     return int(exif.get(0x0112, 1))
 
 
+_RAW_EXIF_KEY = b"Raw profile type exif\0"  # ImageMagick's text chunk: EXIF as hex after three header lines
+_TEXT_CHUNK_LIMIT = 1 << 20  # bytes read or inflated from one such chunk, as PIL's own limit on text chunks
+
+
+def _raw_profile_text(kind: bytes, data: bytes) -> str | None:
+    """The text of a tEXt/zTXt/iTXt chunk's data that starts with ImageMagick's EXIF keyword, else None."""
+    rest = data[len(_RAW_EXIF_KEY):]
+    if kind == b"tEXt":
+        return rest.decode("latin-1")
+    if kind == b"zTXt":
+        compressed, rest = True, rest[1:]
+    else:  # iTXt: compression flag, method, language and translated keyword (each ended by a zero byte)
+        compressed = rest[:1] == b"\1"
+        rest = rest[2:].split(b"\0", 2)[-1]
+    if compressed:
+        rest = zlib.decompressobj().decompress(rest, _TEXT_CHUNK_LIMIT)
+    return rest.decode("latin-1" if kind == b"zTXt" else "utf-8")
+
+
 def _png_exif_orientation(path: Path) -> int:
-    """The EXIF orientation of a PNG whose eXIf chunk follows the image data, found by walking the chunk
-    headers (a seek per chunk) instead of decoding, up to where PIL stops reading (IEND, or an animation's
-    second frame); 1 where there is none."""
+    """The EXIF orientation of a PNG whose EXIF PIL finds only when decoding: an eXIf chunk after the image
+    data, or ImageMagick's "Raw profile type exif" text chunk anywhere (eXIf wins, as in PIL). Found by walking
+    the chunk headers (a seek per chunk) up to where PIL stops reading (IEND, or an animation's second frame);
+    1 where there is none."""
+    raw = None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         f.seek(8)  # the signature
@@ -197,8 +218,14 @@ def _png_exif_orientation(path: Path) -> int:
             if kind == b"IEND" or (kind == b"fcTL" and after_image):
                 break
             after_image = after_image or kind == b"IDAT"
-            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-    return 1
+            if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= _TEXT_CHUNK_LIMIT:
+                data = f.read(length)
+                if data.startswith(_RAW_EXIF_KEY):
+                    raw = _raw_profile_text(kind, data)  # the last one wins, as in PIL's info
+                f.seek(4, os.SEEK_CUR)
+            else:
+                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return _exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw else 1
 
 
 def _orientation(im: Image.Image) -> int:
@@ -275,9 +302,27 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         return
     data *= 255
     u8 = np.round(data, out=data).astype(np.uint8)
+    if suffix == ".gif" and u8.shape[2] in (2, 4):
+        _save_gif_with_alpha(path, u8)
+        return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
     im.save(path, **kwargs)
+
+
+def _save_gif_with_alpha(path: Path, u8: np.ndarray) -> None:
+    """Gray/RGB + alpha uint8 [H, W, 2|4] as a GIF: 255 colours, and pixels under half opacity transparent.
+
+    PIL's own RGBA-to-GIF conversion marks a transparent palette entry that no pixel uses, losing the alpha whole.
+    """
+    colour = u8[..., :-1]
+    rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+    quantized = Image.fromarray(np.ascontiguousarray(rgb)).quantize(255)
+    index = np.asarray(quantized).copy()
+    index[u8[..., -1] < 128] = 255
+    im = Image.frombytes("P", (index.shape[1], index.shape[0]), index.tobytes())
+    im.putpalette(quantized.getpalette()[:255 * 3] + [0, 0, 0])
+    im.save(path, transparency=255)
 
 
 def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
@@ -287,7 +332,8 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
     followed.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
+    # The stem is cut so that the temporary name (8 random characters added) is legal wherever the target's is.
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem[:32]}.", suffix=target.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

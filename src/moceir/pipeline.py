@@ -25,8 +25,8 @@ import torch
 from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size, list_images,
-                 load_image, save_image, write_atomically)
+from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size,
+                 list_images, load_image, save_image, write_atomically)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -113,11 +113,17 @@ def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
     return [Job(f, out_dir / names[f]) for f in files], notes
 
 
+NAME_MAX = 255  # bytes in a file name on Linux and macOS file systems (NTFS: 255 characters)
+
+
 def check_name_parts(ext: str | None, suffix: str) -> None:
     """A UsageError for an ``ext`` save_image cannot write or a ``suffix`` that would leave the output folder."""
     if ext and "." + ext.lstrip(".").lower() not in WRITABLE_EXTS:
         raise UsageError(f"--ext {ext}: cannot write that format; use one of "
                          + ", ".join(e[1:] for e in WRITABLE_EXTS))
+    if len(os.fsencode(suffix)) > NAME_MAX - 5:  # room for a one-character name and ".png"
+        raise UsageError(f"--suffix of {len(os.fsencode(suffix))} bytes leaves no room for a name and an extension "
+                         f"within the {NAME_MAX} bytes a file name can hold; give a shorter --suffix")
     if any(c in suffix for c in ("/", "\\", os.sep, "\0")) or suffix in (".", ".."):
         raise UsageError(f"--suffix {suffix!r} is or holds a path part (a separator, '.' or '..'); give text to "
                          "append to the file names")
@@ -127,6 +133,8 @@ def folder_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be made or written in (a file on its path, no write permission), or None."""
     folder = Path(os.path.abspath(folder))
     existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if existing.is_symlink() and not existing.exists():
+        return f"{existing} is a link to nothing (dangling), not a folder"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -151,6 +159,9 @@ def output_problem(job: Job, inputs: set[Path], overwrite: bool) -> str | None:
         return f"output {out} would overwrite an input; choose another -o or --suffix"
     if out.is_dir():
         return f"output {out} is a folder; choose another -o or --suffix"
+    if len(os.fsencode(out.name)) > NAME_MAX:
+        return (f"output name {out.name[:40]}...{out.suffix} is {len(os.fsencode(out.name))} bytes, more than the "
+                f"{NAME_MAX} a file name can hold; choose a shorter --suffix or rename the input")
     if os.path.lexists(out) and not overwrite:
         kind = "a link" if out.is_symlink() else "a file"
         return f"output {out} exists ({kind}); pass --overwrite to replace it"
@@ -260,6 +271,11 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
             n = batch_that_fits(model, *_padded(size, options.context_pad), budget, n)
         batches += [group[k:k + n] for k in range(0, len(group), n)]
     return Plan(jobs, sorted(batches), failures, report_path)
+
+
+def _partly_transparent(alpha: np.ndarray) -> bool:
+    """Whether an alpha plane [H, W] in [0, 1] holds values other than fully opaque or transparent."""
+    return bool(((alpha > 0) & (alpha < 1)).any())
 
 
 def _padded(size: tuple[int, int], context_pad: int) -> tuple[int, int]:
@@ -401,6 +417,9 @@ class Restorer:
                 if img.alpha is not None and out_ext in NO_ALPHA_EXTS:
                     self.log(f"note: {self.jobs[i].input} has an alpha channel, which {out_ext} cannot hold; it is "
                              "dropped (--ext png keeps it)")
+                elif img.alpha is not None and out_ext in ON_OFF_ALPHA_EXTS and _partly_transparent(img.alpha):
+                    self.log(f"note: {self.jobs[i].input} has partial transparency, which {out_ext} cannot hold; "
+                             "pixels under half opacity become transparent, the others opaque (--ext png keeps it)")
                 good.append((i, img))
         if len({img.rgb.shape for _, img in good}) <= 1:
             return [good] if good else []

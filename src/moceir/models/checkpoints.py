@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..io import write_atomically
+from ..io import WRITABLE_EXTS, write_atomically
 from ..runtime import resolve_device
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
@@ -38,7 +38,8 @@ class NonFiniteWeights(CheckpointError):
 
 class OutputPathError(CheckpointError, FileExistsError):
     """A checkpoint or export cannot be written where asked: the name is taken (a file, a link, a file where a
-    folder should be). A CheckpointError, so the CLI reports it in one line; a FileExistsError, as documented."""
+    folder should be) or names another format. A CheckpointError, so the CLI reports it in one line; a
+    FileExistsError, as documented."""
 
 
 def strip_wrappers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -358,6 +359,8 @@ def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
     return path
 
 
+# Names save_model refuses: `moceir restore` would take the file for an image, load_model for an ONNX network.
+OTHER_FORMAT_SUFFIXES = WRITABLE_EXTS + (".onnx",)
 SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what save_model writes weights as
 
 
@@ -379,6 +382,10 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     if dtype is not None and dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, SAVE_DTYPES))} or None, not {dtype!r}: other "
                          "types truncate the weights or cannot be read back")
+    suffix = Path(path).suffix.lower()
+    if suffix in OTHER_FORMAT_SUFFIXES:
+        raise OutputPathError(f"{path}: save_model writes safetensors, which a {suffix} name would pass off as "
+                              f"{'an ONNX file' if suffix == '.onnx' else 'an image'}; name it .safetensors")
     path = check_output_path(path, overwrite)
     state = model.state_dict()
     check_finite(state, "the network to save",
