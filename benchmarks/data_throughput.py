@@ -39,7 +39,7 @@ def main() -> None:
         item = dataset[i]
         seconds[item["task"]].append(time.perf_counter() - t0)
     every = [s for v in seconds.values() for s in v]
-    print(f"| task | items | ms per item | items/s (one process) |\n|---|---|---|---|")
+    print("| task | items | ms per item | items/s (one process) |\n|---|---|---|---|")
     for task, v in sorted(seconds.items()):
         print(f"| {task} | {len(v)} | {1000 * sum(v) / len(v):.1f} | {len(v) / sum(v):.0f} |")
     print(f"| all | {len(every)} | {1000 * sum(every) / len(every):.1f} | {len(every) / sum(every):.0f} |")

@@ -12,7 +12,6 @@ predicted for it.
 """
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
