@@ -654,3 +654,44 @@ def test_a_model_on_another_device_than_asked_is_refused():
     model = moceir.create_model("MoCE_IR_tiny").to("meta")
     with pytest.raises(ValueError, match=r"the model is on meta, not cpu: move it first \(model.to\('cpu'\)\)"):
         moceir.restore(model, np.zeros((16, 16, 3), np.float32), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["x" * 250 + ".png", "中" * 200 + ".png", "a\x00b.png"])
+def test_demo_upload_names_too_long_or_with_a_nul_are_shortened_not_tracebacks(tmp_path, tiny_model, name):
+    from moceir.demo import MAX_NAME_BYTES, DemoSession
+
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    (tmp_path / "work").mkdir()
+    session = DemoSession(str(path), "cpu", 1e6, tmp_path / "work", tmp_path / "results")
+    image = tmp_path / "upload.png"
+    Image.fromarray((IMAGE * 255).astype(np.uint8)).save(image)
+    result = session.restore(image, name)  # was OSError: File name too long / ValueError: embedded null byte
+    assert result.output.is_file() and len(result.output.name.encode()) <= MAX_NAME_BYTES + len("_restored")
+    assert "\x00" not in result.name and len(result.name.encode()) <= MAX_NAME_BYTES
+    _, _, degraded = session.degrade(image, name, "Gaussian noise σ=25")
+    assert degraded.is_file() and session.restore(degraded, degraded.name).output.is_file()
+
+
+def test_demo_errors_do_not_show_server_paths(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    from moceir import pipeline
+    from moceir.demo import DemoError, DemoSession
+
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    (tmp_path / "work").mkdir()
+    session = DemoSession(str(path), "cpu", 1e6, tmp_path / "work", tmp_path / "results")
+    image = tmp_path / "upload.png"
+    Image.fromarray((IMAGE * 255).astype(np.uint8)).save(image)
+
+    def full(target, write, overwrite):
+        if target.suffix == ".png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, write, overwrite)
+
+    real = pipeline.write_atomically
+    monkeypatch.setattr(pipeline, "write_atomically", full)
+    with pytest.raises(DemoError) as raised:
+        session.restore(image, "photo.png")
+    assert str(raised.value) == ("photo.png: cannot write upload_restored.png: No space left on device; free some "
+                                 "space or choose another -o")  # the output folder is the server's: not shown

@@ -28,6 +28,39 @@ def _digest(path) -> str:
     return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
+
+@pytest.mark.parametrize("code,advice", [("ENOSPC", "free some space"), ("EROFS", "read-only"),
+                                         ("EACCES", "check its permissions")])
+def test_routing_on_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_path, small_layout, tiny_ckpt,
+                                                                         monkeypatch, capsys, code, advice):
+    import errno
+    import os
+
+    import moceir.io
+
+    def fails(target, write, overwrite):  # as the OS reports it: the errno, no file name (a write() call)
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(moceir.io, "_write_atomically", fails)
+    out = tmp_path / "r"
+    assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout) == 1
+    line = _one_line(capsys)
+    assert line.startswith(f"error: {out / 'routing_heatmap.png'}: {os.strerror(getattr(errno, code))};"), line
+    assert advice in line and not list(out.iterdir())
+
+
+def test_an_os_error_that_is_not_the_machines_stays_a_traceback(tmp_path, small_layout, tiny_ckpt, monkeypatch):
+    import errno
+
+    import moceir.io
+
+    def fails(target, write, overwrite):
+        raise OSError(errno.EBADF, "Bad file descriptor")  # a bug in moceir, not a full disk
+
+    monkeypatch.setattr(moceir.io, "_write_atomically", fails)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        _routing(tiny_ckpt, tmp_path / "r", "denoise_15", data=small_layout)
+
 # ------------------------------------------------------------------------------------------------ export
 def test_export_never_replaces_its_own_checkpoint(tmp_path, tiny_ckpt, capsys):
     before = _digest(tiny_ckpt)

@@ -187,3 +187,57 @@ def test_an_image_too_large_for_memory_is_skipped_and_the_rest_scored(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("out of memory restoring 16x32 whole" in line for line in err)
     assert [b for b, _ in _rows(out)] == ["dehaze", "dehaze"]
+
+
+def _gray16(path, h, w):
+    from PIL import Image
+
+    Image.fromarray(np.linspace(0, 65535, h * w).reshape(h, w).astype(np.uint16)).save(path)
+
+
+def test_16bit_and_exif_rotated_references_are_scored_as_restore_reads_them(tmp_path, small_layout, tiny_ckpt):
+    from PIL import Image
+
+    from moceir.io import load_image, read_rgb
+
+    cbsd = small_layout / "denoising/cBSD68/original_png"
+    _gray16(cbsd / "0001.png", 24, 32)  # was read as all white (convert("RGB") clips 16-bit samples)
+    gt = small_layout / "llie/LOLv1/Test/target/1.png"
+    upright = np.asarray(Image.open(gt))
+    sideways = Image.fromarray(np.ascontiguousarray(np.rot90(upright)))  # stored sideways, displayed upright
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    gt.unlink()
+    sideways.save(gt.with_suffix(".jpg"), exif=exif, quality=100)
+    for path in (cbsd / "0001.png", gt.with_suffix(".jpg")):
+        assert np.abs(read_rgb(path) / 255 - load_image(path).rgb).max() <= 0.5 / 255 + 1e-6
+    assert read_rgb(cbsd / "0001.png").mean() == pytest.approx(127.5, abs=0.6)
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, small_layout, out, "denoise_25", "lolv1") == 0
+    per_image = json.loads((out / "results.json").read_text())["per_image"]
+    assert [r["name"] for r in per_image["lolv1"]] == ["1.png", "2.png"]  # the rotated reference fits its input
+    noisy = {r["name"]: r["input_psnr"] for r in per_image["denoise_25"]}
+    assert 19 < noisy["0001.png"] < 22  # sigma 25 on the real reference; against all-white it was far lower
+
+
+def test_a_pair_of_unequal_sizes_is_skipped_not_scored_misaligned(tmp_path, small_layout, tiny_ckpt, capsys):
+    lol = small_layout / "llie/LOLv1/Test"
+    save_image(lol / "target" / "1.png", np.random.default_rng(0).random((24, 39, 3)).astype(np.float32))  # input 24x32
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, small_layout, out, "lolv1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (f"error: lolv1: {lol / 'input' / '1.png'}: 24x32 does not match its clean "
+                                        f"image {lol / 'target' / '1.png'} (24x39); fix or remove the pair (skipped)"), err
+    assert _rows(out) == [("lolv1", "2.png")]
+
+
+def test_a_pipe_among_benchmark_images_is_skipped_not_waited_on(tmp_path, small_layout, tiny_ckpt, capsys):
+    import os
+
+    fifo = small_layout / "denoising/cBSD68/original_png/0003.png"
+    os.mkfifo(fifo)
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, small_layout, out, "denoise_25") == 1
+    err = capsys.readouterr().err
+    assert f"{fifo}: is not a regular file (a pipe or device)" in err and len(err.strip().splitlines()) == 1
+    assert sorted(name for _, name in _rows(out)) == ["0001.png", "0002.png"]

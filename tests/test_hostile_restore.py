@@ -590,3 +590,46 @@ def test_partial_transparency_to_gif_is_announced_and_kept_on_or_off(tmp_path, t
     assert "partial transparency, which .gif cannot hold" in capsys.readouterr().err
     back = load_image(tmp_path / "out" / "a.gif")
     assert np.array_equal(back.alpha, (alpha >= 0.5).astype(np.float32))
+
+
+def _full_disk_for(monkeypatch, name: str) -> None:
+    """Make writing a file called ``name`` fail as on a full disk (ENOSPC), before anything reaches its place."""
+    import errno
+
+    from moceir import pipeline
+
+    real = pipeline.write_atomically
+
+    def write(target, fn, overwrite):
+        if target.name == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, fn, overwrite)
+
+    monkeypatch.setattr(pipeline, "write_atomically", write)
+
+
+def test_a_full_disk_names_the_output_and_the_batch_goes_on(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    a, b = _img(tmp_path / "in" / "a.png", 1), _img(tmp_path / "in" / "b.png", 2)
+    _full_disk_for(monkeypatch, "a.png")
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
+    assert lines == [f"error: {a}: cannot write {tmp_path / 'out' / 'a.png'}: No space left on device; free some "
+                     "space or choose another -o"], err  # its own line, not inside the progress bar
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.png"] and b.exists()
+
+
+def test_a_report_that_cannot_be_written_keeps_the_images_and_fails(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    _img(tmp_path / "in" / "a.png", 1)
+    _full_disk_for(monkeypatch, "r.json")
+    assert _restore(tmp_path / "in", "-o", tmp_path / "out", "--checkpoint", tiny_ckpt,
+                    "--report", tmp_path / "r.json") == 1
+    captured = capsys.readouterr()
+    _one_line(captured.err)
+    assert f"error: cannot write the report {tmp_path / 'r.json'}: No space left on device" in captured.err
+    assert "restored 1 image(s)" in captured.out
+    assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "r.json").exists()
+    with pytest.raises(moceir.pipeline.ReportError, match="r.json") as raised:
+        moceir.restore_files(tmp_path / "in", tmp_path / "out2", tiny_ckpt, report=tmp_path / "r.json",
+                             progress=False)
+    assert [r["output"] for r in raised.value.rows] == [str(tmp_path / "out2" / "a.png")]

@@ -266,6 +266,30 @@ def test_probe1_empty_or_foreign_run_folder_is_trained_into(data, tmp_path):
     assert (tmp_path / "ck" / "notes" / "README.txt").read_text() == "mine"
 
 
+
+@pytest.mark.parametrize("name", ["settings.json", "data_check.json", "training_curves.png", "logs/hparams.yaml"])
+def test_a_folder_with_files_a_run_would_replace_is_refused_unless_moceir_wrote_them(data, tmp_path, capsys, name):
+    run = tmp_path / "ck" / "mine"
+    (run / name).parent.mkdir(parents=True)
+    (run / name).write_text("the user's own")
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "mine") == 2
+    line = _one_error_line(capsys)
+    assert f"{run} holds {name}, which this run would replace and no moceir run wrote" in line, line
+    assert (run / name).read_text() == "the user's own" and sorted(p.name for p in run.rglob("*")) == \
+        sorted({name.split("/")[0], name.split("/")[-1]})
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_run_again(data, tmp_path, monkeypatch):
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed before the first checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_fit", dies)
+        with pytest.raises(RuntimeError, match="killed"):
+            _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r")
+    assert (tmp_path / "ck" / "r" / "data_check.json").is_file()  # moceir's own: the rerun may replace it
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0
+
 def test_probe2_failed_resume_keeps_the_runs_files(data, earlier, capsys):
     before = _files(earlier)
     assert _train(data, earlier.parent, "--max_steps", "6", "--run_name", "r", "--resume_from", "r",
@@ -472,3 +496,84 @@ def test_a_new_slurm_job_does_not_take_an_old_jobs_hpc_checkpoint(data, tmp_path
     _slurm(monkeypatch, 0)
     assert _train(data, ck, "--max_steps", "4", "--run_name", "r") == 2
     assert "holds an earlier run (hpc_ckpt_1.ckpt" in _one_error_line(capsys)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch,
+                                                                                        capsys):
+    import builtins
+    import errno
+
+    import moceir.callbacks as callbacks
+
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    run = ck / "r"
+    good = (run / "last.ckpt").read_bytes()
+
+    def full_disk(file, mode="r", *args, **kwargs):  # the disk fills up when a checkpoint is written
+        if str(file).endswith(".ckpt.tmp"):
+            handle = builtins.open(file, mode, *args, **kwargs)
+            handle.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "open", full_disk, raising=False)
+    assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot write {run / 'epoch=1-step=4.ckpt'}: No space left on device;"), line
+    assert line.endswith(f"then resume with --resume_from {run}"), line
+    assert (run / "last.ckpt").read_bytes() == good and not list(run.glob(".*.tmp"))
+
+
+def test_training_reads_16bit_and_exif_rotated_images_as_restore_does(data, tmp_path):
+    from moceir.data.datasets import Pair, PairedPatchDataset, image_size
+    from moceir.io import load_image
+
+    rain = data / "deraining" / "RainTrainL"
+    for name in ("rainy/rain-1.png", "gt/norain-1.png"):  # 16-bit gray: was all white
+        Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(rain / name)
+    wide = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(rain / "rainy" / "rain-2.png")
+    sideways = Image.fromarray(np.ascontiguousarray(np.rot90(wide)))  # 80x64 stored, 64x80 shown
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(rain / "gt" / "norain-2.png", exif=exif)
+    assert image_size(str(rain / "gt" / "norain-2.png")) == [80, 64] == image_size(str(rain / "rainy" / "rain-2.png"))
+    item = PairedPatchDataset([Pair(rain / "gt" / "norain-1.png", rain / "rainy" / "rain-1.png", "derain")], 32)[0]
+    assert 0.1 < float(item["gt"].mean()) < 0.9
+    assert load_image(rain / "gt" / "norain-2.png").rgb.shape == (64, 80, 3)
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0  # the rotated pair matches
+
+
+def test_unusable_training_files_are_each_named(data, tmp_path, capsys):
+    rain = data / "deraining" / "RainTrainL"
+    Image.fromarray(np.random.default_rng(0).random((64, 64), dtype=np.float32)).save(rain / "rainy" / "rain-1.tif")
+    (rain / "rainy" / "rain-1.png").unlink()
+    (rain / "rainy" / "rain-2.png").unlink()
+    os.mkfifo(rain / "rainy" / "rain-2.png")  # was waited on forever
+    (rain / "rainy" / "rain-10.png").unlink()
+    (rain / "rainy" / "rain-10.png").symlink_to(rain / "rainy" / "rain-10.png")  # a link loop: was "is missing"
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 2
+    line = _one_error_line(capsys)
+    assert "3 unusable training image(s)" in line, line
+    assert "rain-1.tif (floating-point samples (PIL mode F) are not supported" in line
+    assert "rain-2.png (is not a regular file (a pipe or device))" in line
+    assert "rain-10.png (cannot be opened (Too many levels of symbolic links))" in line
+
+
+def test_pairs_differing_by_a_few_pixels_are_announced(data, tmp_path, capsys):
+    rain = data / "deraining" / "RainTrainL"
+    clean = np.asarray(Image.open(rain / "gt" / "norain-2.png"))
+    Image.fromarray(np.pad(clean, ((0, 7), (0, 7), (0, 0)))).save(rain / "gt" / "norain-2.png")  # 71x71 and 64x64
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0
+    out = capsys.readouterr().out
+    assert "note: 1 training pair(s) differ in size by less than 16 px (e.g. rain-2.png: 64x64, its clean image " \
+           "71x71)" in out, out
+    report = json.loads((tmp_path / "ck" / "r" / "data_check.json").read_text())
+    assert report["unequal_pairs"] == [str(rain / "rainy" / "rain-2.png")]
+
+
+def test_a_data_folder_that_is_a_file_is_called_one(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    assert _train(tmp_path / "afile", tmp_path / "ck", "--max_steps", "1") == 2
+    assert f"--data_file_dir {tmp_path / 'afile'} is not a folder;" in _one_error_line(capsys)

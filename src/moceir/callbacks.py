@@ -9,6 +9,7 @@ Lightning callbacks and plugins used by :func:`moceir.training.train`: :class:`W
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # torch.save into a file reports a full disk as a RuntimeError of its C++ writer
+        torch.save(checkpoint, buffer)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 class _ResumedWriter(ExperimentWriter):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -173,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from .pipeline import UsageError
-    from .training import TrainingDataError, TrainingSetupError, TrainSettings, train
+    from .training import TrainingDataError, TrainingOutputError, TrainingSetupError, TrainSettings, train
 
     if args.trainset == "standard" and not args.de_type:
         raise UsageError("--de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
@@ -182,7 +183,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "each step takes batch_size // accum_grad images (as upstream)")
     data_dir = Path(args.data_file_dir)
     if not data_dir.is_dir():
-        raise UsageError(f"--data_file_dir {data_dir} does not exist; point it at the folder holding "
+        what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
+        raise UsageError(f"--data_file_dir {data_dir} {what}; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
     config = _config_from_args(args)
     settings = TrainSettings(
@@ -203,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, settings)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrainingDataError) else 2
+        return 1 if isinstance(e, (TrainingDataError, TrainingOutputError)) else 2
     if rank_zero_only.rank == 0:  # the global rank Lightning gave this process; it wrote the final settings.json
         print(_training_summary(run_dir))
     return 0
@@ -416,11 +418,13 @@ def cmd_routing(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from .distributed import global_rank
     from .models.checkpoints import checkpoint_note
-    from .pipeline import UsageError, _launched_rank, is_onnx_file, restore_files
+    from .pipeline import ReportError, UsageError, _launched_rank, is_onnx_file, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
-            print(line, file=sys.stderr)
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)  # above the progress bar, not inside it
 
     note = "" if args.quiet else checkpoint_note(args.checkpoint)
     if note:
@@ -434,18 +438,24 @@ def cmd_restore(args: argparse.Namespace) -> int:
         from .models.experts import set_expert_bypass
 
         model = set_expert_bypass(load_model(args.checkpoint))
-    rows = restore_files(args.inputs, args.output, model, device=args.device, tile=args.tile,
-                         tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
-                         batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
-                         overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
-                         max_memory=args.max_memory, num_workers=args.num_workers,
-                         progress=not args.quiet and _launched_rank() == 0, log=say, num_gpus=args.num_gpus or 0,
-                         num_nodes=args.num_nodes, num_cpu_processes=args.num_cpu_processes,
-                         cuda_graphs=args.cuda_graphs)
+    report_error = None
+    try:
+        rows = restore_files(args.inputs, args.output, model, device=args.device, tile=args.tile,
+                             tile_overlap=args.tile_overlap, tile_routing=args.tile_routing,
+                             batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
+                             overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
+                             max_memory=args.max_memory, num_workers=args.num_workers,
+                             progress=not args.quiet and _launched_rank() == 0, log=say,
+                             num_gpus=args.num_gpus or 0, num_nodes=args.num_nodes,
+                             num_cpu_processes=args.num_cpu_processes, cuda_graphs=args.cuda_graphs)
+    except ReportError as e:
+        rows, report_error = e.rows, e
     failed = sum("error" in r for r in rows)
     if global_rank() == 0:
+        if report_error is not None:
+            print(f"error: {report_error}", file=sys.stderr)
         print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
-    return 1 if failed else 0
+    return 1 if failed or report_error is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------------- demo
@@ -732,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SPACE = "free some space or choose another output path"
+_PERMISSION = "check its permissions or choose another path"
+# OSErrors that a machine, not moceir, causes: one line naming the file, exit 1 (others are bugs: a traceback)
+_ENVIRONMENT_ERRORS = {errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: _SPACE, errno.EACCES: _PERMISSION,
+                       errno.EPERM: _PERMISSION, errno.EROFS: "the file system is read-only; choose another path",
+                       errno.EIO: "the disk reported an input/output error; check it"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
@@ -748,4 +766,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+        return 1
+    except OSError as e:
+        advice = _ENVIRONMENT_ERRORS.get(e.errno)
+        if advice is None or not e.filename:  # anything else is a bug: its traceback is wanted
+            raise
+        print(f"error: {e.filename}: {e.strerror}; {advice}", file=sys.stderr)
         return 1

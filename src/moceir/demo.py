@@ -137,6 +137,7 @@ class DemoSession:
         """Restore one image file through :func:`moceir.restore_files`; a failure is a DemoError."""
         from .pipeline import UsageError, restore_files
 
+        name = _display_name(name)
         self.check_size(path, name)
         notes: list[str] = []
         t0 = time.perf_counter()
@@ -149,8 +150,8 @@ class DemoSession:
             except UsageError as e:
                 raise DemoError(_named(str(e), path, name)) from None
             row = rows[0]
-            if "error" in row:
-                raise DemoError(_named(row["error"], path, name))
+            if "error" in row:  # the output's folder is the server's too: its files are shown by name
+                raise DemoError(_named(row["error"], path, name).replace(f"{out_dir}{os.sep}", ""))
             before = _preview(load_image(path).rgb)
             after_full = Path(row["output"])
             after = _preview(load_image(after_full).rgb)
@@ -165,6 +166,7 @@ class DemoSession:
         are; the PNG lies in a fresh folder of the work dir, which the caller removes."""
         if not isinstance(degradation, str) or degradation not in DEGRADATIONS:
             raise DemoError(f"unknown degradation {degradation!r}; choose one of {', '.join(DEGRADATIONS)}")
+        name = _display_name(name)
         self.check_size(path, name)
         try:
             rgb = load_image(path).rgb
@@ -241,7 +243,21 @@ def _upload_path(value: Any, served: tuple[Path, ...]) -> tuple[Path, str]:
     real = path.resolve()
     if not (real.is_file() and any(real.is_relative_to(root) for root in served)):
         raise DemoError("the image did not arrive as an upload; upload it again")
-    return path, name
+    return path, _display_name(name)
+
+
+MAX_NAME_BYTES = 120  # of an upload's name as shown and used for result files (file systems allow 255)
+
+
+def _display_name(name: str) -> str:
+    """An upload's name without control characters (a NUL cannot be in a path), cut to MAX_NAME_BYTES (UTF-8)
+    with its extension kept: result files are named after it."""
+    name = "".join(c for c in name if c.isprintable()) or "image"
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    suffix = Path(name).suffix if len(Path(name).suffix.encode()) <= 10 else ""
+    stem = name[:len(name) - len(suffix)].encode()[:MAX_NAME_BYTES - len(suffix.encode()) - 3]
+    return stem.decode(errors="ignore") + "…" + suffix
 
 
 def _served_roots(session: "DemoSession") -> tuple[Path, ...]:

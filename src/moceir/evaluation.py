@@ -47,6 +47,10 @@ def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]
         return None, str(e)
     except MemoryError:
         return None, f"{pair.degraded or pair.clean}: out of memory while decoding; score a downscaled copy"
+    if len(item["sizes"]) == 2 and item["sizes"][0] != item["sizes"][1]:  # upstream crops both and scores them
+        (gh, gw), (h, w) = item["sizes"]  # misaligned: a pair's images must match pixel for pixel
+        return None, (f"{pair.degraded}: {h}x{w} does not match its clean image {pair.clean} ({gh}x{gw}); fix or "
+                      "remove the pair")
     base = ds.crop_base
     for path, img in ((pair.clean, item["gt"]), (pair.degraded, item["lq"])):
         if path is not None and min(img.shape[1:]) < base:  # the crop to multiples of 16 left nothing

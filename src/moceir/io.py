@@ -32,12 +32,20 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read any supported image as uint8 RGB [H, W, 3]."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:
-        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e}); replace or remove the file") from None
+    """Read any image :func:`load_image` reads as uint8 RGB [H, W, 3], EXIF orientation applied, alpha dropped
+    (16-bit images rounded to 8 bits): what training and the benchmarks see. Unreadable files raise ImageReadError."""
+    path = Path(path)
+    if path.is_file():  # else load_image says why (a FIFO would block Image.open)
+        try:
+            with Image.open(path) as im:
+                if not im.mode.startswith(("I", "F")):  # 8-bit modes; convert("RGB") would clip the others
+                    im.load()
+                    ImageOps.exif_transpose(im, in_place=True)
+                    return np.asarray(im.convert("RGB"))
+        except Exception:  # noqa: BLE001 - load_image below names the file and the reason
+            pass
+    image = load_image(path)
+    return np.round(image.rgb * 255).astype(np.uint8)
 
 
 @dataclass
@@ -107,7 +115,8 @@ def load_image(path: str | Path) -> LoadedImage:
     """Read 8/16-bit gray, RGB or RGBA (PNG, JPEG, TIFF, WebP, BMP), applying the EXIF orientation."""
     path = Path(path)
     if not path.is_file():  # a FIFO or device would block the reader forever
-        what = ("does not exist" if not path.exists() else "is a folder" if path.is_dir()
+        what = ("is a link to a missing file (or a link loop)" if path.is_symlink() and not path.exists() else
+                "does not exist" if not path.exists() else "is a folder" if path.is_dir()
                 else "is not a regular file (a pipe or device)")
         raise ImageReadError(f"{path}: {what}; pass an image file")
     try:
@@ -115,10 +124,10 @@ def load_image(path: str | Path) -> LoadedImage:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
-                return _sixteen_bit(path, fmt, frames, _orientation(im))
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im))
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
             if fmt == "PNG" and _png_bit_depth(path) == 16:
-                return _sixteen_bit(path, fmt, frames, _orientation(im))
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im))
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
                 kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
                         else "32-bit or signed integer")
@@ -228,7 +237,7 @@ def _png_exif_orientation(path: Path) -> int:
     return _exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw else 1
 
 
-def _orientation(im: Image.Image) -> int:
+def exif_orientation(im: Image.Image) -> int:
     """The EXIF orientation (1 to 8), 1 where the file has none or its EXIF cannot be read."""
     try:
         return int(im.getexif().get(0x0112, 1))
@@ -330,8 +339,18 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
 
     Without ``overwrite`` the move is a hard link, which fails if anything (a file, a dangling link) appeared
     at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
-    followed.
+    followed. An OSError with an errno (a full disk, a read-only folder) is raised with ``target`` as its filename.
     """
+    try:
+        _write_atomically(target, write, overwrite)
+    except OSError as e:
+        if e.errno is None or e.filename == str(target):
+            raise
+        # a full disk, a read-only or unwritable folder: named by the target, not by a temporary file or none
+        raise OSError(e.errno, e.strerror, str(target)) from e
+
+
+def _write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     # The stem is cut so that the temporary name (8 random characters added) is legal wherever the target's is.
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem[:32]}.", suffix=target.suffix)
     os.close(fd)

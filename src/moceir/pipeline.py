@@ -314,6 +314,16 @@ def _error_line(path: Path, e: BaseException) -> str:
     return msg if str(path) in msg else f"{path}: {msg}"
 
 
+def _write_error_line(job: Job, e: OSError) -> str:
+    """The input, the output that could not be written, why, and what to do (a disk full, a permission)."""
+    import errno
+
+    advice = {errno.ENOSPC: "free some space or choose another -o", errno.EDQUOT: "free some space or choose another -o",
+              errno.EACCES: "check the folder's permissions or choose another -o",
+              errno.EROFS: "the file system is read-only; choose another -o"}.get(e.errno, "choose another -o")
+    return f"{job.input}: cannot write {job.output}: {e.strerror or e}; {advice}"
+
+
 class OnnxNetwork:
     """An ONNX Runtime model (:func:`moceir.onnx.load_onnx`) behind the calls restore_tensor makes of a network.
 
@@ -488,7 +498,9 @@ class Restorer:
                              lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale),
                              self.opts.overwrite)
             self.rows[i] = row
-        except (OSError, ValueError) as e:
+        except OSError as e:
+            self.fail(i, _write_error_line(self.jobs[i], e) if e.errno is not None else e)
+        except ValueError as e:
             self.fail(i, e)
         except BaseException as e:  # a bug: the image is counted as failed, and close() raises it
             self.fail(i, e)
@@ -505,10 +517,24 @@ class Restorer:
         return self.rows
 
 
+class ReportError(OSError):
+    """The report could not be written after the images were restored; ``rows`` holds what restore_files would
+    have returned."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
+
+
 def write_report(path: Path, model: Any, rows: list[dict], overwrite: bool) -> None:
+    """The report as JSON; a write failure (a full disk) is a ReportError naming the file."""
     doc = {"checkpoint": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
            "images": [r for r in rows if "error" not in r], "errors": [r["error"] for r in rows if "error" in r]}
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
+    try:
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
+    except OSError as e:
+        raise ReportError(f"cannot write the report {path}: {e.strerror or e}; the images were written, not the "
+                          "report (free some space or choose another --report)", rows) from None
 
 
 def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path, model: Any = "default", *,
@@ -542,14 +568,15 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
     chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
-    for options that cannot work, before any image is read, and ``CheckpointError`` for an unusable checkpoint.
+    for options that cannot work, before any image is read, ``CheckpointError`` for an unusable checkpoint, and
+    :class:`ReportError` (its ``rows`` as above) where the images were written but the report could not be.
     """
     from tqdm import tqdm
 
     from .distributed import Launch, global_rank, restore_distributed
 
     launch = Launch(num_gpus, num_nodes, num_cpu_processes)
-    say = log or (lambda line: print(line, file=sys.stderr))
+    say = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
@@ -585,11 +612,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     if launch.world_size > 1:
         rows, writer_error = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
         ordered = plan.failures + [rows[i] for i in sorted(rows)]
-        if plan.report is not None and global_rank() == 0:
-            write_report(plan.report, model, ordered, overwrite)
-        if writer_error is not None:
-            raise writer_error
-        return ordered
+        return _finish(plan.report if global_rank() == 0 else None, model, ordered, overwrite, writer_error)
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
     loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
                                          collate_fn=as_list)
@@ -603,8 +626,16 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     finally:
         rows = restorer.close()
     ordered = plan.failures + [rows[i] for i in sorted(rows)]
-    if plan.report is not None:
-        write_report(plan.report, model, ordered, overwrite)
-    if restorer.writer_error is not None:
-        raise restorer.writer_error
-    return ordered
+    return _finish(plan.report, model, ordered, overwrite, restorer.writer_error)
+
+
+def _finish(report: Path | None, model: Any, rows: list[dict], overwrite: bool,
+            writer_error: BaseException | None) -> list[dict]:
+    """Write the report (if asked), then raise a writer's unexpected error (a bug) if there was one."""
+    try:
+        if report is not None:
+            write_report(report, model, rows, overwrite)
+    finally:
+        if writer_error is not None:
+            raise writer_error
+    return rows

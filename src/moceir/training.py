@@ -16,6 +16,7 @@ mode), ``fused_adamw``, ``fft_impl``, ``cuda_graphs`` (the whole step replayed f
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -62,17 +63,23 @@ class TrainingDataError(TrainingSetupError):
     """A training image that broke during training (deleted, damaged): a file failed, exit code 1."""
 
 
+class TrainingOutputError(TrainingSetupError):
+    """A checkpoint or log could not be written during training (a full disk): exit code 1, resume when fixed."""
+
+
 class NonFiniteLossError(TrainingSetupError):
     """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
 
 
 COMPILE_MODES = ("none", *TORCH_COMPILE_MODES)  # "none": eager
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)  # the run folder takes no more
 MAX_SEED = 2**32 - 1  # numpy's limit, which pl.seed_everything enforces with a traceback
 # What Lightning reads to resume, and the flags that give a network its shape (moceir train's names)
 LIGHTNING_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "pytorch-lightning_version")
 ARCH_FLAGS = ("dim", "num_blocks", "num_dec_blocks", "heads", "num_refinement_blocks", "num_exp_blocks", "rank_type",
               "latent_dim")
 RUN_FILES = ("model.safetensors", "model_ema.safetensors", "logs/metrics.csv")  # what a run leaves besides *.ckpt
+WRITTEN_FILES = ("settings.json", "data_check.json", "training_curves.png", "logs/hparams.yaml")  # and these too
 
 
 @dataclass(frozen=True)
@@ -442,12 +449,33 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
     ckpts = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime, p.name))
     earlier = [p.name for p in ckpts] + [f for f in RUN_FILES if (run_dir / f).is_file()]
     if not earlier:
+        foreign = _foreign_files(run_dir)
+        if foreign:
+            raise TrainingSetupError(f"{run_dir} holds {', '.join(foreign)}, which this run would replace and no "
+                                     "moceir run wrote; choose another --ckpt_dir or --run_name, or move them away")
         return
     shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
     target = run_dir if ckpts and ckpts[0].name == "last.ckpt" else (ckpts[0] if ckpts else None)
     todo = (f"pass --resume_from {target} to continue it or choose another --run_name" if target else
             "it has no checkpoint to continue from: choose another --run_name or move its files away")
     raise TrainingSetupError(f"{run_dir} holds an earlier run ({shown}); {todo}")
+
+
+def _foreign_files(run_dir: Path) -> list[str]:
+    """The files in ``run_dir`` that a run writes besides checkpoints and models, where neither its settings.json
+    nor its data_check.json is moceir's (an earlier attempt's, which a rerun may replace)."""
+    def moceir_json(name: str, keys: tuple[str, ...]) -> bool:
+        path = run_dir / name
+        try:
+            return path.is_file() and path.stat().st_size < 2**28 and isinstance(d := json.loads(path.read_text()),
+                                                                                 dict) and set(keys) <= set(d)
+        except (OSError, ValueError):
+            return False
+
+    if moceir_json("settings.json", ("config", "settings", "start_step")) or \
+            moceir_json("data_check.json", ("problems", "files")):
+        return []
+    return [f for f in WRITTEN_FILES if os.path.lexists(run_dir / f)]
 
 
 def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
@@ -509,7 +537,7 @@ def _check_images(per_task: dict[str, list], run_dir: Path, patch_size: int) -> 
     """Open every training image once (cached in run_dir/data_check.json); all bad files in one error."""
     report = run_dir / "data_check.json"
     problems = check_training_images([p for pairs in per_task.values() for p in pairs], report,
-                                     patch_size=patch_size)
+                                     patch_size=patch_size, log=print)
     if problems:
         shown = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
         raise TrainingSetupError(f"{len(problems)} unusable training image(s): {shown}"
@@ -623,11 +651,14 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         try:
             trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
         except Exception as e:
+            then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
+                    else "train again under another --run_name")
+            if isinstance(e, OSError) and e.errno in _NO_ROOM:
+                raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; free some "
+                                          f"space (or fix the folder's permissions), then {then}") from None
             problem = _data_problem(e)
             if problem is None:
                 raise
-            then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
-                    else "train again under another --run_name")
             raise TrainingDataError(f"during training: {problem}; then {then}") from None
 
 

@@ -7,6 +7,7 @@ Tasks and benchmarks are named by strings, never by list position.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..io import IMAGE_EXTS, read_rgb
+from ..io import IMAGE_EXTS, ImageReadError, exif_orientation, read_rgb
 from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
                            add_gaussian_noise)
 
@@ -264,15 +265,33 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
 
 
 def image_size(path: str) -> list[int] | str:
-    """[width, height] of an image that decodes, else why it does not (JPEGs are decoded at 1/8 scale: cheap)."""
+    """[width, height] of an image as :func:`read_rgb` reads it (EXIF orientation applied), else why it cannot be
+    read. 8-bit images are checked cheaply (JPEGs decoded at 1/8 scale); others are decoded as training reads them."""
+    p = Path(path)
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            im.draft(None, (max(1, w // 8), max(1, h // 8)))
-            im.convert("RGB")  # as read_rgb does
-        return [w, h]
-    except Exception as e:
-        return f"cannot be decoded ({type(e).__name__}: {e})"
+        os.stat(p)
+    except OSError as e:
+        if not os.path.lexists(p):
+            return "is missing"
+        dangling = p.is_symlink() and e.errno == errno.ENOENT
+        return "is a link to nothing" if dangling else f"cannot be opened ({e.strerror})"
+    if not p.is_file():  # a FIFO would block the decoder
+        return "is a folder" if p.is_dir() else "is not a regular file (a pipe or device)"
+    try:
+        with Image.open(p) as im:
+            if not im.mode.startswith(("I", "F")):
+                w, h = im.size
+                im.draft(None, (max(1, w // 8), max(1, h // 8)))
+                im.convert("RGB")  # as read_rgb does
+                return [h, w] if exif_orientation(im) in (5, 6, 7, 8) else [w, h]
+    except Exception as e:  # noqa: BLE001 - an 8-bit image that does not decode: read_rgb would fail the same way
+        if not isinstance(e, Image.UnidentifiedImageError):  # which read_rgb may still read (a 16-bit TIFF)
+            return f"cannot be decoded ({type(e).__name__}: {e})"
+    try:
+        h, w = read_rgb(p).shape[:2]
+    except (ImageReadError, MemoryError) as e:
+        return str(e).removeprefix(f"{p}: ") if not isinstance(e, MemoryError) else "is too large to decode"
+    return [w, h]
 
 
 def _stamp(path: str) -> list[int] | None:
@@ -305,23 +324,29 @@ def _cached_entry(path: str, cached: dict) -> dict:
     """{"stamp": [bytes, mtime_ns]} plus "size" when the file is missing or unchanged since ``cached``."""
     entry, hit = {"stamp": _stamp(path)}, cached.get(os.path.abspath(path))
     if entry["stamp"] is None:
-        entry["size"] = "is missing"
+        entry["size"] = image_size(path)  # why: missing, a dangling link, a link loop
     elif isinstance(hit, dict) and hit.get("stamp") == entry["stamp"] and "size" in hit:
         entry["size"] = hit["size"]
     return entry
 
 
-def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, patch_size: int = 0) -> dict[str, str]:
+DATA_CHECK_VERSION = 2  # 2: sizes after EXIF orientation, 16-bit images decoded (1 had no version key)
+
+
+def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, patch_size: int = 0,
+                          log: Callable[[str], None] | None = None) -> dict[str, str]:
     """Decode every image of ``pairs`` once (in threads) and compare each pair's sizes, and each image's with
-    ``patch_size`` -> {file: problem}.
+    ``patch_size`` -> {file: problem}. Pairs whose sizes differ by less than CROP_BASE pixels are trained as
+    upstream trains them (both centre-cropped, so shifted against each other), listed under "unequal_pairs" and
+    announced through ``log``.
 
     The result is written to ``report`` (JSON), whose entries, keyed by path, file size and mtime, let a later
     call (a resumed run) skip the files that did not change.
     """
     try:
         old = json.loads(report.read_text())
-        cached = dict(old["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        cached = dict(old["files"]) if old.get("version") == DATA_CHECK_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         old, cached = None, {}
     files = sorted({str(p) for pair in pairs for p in (pair.clean, pair.degraded) if p is not None})
     entries = {f: _cached_entry(f, cached) for f in files}
@@ -335,7 +360,16 @@ def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, pat
     problems = {f: size for f, size in sizes.items() if isinstance(size, str)}
     for found in filter(None, (_pair_problem(pair, sizes, patch_size) for pair in set(pairs))):
         problems.setdefault(*found)
-    data = {"problems": dict(sorted(problems.items())), "files": {os.path.abspath(f): e for f, e in entries.items()}}
+    unequal = sorted(str(pair.degraded) for pair in set(pairs) if pair.degraded is not None
+                     and str(pair.degraded) not in problems and isinstance(sizes[str(pair.degraded)], list)
+                     and sizes[str(pair.degraded)] != sizes[str(pair.clean)])
+    if unequal and log is not None:
+        (w, h), (cw, ch) = sizes[unequal[0]], sizes[next(str(p.clean) for p in pairs if str(p.degraded) == unequal[0])]
+        log(f"note: {len(unequal)} training pair(s) differ in size by less than {CROP_BASE} px (e.g. "
+            f"{Path(unequal[0]).name}: {w}x{h}, its clean image {cw}x{ch}); both are centre-cropped to multiples of "
+            f"{CROP_BASE}, as upstream does, which shifts one against the other; see 'unequal_pairs' in {report}")
+    data = {"version": DATA_CHECK_VERSION, "problems": dict(sorted(problems.items())),
+            "unequal_pairs": unequal, "files": {os.path.abspath(f): e for f, e in entries.items()}}
     if data != old:
         _write_json(report, data)
     return data["problems"]
@@ -363,10 +397,14 @@ class BenchmarkDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         pair = self.pairs[idx]
-        clean = crop_to_multiple(read_rgb(pair.clean), self.crop_base)
+        clean = read_rgb(pair.clean)
+        sizes = [clean.shape[:2]]
+        clean = crop_to_multiple(clean, self.crop_base)
         if pair.degraded is None:
             sigma = sigma_for_task(pair.task)
             degraded = add_gaussian_noise(clean, sigma, seeded_rng(pair.clean.name, sigma))
         else:
-            degraded = crop_to_multiple(read_rgb(pair.degraded), self.crop_base)
-        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "name": pair.name}
+            degraded = read_rgb(pair.degraded)
+            sizes.append(degraded.shape[:2])
+            degraded = crop_to_multiple(degraded, self.crop_base)
+        return {"lq": _to_tensor(degraded), "gt": _to_tensor(clean), "name": pair.name, "sizes": sizes}
