@@ -695,3 +695,28 @@ def test_demo_errors_do_not_show_server_paths(tmp_path, tiny_model, monkeypatch)
         session.restore(image, "photo.png")
     assert str(raised.value) == ("photo.png: cannot write upload_restored.png: No space left on device; free some "
                                  "space or choose another -o")  # the output folder is the server's: not shown
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_read_rgb_rounds_16bit_rgb_as_load_image_does(tmp_path, suffix):
+    from moceir.io import load_image, read_rgb, save_image
+
+    path = tmp_path / f"rgb16{suffix}"
+    save_image(path, np.random.default_rng(0).random((16, 24, 3)).astype(np.float32), bit_depth=16)
+    assert np.array_equal(read_rgb(path), np.round(load_image(path).rgb * 255).astype(np.uint8))  # PIL: high byte
+
+
+def test_a_lone_surrogate_suffix_is_refused_up_front(tmp_path, tiny_model):
+    from moceir.io import save_image
+
+    save_image(tmp_path / "a.png", IMAGE)
+    with pytest.raises(moceir.UsageError, match="holds characters a file name cannot"):
+        moceir.restore_files(tmp_path / "a.png", tmp_path / "out", tiny_model, suffix="\ud800", progress=False)
+
+
+def test_demo_names_keep_printable_unicode_and_lose_control_characters():
+    from moceir.demo import _display_name
+
+    shot = "Screenshot 2026-12-06 at 10.00.00\u202fAM.png"  # macOS puts a narrow no-break space before AM
+    assert _display_name(shot) == shot and _display_name("👩\u200d💻.png") == "👩\u200d💻.png"
+    assert _display_name("a\x00b\nc\ud800.png") == "abc.png" and _display_name("\x07") == "image"

@@ -14,8 +14,6 @@ from moceir.models import checkpoints
 from moceir.models.checkpoints import CONFIG_KEY, CheckpointError
 
 
-
-
 def _safetensors_with_config(path, model, config: object) -> str:
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(config), "format": "moceir"})

@@ -28,7 +28,6 @@ def _digest(path) -> str:
     return hashlib.md5(open(path, "rb").read()).hexdigest()
 
 
-
 @pytest.mark.parametrize("code,advice", [("ENOSPC", "free some space"), ("EROFS", "read-only"),
                                          ("EACCES", "check its permissions")])
 def test_routing_on_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_path, small_layout, tiny_ckpt,
@@ -60,6 +59,7 @@ def test_an_os_error_that_is_not_the_machines_stays_a_traceback(tmp_path, small_
     monkeypatch.setattr(moceir.io, "_write_atomically", fails)
     with pytest.raises(OSError, match="Bad file descriptor"):
         _routing(tiny_ckpt, tmp_path / "r", "denoise_15", data=small_layout)
+
 
 # ------------------------------------------------------------------------------------------------ export
 def test_export_never_replaces_its_own_checkpoint(tmp_path, tiny_ckpt, capsys):

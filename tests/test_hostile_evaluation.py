@@ -222,12 +222,14 @@ def test_16bit_and_exif_rotated_references_are_scored_as_restore_reads_them(tmp_
 
 def test_a_pair_of_unequal_sizes_is_skipped_not_scored_misaligned(tmp_path, small_layout, tiny_ckpt, capsys):
     lol = small_layout / "llie/LOLv1/Test"
-    save_image(lol / "target" / "1.png", np.random.default_rng(0).random((24, 39, 3)).astype(np.float32))  # input 24x32
+    wider = np.random.default_rng(0).random((24, 39, 3)).astype(np.float32)  # its input is 32 wide, 24 high
+    save_image(lol / "target" / "1.png", wider)
     out = tmp_path / "r"
     assert _test(tiny_ckpt, small_layout, out, "lolv1") == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0] == (f"error: lolv1: {lol / 'input' / '1.png'}: 24x32 does not match its clean "
-                                        f"image {lol / 'target' / '1.png'} (24x39); fix or remove the pair (skipped)"), err
+    expected = (f"error: lolv1: {lol / 'input' / '1.png'}: 32x24 does not match its clean image "
+                f"{lol / 'target' / '1.png'} (39x24); fix or remove the pair (skipped)")
+    assert len(err) == 1 and err[0] == expected, err
     assert _rows(out) == [("lolv1", "2.png")]
 
 

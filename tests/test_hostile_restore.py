@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -612,7 +613,7 @@ def test_a_full_disk_names_the_output_and_the_batch_goes_on(tmp_path, tiny_ckpt,
     a, b = _img(tmp_path / "in" / "a.png", 1), _img(tmp_path / "in" / "b.png", 2)
     _full_disk_for(monkeypatch, "a.png")
     assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt]) == 1
-    err = capsys.readouterr().err
+    err = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # tqdm's cursor moves when bars nest
     lines = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
     assert lines == [f"error: {a}: cannot write {tmp_path / 'out' / 'a.png'}: No space left on device; free some "
                      "space or choose another -o"], err  # its own line, not inside the progress bar
@@ -633,3 +634,10 @@ def test_a_report_that_cannot_be_written_keeps_the_images_and_fails(tmp_path, ti
         moceir.restore_files(tmp_path / "in", tmp_path / "out2", tiny_ckpt, report=tmp_path / "r.json",
                              progress=False)
     assert [r["output"] for r in raised.value.rows] == [str(tmp_path / "out2" / "a.png")]
+
+
+def test_an_output_folder_that_is_a_link_loop_is_called_one(tmp_path, tiny_ckpt, capsys):
+    a = _img(tmp_path / "a.png")
+    (tmp_path / "out").symlink_to(tmp_path / "out")
+    assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 2
+    assert "is a link loop, not a folder" in capsys.readouterr().err

@@ -266,7 +266,6 @@ def test_probe1_empty_or_foreign_run_folder_is_trained_into(data, tmp_path):
     assert (tmp_path / "ck" / "notes" / "README.txt").read_text() == "mine"
 
 
-
 @pytest.mark.parametrize("name", ["settings.json", "data_check.json", "training_curves.png", "logs/hparams.yaml"])
 def test_a_folder_with_files_a_run_would_replace_is_refused_unless_moceir_wrote_them(data, tmp_path, capsys, name):
     run = tmp_path / "ck" / "mine"
@@ -289,6 +288,7 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_run_again(data, tmp_
             _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r")
     assert (tmp_path / "ck" / "r" / "data_check.json").is_file()  # moceir's own: the rerun may replace it
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0
+
 
 def test_probe2_failed_resume_keeps_the_runs_files(data, earlier, capsys):
     before = _files(earlier)
@@ -577,3 +577,49 @@ def test_a_data_folder_that_is_a_file_is_called_one(tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")
     assert _train(tmp_path / "afile", tmp_path / "ck", "--max_steps", "1") == 2
     assert f"--data_file_dir {tmp_path / 'afile'} is not a folder;" in _one_error_line(capsys)
+
+
+def test_an_unreadable_clean_image_is_listed_not_taken_for_an_unequal_pair(data, tmp_path, capsys):
+    gt = data / "deraining" / "RainTrainL" / "gt" / "norain-2.png"
+    gt.write_bytes(b"not an image")  # was a ValueError unpacking its "size" (a message) in the note
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 2
+    assert "1 unusable training image(s): norain-2.png (cannot read image" in _one_error_line(capsys)
+    assert json.loads((tmp_path / "ck" / "r" / "data_check.json").read_text())["unequal_pairs"] == []
+
+
+def test_a_full_disk_after_training_names_the_model_file_and_how_to_write_it(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import moceir.models.checkpoints as checkpoints
+
+    real = checkpoints.write_atomically
+
+    def full(target, write, overwrite):
+        if target.name == "model.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real(target, write, overwrite)
+
+    monkeypatch.setattr(checkpoints, "write_atomically", full)
+    run = tmp_path / "ck" / "r"
+    assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 1
+    line = _one_error_line(capsys)
+    assert line == (f"error: training ended but {run / 'model.safetensors'} could not be written (No space left on "
+                    f"device); free some space or choose another --ckpt_dir, then write the model from the last "
+                    f"checkpoint: moceir export {run / 'last.ckpt'} {run / 'model.safetensors'}"), line
+    assert (run / "last.ckpt").is_file()
+
+
+def test_a_full_disk_at_the_data_check_is_one_line(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import moceir.io
+
+    def full(target, write, overwrite):  # as write() reports it: no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(moceir.io, "_write_atomically", full)
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 1
+    report = tmp_path / "ck" / "r" / "data_check.json"
+    assert _one_error_line(capsys) == (f"error: {report}: No space left on device; free some space or choose "
+                                       "another output path")
+    assert sorted(p.name for p in report.parent.iterdir()) == []

@@ -10,8 +10,6 @@ from moceir.inference import pad_to_multiple, restore_tensor
 from moceir.io import ImageReadError, load_image, save_image
 
 
-
-
 @pytest.mark.parametrize("h,w", [(1, 1), (7, 13), (321, 481)])
 def test_pad_crop_round_trip(tiny_model, h, w):
     x = torch.rand(1, 3, h, w)

@@ -139,7 +139,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()  # torch.save into a file reports a full disk as a RuntimeError of its C++ writer
+        # torch.save into a file reports a full disk as a RuntimeError of its C++ writer; a buffer costs one
+        # checkpoint-sized copy in memory on rank 0 (the weights and AdamW's two moments, and the EMA's if kept)
+        buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         tmp = path.with_name(f".{path.name}.tmp")
         try:

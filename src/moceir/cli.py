@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -742,14 +741,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SPACE = "free some space or choose another output path"
-_PERMISSION = "check its permissions or choose another path"
-# OSErrors that a machine, not moceir, causes: one line naming the file, exit 1 (others are bugs: a traceback)
-_ENVIRONMENT_ERRORS = {errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: _SPACE, errno.EACCES: _PERMISSION,
-                       errno.EPERM: _PERMISSION, errno.EROFS: "the file system is read-only; choose another path",
-                       errno.EIO: "the disk reported an input/output error; check it"}
-
-
 def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu_allocator
 
@@ -767,9 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
         return 1
-    except OSError as e:
-        advice = _ENVIRONMENT_ERRORS.get(e.errno)
-        if advice is None or not e.filename:  # anything else is a bug: its traceback is wanted
+    except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
+        from .io import write_error_advice
+
+        advice = write_error_advice(e.errno, "output path")
+        if advice is None or not e.filename:
             raise
         print(f"error: {e.filename}: {e.strerror}; {advice}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import signal
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
 import weakref
 import zlib
@@ -145,8 +146,8 @@ class DemoSession:
             out_dir = Path(tmp) / "out"
             try:
                 rows = restore_files([path], out_dir, model=self.model, device=self.device, ext="png",
-                                     suffix="_restored", batch_size=1, report=Path(tmp) / "report.json",
-                                     progress=False, log=notes.append, on_tile=on_tile)
+                                     suffix="_restored", batch_size=1, progress=False, log=notes.append,
+                                     on_tile=on_tile)
             except UsageError as e:
                 raise DemoError(_named(str(e), path, name)) from None
             row = rows[0]
@@ -250,9 +251,10 @@ MAX_NAME_BYTES = 120  # of an upload's name as shown and used for result files (
 
 
 def _display_name(name: str) -> str:
-    """An upload's name without control characters (a NUL cannot be in a path), cut to MAX_NAME_BYTES (UTF-8)
+    """An upload's name without control characters or lone surrogates (a NUL cannot be in a path, a surrogate
+    cannot be encoded), cut to MAX_NAME_BYTES (UTF-8)
     with its extension kept: result files are named after it."""
-    name = "".join(c for c in name if c.isprintable()) or "image"
+    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs")) or "image"
     if len(name.encode()) <= MAX_NAME_BYTES:
         return name
     suffix = Path(name).suffix if len(Path(name).suffix.encode()) <= 10 else ""

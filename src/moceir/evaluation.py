@@ -49,16 +49,12 @@ def _load_item(ds: BenchmarkDataset, idx: int) -> tuple[dict | None, str | None]
         return None, f"{pair.degraded or pair.clean}: out of memory while decoding; score a downscaled copy"
     if len(item["sizes"]) == 2 and item["sizes"][0] != item["sizes"][1]:  # upstream crops both and scores them
         (gh, gw), (h, w) = item["sizes"]  # misaligned: a pair's images must match pixel for pixel
-        return None, (f"{pair.degraded}: {h}x{w} does not match its clean image {pair.clean} ({gh}x{gw}); fix or "
+        return None, (f"{pair.degraded}: {w}x{h} does not match its clean image {pair.clean} ({gw}x{gh}); fix or "
                       "remove the pair")
     base = ds.crop_base
     for path, img in ((pair.clean, item["gt"]), (pair.degraded, item["lq"])):
         if path is not None and min(img.shape[1:]) < base:  # the crop to multiples of 16 left nothing
             return None, f"{path}: smaller than {base}x{base} after cropping to multiples of {base}; not scored"
-    if item["lq"].shape != item["gt"].shape:
-        (_, h, w), (_, gh, gw) = item["lq"].shape, item["gt"].shape
-        return None, (f"{pair.degraded}: {h}x{w} (after the crop to multiples of 16) does not match its clean "
-                      f"image {pair.clean} ({gh}x{gw}); fix or remove the pair")
     return item, None
 
 

@@ -33,19 +33,44 @@ def list_images(folder: Path) -> list[Path]:
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read any image :func:`load_image` reads as uint8 RGB [H, W, 3], EXIF orientation applied, alpha dropped
-    (16-bit images rounded to 8 bits): what training and the benchmarks see. Unreadable files raise ImageReadError."""
+    (16-bit images rounded to 8 bits): what training and the benchmarks see. Unreadable files, and files too large
+    to decode, raise ImageReadError."""
     path = Path(path)
     if path.is_file():  # else load_image says why (a FIFO would block Image.open)
         try:
             with Image.open(path) as im:
-                if not im.mode.startswith(("I", "F")):  # 8-bit modes; convert("RGB") would clip the others
+                if not (im.mode.startswith(("I", "F")) or _more_than_8_bits(path, im.format)):
                     im.load()
                     ImageOps.exif_transpose(im, in_place=True)
                     return np.asarray(im.convert("RGB"))
         except Exception:  # noqa: BLE001 - load_image below names the file and the reason
             pass
-    image = load_image(path)
+    try:
+        image = load_image(path)
+    except MemoryError:
+        raise ImageReadError(f"{path}: out of memory while decoding; use a smaller copy") from None
     return np.round(image.rgb * 255).astype(np.uint8)
+
+
+def _more_than_8_bits(path: Path, fmt: str | None) -> bool:
+    """A 16-bit PNG or TIFF, which PIL opens as 8-bit RGB by dropping the low byte (load_image rounds instead)."""
+    return (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "TIFF" and _tiff_samples(path) == np.uint16)
+
+
+def write_error_advice(code: int | None, where: str) -> str | None:
+    """What to do about an OSError's errno that the machine, not the program, causes (a full disk, a read-only or
+    unwritable folder); ``where`` names the option that picks another place. None for other errors."""
+    import errno
+
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"free some space or choose another {where}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"check the permissions or choose another {where}"
+    if code == errno.EROFS:
+        return f"the file system is read-only; choose another {where}"
+    if code == errno.EIO:
+        return "the disk reported an input/output error; check it"
+    return None
 
 
 @dataclass
@@ -193,8 +218,8 @@ _RAW_EXIF_KEY = b"Raw profile type exif\0"  # ImageMagick's text chunk: EXIF as 
 _TEXT_CHUNK_LIMIT = 1 << 20  # bytes read or inflated from one such chunk, as PIL's own limit on text chunks
 
 
-def _raw_profile_text(kind: bytes, data: bytes) -> str | None:
-    """The text of a tEXt/zTXt/iTXt chunk's data that starts with ImageMagick's EXIF keyword, else None."""
+def _raw_profile_text(kind: bytes, data: bytes) -> str:
+    """The text of a tEXt/zTXt/iTXt chunk's data, which starts with ImageMagick's EXIF keyword."""
     rest = data[len(_RAW_EXIF_KEY):]
     if kind == b"tEXt":
         return rest.decode("latin-1")

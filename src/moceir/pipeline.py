@@ -8,6 +8,7 @@ each output atomically; every failure is one line naming the file, and the rest 
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -26,7 +27,7 @@ from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size,
-                 list_images, load_image, save_image, write_atomically)
+                 list_images, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -121,8 +122,12 @@ def check_name_parts(ext: str | None, suffix: str) -> None:
     if ext and "." + ext.lstrip(".").lower() not in WRITABLE_EXTS:
         raise UsageError(f"--ext {ext}: cannot write that format; use one of "
                          + ", ".join(e[1:] for e in WRITABLE_EXTS))
-    if len(os.fsencode(suffix)) > NAME_MAX - 5:  # room for a one-character name and ".png"
-        raise UsageError(f"--suffix of {len(os.fsencode(suffix))} bytes leaves no room for a name and an extension "
+    try:
+        size = len(os.fsencode(suffix))
+    except UnicodeEncodeError:  # a lone surrogate from Python code
+        raise UsageError(f"--suffix {suffix!r} holds characters a file name cannot; give plain text") from None
+    if size > NAME_MAX - 5:  # room for a one-character name and ".png"
+        raise UsageError(f"--suffix of {size} bytes leaves no room for a name and an extension "
                          f"within the {NAME_MAX} bytes a file name can hold; give a shorter --suffix")
     if any(c in suffix for c in ("/", "\\", os.sep, "\0")) or suffix in (".", ".."):
         raise UsageError(f"--suffix {suffix!r} is or holds a path part (a separator, '.' or '..'); give text to "
@@ -134,6 +139,11 @@ def folder_problem(folder: Path) -> str | None:
     folder = Path(os.path.abspath(folder))
     existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     if existing.is_symlink() and not existing.exists():
+        try:
+            os.stat(existing)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{existing} is a link loop, not a folder"
         return f"{existing} is a link to nothing (dangling), not a folder"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
@@ -316,11 +326,7 @@ def _error_line(path: Path, e: BaseException) -> str:
 
 def _write_error_line(job: Job, e: OSError) -> str:
     """The input, the output that could not be written, why, and what to do (a disk full, a permission)."""
-    import errno
-
-    advice = {errno.ENOSPC: "free some space or choose another -o", errno.EDQUOT: "free some space or choose another -o",
-              errno.EACCES: "check the folder's permissions or choose another -o",
-              errno.EROFS: "the file system is read-only; choose another -o"}.get(e.errno, "choose another -o")
+    advice = write_error_advice(e.errno, "-o") or "choose another -o"
     return f"{job.input}: cannot write {job.output}: {e.strerror or e}; {advice}"
 
 
@@ -533,8 +539,9 @@ def write_report(path: Path, model: Any, rows: list[dict], overwrite: bool) -> N
     try:
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
     except OSError as e:
+        advice = write_error_advice(e.errno, "--report") or ("choose another --report" if e.errno else None)
         raise ReportError(f"cannot write the report {path}: {e.strerror or e}; the images were written, not the "
-                          "report (free some space or choose another --report)", rows) from None
+                          f"report" + (f" ({advice})" if advice else ""), rows) from None
 
 
 def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path, model: Any = "default", *,

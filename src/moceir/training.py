@@ -16,7 +16,6 @@ mode), ``fused_adamw``, ``fft_impl``, ``cuda_graphs`` (the whole step replayed f
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -36,13 +35,14 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from .callbacks import (AtomicCheckpointIO, PlotAtEnd, ResumableCSVLogger, RunCheckpoint, WeightEMA, WriteAtStart,
                         count_epoch_completed, epoch_complete, write_text)
 from .captured_step import Capture, CaptureError, CapturedTrainStep, portable_optimizer_state
 from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
-from .io import ImageReadError
+from .io import ImageReadError, write_error_advice
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
 from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_finite, config_from_dict, infer_config,
@@ -72,7 +72,6 @@ class NonFiniteLossError(TrainingSetupError):
 
 
 COMPILE_MODES = ("none", *TORCH_COMPILE_MODES)  # "none": eager
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)  # the run folder takes no more
 MAX_SEED = 2**32 - 1  # numpy's limit, which pl.seed_everything enforces with a traceback
 # What Lightning reads to resume, and the flags that give a network its shape (moceir train's names)
 LIGHTNING_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "pytorch-lightning_version")
@@ -537,7 +536,7 @@ def _check_images(per_task: dict[str, list], run_dir: Path, patch_size: int) -> 
     """Open every training image once (cached in run_dir/data_check.json); all bad files in one error."""
     report = run_dir / "data_check.json"
     problems = check_training_images([p for pairs in per_task.values() for p in pairs], report,
-                                     patch_size=patch_size, log=print)
+                                     patch_size=patch_size, log=rank_zero_only(print))  # once, not per process
     if problems:
         shown = "; ".join(f"{Path(f).name} ({why})" for f, why in list(problems.items())[:3])
         raise TrainingSetupError(f"{len(problems)} unusable training image(s): {shown}"
@@ -620,10 +619,20 @@ def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None =
     _fit(trainer, module, loader, resume, run_dir)
     if trainer.is_global_zero:
         require_finite(module.net, "model.safetensors")
-        save_model(module.net, run_dir / "model.safetensors", overwrite=True)
-        if ema is not None:
-            _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
-        write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer))
+        try:
+            save_model(module.net, run_dir / "model.safetensors", overwrite=True)
+            if ema is not None:
+                _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
+            write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer))
+        except (CheckpointError, OSError) as e:  # save_model's CheckpointError keeps the OSError as its context
+            cause = e if isinstance(e, OSError) else e.__context__
+            advice = write_error_advice(getattr(cause, "errno", None), "--ckpt_dir")
+            if advice is None:
+                raise
+            raise TrainingOutputError(f"training ended but {cause.filename or run_dir} could not be written "
+                                      f"({cause.strerror}); {advice}, then write the model from the last "
+                                      f"checkpoint: moceir export {run_dir / 'last.ckpt'} "
+                                      f"{run_dir / 'model.safetensors'}") from None
     return run_dir
 
 
@@ -653,9 +662,10 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         except Exception as e:
             then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
                     else "train again under another --run_name")
-            if isinstance(e, OSError) and e.errno in _NO_ROOM:
-                raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; free some "
-                                          f"space (or fix the folder's permissions), then {then}") from None
+            advice = write_error_advice(e.errno, "--ckpt_dir") if isinstance(e, OSError) else None
+            if advice is not None:
+                raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "
+                                          f"then {then}") from None
             problem = _data_problem(e)
             if problem is None:
                 raise

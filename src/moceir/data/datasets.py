@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..io import IMAGE_EXTS, ImageReadError, exif_orientation, read_rgb
+from ..io import IMAGE_EXTS, ImageReadError, exif_orientation, read_rgb, write_atomically
 from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
                            add_gaussian_noise)
 
@@ -361,7 +361,8 @@ def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, pat
     for found in filter(None, (_pair_problem(pair, sizes, patch_size) for pair in set(pairs))):
         problems.setdefault(*found)
     unequal = sorted(str(pair.degraded) for pair in set(pairs) if pair.degraded is not None
-                     and str(pair.degraded) not in problems and isinstance(sizes[str(pair.degraded)], list)
+                     and not {str(pair.degraded), str(pair.clean)} & set(problems)
+                     and isinstance(sizes[str(pair.degraded)], list) and isinstance(sizes[str(pair.clean)], list)
                      and sizes[str(pair.degraded)] != sizes[str(pair.clean)])
     if unequal and log is not None:
         (w, h), (cw, ch) = sizes[unequal[0]], sizes[next(str(p.clean) for p in pairs if str(p.degraded) == unequal[0])]
@@ -376,9 +377,7 @@ def check_training_images(pairs: list[Pair], report: Path, workers: int = 8, pat
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)), overwrite=True)
 
 
 class BenchmarkDataset(Dataset):
