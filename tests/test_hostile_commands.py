@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import moceir
 from moceir.cli import main
@@ -29,7 +30,7 @@ def _digest(path) -> str:
 
 
 @pytest.mark.parametrize("code,advice", [("ENOSPC", "free some space"), ("EROFS", "read-only"),
-                                         ("EACCES", "check its permissions")])
+                                         ("EACCES", "check the permissions")])
 def test_routing_on_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_path, small_layout, tiny_ckpt,
                                                                          monkeypatch, capsys, code, advice):
     import errno
@@ -185,6 +186,47 @@ def test_plot_logs_never_replaces_a_named_file_or_follows_a_link(tmp_path, capsy
     assert link.read_bytes().startswith(b"\x89PNG")
     assert main(["plot-logs", str(run)]) == 0 and main(["plot-logs", str(run)]) == 0  # its own plot is redrawn
 
+
+def _full_disk(monkeypatch) -> None:
+    """Every atomic write fails as on a full disk, reported as write() reports it (an errno, no file name)."""
+    import errno
+
+    import moceir.io
+
+    def full(target, write, overwrite):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(moceir.io, "_write_atomically", full)
+
+
+def test_plot_logs_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    run = _run(tmp_path, GOOD_LOG)
+    _full_disk(monkeypatch)
+    assert main(["plot-logs", str(run), "--out", str(run / "c.png")]) == 1
+    assert _one_line(capsys) == (f"error: {run / 'c.png'}: cannot write (No space left on device); free some space "
+                                 "or choose another --out")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
+def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, tiny_ckpt, capsys, monkeypatch, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnxscript")
+    _full_disk(monkeypatch)
+    out = tmp_path / f"m{suffix}"
+    assert main(["export", tiny_ckpt, str(out), "--no-optimize"] if suffix == ".onnx" else
+                ["export", tiny_ckpt, str(out), "--dtype", "fp16"]) == 1
+    assert _one_line(capsys) == f"error: {out}: No space left on device; free some space or choose another output path"
+    assert not out.exists()
+
+
+def test_save_model_writes_what_load_model_reads(tmp_path, tiny_ckpt):
+    model = moceir.load_model(tiny_ckpt)
+    for dtype in (None, torch.float16):  # now serialised in memory, then written by Python
+        path = moceir.save_model(model, tmp_path / f"{dtype}.safetensors", dtype=dtype, note="n")
+        back = moceir.load_model(path)
+        assert back.config == model.config
+        assert all(torch.allclose(a.float(), b.float(), atol=1e-3) for a, b in
+                   zip(model.state_dict().values(), back.state_dict().values()))
 
 def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
     run = _run(tmp_path, GOOD_LOG)

@@ -496,7 +496,13 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot write ({e.strerror or e}); choose another --out") from None
+        from .io import write_error_advice
+
+        advice = write_error_advice(e.errno, "--out")
+        if advice is None:
+            raise UsageError(f"--out {out}: cannot write ({e.strerror or e}); choose another --out") from None
+        print(f"error: {out}: cannot write ({e.strerror}); {advice}", file=sys.stderr)
+        return 1
     return 0
 
 

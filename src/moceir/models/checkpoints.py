@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..io import WRITABLE_EXTS, write_atomically
+from ..io import WRITABLE_EXTS, write_atomically, write_error_advice
 from ..runtime import resolve_device
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
@@ -349,12 +349,15 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """:func:`moceir.io.write_atomically` into ``path`` (its folder made first), with a write failure as a
-    one-line CheckpointError; ``path`` has passed :func:`check_output_path`."""
+    """:func:`moceir.io.write_atomically` into ``path`` (its folder made first); ``path`` has passed
+    :func:`check_output_path`. A full disk or a read-only or unwritable folder raises its OSError, naming ``path``
+    (the CLI prints it in one line, exit 1); other write failures are a one-line CheckpointError."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, write, overwrite)
     except OSError as e:
+        if write_error_advice(e.errno, "path") is not None:
+            raise
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
     return path
 
@@ -372,7 +375,7 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     ``path`` raises OutputPathError (a FileExistsError) unless ``overwrite`` (as ``moceir export``), see
     :func:`check_output_path`; the write is atomic.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: save the network it compiled
     if not isinstance(model, MoCEIR):
@@ -398,4 +401,6 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "format": "moceir"}
     if note:
         metadata["note"] = note
-    return write_output(path, lambda tmp: save_file(sd, str(tmp), metadata=metadata), overwrite)
+    # serialised in memory, then written by Python: safetensors' own file writer reports a full disk as a
+    # SafetensorError, not as the OSError it is
+    return write_output(path, lambda tmp: tmp.write_bytes(save(sd, metadata=metadata)), overwrite)
