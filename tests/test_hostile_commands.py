@@ -228,6 +228,7 @@ def test_save_model_writes_what_load_model_reads(tmp_path, tiny_ckpt):
         assert all(torch.allclose(a.float(), b.float(), atol=1e-3) for a, b in
                    zip(model.state_dict().values(), back.state_dict().values()))
 
+
 def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
     run = _run(tmp_path, GOOD_LOG)
     afile = tmp_path / "afile"
