@@ -430,13 +430,22 @@ def test_demo_address_error_is_one_line_from_the_command(capsys, monkeypatch):
     assert err.count("\n") == 1 and "--host" in err and "Traceback" not in err
 
 
-def test_demo_degradation_that_is_not_a_name(tmp_path, tiny_model):
-    from moceir.demo import DemoError, DemoSession
+def _demo_session(tmp_path: Path, model: torch.nn.Module):
+    """A DemoSession of ``model`` (work and results folders under tmp_path) and an uploaded image's path."""
+    from moceir.demo import DemoSession
 
-    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
-    session = DemoSession(str(path), "cpu", 1e6, tmp_path, tmp_path)
-    image = tmp_path / "a.png"
+    path = moceir.save_model(model, tmp_path / "m.safetensors")
+    (tmp_path / "work").mkdir()
+    session = DemoSession(str(path), "cpu", 1e6, tmp_path / "work", tmp_path / "results")
+    image = tmp_path / "upload.png"
     Image.fromarray((IMAGE * 255).astype(np.uint8)).save(image)
+    return session, image
+
+
+def test_demo_degradation_that_is_not_a_name(tmp_path, tiny_model):
+    from moceir.demo import DemoError
+
+    session, image = _demo_session(tmp_path, tiny_model)
     for value in (["noise_25"], None, 3):  # a list was an uncaught TypeError (unhashable)
         with pytest.raises(DemoError, match="unknown degradation"):
             session.degrade(image, "a.png", value)
@@ -658,13 +667,9 @@ def test_a_model_on_another_device_than_asked_is_refused():
 
 @pytest.mark.parametrize("name", ["x" * 250 + ".png", "中" * 200 + ".png", "a\x00b.png"])
 def test_demo_upload_names_too_long_or_with_a_nul_are_shortened_not_tracebacks(tmp_path, tiny_model, name):
-    from moceir.demo import MAX_NAME_BYTES, DemoSession
+    from moceir.demo import MAX_NAME_BYTES
 
-    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
-    (tmp_path / "work").mkdir()
-    session = DemoSession(str(path), "cpu", 1e6, tmp_path / "work", tmp_path / "results")
-    image = tmp_path / "upload.png"
-    Image.fromarray((IMAGE * 255).astype(np.uint8)).save(image)
+    session, image = _demo_session(tmp_path, tiny_model)
     result = session.restore(image, name)  # was OSError: File name too long / ValueError: embedded null byte
     assert result.output.is_file() and len(result.output.name.encode()) <= MAX_NAME_BYTES + len("_restored")
     assert "\x00" not in result.name and len(result.name.encode()) <= MAX_NAME_BYTES
@@ -676,13 +681,9 @@ def test_demo_errors_do_not_show_server_paths(tmp_path, tiny_model, monkeypatch)
     import errno
 
     from moceir import pipeline
-    from moceir.demo import DemoError, DemoSession
+    from moceir.demo import DemoError
 
-    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
-    (tmp_path / "work").mkdir()
-    session = DemoSession(str(path), "cpu", 1e6, tmp_path / "work", tmp_path / "results")
-    image = tmp_path / "upload.png"
-    Image.fromarray((IMAGE * 255).astype(np.uint8)).save(image)
+    session, image = _demo_session(tmp_path, tiny_model)
 
     def full(target, write, overwrite):
         if target.suffix == ".png":
