@@ -721,3 +721,26 @@ def test_demo_names_keep_printable_unicode_and_lose_control_characters():
     shot = "Screenshot 2026-12-06 at 10.00.00\u202fAM.png"  # macOS puts a narrow no-break space before AM
     assert _display_name(shot) == shot and _display_name("👩\u200d💻.png") == "👩\u200d💻.png"
     assert _display_name("a\x00b\nc\ud800.png") == "abc.png" and _display_name("\x07") == "image"
+
+
+def test_demo_on_a_full_disk_is_a_demo_error_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import errno
+    import shutil
+
+    from moceir import demo
+    from moceir.demo import DemoError
+
+    session, image = _demo_session(tmp_path, tiny_model)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "save_image", full)
+        with pytest.raises(DemoError, match="upload.png: the server cannot store images right now"):
+            session.degrade(image, "upload.png", "Gaussian noise σ=25")  # was an OSError
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "move", full)
+        with pytest.raises(DemoError, match="No space left on device"):
+            session.restore(image, "upload.png")  # was an OSError, leaving an empty result for the page
+    assert list((tmp_path / "work").iterdir()) == [] and list((tmp_path / "results").iterdir()) == []

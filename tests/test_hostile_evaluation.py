@@ -89,8 +89,8 @@ def test_saved_image_is_written_atomically(tmp_path, small_layout, tiny_ckpt, mo
     ds = evaluation.benchmark_dataset(small_layout, "lolv1")
     model = moceir.load_model(tiny_ckpt, device="cpu")
     targets, _ = evaluation.save_targets(ds, tmp_path / "images")
-    line = evaluation.score_image(model, (ds, targets), 0, torch.device("cpu"))
-    assert isinstance(line, str) and "1.png" in line and "No space left" in line
+    row = evaluation.score_image(model, (ds, targets), 0, torch.device("cpu"))
+    assert row["psnr"] > 0 and "1.png" in row["not_saved"] and "No space left" in row["not_saved"]  # still scored
     assert list((tmp_path / "images").iterdir()) == []  # neither a broken 1.png nor a temporary file
 
 
@@ -243,3 +243,53 @@ def test_a_pipe_among_benchmark_images_is_skipped_not_waited_on(tmp_path, small_
     err = capsys.readouterr().err
     assert f"{fifo}: is not a regular file (a pipe or device)" in err and len(err.strip().splitlines()) == 1
     assert sorted(name for _, name in _rows(out)) == ["0001.png", "0002.png"]
+
+
+def test_a_benchmark_whose_images_cannot_be_saved_is_still_scored(tmp_path, small_layout, tiny_ckpt, capsys,
+                                                                  monkeypatch):
+    import errno
+
+    from moceir import evaluation
+
+    def full(path, rgb):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluation, "save_image", full)
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--save_results"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.endswith("No space left on device); free some space or choose another "
+                                               "--output_path (scored, not saved)") for line in err), err
+    assert _rows(out) == [("lolv1", "1.png"), ("lolv1", "2.png")]  # were dropped from the table
+    assert "not_saved" not in json.loads((out / "results.json").read_text())["per_image"]["lolv1"][0]
+
+
+def test_results_are_written_as_a_set_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    import moceir.io
+    from moceir.evaluation import write_reports
+
+    write_reports(_one_result(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = moceir.io._written_temp
+
+    def full_at_the_json(target, write):
+        if target.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, write)
+
+    monkeypatch.setattr(moceir.io, "_written_temp", full_at_the_json)
+    with pytest.raises(OSError) as raised:
+        write_reports(_one_result("b.png"), tmp_path)
+    assert raised.value.filename == str(tmp_path / "results.json")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # results.md was not replaced alone
+
+
+def test_nothing_scored_says_so(tmp_path, small_layout, tiny_ckpt, capsys):
+    for image in (small_layout / "llie/LOLv1/Test/input").iterdir():
+        image.write_bytes(b"broken")
+    assert _test(tiny_ckpt, small_layout, tmp_path / "r", "lolv1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: no image of lolv1 could be scored; no results written" and len(err) == 3
+    assert not (tmp_path / "r" / "results.md").exists()

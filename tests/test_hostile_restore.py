@@ -627,7 +627,8 @@ def test_a_report_that_cannot_be_written_keeps_the_images_and_fails(tmp_path, ti
                     "--report", tmp_path / "r.json") == 1
     captured = capsys.readouterr()
     _one_line(captured.err)
-    assert f"error: cannot write the report {tmp_path / 'r.json'}: No space left on device" in captured.err
+    assert (f"error: cannot write the report {tmp_path / 'r.json'}: No space left on device; 1 of 1 image(s) were "
+            "written, not the report") in captured.err
     assert "restored 1 image(s)" in captured.out
     assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "r.json").exists()
     with pytest.raises(moceir.pipeline.ReportError, match="r.json") as raised:
@@ -641,3 +642,15 @@ def test_an_output_folder_that_is_a_link_loop_is_called_one(tmp_path, tiny_ckpt,
     (tmp_path / "out").symlink_to(tmp_path / "out")
     assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 2
     assert "is a link loop, not a folder" in capsys.readouterr().err
+
+
+def test_an_output_folder_on_a_read_only_file_system_is_called_so(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from moceir import pipeline
+
+    a = _img(tmp_path / "a.png")
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: False)  # root ignores permission bits: simulated
+    monkeypatch.setattr(pipeline.os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY))
+    assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 2
+    assert f"folder {tmp_path} is on a read-only file system; choose another -o" in capsys.readouterr().err

@@ -623,3 +623,42 @@ def test_a_full_disk_at_the_data_check_is_one_line(data, tmp_path, monkeypatch, 
     assert _one_error_line(capsys) == (f"error: {report}: No space left on device; free some space or choose "
                                        "another output path")
     assert sorted(p.name for p in report.parent.iterdir()) == []
+
+
+def test_a_full_disk_at_last_ckpt_advises_the_checkpoint_that_was_kept(data, tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    import moceir.callbacks as callbacks
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).endswith("last.ckpt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "open", full_disk, raising=False)
+    run = tmp_path / "ck" / "r"
+    assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 1
+    line = _one_error_line(capsys)
+    assert line.endswith(f"then resume with --resume_from {run / 'epoch=0-step=2.ckpt'}"), line
+
+
+def test_a_full_disk_in_a_writer_thread_leaves_the_report_to_the_main_thread(monkeypatch):
+    import errno
+    import threading
+
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(type(args.exc_value).__name__))
+
+    def run(error):
+        def fail():
+            raise error
+
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+
+    with training._thread_errors_left_to_the_main_thread():
+        run(OSError(errno.ENOSPC, "No space left on device"))  # TensorBoard's writer thread on a full disk
+        run(ValueError("a bug"))  # anything else keeps its traceback
+    assert reported == ["ValueError"]

@@ -314,7 +314,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         if global_rank() == 0:
             for line in result.errors:
                 print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
-        failed = failed or bool(result.errors)
+            for line in result.not_saved:
+                print(f"error: {bench}: {line} (scored, not saved)", file=sys.stderr)
+        failed = failed or bool(result.errors) or bool(result.not_saved)
         if result.rows:
             results.append(result)
     if results and global_rank() == 0:
@@ -322,6 +324,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(markdown_table(results, title))
         paths = write_reports(results, out_dir, title, overwrite=args.overwrite)
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
+    elif global_rank() == 0:
+        print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
+              "written", file=sys.stderr)
     return 1 if failed or not results else 0
 
 

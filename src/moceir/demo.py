@@ -107,6 +107,12 @@ def _named(message: str, path: Path, name: str) -> str:
     return message
 
 
+def _cannot_store(name: str, e: OSError) -> str:
+    """A DemoError's text for a server that cannot write its work or result files (a full or read-only disk)."""
+    return (f"{name}: the server cannot store images right now ({e.strerror or e}); try again later, or tell whoever "
+            "runs this page")
+
+
 class DemoSession:
     """The loaded network and everything the page computes with it; one per app, shared by its requests."""
 
@@ -142,23 +148,30 @@ class DemoSession:
         self.check_size(path, name)
         notes: list[str] = []
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
-            out_dir = Path(tmp) / "out"
-            try:
-                rows = restore_files([path], out_dir, model=self.model, device=self.device, ext="png",
-                                     suffix="_restored", batch_size=1, progress=False, log=notes.append,
-                                     on_tile=on_tile)
-            except UsageError as e:
-                raise DemoError(_named(str(e), path, name)) from None
-            row = rows[0]
-            if "error" in row:  # the output's folder is the server's too: its files are shown by name
-                raise DemoError(_named(row["error"], path, name).replace(f"{out_dir}{os.sep}", ""))
-            before = _preview(load_image(path).rgb)
-            after_full = Path(row["output"])
-            after = _preview(load_image(after_full).rgb)
-            keep = self.results_dir / uuid.uuid4().hex / f"{Path(name).stem}_restored.png"
-            keep.parent.mkdir(parents=True)
-            shutil.move(after_full, keep)
+        try:
+            with tempfile.TemporaryDirectory(dir=self.work_dir) as tmp:
+                out_dir = Path(tmp) / "out"
+                try:
+                    rows = restore_files([path], out_dir, model=self.model, device=self.device, ext="png",
+                                         suffix="_restored", batch_size=1, progress=False, log=notes.append,
+                                         on_tile=on_tile)
+                except UsageError as e:
+                    raise DemoError(_named(str(e), path, name)) from None
+                row = rows[0]
+                if "error" in row:  # the output's folder is the server's too: its files are shown by name
+                    raise DemoError(_named(row["error"], path, name).replace(f"{out_dir}{os.sep}", ""))
+                before = _preview(load_image(path).rgb)
+                after_full = Path(row["output"])
+                after = _preview(load_image(after_full).rgb)
+                keep = self.results_dir / uuid.uuid4().hex / f"{Path(name).stem}_restored.png"
+                try:
+                    keep.parent.mkdir(parents=True)
+                    shutil.move(after_full, keep)
+                except OSError:  # no half-moved file for the page to serve
+                    shutil.rmtree(keep.parent, ignore_errors=True)
+                    raise
+        except OSError as e:
+            raise DemoError(_cannot_store(name, e)) from None
         notes = [_named(line, path, name).removeprefix("note: ") for line in notes if line.startswith("note")]
         return Restoration(name, keep, before, after, row, time.perf_counter() - t0, notes)
 
@@ -177,9 +190,15 @@ class DemoSession:
         if min(clean.shape[:2]) == 0:
             raise DemoError(f"{name} is smaller than 16x16 pixels; choose a larger image")
         degraded = DEGRADATIONS[degradation](clean, name)
-        folder = Path(tempfile.mkdtemp(dir=self.work_dir))
-        target = folder / f"{Path(name).stem}_degraded.png"
-        save_image(target, degraded.astype(np.float32) / 255.0)
+        folder = None
+        try:
+            folder = Path(tempfile.mkdtemp(dir=self.work_dir))
+            target = folder / f"{Path(name).stem}_degraded.png"
+            save_image(target, degraded.astype(np.float32) / 255.0)
+        except OSError as e:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise DemoError(_cannot_store(name, e)) from None
         return clean, degraded, target
 
     def expert_table(self, experts: list[int], h: int, w: int) -> tuple[list[list[str]], float, float]:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs
 from .inference import restore_tensor
-from .io import ImageReadError, save_image, write_atomically
+from .io import ImageReadError, save_image, write_atomically, write_error_advice, write_files_atomically
 from .metrics import psnr, ssim
 from .models import MoCEIR
 from .pipeline import UsageError, folder_problem, plan_outputs
@@ -29,6 +29,7 @@ class BenchmarkResult:
     name: str
     rows: list[dict] = field(default_factory=list)  # per image: name, psnr, ssim (+ y variants), input_psnr, experts
     errors: list[str] = field(default_factory=list)  # one line per image that could not be scored
+    not_saved: list[str] = field(default_factory=list)  # one line per scored image whose PNG could not be saved
 
     def mean(self, key: str) -> float:
         return float(np.mean([r[key] for r in self.rows])) if self.rows else float("nan")
@@ -115,8 +116,9 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(target, lambda tmp: save_image(tmp, restored), overwrite)
-        except OSError as e:
-            return f"{item['name']}: cannot write {target} ({e.strerror or e}); check --output_path"
+        except OSError as e:  # scored all the same: only the PNG is missing
+            advice = write_error_advice(e.errno, "--output_path") or "check --output_path"
+            row["not_saved"] = f"{item['name']}: cannot write {target} ({e.strerror or e}); {advice}"
     return row
 
 
@@ -137,8 +139,11 @@ def scored_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device
 
 
 def collect(name: str, scored: list[dict | str]) -> BenchmarkResult:
-    """Rows and error lines of one benchmark, in image order."""
-    return BenchmarkResult(name, [r for r in scored if isinstance(r, dict)], [r for r in scored if isinstance(r, str)])
+    """Rows and error lines of one benchmark, in image order (a row whose PNG could not be saved is kept, and its
+    line goes to ``not_saved``)."""
+    rows = [r for r in scored if isinstance(r, dict)]
+    not_saved = [r.pop("not_saved") for r in rows if "not_saved" in r]
+    return BenchmarkResult(name, rows, [r for r in scored if isinstance(r, str)], not_saved)
 
 
 def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
@@ -200,7 +205,7 @@ def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
 
 def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
                   overwrite: bool = True) -> dict[str, Path]:
-    """results.md (table), results.json (summaries + per-image rows), per_image.csv; each written atomically.
+    """results.md (table), results.json (summaries + per-image rows), per_image.csv, written as one set.
 
     A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError.
     """
@@ -213,11 +218,12 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
                        "errors": {r.name: r.errors for r in results if r.errors}}, indent=1)
     writers = {"md": lambda tmp: tmp.write_text(table), "json": lambda tmp: tmp.write_text(data),
                "csv": lambda tmp: _write_csv(tmp, results)}
-    for key, write in writers.items():
-        try:
-            write_atomically(paths[key], write, overwrite)
-        except OSError as e:
-            raise UsageError(f"cannot write {paths[key]} ({e.strerror or e}); check --output_path") from None
+    try:
+        write_files_atomically({paths[key]: write for key, write in writers.items()}, overwrite)
+    except OSError as e:  # none of the three replaced: an earlier run's set stays whole
+        if write_error_advice(e.errno, "--output_path") is not None:
+            raise  # a full disk, a read-only folder: the CLI names the file in one line, exit 1
+        raise UsageError(f"cannot write {e.filename or out_dir} ({e.strerror or e}); check --output_path") from None
     return paths
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -366,16 +367,49 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
     followed. An OSError with an errno (a full disk, a read-only folder) is raised with ``target`` as its filename.
     """
-    try:
+    with _named(target):
         _write_atomically(target, write, overwrite)
+
+
+def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite: bool) -> None:
+    """:func:`write_atomically` for files that belong together: each is written to its temporary file first, and
+    all are moved into place only once every one was written, so a failure (a full disk) leaves the earlier set
+    whole rather than a mix of old and new."""
+    temps: dict[Path, Path] = {}
+    try:
+        for target, write in writes.items():
+            with _named(target):
+                temps[target] = _written_temp(target, write)
+        for target, tmp in temps.items():
+            with _named(target):
+                _move_into_place(tmp, target, overwrite)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _named(target: Path) -> Iterator[None]:
+    """Re-raise an OSError with an errno (a full disk, a read-only or unwritable folder) with ``target`` as its
+    file name, not a temporary file's or none."""
+    try:
+        yield
     except OSError as e:
         if e.errno is None or e.filename == str(target):
             raise
-        # a full disk, a read-only or unwritable folder: named by the target, not by a temporary file or none
         raise OSError(e.errno, e.strerror, str(target)) from e
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    tmp = _written_temp(target, write)
+    try:
+        _move_into_place(tmp, target, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _written_temp(target: Path, write: Callable[[Path], None]) -> Path:
+    """A fresh temporary file beside ``target``, written through ``write(tmp)``; removed if that fails."""
     # The stem is cut so that the temporary name (8 random characters added) is legal wherever the target's is.
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem[:32]}.", suffix=target.suffix)
     os.close(fd)
@@ -385,17 +419,21 @@ def _write_atomically(target: Path, write: Callable[[Path], None], overwrite: bo
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            try:
-                os.link(tmp, target, follow_symlinks=False)
-            except FileExistsError:
-                raise OSError(f"output {target} appeared meanwhile; pass --overwrite to replace it") from None
-            except OSError:  # a filesystem without hard links
-                if os.path.lexists(target):
-                    raise
-                os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, target)
+        return
+    try:
+        os.link(tmp, target, follow_symlinks=False)
+    except FileExistsError:
+        raise OSError(f"output {target} appeared meanwhile; pass --overwrite to replace it") from None
+    except OSError:  # a filesystem without hard links
+        if os.path.lexists(target):
+            raise
+        os.replace(tmp, target)

@@ -148,7 +148,8 @@ def folder_problem(folder: Path) -> str | None:
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"folder {existing} is not writable"
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        return f"folder {existing} is {'on a read-only file system' if read_only else 'not writable'}"
     return None
 
 
@@ -540,8 +541,9 @@ def write_report(path: Path, model: Any, rows: list[dict], overwrite: bool) -> N
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)), overwrite)
     except OSError as e:
         advice = write_error_advice(e.errno, "--report") or ("choose another --report" if e.errno else None)
-        raise ReportError(f"cannot write the report {path}: {e.strerror or e}; the images were written, not the "
-                          f"report" + (f" ({advice})" if advice else ""), rows) from None
+        written = sum("error" not in r for r in rows)
+        raise ReportError(f"cannot write the report {path}: {e.strerror or e}; {written} of {len(rows)} image(s) "
+                          "were written, not the report" + (f" ({advice})" if advice else ""), rows) from None
 
 
 def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path, model: Any = "default", *,

@@ -15,18 +15,20 @@ mode), ``fused_adamw``, ``fft_impl``, ``cuda_graphs`` (the whole step replayed f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -658,9 +660,11 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         if module.settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
         try:
-            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
+            with _thread_errors_left_to_the_main_thread():
+                trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
         except Exception as e:
-            then = (f"resume with --resume_from {run_dir}" if (run_dir / "last.ckpt").is_file()
+            kept = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+            then = (f"resume with --resume_from {run_dir if kept[0].name == 'last.ckpt' else kept[0]}" if kept
                     else "train again under another --run_name")
             advice = write_error_advice(e.errno, "--ckpt_dir") if isinstance(e, OSError) else None
             if advice is not None:
@@ -670,6 +674,23 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
             if problem is None:
                 raise
             raise TrainingDataError(f"during training: {problem}; then {then}") from None
+
+
+@contextlib.contextmanager
+def _thread_errors_left_to_the_main_thread() -> Iterator[None]:
+    """Keep a full disk or read-only folder in a logger's writer thread (TensorBoard's) from printing a traceback:
+    the main thread meets the same error and reports it in one line."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and write_error_advice(args.exc_value.errno, "") is not None):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _data_problem(error: BaseException | None) -> str | None:
