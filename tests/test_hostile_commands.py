@@ -38,10 +38,10 @@ def test_routing_on_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_pat
 
     import moceir.io
 
-    def fails(target, write, overwrite):  # as the OS reports it: the errno, no file name (a write() call)
+    def fails(target, write):  # as the OS reports it: the errno, no file name (a write() call)
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
-    monkeypatch.setattr(moceir.io, "_write_atomically", fails)
+    monkeypatch.setattr(moceir.io, "_written_temp", fails)
     out = tmp_path / "r"
     assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout) == 1
     line = _one_line(capsys)
@@ -49,15 +49,36 @@ def test_routing_on_a_full_or_read_only_disk_is_one_line_naming_the_file(tmp_pat
     assert advice in line and not list(out.iterdir())
 
 
+def test_routing_writes_its_three_files_as_one_set(tmp_path, small_layout, tiny_ckpt, monkeypatch, capsys):
+    import errno
+
+    import moceir.io
+
+    out = tmp_path / "r"
+    assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = moceir.io._written_temp
+
+    def full_at_the_json(target, write):  # the disk fills after the heatmap and the table were written
+        if target.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, write)
+
+    monkeypatch.setattr(moceir.io, "_written_temp", full_at_the_json)
+    capsys.readouterr()
+    assert _routing(tiny_ckpt, out, "denoise_15", data=small_layout, extra=["--overwrite"]) == 1
+    assert "routing.json: No space left on device" in _one_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new heatmap beside an old table
+
 def test_an_os_error_that_is_not_the_machines_stays_a_traceback(tmp_path, small_layout, tiny_ckpt, monkeypatch):
     import errno
 
     import moceir.io
 
-    def fails(target, write, overwrite):
+    def fails(target, write):
         raise OSError(errno.EBADF, "Bad file descriptor")  # a bug in moceir, not a full disk
 
-    monkeypatch.setattr(moceir.io, "_write_atomically", fails)
+    monkeypatch.setattr(moceir.io, "_written_temp", fails)
     with pytest.raises(OSError, match="Bad file descriptor"):
         _routing(tiny_ckpt, tmp_path / "r", "denoise_15", data=small_layout)
 

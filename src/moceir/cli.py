@@ -336,7 +336,8 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_benchmark, results_from_json, routing_counts, routing_flops
     from .plots import plot_routing_heatmap
 
-    from .pipeline import UsageError, folder_problem, write_atomically
+    from .io import write_files_atomically
+    from .pipeline import UsageError, folder_problem
 
     out = Path(args.output_path)
     problem = folder_problem(out)
@@ -391,8 +392,6 @@ def cmd_routing(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = [r.name for r in results]
     title = f"experts picked per task and MoE layer ({Path(path).name})"
-    write_atomically(files["routing_heatmap.png"], lambda tmp: plot_routing_heatmap(counts, names, tmp, title),
-                     args.overwrite)
     png = files["routing_heatmap.png"]
     flops = routing_flops(model, results)
     lines = ["| benchmark | " + " | ".join(f"L{i}" for i in range(counts.shape[1])) + " |",
@@ -411,8 +410,9 @@ def cmd_routing(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     data = json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
                        "psnr_experts_bypassed": bypassed}, indent=1)
-    write_atomically(files["routing.md"], lambda tmp: tmp.write_text(table), args.overwrite)
-    write_atomically(files["routing.json"], lambda tmp: tmp.write_text(data), args.overwrite)
+    write_files_atomically({png: lambda tmp: plot_routing_heatmap(counts, names, tmp, title),
+                            files["routing.md"]: lambda tmp: tmp.write_text(table),
+                            files["routing.json"]: lambda tmp: tmp.write_text(data)}, args.overwrite)  # as one set
     print(table)
     print(f"wrote {png}, {out / 'routing.md'}, {out / 'routing.json'}")
     return 1 if failed else 0
