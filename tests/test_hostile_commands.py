@@ -70,6 +70,7 @@ def test_routing_writes_its_three_files_as_one_set(tmp_path, small_layout, tiny_
     assert "routing.json: No space left on device" in _one_line(capsys)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new heatmap beside an old table
 
+
 def test_an_os_error_that_is_not_the_machines_stays_a_traceback(tmp_path, small_layout, tiny_ckpt, monkeypatch):
     import errno
 
