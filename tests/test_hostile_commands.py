@@ -229,14 +229,11 @@ def test_plot_logs_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monke
                                  "or choose another --out")
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".onnx"])
-def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, tiny_ckpt, capsys, monkeypatch, suffix):
-    if suffix == ".onnx":
-        pytest.importorskip("onnxscript")
+def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    # ONNX export writes through the same write_output; its ~50 s export is not repeated here
     _full_disk(monkeypatch)
-    out = tmp_path / f"m{suffix}"
-    assert main(["export", tiny_ckpt, str(out), "--no-optimize"] if suffix == ".onnx" else
-                ["export", tiny_ckpt, str(out), "--dtype", "fp16"]) == 1
+    out = tmp_path / "m.safetensors"
+    assert main(["export", tiny_ckpt, str(out), "--dtype", "fp16"]) == 1
     assert _one_line(capsys) == f"error: {out}: No space left on device; free some space or choose another output path"
     assert not out.exists()
 
