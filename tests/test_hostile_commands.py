@@ -215,10 +215,10 @@ def _full_disk(monkeypatch) -> None:
 
     import moceir.io
 
-    def full(target, write, overwrite):
+    def full(target, write):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(moceir.io, "_write_atomically", full)
+    monkeypatch.setattr(moceir.io, "_written_temp", full)
 
 
 def test_plot_logs_on_a_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):

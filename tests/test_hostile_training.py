@@ -498,31 +498,35 @@ def test_a_new_slurm_job_does_not_take_an_old_jobs_hpc_checkpoint(data, tmp_path
     assert "holds an earlier run (hpc_ckpt_1.ckpt" in _one_error_line(capsys)
 
 
-def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch,
-                                                                                        capsys):
-    import builtins
+def _disk_full_when_writing(monkeypatch, which) -> None:
+    """The disk fills up part-way through writing each file for which ``which(target)`` holds: its temporary file
+    gets a few bytes, then the write fails as on a full disk (ENOSPC, no file name)."""
     import errno
 
-    import moceir.callbacks as callbacks
+    import moceir.io
 
+    real = moceir.io._written_temp
+
+    def half_written(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(moceir.io, "_written_temp",
+                        lambda target, write: real(target, half_written if which(target) else write))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch,
+                                                                                        capsys):
     ck = tmp_path / "ck"
     assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
     run = ck / "r"
     good = (run / "last.ckpt").read_bytes()
-
-    def full_disk(file, mode="r", *args, **kwargs):  # the disk fills up when a checkpoint is written
-        if str(file).endswith(".ckpt.tmp"):
-            handle = builtins.open(file, mode, *args, **kwargs)
-            handle.close()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return builtins.open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(callbacks, "open", full_disk, raising=False)
+    _disk_full_when_writing(monkeypatch, lambda target: target.suffix == ".ckpt")
     assert _train(data, ck, "--max_steps", "4", "--run_name", "r", "--resume_from", "r") == 1
     line = _one_error_line(capsys)
     assert line.startswith(f"error: cannot write {run / 'epoch=1-step=4.ckpt'}: No space left on device;"), line
     assert line.endswith(f"then resume with --resume_from {run}"), line
-    assert (run / "last.ckpt").read_bytes() == good and not list(run.glob(".*.tmp"))
+    assert (run / "last.ckpt").read_bytes() == good and not list(run.glob(".*"))  # no temporary file left
 
 
 def test_training_reads_16bit_and_exif_rotated_images_as_restore_does(data, tmp_path):
@@ -614,10 +618,10 @@ def test_a_full_disk_at_the_data_check_is_one_line(data, tmp_path, monkeypatch, 
 
     import moceir.io
 
-    def full(target, write, overwrite):  # as write() reports it: no file name
+    def full(target, write):  # as write() reports it: no file name
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(moceir.io, "_write_atomically", full)
+    monkeypatch.setattr(moceir.io, "_written_temp", full)
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 1
     report = tmp_path / "ck" / "r" / "data_check.json"
     assert _one_error_line(capsys) == (f"error: {report}: No space left on device; free some space or choose "
@@ -626,17 +630,7 @@ def test_a_full_disk_at_the_data_check_is_one_line(data, tmp_path, monkeypatch, 
 
 
 def test_a_full_disk_at_last_ckpt_advises_the_checkpoint_that_was_kept(data, tmp_path, monkeypatch, capsys):
-    import builtins
-    import errno
-
-    import moceir.callbacks as callbacks
-
-    def full_disk(file, mode="r", *args, **kwargs):
-        if str(file).endswith("last.ckpt.tmp"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return builtins.open(file, mode, *args, **kwargs)
-
-    monkeypatch.setattr(callbacks, "open", full_disk, raising=False)
+    _disk_full_when_writing(monkeypatch, lambda target: target.name == "last.ckpt")
     run = tmp_path / "ck" / "r"
     assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 1
     line = _one_error_line(capsys)

@@ -143,14 +143,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # checkpoint-sized copy in memory on rank 0 (the weights and AdamW's two moments, and the EMA's if kept)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buffer.getbuffer())
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()), overwrite=True)
 
 
 class _ResumedWriter(ExperimentWriter):

@@ -263,7 +263,7 @@ def _upload_path(value: Any, served: tuple[Path, ...]) -> tuple[Path, str]:
     real = path.resolve()
     if not (real.is_file() and any(real.is_relative_to(root) for root in served)):
         raise DemoError("the image did not arrive as an upload; upload it again")
-    return path, _display_name(name)
+    return path, name  # DemoSession.restore and .degrade make it safe to show and to name files after
 
 
 MAX_NAME_BYTES = 120  # of an upload's name as shown and used for result files (file systems allow 255)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import zlib
@@ -61,8 +62,6 @@ def _more_than_8_bits(path: Path, fmt: str | None) -> bool:
 def write_error_advice(code: int | None, where: str) -> str | None:
     """What to do about an OSError's errno that the machine, not the program, causes (a full disk, a read-only or
     unwritable folder); ``where`` names the option that picks another place. None for other errors."""
-    import errno
-
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"free some space or choose another {where}"
     if code in (errno.EACCES, errno.EPERM):
@@ -367,8 +366,7 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     at ``target`` meanwhile; with it, ``os.replace`` swaps the name itself, so a link there is replaced, not
     followed. An OSError with an errno (a full disk, a read-only folder) is raised with ``target`` as its filename.
     """
-    with _named(target):
-        _write_atomically(target, write, overwrite)
+    write_files_atomically({target: write}, overwrite)
 
 
 def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite: bool) -> None:
@@ -398,14 +396,6 @@ def _named(target: Path) -> Iterator[None]:
         if e.errno is None or e.filename == str(target):
             raise
         raise OSError(e.errno, e.strerror, str(target)) from e
-
-
-def _write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    tmp = _written_temp(target, write)
-    try:
-        _move_into_place(tmp, target, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _written_temp(target: Path, write: Callable[[Path], None]) -> Path:

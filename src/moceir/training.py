@@ -447,7 +447,7 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
         return
     if resume is None and _requeued():  # its first attempt died before any checkpoint: it starts again
         return
-    ckpts = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime, p.name))
+    ckpts = _run_checkpoints(run_dir)
     earlier = [p.name for p in ckpts] + [f for f in RUN_FILES if (run_dir / f).is_file()]
     if not earlier:
         foreign = _foreign_files(run_dir)
@@ -456,10 +456,23 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
                                      "moceir run wrote; choose another --ckpt_dir or --run_name, or move them away")
         return
     shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
-    target = run_dir if ckpts and ckpts[0].name == "last.ckpt" else (ckpts[0] if ckpts else None)
+    target = _resume_target(run_dir, ckpts)
     todo = (f"pass --resume_from {target} to continue it or choose another --run_name" if target else
             "it has no checkpoint to continue from: choose another --run_name or move its files away")
     raise TrainingSetupError(f"{run_dir} holds an earlier run ({shown}); {todo}")
+
+
+def _run_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, last.ckpt first, then the newest."""
+    return sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime, p.name))
+
+
+def _resume_target(run_dir: Path, ckpts: list[Path]) -> Path | None:
+    """What --resume_from takes to continue the run: its folder where last.ckpt is there, else its newest
+    checkpoint (``ckpts`` as :func:`_run_checkpoints` orders them); None without any."""
+    if not ckpts:
+        return None
+    return run_dir if ckpts[0].name == "last.ckpt" else ckpts[0]
 
 
 def _foreign_files(run_dir: Path) -> list[str]:
@@ -626,13 +639,12 @@ def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None =
             if ema is not None:
                 _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
             write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer))
-        except (CheckpointError, OSError) as e:  # save_model's CheckpointError keeps the OSError as its context
-            cause = e if isinstance(e, OSError) else e.__context__
-            advice = write_error_advice(getattr(cause, "errno", None), "--ckpt_dir")
+        except OSError as e:  # save_model passes a full disk or read-only folder on as the OSError it is
+            advice = write_error_advice(e.errno, "--ckpt_dir")
             if advice is None:
                 raise
-            raise TrainingOutputError(f"training ended but {cause.filename or run_dir} could not be written "
-                                      f"({cause.strerror}); {advice}, then write the model from the last "
+            raise TrainingOutputError(f"training ended but {e.filename or run_dir} could not be written "
+                                      f"({e.strerror}); {advice}, then write the model from the last "
                                       f"checkpoint: moceir export {run_dir / 'last.ckpt'} "
                                       f"{run_dir / 'model.safetensors'}") from None
     return run_dir
@@ -663,9 +675,8 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
             with _thread_errors_left_to_the_main_thread():
                 trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
         except Exception as e:
-            kept = sorted(run_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
-            then = (f"resume with --resume_from {run_dir if kept[0].name == 'last.ckpt' else kept[0]}" if kept
-                    else "train again under another --run_name")
+            target = _resume_target(run_dir, _run_checkpoints(run_dir))
+            then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
             advice = write_error_advice(e.errno, "--ckpt_dir") if isinstance(e, OSError) else None
             if advice is not None:
                 raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "
