@@ -656,3 +656,47 @@ def test_a_full_disk_in_a_writer_thread_leaves_the_report_to_the_main_thread(mon
         run(OSError(errno.ENOSPC, "No space left on device"))  # TensorBoard's writer thread on a full disk
         run(ValueError("a bug"))  # anything else keeps its traceback
     assert reported == ["ValueError"]
+
+
+_FAILING_RANK = '''import errno, os, sys
+import moceir.data.datasets
+import moceir.io
+from moceir.cli import main
+
+if os.environ["FAILING_RANK"] == os.environ.get("LOCAL_RANK", "0"):
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # rank 0 writes the checkpoints: its disk fills up
+        real = moceir.io._written_temp
+        def full(tmp):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        moceir.io._written_temp = lambda target, write: real(target, full if target.suffix == ".ckpt" else write)
+    else:  # rank 1's training images vanish
+        def gone(path):
+            raise moceir.io.ImageReadError(f"{path}: no such file; was it moved during training?")
+        moceir.data.datasets.read_rgb = gone
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_rank_that_fails_in_a_two_process_run_stops_the_other_without_a_traceback(tmp_path, rank):
+    """Probe: rank 0's disk filled up at its checkpoint, and rank 1 printed a 40-line gloo traceback from the
+    barrier it was waiting at; a rank whose images vanished left rank 0 to do the same."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "failing_rank.py"
+    script.write_text(_FAILING_RANK)
+    cmd = [sys.executable, str(script), "train", "--model", "MoCE_IR_tiny", "--de_type", "derain",
+           "--data_file_dir", str(make_tiny_layout(tmp_path / "data")), "--batch_size", "1", "--patch_size", "16",
+           "--num_workers", "0", "--ckpt_dir", str(tmp_path / "ck"), "--run_name", "r", "--num_gpus", "0",
+           "--num_cpu_processes", "2", "--repeat", "derain=2", "--epochs", "1", "--save_every_n_epochs", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FAILING_RANK": rank}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in res.stderr.splitlines() if "error: " in line]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "LeafSpec" not in res.stderr  # a deprecation inside Lightning, printed by every rank
+    assert len(errors) == 2, errors  # the rank that failed says why; the other, which lost it, says that
+    why = "cannot write" if rank == "0" else "no such file; was it moved during training?"
+    assert why in errors[0], errors
+    assert f"rank {1 - int(rank)}: another process of this run stopped (its error says why" in errors[1], errors
+    assert not list((tmp_path / "ck" / "r").glob("*.ckpt*"))

@@ -173,7 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from .pipeline import UsageError
-    from .training import TrainingDataError, TrainingOutputError, TrainingSetupError, TrainSettings, train
+    from .training import (TrainingDataError, TrainingOutputError, TrainingPeerError, TrainingSetupError,
+                           TrainSettings, train)
 
     if args.trainset == "standard" and not args.de_type:
         raise UsageError("--de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
@@ -204,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, settings)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, (TrainingDataError, TrainingOutputError)) else 2
+        return 1 if isinstance(e, (TrainingDataError, TrainingOutputError, TrainingPeerError)) else 2
     if rank_zero_only.rank == 0:  # the global rank Lightning gave this process; it wrote the final settings.json
         print(_training_summary(run_dir))
     return 0

@@ -69,6 +69,10 @@ class TrainingOutputError(TrainingSetupError):
     """A checkpoint or log could not be written during training (a full disk): exit code 1, resume when fixed."""
 
 
+class TrainingPeerError(TrainingSetupError):
+    """Another rank of a distributed run failed (its own error says why), so this one stopped: exit code 1."""
+
+
 class NonFiniteLossError(TrainingSetupError):
     """The loss or the weights became NaN/inf; training stops and nothing non-finite is saved."""
 
@@ -669,6 +673,7 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
          run_dir: Path) -> None:
     """trainer.fit; an image that became unreadable (or changed size) since it was checked is a one-line error."""
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, on torch 2.13
         if module.settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
         try:
@@ -677,6 +682,10 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         except Exception as e:
             target = _resume_target(run_dir, _run_checkpoints(run_dir))
             then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
+            if trainer.world_size > 1 and _lost_a_peer(e):
+                raise TrainingPeerError(f"rank {trainer.global_rank}: another process of this run stopped (its error "
+                                        f"says why, above or in its node's log), so this one stops too; fix that, "
+                                        f"then {then}") from None
             advice = write_error_advice(e.errno, "--ckpt_dir") if isinstance(e, OSError) else None
             if advice is not None:
                 raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "
@@ -685,6 +694,15 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
             if problem is None:
                 raise
             raise TrainingDataError(f"during training: {problem}; then {then}") from None
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank went away (gloo, NCCL): each rank says
+    so in one line, the failed rank's own error says why."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "closed by peer"))
 
 
 @contextlib.contextmanager
