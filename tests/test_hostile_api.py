@@ -743,4 +743,10 @@ def test_demo_on_a_full_disk_is_a_demo_error_and_leaves_nothing(tmp_path, tiny_m
         patch.setattr(shutil, "move", full)
         with pytest.raises(DemoError, match="No space left on device"):
             session.restore(image, "upload.png")  # was an OSError, leaving an empty result for the page
+    with monkeypatch.context() as patch:  # the restored image itself cannot be written
+        patch.setattr("moceir.pipeline.save_image", full)
+        with pytest.raises(DemoError) as failed:
+            session.restore(image, "upload.png")
+        assert str(failed.value).startswith("upload.png: the server cannot store images right now (No space left")
+        assert "-o" not in str(failed.value)  # was "free some space or choose another -o": not the page user's to do
     assert list((tmp_path / "work").iterdir()) == [] and list((tmp_path / "results").iterdir()) == []

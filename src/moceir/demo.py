@@ -158,6 +158,8 @@ class DemoSession:
                 except UsageError as e:
                     raise DemoError(_named(str(e), path, name)) from None
                 row = rows[0]
+                if "write_errno" in row:  # "choose another -o" is not the page user's to do
+                    raise OSError(row["write_errno"], os.strerror(row["write_errno"]))
                 if "error" in row:  # the output's folder is the server's too: its files are shown by name
                     raise DemoError(_named(row["error"], path, name).replace(f"{out_dir}{os.sep}", ""))
                 before = _preview(load_image(path).rgb)

@@ -408,9 +408,12 @@ class Restorer:
         self._pending: list[Future] = []
         self.writer_error: BaseException | None = None
 
-    def fail(self, i: int, e: BaseException | str) -> None:
+    def fail(self, i: int, e: BaseException | str, write_errno: int | None = None) -> None:
+        """Row i failed; ``write_errno``: its output could not be written (a full disk), the input was fine."""
         line = e if isinstance(e, str) else _error_line(self.jobs[i].input, e)
         self.rows[i] = {"input": str(self.jobs[i].input), "error": line}
+        if write_errno is not None:
+            self.rows[i]["write_errno"] = write_errno
         self.log(f"error: {line}")
 
     def process(self, items: list[tuple[int, LoadedImage | None, str | None]]) -> None:
@@ -506,7 +509,10 @@ class Restorer:
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:
-            self.fail(i, _write_error_line(self.jobs[i], e) if e.errno is not None else e)
+            if e.errno is None:
+                self.fail(i, e)
+            else:
+                self.fail(i, _write_error_line(self.jobs[i], e), e.errno)
         except ValueError as e:
             self.fail(i, e)
         except BaseException as e:  # a bug: the image is counted as failed, and close() raises it
@@ -576,7 +582,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     tiles of a large image or a data set of one size (:class:`moceir.cuda_graphs.GraphedNetwork`).
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
-    chosen in each MoE layer) for restored images, ``input, error`` for failures. Raises :class:`UsageError`
+    chosen in each MoE layer) for restored images, ``input, error`` for failures (and ``write_errno`` where the
+    image was restored but its output could not be written: a full disk). Raises :class:`UsageError`
     for options that cannot work, before any image is read, ``CheckpointError`` for an unusable checkpoint, and
     :class:`ReportError` (its ``rows`` as above) where the images were written but the report could not be.
     """
