@@ -700,3 +700,20 @@ def test_a_rank_that_fails_in_a_two_process_run_stops_the_other_without_a_traceb
     assert why in errors[0], errors
     assert f"rank {1 - int(rank)}: another process of this run stopped (its error says why" in errors[1], errors
     assert not list((tmp_path / "ck" / "r").glob("*.ckpt*"))
+
+
+def test_a_full_disk_at_metrics_csv_names_that_file(data, tmp_path, monkeypatch, capsys):
+    """Probe: the error said "cannot write into <run folder>" (the write's OSError carries no file name)."""
+    import errno
+
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_ExperimentWriter, "save", full)
+    run = tmp_path / "ck" / "r"
+    assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot write {run / 'logs' / 'metrics.csv'}: No space left on device; free some "
+                           "space or choose another --ckpt_dir, then"), line

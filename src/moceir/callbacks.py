@@ -166,6 +166,13 @@ class _ResumedWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         """Lightning's version warns and deletes metrics.csv; __init__ keeps the rows a resume continues."""
 
+    def save(self) -> None:
+        try:
+            super().save()
+        except OSError as e:  # a full disk, as file.write reports it: the file's name goes into the one-line error
+            e.filename = e.filename or self.metrics_file_path
+            raise
+
 
 def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
