@@ -238,6 +238,28 @@ def test_export_on_a_full_disk_is_one_line_and_exit_1(tmp_path, tiny_ckpt, capsy
     assert not out.exists()
 
 
+def test_onnx_export_into_a_folder_without_room_for_the_weights_is_refused_before_exporting(tmp_path, tiny_ckpt,
+                                                                                              capsys, monkeypatch):
+    """Probe: on a full disk the export ran for ~53 s (the tiny preset; minutes for MoCE-IR-S), then failed."""
+    from collections import namedtuple
+
+    import moceir.onnx
+
+    pytest.importorskip("onnxscript")
+
+    def never(*args, **kwargs):
+        raise AssertionError("exported although the file cannot be written")
+
+    monkeypatch.setattr(torch.onnx, "export", never)
+    monkeypatch.setattr(moceir.onnx.shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(1, 1, 4096))
+    out = tmp_path / "m.onnx"
+    assert main(["export", tiny_ckpt, str(out)]) == 1
+    line = _one_line(capsys)
+    assert line == (f"error: {out}: No space left on device: the file needs at least 1.1 MiB, 0.0 MiB are free; "
+                    "free some space or choose another output path"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
+
+
 def test_save_model_writes_what_load_model_reads(tmp_path, tiny_ckpt):
     model = moceir.load_model(tiny_ckpt)
     for dtype in (None, torch.float16):  # now serialised in memory, then written by Python
