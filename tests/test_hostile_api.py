@@ -4,6 +4,7 @@ from deep inside torch."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import zlib
@@ -677,25 +678,17 @@ def test_demo_upload_names_too_long_or_with_a_nul_are_shortened_not_tracebacks(t
     assert degraded.is_file() and session.restore(degraded, degraded.name).output.is_file()
 
 
-def test_demo_errors_do_not_show_server_paths(tmp_path, tiny_model, monkeypatch):
-    import errno
-
-    from moceir import pipeline
+def test_demo_errors_do_not_show_server_paths(tmp_path, tiny_model):
     from moceir.demo import DemoError
 
     session, image = _demo_session(tmp_path, tiny_model)
-
-    def full(target, write, overwrite):
-        if target.suffix == ".png":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(target, write, overwrite)
-
-    real = pipeline.write_atomically
-    monkeypatch.setattr(pipeline, "write_atomically", full)
+    truncated = tmp_path / "work" / "upload.png"
+    truncated.write_bytes(image.read_bytes()[:200])
     with pytest.raises(DemoError) as raised:
-        session.restore(image, "photo.png")
-    assert str(raised.value) == ("photo.png: cannot write upload_restored.png: No space left on device; free some "
-                                 "space or choose another -o")  # the output folder is the server's: not shown
+        session.restore(truncated, "photo.png")
+    message = str(raised.value)
+    assert message.startswith("photo.png: ") and str(tmp_path) not in message and "upload" not in message, message
+    truncated.unlink()
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
@@ -750,3 +743,24 @@ def test_demo_on_a_full_disk_is_a_demo_error_and_leaves_nothing(tmp_path, tiny_m
         assert str(failed.value).startswith("upload.png: the server cannot store images right now (No space left")
         assert "-o" not in str(failed.value)  # was "free some space or choose another -o": not the page user's to do
     assert list((tmp_path / "work").iterdir()) == [] and list((tmp_path / "results").iterdir()) == []
+
+
+def test_restore_training_and_demo_say_the_same_of_a_path_that_is_not_an_image_file(tmp_path):
+    """Probe: load_image and the training data check each had their own words for these ("is a link to a missing
+    file (or a link loop)" against "cannot be opened (Too many levels of symbolic links)", "does not exist" against
+    "is missing")."""
+    from moceir.data.datasets import image_size as training_size
+    from moceir.io import ImageReadError, load_image
+
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")
+    for name, why in (("missing.png", "does not exist"), ("loop.png", "is a link loop"),
+                      ("dangling.png", "is a link to nothing (dangling)"), ("folder.png", "is a folder"),
+                      ("fifo.png", "is not a regular file (a pipe or device)")):
+        path = tmp_path / name
+        with pytest.raises(ImageReadError) as raised:
+            load_image(path)
+        assert str(raised.value) == f"{path}: {why}; pass an image file"
+        assert training_size(path) == why

@@ -562,7 +562,7 @@ def test_unusable_training_files_are_each_named(data, tmp_path, capsys):
     assert "3 unusable training image(s)" in line, line
     assert "rain-1.tif (floating-point samples (PIL mode F) are not supported" in line
     assert "rain-2.png (is not a regular file (a pipe or device))" in line
-    assert "rain-10.png (cannot be opened (Too many levels of symbolic links))" in line
+    assert "rain-10.png (is a link loop)" in line
 
 
 def test_pairs_differing_by_a_few_pixels_are_announced(data, tmp_path, capsys):

@@ -136,14 +136,27 @@ def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1) -> Loa
     return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file that can be opened ("does not exist", "is a link loop", "is a folder",
+    ...), or None. A FIFO or device is refused: a decoder would block on it forever."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if not os.path.lexists(path):
+            return "does not exist"
+        if e.errno in (errno.ELOOP, errno.ENOENT) and os.path.islink(path):
+            return "is a link loop" if e.errno == errno.ELOOP else "is a link to nothing (dangling)"
+        return f"cannot be opened ({e.strerror})"
+    if not os.path.isfile(path):
+        return "is a folder" if os.path.isdir(path) else "is not a regular file (a pipe or device)"
+    return None
+
+
 def load_image(path: str | Path) -> LoadedImage:
     """Read 8/16-bit gray, RGB or RGBA (PNG, JPEG, TIFF, WebP, BMP), applying the EXIF orientation."""
     path = Path(path)
-    if not path.is_file():  # a FIFO or device would block the reader forever
-        what = ("is a link to a missing file (or a link loop)" if path.is_symlink() and not path.exists() else
-                "does not exist" if not path.exists() else "is a folder" if path.is_dir()
-                else "is not a regular file (a pipe or device)")
-        raise ImageReadError(f"{path}: {what}; pass an image file")
+    if problem := file_problem(path):
+        raise ImageReadError(f"{path}: {problem}; pass an image file")
     try:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)

@@ -7,7 +7,6 @@ Tasks and benchmarks are named by strings, never by list position.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..io import IMAGE_EXTS, ImageReadError, exif_orientation, read_rgb, write_atomically
+from ..io import IMAGE_EXTS, ImageReadError, exif_orientation, file_problem, read_rgb, write_atomically
 from .degradations import (DENOISE_SIGMAS, augment, crop_to_multiple, random_haze, seeded_rng, sigma_for_task,
                            add_gaussian_noise)
 
@@ -268,15 +267,8 @@ def image_size(path: str) -> list[int] | str:
     """[width, height] of an image as :func:`read_rgb` reads it (EXIF orientation applied), else why it cannot be
     read. 8-bit images are checked cheaply (JPEGs decoded at 1/8 scale); others are decoded as training reads them."""
     p = Path(path)
-    try:
-        os.stat(p)
-    except OSError as e:
-        if not os.path.lexists(p):
-            return "is missing"
-        dangling = p.is_symlink() and e.errno == errno.ENOENT
-        return "is a link to nothing" if dangling else f"cannot be opened ({e.strerror})"
-    if not p.is_file():  # a FIFO would block the decoder
-        return "is a folder" if p.is_dir() else "is not a regular file (a pipe or device)"
+    if problem := file_problem(p):
+        return problem
     try:
         with Image.open(p) as im:
             if not im.mode.startswith(("I", "F")):
