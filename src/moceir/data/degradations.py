@@ -75,6 +75,9 @@ def add_haze(clean: np.ndarray, depth: np.ndarray, beta: float, airlight: np.nda
     if not isinstance(depth, np.ndarray) or depth.shape != clean.shape[:2]:
         what = depth.shape if isinstance(depth, np.ndarray) else type(depth).__name__
         raise ValueError(f"depth must be a numpy array [H, W] {clean.shape[:2]}, got {what}")
+    for name, array in (("clean", clean), ("depth", depth)):
+        if not np.isfinite(array).all():  # np.clip keeps NaN: the hazy image would carry it on
+            raise ValueError(f"{name} holds NaN or infinite values")
     _check_number("beta", beta, 0)
     air = np.asarray(airlight, dtype=np.float64)
     if not ((air >= 0) & (air <= 1)).all():  # NaN fails too
