@@ -717,3 +717,25 @@ def test_a_full_disk_at_metrics_csv_names_that_file(data, tmp_path, monkeypatch,
     line = _one_error_line(capsys)
     assert line.startswith(f"error: cannot write {run / 'logs' / 'metrics.csv'}: No space left on device; free some "
                            "space or choose another --ckpt_dir, then"), line
+
+
+def test_a_resumed_run_that_fails_redraws_its_curves_up_to_the_failure(data, earlier, capsys, monkeypatch):
+    """Probe: training_curves.png was drawn only when training ended well, so after a resumed run failed it still
+    showed the earlier call's steps while metrics.csv held the new ones."""
+    from moceir.io import ImageReadError
+
+    before = (earlier / "training_curves.png").read_bytes()
+    reads = []
+    real = datasets.read_rgb
+
+    def vanishing(path):  # two steps of 3 pairs read, then the images are gone
+        reads.append(path)
+        if len(reads) > 12:
+            raise ImageReadError(f"{path}: does not exist; pass an image file")
+        return real(path)
+
+    monkeypatch.setattr(datasets, "read_rgb", vanishing)
+    assert _train(data, earlier.parent, "--max_steps", "8", "--run_name", "r", "--resume_from", "r") == 1
+    assert "does not exist" in _one_error_line(capsys)
+    assert max(step for _, step in _rows(earlier)) > 4
+    assert (earlier / "training_curves.png").read_bytes() != before

@@ -8,6 +8,7 @@ Lightning callbacks and plugins used by :func:`moceir.training.train`: :class:`W
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -231,3 +232,13 @@ class PlotAtEnd(Callback):
                 plot_training_logs(self.run_dir)
             except FileNotFoundError:  # too few steps to log anything
                 print(f"no logged steps yet; no plots written to {self.run_dir}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A run that stops on an error still gets curves up to that step (a resumed one: not the earlier call's)."""
+        if trainer.is_global_zero:
+            from .plots import plot_training_logs
+
+            with contextlib.suppress(Exception):  # the training error is the one to report
+                for lg in trainer.loggers:
+                    lg.save()
+                plot_training_logs(self.run_dir)
