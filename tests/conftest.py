@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import zlib
 from pathlib import Path
@@ -102,3 +103,56 @@ def tiny_model():
     model = moceir.create_model("MoCE_IR_tiny").eval()
     fill_deterministic(model, 0.05)
     return model
+
+
+# ONNX: one export of the tiny preset takes about a minute on CI's 2 cores, so the routed tiny model's file written
+# by `moceir export` serves tests/test_onnx_cli.py and the conditional-dispatch case of tests/test_onnx.py alike.
+ONNX_NOTE = "tiny test export"  # asserted as a literal by tests/test_onnx.py and tests/test_onnx_cli.py
+
+
+def need_onnx() -> None:
+    """Skip where the [onnx] extra is missing (CI installs it, and fails on any skip)."""
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (pip install 'moceir[onnx]')")
+
+
+@pytest.fixture(scope="session")
+def onnx_two_images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, 32, 32, generator=g) * torch.tensor([1.0, 0.3]).view(2, 1, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def onnx_routed_tiny(onnx_two_images):
+    """Tiny model whose routers send image b of `onnx_two_images` to expert (b + layer) % 4 (as in test_model.py).
+    Shared by the session: tests may not mutate it."""
+    import moceir
+
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    fill_deterministic(model, 0.1)
+    captured = {}
+    hook = model.freq_embed.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
+    with torch.no_grad():
+        model(onnx_two_images)
+        hook.remove()
+        e = captured["e"]
+        for layer, adapter in enumerate(model.adapters):
+            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
+            adapter.routing.gate[2].weight.zero_()
+            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
+    return model
+
+
+@pytest.fixture(scope="session")
+def onnx_cli_export(onnx_routed_tiny, tmp_path_factory):
+    """`onnx_routed_tiny` saved as safetensors and exported by ``moceir export`` with the default (conditional)
+    dispatch, ``--note ONNX_NOTE`` and ``--no-optimize`` (which halves the export time): (folder, checkpoint, .onnx)."""
+    need_onnx()
+    import moceir
+    from moceir.cli import main
+
+    root = tmp_path_factory.mktemp("onnx")
+    ckpt = moceir.save_model(onnx_routed_tiny, root / "tiny.safetensors")
+    assert main(["export", str(ckpt), str(root / "tiny.onnx"), "--note", ONNX_NOTE, "--no-optimize"]) == 0
+    return root, str(ckpt), str(root / "tiny.onnx")

@@ -3,9 +3,9 @@
 The ONNX tests skip only where onnxruntime / onnxscript are missing (CI installs them, and fails on skips).
 """
 
-import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from moceir.models import MoCEConfig
 from moceir.models.attention import patch_fft_product
 from moceir.models.checkpoints import CONFIG_KEY
 
-from conftest import fill_deterministic
+from conftest import need_onnx
 
 
 def test_fft_impl_is_validated_with_the_choices():
@@ -63,51 +63,42 @@ def test_matmul_product_stays_fp32_under_autocast(dtype):
 
 # --- ONNX export (needs onnx, onnxscript, onnxruntime) ---
 
-def _need_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (pip install 'moceir[onnx]')")
+@pytest.fixture(scope="module")
+def two_images(onnx_two_images):
+    return onnx_two_images
 
 
 @pytest.fixture(scope="module")
-def two_images():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(2, 3, 32, 32, generator=g) * torch.tensor([1.0, 0.3]).view(2, 1, 1, 1)
-
-
-@pytest.fixture(scope="module")
-def routed_tiny(two_images):
+def routed_tiny(onnx_routed_tiny):
     """Tiny model whose routers send image b of `two_images` to expert (b + layer) % 4 (as in test_model.py)."""
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.1)
-    captured = {}
-    hook = model.freq_embed.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
-    with torch.no_grad():
-        model(two_images)
-        hook.remove()
-        e = captured["e"]
-        for layer, adapter in enumerate(model.adapters):
-            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
-            adapter.routing.gate[2].weight.zero_()
-            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
-    return model
+    return onnx_routed_tiny
 
 
 @pytest.fixture(scope="module", params=["conditional", "dense"])
 def exported(routed_tiny, tmp_path_factory, request):
-    """The routed tiny model exported with each dispatch: experts behind an If each (the default), or all run."""
-    _need_onnx()
+    """The routed tiny model exported with each dispatch: experts behind an If each (the default), or all run.
+
+    "conditional" is the file `moceir export` wrote (the CLI's default dispatch, conftest.onnx_cli_export); "dense"
+    is exported here through the API, over a stale file; both with the note "tiny test export"."""
+    need_onnx()
     import onnx
 
     from moceir.onnx import export_onnx, load_onnx
 
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    path.write_text("stale")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        export_onnx(routed_tiny, path)
-    # optimize=False halves the export time; the optimized graph (the default) is run by tests/test_onnx_cli.py.
-    assert export_onnx(routed_tiny, path, note="tiny test export", overwrite=True, optimize=False,
-                       dispatch=request.param) == path
+    if request.param == "conditional":
+        path = Path(request.getfixturevalue("onnx_cli_export")[2])
+        before = path.read_bytes()
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            export_onnx(routed_tiny, path)
+        assert path.read_bytes() == before
+    else:
+        path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+        path.write_text("stale")
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            export_onnx(routed_tiny, path)
+        # optimize=False halves the export time (the CLI's export in conftest.py passes --no-optimize too).
+        assert export_onnx(routed_tiny, path, note="tiny test export", overwrite=True, optimize=False,
+                           dispatch=request.param) == path
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ("If" in ops) == (request.param == "conditional")
     assert not path.with_name(path.name + ".tmp").exists()

@@ -1,28 +1,15 @@
 """ONNX through the command line: export by suffix, restore and info through the same pipeline as PyTorch."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-import moceir
 from moceir.cli import main
 from moceir.io import load_image, save_image
 
-from conftest import fill_deterministic
-
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (pip install 'moceir[onnx]')")
-    root = tmp_path_factory.mktemp("onnx")
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.05)
-    ckpt = moceir.save_model(model, root / "tiny.safetensors")
-    assert main(["export", str(ckpt), str(root / "tiny.onnx"), "--note", "tiny for a test", "--no-optimize"]) == 0
-    return root, str(ckpt), str(root / "tiny.onnx")
+def exported(onnx_cli_export):
+    return onnx_cli_export
 
 
 def test_export_refuses_unknown_suffix_and_existing_file(exported, capsys):
@@ -61,7 +48,7 @@ def test_experts_skip_with_an_onnx_model_is_one_line(exported, tmp_path, capsys)
 def test_info_describes_an_onnx_model(exported, capsys):
     assert main(["info", exported[2], "--size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "ONNX" in out and "tiny for a test" in out and "parameters:" in out
+    assert "ONNX" in out and "tiny test export" in out and "parameters:" in out
 
 
 def test_damaged_onnx_is_one_line(tmp_path, capsys):
