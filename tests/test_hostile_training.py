@@ -739,3 +739,17 @@ def test_a_resumed_run_that_fails_redraws_its_curves_up_to_the_failure(data, ear
     assert "does not exist" in _one_error_line(capsys)
     assert max(step for _, step in _rows(earlier)) > 4
     assert (earlier / "training_curves.png").read_bytes() != before
+
+
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(data, tmp_path, capsys):
+    """Probe: after `mv ck/orig ck/moved`, a resume wrote last-v1.ckpt beside a stale last.ckpt (the checkpoint
+    held the old folder's path), and the next resume started again from the stale step."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "orig") == 0
+    (ck / "orig").rename(ck / "moved")
+    for steps in ("4", "6"):
+        assert _train(data, ck, "--max_steps", steps, "--run_name", "moved", "--resume_from", "moved") == 0
+        assert torch.load(ck / "moved" / "last.ckpt", weights_only=True)["global_step"] == int(steps)
+    assert "steps 4 to 6" in capsys.readouterr().out
+    assert not list((ck / "moved").glob("*-v*.ckpt"))

@@ -566,8 +566,10 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: ResumePoint | None,
              extra: tuple[Callback, ...] = (), capture_stand_in: bool = False) -> pl.Trainer:
     accelerator, devices, strategy = _hardware(settings, capture_stand_in)
     history = resume.path.parent / "logs" / "metrics.csv" if resume else None
+    # no version counter: a run folder that was moved or copied would get last-v1.ckpt beside a stale last.ckpt
+    # (the checkpoint holds the old folder's path), and the next resume would start from the stale one
     checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
-                                save_last=True, resuming=resume is not None)
+                                save_last=True, resuming=resume is not None, enable_version_counter=False)
     try:
         return pl.Trainer(
             max_epochs=settings.epochs, max_steps=settings.max_steps, max_time=settings.max_time,
@@ -674,6 +676,7 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
     """trainer.fit; an image that became unreadable (or changed size) since it was checked is a one-line error."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's, on torch 2.13
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")  # a moved run folder: harmless here
         if module.settings.cuda_graphs:  # training_step returns no loss on purpose: the replay has done the backward
             warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
         try:
