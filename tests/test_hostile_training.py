@@ -753,3 +753,19 @@ def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(data, tmp_path, capsy
         assert torch.load(ck / "moved" / "last.ckpt", weights_only=True)["global_step"] == int(steps)
     assert "steps 4 to 6" in capsys.readouterr().out
     assert not list((ck / "moved").glob("*-v*.ckpt"))
+
+
+@pytest.mark.parametrize("damage", ["cut", "bytes"])
+def test_a_resume_after_a_damaged_metrics_csv_writes_its_model_and_keeps_the_good_rows(data, earlier, capsys, damage):
+    """Probe: a last row cut short by a crash ("...e") failed the plot at the end with a traceback, after which
+    model.safetensors and settings.json were not written; a damaged byte failed the resume at its start."""
+    log = earlier / "logs" / "metrics.csv"
+    good = _rows(earlier)[:-1] if damage == "cut" else _rows(earlier)
+    text = log.read_bytes().rstrip(b"\n")
+    log.write_bytes(text[:text.rfind(b"e-") + 1] if damage == "cut" else text + b"\n\xff\xfe\x00garbage\n")
+    model = (earlier / "model.safetensors").read_bytes()
+    assert _train(data, earlier.parent, "--max_steps", "6", "--run_name", "r", "--resume_from", "r") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert _rows(earlier)[:len(good)] == good and max(step for _, step in _rows(earlier)) == 5
+    assert (earlier / "model.safetensors").read_bytes() != model
+    assert json.loads((earlier / "settings.json").read_text())["global_step"] == 6

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ class _ResumedWriter(ExperimentWriter):
     def __init__(self, log_dir: str, history: Path | None, start_step: int):
         super().__init__(log_dir)
         rows, keys = _read_rows(history) if history else ([], [])
-        rows = [r for r in rows if r.get("step") not in (None, "") and float(r["step"]) < start_step]
+        rows = [r for r in rows if float(r["step"]) < start_step]
         if rows:
             self.metrics_keys = sorted(keys)
             with open(self.metrics_file_path + ".tmp", "w", newline="") as f:
@@ -176,11 +177,29 @@ class _ResumedWriter(ExperimentWriter):
 
 
 def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of an earlier metrics.csv and its header; rows that are not all numbers (a crash cut the last one
+    short, a damaged byte) are left out, so that neither the resumed log nor its plot fails on them."""
     if not path.is_file():
         return [], []
-    with open(path, newline="") as f:
+    rows = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
-        return list(reader), list(reader.fieldnames or [])
+        with contextlib.suppress(csv.Error):
+            rows = [row for row in reader if None not in row and _numeric(row)]
+        return rows, list(reader.fieldnames or [])
+
+
+def _numeric(row: dict) -> bool:
+    """Whether a metrics.csv row has a step and every value it holds is a number."""
+    if row.get("step") in ("", None):
+        return False
+    try:
+        for value in row.values():
+            if value not in ("", None):
+                float(value)
+    except ValueError:
+        return False
+    return True
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -226,12 +245,14 @@ class PlotAtEnd(Callback):
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.save()
-            from .plots import plot_training_logs
+            from .plots import MetricsError, plot_training_logs
 
             try:
                 plot_training_logs(self.run_dir)
             except FileNotFoundError:  # too few steps to log anything
                 print(f"no logged steps yet; no plots written to {self.run_dir}")
+            except MetricsError as e:  # a damaged log must not cost the model that is written next
+                print(f"note: training_curves.png not drawn: {e}", file=sys.stderr)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A run that stops on an error still gets curves up to that step (a resumed one: not the earlier call's)."""
