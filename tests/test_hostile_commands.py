@@ -117,6 +117,24 @@ def test_info_stopped_reader_is_not_a_traceback():
     assert "Traceback" not in done.stderr and done.stdout == "model: MoC"
 
 
+
+def test_a_reader_that_stops_early_costs_neither_training_nor_test_results(tmp_path, small_layout, tiny_ckpt):
+    """Probe: `moceir train ... | head -1` stopped training at its next progress line (no model, no "how to resume"
+    line, exit 1), and `moceir test ... | head -1` scored every benchmark, then wrote no results, silently."""
+    moceir_cmd = f"{sys.executable} -m moceir"
+    train = (f"{moceir_cmd} train --model MoCE_IR_tiny --de_type derain --data_file_dir {small_layout} --patch_size 16 "
+             f"--batch_size 1 --num_workers 0 --max_steps 3 --ckpt_dir {tmp_path / 'ck'} --run_name r | head -1; "
+             "exit ${PIPESTATUS[0]}")
+    test = (f"{moceir_cmd} test --ckpt {tiny_ckpt} --benchmarks lolv1 --data_file_dir {small_layout} "
+            f"--output_path {tmp_path / 'results'} | head -1; exit ${{PIPESTATUS[0]}}")
+    for cmd in (train, test):
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert len(done.stdout.splitlines()) == 1
+    assert (tmp_path / "ck" / "r" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["per_image.csv", "results.json", "results.md"]
+
+
 # ------------------------------------------------------------------------------------------------ routing
 def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, small_layout, tiny_ckpt, capsys):
     out = tmp_path / "r"

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
 from .losses import LOSS_TYPES
@@ -322,8 +323,8 @@ def cmd_test(args: argparse.Namespace) -> int:
             results.append(result)
     if results and global_rank() == 0:
         title = f"moceir test: {path}"
+        paths = write_reports(results, out_dir, title, overwrite=args.overwrite)  # first: a closed stdout loses nothing
         print(markdown_table(results, title))
-        paths = write_reports(results, out_dir, title, overwrite=args.overwrite)
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
     elif global_rank() == 0:
         print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
@@ -753,7 +754,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ReaderMayLeave:
+    """sys.stdout for a command whose work must not depend on its reader: once a pipe's reader has gone
+    (``moceir train ... | head``), what is printed goes nowhere and the work goes on (training to its checkpoint,
+    ``moceir test`` to its results files); the exit code still says how the work went."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the buffer's rest and the exit's flush
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is not None and sys.stdout is sys.__stdout__:  # the process's own stdout, not a caller's capture
+        sys.stdout = _ReaderMayLeave(sys.stdout)
+    try:
+        return _main(argv)
+    finally:
+        if isinstance(sys.stdout, _ReaderMayLeave):
+            sys.stdout = sys.stdout._stream
+
+
+def _main(argv: list[str] | None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
