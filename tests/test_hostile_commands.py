@@ -278,6 +278,26 @@ def test_onnx_export_into_a_folder_without_room_for_the_weights_is_refused_befor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.safetensors"]
 
 
+def test_overwrite_never_replaces_a_device_pipe_or_a_link_to_one(tmp_path, tiny_ckpt, capsys):
+    """Probe: `--report /dev/stdout --overwrite` (the first refusal advised --overwrite) replaced, as root, the
+    system's /dev/stdout link by a regular file; /dev/null and FIFOs alike."""
+    import os
+
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "null").symlink_to(os.devnull)
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    assert main(["restore", str(tmp_path / "in"), "--checkpoint", tiny_ckpt, "-o", str(tmp_path / "out"), "--report",
+                 str(tmp_path / "null"), "--overwrite", "--quiet"]) == 1
+    assert "is a device, pipe or socket (or a link to one), which moceir does not replace" in _one_line(capsys)
+    assert main(["export", tiny_ckpt, str(tmp_path / "fifo.safetensors"), "--overwrite"]) == 2
+    assert "is a device, pipe or socket" in _one_line(capsys)
+    assert os.readlink(tmp_path / "null") == os.devnull and (tmp_path / "fifo.safetensors").is_fifo()
+    assert (tmp_path / "out" / "a.png").is_file()
+
+
 def test_save_model_writes_what_load_model_reads(tmp_path, tiny_ckpt):
     model = moceir.load_model(tiny_ckpt)
     for dtype in (None, torch.float16):  # now serialised in memory, then written by Python
@@ -294,6 +314,7 @@ def test_plot_logs_output_path_problems_are_one_line(tmp_path, capsys):
     afile.write_text("keep")
     (run / "folder.png").mkdir()
     for out, needle in ((afile / "x.png", "is a file, not a folder"), (run / "o.txt", "name it .png"),
+                        (run / "o.pgf", "name it .png"),  # was a traceback: matplotlib's pgf needs xelatex
                         (run, "name it .png"), (run / "folder.png", "is a folder")):
         assert main(["plot-logs", str(run), "--out", str(out)]) == 2
         assert needle in _one_line(capsys)

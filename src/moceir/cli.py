@@ -489,7 +489,7 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
     from .plots import MetricsError, plot_training_logs
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "training_curves.png"
-    formats = Figure().canvas.get_supported_filetypes()
+    formats = {k: v for k, v in Figure().canvas.get_supported_filetypes().items() if k != "pgf"}  # needs LaTeX
     if out.suffix.lower()[1:] not in formats:
         raise UsageError(f"--out {out}: name it .png (or .{', .'.join(f for f in formats if f != 'png')})")
     problem = folder_problem(out.parent)

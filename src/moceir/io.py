@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -430,6 +431,9 @@ def _written_temp(target: Path, write: Callable[[Path], None]) -> Path:
 
 def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     if overwrite:
+        if _special_file(target):  # `--report /dev/stdout --overwrite` as root would replace the system's link
+            raise OSError(errno.EINVAL, "is a device, pipe or socket (or a link to one), which moceir does not "
+                          "replace; name a regular file", str(target))
         os.replace(tmp, target)
         return
     try:
@@ -440,3 +444,12 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
         if os.path.lexists(target):
             raise
         os.replace(tmp, target)
+
+
+def _special_file(path: Path) -> bool:
+    """Whether ``path`` is, or links to, something other than a regular file or folder (/dev/null, a FIFO)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # nothing there, or a dangling link: replaced as documented
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
