@@ -654,3 +654,14 @@ def test_an_output_folder_on_a_read_only_file_system_is_called_so(tmp_path, tiny
     monkeypatch.setattr(pipeline.os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY))
     assert _restore(a, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 2
     assert f"folder {tmp_path} is on a read-only file system; choose another -o" in capsys.readouterr().err
+
+
+def test_a_folder_input_restores_its_gifs_too(tmp_path, tiny_ckpt):
+    """Probe: a folder's .gif files (which moceir reads and writes) were skipped without a note, and a folder of
+    GIFs only was "a folder with no images"."""
+    (tmp_path / "in").mkdir()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    for name in ("a.gif", "b.GIF", "c.png"):
+        image.save(tmp_path / "in" / name)
+    rows = moceir.restore_files([tmp_path / "in"], tmp_path / "out", tiny_ckpt, progress=False)
+    assert sorted(os.path.basename(r["output"]) for r in rows) == ["a.gif", "b.GIF", "c.png"]

@@ -26,7 +26,7 @@ import torch
 from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (IMAGE_EXTS, NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size,
+from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size,
                  list_images, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
@@ -57,9 +57,9 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
-            found = list_images(p)
+            found = list_images(p, WRITABLE_EXTS)  # the benchmarks' formats and GIF, which restore reads too
             if not found:
-                errors.append((str(spec), f"{p}: folder has no images ({', '.join(e[1:] for e in IMAGE_EXTS)}); "
+                errors.append((str(spec), f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); "
                                           "nothing to restore there"))
             files += found
         elif p.is_file():
