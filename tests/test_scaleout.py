@@ -89,3 +89,27 @@ def test_two_node_torchrun_training_writes_one_checkpoint(tmp_path, tiny_layout)
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
     assert "GLOBAL_RANK: 1" in logs[0] + logs[1] and "MEMBER: 2/2" in logs[0] + logs[1]
+
+
+@pytest.mark.parametrize("command", ["train", "test", "restore"])
+def test_num_nodes_without_a_launcher_is_one_line_not_a_silent_wait(tmp_path, small_layout, tiny_ckpt, capsys,
+                                                                    monkeypatch, command):
+    """Probe: `--num_nodes 2` started by hand waited, without a word, for a second node that never came."""
+    from moceir.cli import main
+    from moceir.distributed import LAUNCHER_ENV
+
+    for var in LAUNCHER_ENV:
+        monkeypatch.delenv(var, raising=False)
+    data = str(small_layout)
+    argv = {"train": ["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", data,
+                      "--patch_size", "16", "--num_workers", "0", "--ckpt_dir", str(tmp_path / "ck"),
+                      "--run_name", "r", "--num_gpus", "0"],
+            "test": ["test", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", data,
+                     "--output_path", str(tmp_path / "r")],
+            "restore": ["restore", f"{data}/denoising/cBSD68/original_png", "--checkpoint", tiny_ckpt,
+                        "-o", str(tmp_path / "o")]}
+    assert main([*argv[command], "--num_nodes", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --num_nodes 2 needs a launcher on each node: torchrun --nnodes 2") and \
+        len(err.splitlines()) == 1, err
+    assert not any((tmp_path / name).exists() for name in ("ck", "r", "o"))

@@ -12,6 +12,7 @@ Launching follows Lightning's "ddp" strategy: the command re-runs itself once pe
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,20 @@ from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
+# What torchrun, SLURM or a hand-made Lightning multi-node start sets; without any, a node cannot know its rank.
+LAUNCHER_ENV = ("NODE_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "MASTER_ADDR")
+
+
+def multi_node_problem(num_nodes: int) -> str | None:
+    """Why ``num_nodes`` machines cannot start from this process (no launcher said which node it is: it would wait
+    silently, forever, for nodes that never come), or None."""
+    if num_nodes > 1 and not any(var in os.environ for var in LAUNCHER_ENV):
+        return (f"--num_nodes {num_nodes} needs a launcher on each node: torchrun --nnodes {num_nodes} --node_rank N "
+                "--master_addr HOST, or srun under SLURM (README, scaling out); started by hand, this process "
+                "would wait for the other nodes forever")
+    return None
+
+
 @dataclass(frozen=True)
 class Launch:
     """Where to run: ``num_gpus`` per node (0: CPU), ``num_nodes``, ``num_cpu_processes`` per node on CPU."""
@@ -32,6 +47,10 @@ class Launch:
     num_gpus: int = 0
     num_nodes: int = 1
     num_cpu_processes: int = 1
+
+    def __post_init__(self) -> None:
+        if problem := multi_node_problem(self.num_nodes):  # before any work: the run could never start
+            raise UsageError(problem)
 
     @property
     def world_size(self) -> int:

@@ -527,6 +527,10 @@ def _hardware(settings: TrainSettings, capture_stand_in: bool = False) -> tuple[
     if settings.cuda_graphs and (devices > 1 or settings.num_nodes > 1):
         raise TrainingSetupError(f"--cuda_graphs trains on one device, not {devices * settings.num_nodes}; pass "
                                  "--num_gpus 1 --num_nodes 1, or leave --cuda_graphs out")
+    from .distributed import multi_node_problem
+
+    if problem := multi_node_problem(settings.num_nodes):
+        raise TrainingSetupError(problem)
     if devices == 1 and settings.num_nodes == 1:
         return accelerator, devices, "auto"
     dense = settings.dispatch == "dense" or (settings.dispatch == "auto" and accelerator == "gpu")
