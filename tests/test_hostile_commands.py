@@ -362,3 +362,15 @@ def test_plot_logs_of_a_mistyped_run_folder_makes_no_folder(tmp_path, capsys):
     assert main(["plot-logs", str(typo), "--out", str(tmp_path / "a" / "b" / "c.png")]) == 1
     capsys.readouterr()
     assert not typo.exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("flags, says", [(("--latent_dim", "100000", "--rank_type", "exp"), "exceed 65536"),
+                                         (("--latent_dim", "30", "--rank_type", "fact"), "exceed 65536"),
+                                         (("--dim", "100000"), "choose a smaller dim"),
+                                         (("--dim", "7"), "each must be at least 1")])
+def test_architecture_flags_that_make_no_network_are_one_line(tmp_path, small_layout, tiny_ckpt, capsys, flags, says):
+    """Probe: ranks of 10^5 ** 4 or 30! were a 40 GB allocation or a C++ overflow, each a traceback."""
+    assert main(["test", "--model", "MoCE_IR_tiny", *flags, "--ckpt", tiny_ckpt, "--benchmarks", "denoise_15",
+                 "--data_file_dir", str(small_layout), "--output_path", str(tmp_path / "r")]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: --model MoCE_IR_tiny {' '.join(flags)}") and says in line, line

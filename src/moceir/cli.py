@@ -115,8 +115,14 @@ ARCH_FIELDS = ("dim", "num_blocks", "num_dec_blocks", "latent_dim", "num_exp_blo
 def _config_from_args(args: argparse.Namespace):
     from .models import get_config
 
+    from .pipeline import UsageError
+
     overrides = {k: getattr(args, k) for k in ARCH_FIELDS if getattr(args, k, None) is not None}
-    return get_config(args.model, **overrides)
+    try:
+        return get_config(args.model, **overrides)
+    except ValueError as e:  # flags that make no network (ranks of 10^12, a width the heads do not divide)
+        flags = " ".join(f"--{k} {v}" for k, v in overrides.items())
+        raise UsageError(f"--model {args.model}{' ' + flags if flags else ''}: {e}") from None
 
 
 def _device(name: str):

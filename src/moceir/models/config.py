@@ -14,6 +14,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
+MAX_RANK = 2**16  # channels of a level or an expert; upstream's widest level has a few hundred
 RANK_TYPES = ("spread", "constant", "lin", "double", "exp", "fact")
 COMPLEXITY_SCALES = ("max", "min")
 # How the experts' per-patch FFT product is computed (moceir.models.attention.PATCH_PRODUCTS): "fft" with
@@ -96,7 +97,14 @@ class MoCEConfig:
         for i, w in enumerate(self.widths):
             if w % self.heads[i]:
                 raise ValueError(f"level {i} width {w} is not divisible by heads[{i}]={self.heads[i]}")
+        if self.widths[-1] > MAX_RANK:
+            raise ValueError(f"the widest level would have {self.widths[-1]} channels (dim {self.dim} x "
+                             f"2**{self.levels - 1}), above {MAX_RANK}; choose a smaller dim")
         ranks = self.expert_ranks(self.dim)  # the narrowest MoE layer has the smallest ranks
+        widest = self.expert_ranks(self.widths[-2])  # and the widest the largest ("spread")
+        if max(widest) > MAX_RANK:  # a rank is a channel count: "exp" or "fact" of a large latent_dim overflows
+            raise ValueError(f"expert ranks {widest} exceed {MAX_RANK}; choose a smaller latent_dim or another "
+                             f"rank_type")
         if min(ranks) < 1:
             least = 2 ** (self.num_exp_blocks - 1)
             raise ValueError(f"expert ranks {ranks} at width dim={self.dim}: each must be at least 1; with rank_type "
