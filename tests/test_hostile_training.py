@@ -769,3 +769,22 @@ def test_a_resume_after_a_damaged_metrics_csv_writes_its_model_and_keeps_the_goo
     assert _rows(earlier)[:len(good)] == good and max(step for _, step in _rows(earlier)) == 5
     assert (earlier / "model.safetensors").read_bytes() != model
     assert json.loads((earlier / "settings.json").read_text())["global_step"] == 6
+
+
+def test_fine_tuning_refuses_architecture_flags_it_would_ignore(data, tmp_path, capsys):
+    """Probe: `--model MoCE_IR_tiny --fine_tune_from default` trained MoCE_IR_S without a word (the checkpoint's
+    architecture wins), and `--dim 16 --fine_tune_from tiny.safetensors` trained dim 8."""
+    import moceir
+
+    tiny = moceir.save_model(moceir.create_model("MoCE_IR_tiny"), tmp_path / "tiny.safetensors")
+    ck = tmp_path / "ck"
+    common = ["train", "--de_type", "derain", "--data_file_dir", str(data), "--batch_size", "3", "--patch_size", "16",
+              "--num_workers", "0", "--num_gpus", "0", "--ckpt_dir", str(ck), "--max_steps", "1"]
+    assert main([*common, "--model", "MoCE_IR_tiny", "--fine_tune_from", "default", "--run_name", "a"]) == 2
+    assert _one_error_line(capsys).startswith("error: --fine_tune_from default holds a network with dim 32, not 8;")
+    assert main([*common, "--dim", "16", "--fine_tune_from", str(tiny), "--run_name", "b"]) == 2
+    assert _one_error_line(capsys) == ("error: --dim with --fine_tune_from: fine-tuning keeps the checkpoint's "
+                                       "architecture; leave --dim out")
+    assert not ck.exists()
+    for model in ([], ["--model", "MoCE_IR_tiny"]):  # the checkpoint's own architecture, named or not
+        assert main([*common, *model, "--fine_tune_from", str(tiny), "--run_name", f"c{len(model)}"]) == 0

@@ -118,11 +118,12 @@ def _config_from_args(args: argparse.Namespace):
     from .pipeline import UsageError
 
     overrides = {k: getattr(args, k) for k in ARCH_FIELDS if getattr(args, k, None) is not None}
+    model = args.model or "MoCE_IR_S"
     try:
-        return get_config(args.model, **overrides)
+        return get_config(model, **overrides)
     except ValueError as e:  # flags that make no network (ranks of 10^12, a width the heads do not divide)
         flags = " ".join(f"--{k} {v}" for k, v in overrides.items())
-        raise UsageError(f"--model {args.model}{' ' + flags if flags else ''}: {e}") from None
+        raise UsageError(f"--model {model}{' ' + flags if flags else ''}: {e}") from None
 
 
 def _device(name: str):
@@ -193,7 +194,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
         raise UsageError(f"--data_file_dir {data_dir} {what}; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
-    config = _config_from_args(args)
+    flags = [k for k in ARCH_FIELDS if getattr(args, k, None) is not None]
+    if args.fine_tune_from and flags and not args.model:
+        raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's architecture; "
+                         f"leave --{flags[0]} out")
+    # a --model given with --fine_tune_from is checked against the checkpoint (training would ignore it)
+    config = _config_from_args(args) if args.model or not args.fine_tune_from else None
     settings = TrainSettings(
         de_type=tuple(args.de_type or ()), trainset=args.trainset, data_file_dir=str(data_dir),
         dehaze_source=args.dehaze_source, repeats=dict(args.repeat or []), holdout_val=args.holdout_val,
@@ -607,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     p = command("train", "train with PyTorch Lightning (upstream's flags)")
-    p.add_argument("--model", choices=list(PRESETS), default="MoCE_IR_S", help="architecture preset")
+    p.add_argument("--model", choices=list(PRESETS), help="architecture preset (default MoCE_IR_S; with "
+                   "--fine_tune_from, the checkpoint's own)")
     p.add_argument("--epochs", type=_positive(), default=120, help="training epochs")
     p.add_argument("--max_steps", type=int, default=-1, help="stop after N optimizer steps (the LR schedule spans "
                                                                "them); -1: no limit")

@@ -47,8 +47,8 @@ from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_p
 from .io import ImageReadError, write_error_advice
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
-from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_finite, config_from_dict, infer_config,
-                                 load_model, load_state_dict_strict, read_checkpoint_file, save_model)
+from .models.checkpoints import (CONFIG_KEY, SHAPE_FIELDS, CheckpointError, check_finite, config_from_dict,
+                                 infer_config, load_model, load_state_dict_strict, read_checkpoint_file, save_model)
 from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
 from .runtime import COMPILE_SCOPES, compile_network
@@ -512,6 +512,17 @@ def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
 
 
+def _architecture_difference(have: MoCEConfig, asked: MoCEConfig) -> str:
+    """What in ``asked`` a network of config ``have`` contradicts ("dim 32, not 8; ..."), or "" (none)."""
+    diff = [f"{f} {getattr(have, f)!r}, not {getattr(asked, f)!r}" for f in SHAPE_FIELDS
+            if getattr(have, f) != getattr(asked, f)]
+    if not math.isclose(have.ffn_expansion_factor, asked.ffn_expansion_factor, rel_tol=0.02):
+        diff.append(f"ffn_expansion_factor {have.ffn_expansion_factor:.3g}, not {asked.ffn_expansion_factor:.3g}")
+    if not diff and have.expert_ranks(have.dim) != asked.expert_ranks(asked.dim):
+        diff.append(f"expert ranks {have.expert_ranks(have.dim)}, not {asked.expert_ranks(asked.dim)}")
+    return "; ".join(diff)
+
+
 def _hardware(settings: TrainSettings, capture_stand_in: bool = False) -> tuple[str, int, Any]:
     """(accelerator, devices, strategy); more GPUs than this machine has is an error, not a Lightning traceback.
     ``capture_stand_in``: --cuda_graphs may run on the CPU (tests capture with a stand-in)."""
@@ -609,7 +620,7 @@ def _run_name(settings: TrainSettings) -> str:
     return name
 
 
-def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None = None) -> Path:
+def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None = None) -> Path:
     """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json, and
     model_ema.safetensors with ``ema_decay``). Its settings.json says how far training got: ``global_step``, and
     ``start_step`` (0, or the step resumed from); when they are equal this call trained nothing.
@@ -617,13 +628,19 @@ def train(config: MoCEConfig, settings: TrainSettings, capture: Capture | None =
     Settings, checkpoints to resume or fine-tune from, hardware, the data layout and the run folder (writable, and
     holding no earlier run unless this one resumes it) are checked before anything is written; every training
     image is checked before the first step. ``capture``: with ``cuda_graphs``, a stand-in for CUDA-graph capture
-    that lets the captured path run on the CPU (tests).
+    that lets the captured path run on the CPU (tests). ``config`` None: the architecture of ``fine_tune_from``;
+    a config that asks for another architecture than that checkpoint's is refused (it would be ignored).
     """
     settings.validate()
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     resume = _checkpoint_to_resume(settings)
     source = _fine_tune_source(settings)
+    if source is None and config is None:
+        raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
+    if source is not None and config is not None and (diff := _architecture_difference(source.config, config)):
+        raise TrainingSetupError(f"--fine_tune_from {settings.fine_tune_from} holds a network with {diff}; "
+                                 "fine-tuning keeps its architecture: leave out --model and the architecture flags")
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)
     resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
