@@ -293,3 +293,18 @@ def test_nothing_scored_says_so(tmp_path, small_layout, tiny_ckpt, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: no image of lolv1 could be scored; no results written" and len(err) == 3
     assert not (tmp_path / "r" / "results.md").exists()
+
+
+def test_a_one_pixel_image_becomes_a_tensor_without_a_read_only_warning():
+    """Probe: `moceir test` printed PyTorch's "NumPy array is not writable" warning for a 1x1 benchmark image (its
+    transpose was already contiguous, so the read-only PIL array reached torch uncopied)."""
+    import warnings
+
+    from PIL import Image
+
+    from moceir.data.datasets import _to_tensor
+
+    pixel = np.asarray(Image.new("RGB", (1, 1), (255, 0, 0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _to_tensor(pixel).flatten().tolist() == [1.0, 0.0, 0.0]

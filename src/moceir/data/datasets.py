@@ -238,7 +238,9 @@ class PairedPatchDataset(Dataset):
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+    """uint8 [H, W, 3] -> float [3, H, W] in [0, 1]; always a copy (PIL's arrays are read-only: a 1x1 image's
+    transpose is already contiguous, and torch warns on a read-only array)."""
+    return torch.from_numpy(img.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
 def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "standard",
