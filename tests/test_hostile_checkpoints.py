@@ -249,3 +249,20 @@ def test_a_plain_pickle_with_code_is_still_refused(tmp_path, capsys):
         (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Payload()}, protocol=protocol))
         _refused_by_cli(capsys, str(tmp_path / "evil.pt"), "evil.pt", "pickled")
         assert "ran code" not in capsys.readouterr().out
+
+
+def test_a_note_with_control_characters_is_printed_as_one_plain_line(tmp_path, tiny_model, capsys):
+    """Probe: a model file's note was printed raw, so a hostile file could fake output lines or send ANSI escapes
+    to the terminal (a note "line1\nline2\x1b[31mred")."""
+    import numpy as np
+    from PIL import Image
+
+    from moceir.models.checkpoints import checkpoint_note
+
+    note = "line1\nerror: fake\x1b[31mred\x07 👩\u200d💻"
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors", note=note)
+    assert checkpoint_note(path) == "line1 error: fake [31mred 👩\u200d💻"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(path), "-o", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr()
+    assert "\x1b" not in out.out + out.err and "\nerror: fake" not in out.out + out.err

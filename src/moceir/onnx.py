@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from .models import MoCEConfig, MoCEIR, attention, fused
-from .models.checkpoints import CONFIG_KEY, CheckpointError, check_output_path, config_from_dict, write_output
+from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_output_path, config_from_dict,
+                                 printable_note, write_output)
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
@@ -260,4 +261,5 @@ def load_onnx(path: str | Path, providers: Sequence[str] | None = None, threads:
         config = json.loads(meta[CONFIG_KEY])
     except ValueError:
         raise CheckpointError(f"{path}: its {CONFIG_KEY!r} metadata is not JSON; export the model again") from None
-    return OnnxModel(session, config_from_dict(config, str(path)), meta.get(NOTE_KEY))
+    note = meta.get(NOTE_KEY)
+    return OnnxModel(session, config_from_dict(config, str(path)), printable_note(note) if note else None)

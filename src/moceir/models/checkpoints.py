@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -85,9 +86,15 @@ def checkpoint_note(path: str | Path) -> str:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as f:
-            return str((f.metadata() or {}).get("note", ""))
+            return printable_note(str((f.metadata() or {}).get("note", "")))
     except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model with the real reason
         return ""
+
+
+def printable_note(note: str) -> str:
+    """A model file's note as one line for a terminal: control characters (line breaks, ANSI escapes a hostile
+    file could use to fake output or recolour the terminal) become spaces, runs of spaces one."""
+    return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in note).split())
 
 
 def _head(p: Path, n: int = 16) -> bytes:
