@@ -28,6 +28,12 @@ def test_info_reports_parameters(capsys):
     assert f"parameters: {n:,}" in out and "expert 3" in out and "GFLOPs" in out
 
 
+def test_info_shows_a_checkpoints_note(capsys):
+    """As it does an ONNX file's (the bundled model's note says it is early and weak)."""
+    assert main(["info", "default", "--size", "64"]) == 0
+    assert capsys.readouterr().out.startswith(f"note: {moceir.models.checkpoints.checkpoint_note('default')}\n")
+
+
 def test_restore_batch_goes_on_past_bad_inputs(tmp_path, tiny_ckpt, capsys):
     inp = tmp_path / "in"
     inp.mkdir()

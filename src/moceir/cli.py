@@ -140,7 +140,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .flops import expert_flops_per_pixel, moe_layer_scales, network_flops
     from .models import MoCEIR, create_model
 
-    from .models.checkpoints import CheckpointError
+    from .models.checkpoints import CheckpointError, checkpoint_note
     from .pipeline import is_onnx_file, load_network
 
     engine = ""
@@ -152,6 +152,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                 print(f"note: {onnx.note}")
         else:
             model = create_model(args.target) if args.target in PRESETS else load_model(args.target)
+            if args.target not in PRESETS and (note := checkpoint_note(args.target)):
+                print(f"note: {note}")
     except CheckpointError as e:
         hint = "" if Path(args.target).exists() else f" (presets: {', '.join(PRESETS)})"
         print(f"error: {e}{hint}", file=sys.stderr)
