@@ -266,3 +266,14 @@ def test_a_note_with_control_characters_is_printed_as_one_plain_line(tmp_path, t
     assert main(["restore", str(tmp_path / "a.png"), "--checkpoint", str(path), "-o", str(tmp_path / "o")]) == 0
     out = capsys.readouterr()
     assert "\x1b" not in out.out + out.err and "\nerror: fake" not in out.out + out.err
+
+
+def test_an_onnx_graph_given_as_a_checkpoint_is_called_one(tmp_path, capsys):
+    """Probe: `export x.onnx out.safetensors`, `--fine_tune_from x.onnx` and load_model("x.onnx") said "not a
+    checkpoint (neither safetensors nor a PyTorch file)"."""
+    graph = tmp_path / "x.onnx"
+    graph.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x032.13")  # how an ONNX protobuf starts
+    with pytest.raises(CheckpointError, match=r"x.onnx is an ONNX graph, .* the PyTorch checkpoint"):
+        moceir.load_model(graph)
+    assert main(["export", str(graph), str(tmp_path / "out.safetensors")]) == 2
+    assert "is an ONNX graph" in capsys.readouterr().err

@@ -138,6 +138,9 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     """:func:`read_checkpoint`, plus the file's top level as loaded (a Lightning checkpoint's ``global_step``,
     ``optimizer_states``, ...; {} for safetensors), so that a caller needing both reads the file once."""
     p = resolve_path(path)
+    if p.suffix.lower() == ".onnx" and p.is_file() and not _is_safetensors(p) and not _is_torch_file(p):
+        raise CheckpointError(f"{p} is an ONNX graph, which `moceir restore` and `moceir info` run; here the PyTorch "
+                              "checkpoint (.safetensors or .ckpt) it was exported from is needed")
     obj: Mapping = {}
     try:
         if _is_safetensors(p):
