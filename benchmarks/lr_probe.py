@@ -37,6 +37,12 @@ from moceir.evaluation import scored_benchmark
 from moceir.plots import read_metrics
 
 
+def _repeats(a: argparse.Namespace) -> list[str]:
+    """--repeat as given, else derain=12 and dehaze=5 for those of --de_type (train refuses a task it does not
+    train)."""
+    return a.repeat if a.repeat is not None else [r for r in ("derain=12", "dehaze=5") if r.split("=")[0] in a.de_type]
+
+
 def train_command(a: argparse.Namespace, lr: float, run_name: str) -> list[str]:
     cmd = [sys.executable, "-m", "moceir", "train", "--model", a.model,
            "--de_type", *a.de_type, "--dehaze_source", "synthetic", "--holdout_val",
@@ -46,7 +52,7 @@ def train_command(a: argparse.Namespace, lr: float, run_name: str) -> list[str]:
            "--epochs", "1000", "--max_steps", str(a.steps), "--save_every_n_epochs", "1000",
            "--log_every_n_steps", "1", "--seed", str(a.seed), "--fine_tune_from", a.fine_tune_from,
            "--data_file_dir", a.data_file_dir, "--ckpt_dir", str(a.work), "--run_name", run_name]
-    for r in a.repeat:
+    for r in _repeats(a):
         cmd += ["--repeat", r]
     return cmd
 
@@ -162,7 +168,8 @@ def probe() -> int:
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--de_type", nargs="+", default=["denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"])
-    p.add_argument("--repeat", nargs="*", default=["derain=12", "dehaze=5"], help="task=factor, as moceir train")
+    p.add_argument("--repeat", nargs="*", help="task=factor, as moceir train (default: derain=12 dehaze=5, for "
+                   "those of --de_type)")
     p.add_argument("--fine_tune_from", default="default")
     p.add_argument("--benchmarks", nargs="+", default=["raintrainl_val", "denoise_25"], choices=BENCHMARKS,
                    metavar="BENCHMARK")
@@ -200,7 +207,7 @@ def probe() -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "benchmarks": a.benchmarks,
-              "steps": a.steps, "batch_size": a.batch_size, "repeat": a.repeat,
+              "steps": a.steps, "batch_size": a.batch_size, "repeat": _repeats(a),
               "start": {"weights": a.fine_tune_from, "psnr": score(a.fine_tune_from, a)}, "runs": []}
     print(f"start: {report['start']['psnr']}", flush=True)
     curves = {}

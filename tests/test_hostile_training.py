@@ -25,10 +25,11 @@ from conftest import make_tiny_layout
 
 
 def _train(data: Path, ck: Path, *extra: str) -> int:
-    return main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", str(data),
+    """Derain at repeat 2, unless ``extra`` names other tasks with --de_type."""
+    derain = [] if "--de_type" in extra else ["--de_type", "derain", "--repeat", "derain=2"]
+    return main(["train", "--model", "MoCE_IR_tiny", *derain, "--data_file_dir", str(data),
                  "--batch_size", "3", "--patch_size", "16", "--num_workers", "0", "--ckpt_dir", str(ck),
-                 "--num_gpus", "0", "--log_every_n_steps", "1", "--repeat", "derain=2", "--save_every_n_epochs", "1",
-                 *extra])
+                 "--num_gpus", "0", "--log_every_n_steps", "1", "--save_every_n_epochs", "1", *extra])
 
 
 def _rows(run: Path) -> list[tuple[int, int]]:
@@ -788,3 +789,11 @@ def test_fine_tuning_refuses_architecture_flags_it_would_ignore(data, tmp_path, 
     assert not ck.exists()
     for model in ([], ["--model", "MoCE_IR_tiny"]):  # the checkpoint's own architecture, named or not
         assert main([*common, *model, "--fine_tune_from", str(tiny), "--run_name", f"c{len(model)}"]) == 0
+
+
+def test_a_repeat_for_a_task_that_is_not_trained_is_refused(data, tmp_path, capsys):
+    """Probe: `--de_type derain --repeat dehaze=5` (a forgotten task, or a typo) was ignored without a word."""
+    assert _train(data, tmp_path / "ck", "--repeat", "dehaze=5", "--max_steps", "1") == 2
+    assert _one_error_line(capsys) == ("error: --repeat dehaze: that task is not trained here (training: derain); "
+                                       "add it to --de_type or leave the --repeat out")
+    assert not (tmp_path / "ck").exists()

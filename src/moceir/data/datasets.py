@@ -252,6 +252,10 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
     # Synthetic haze is made on the 400 BSD images: repeat them like a denoising task.
     synthetic = {"dehaze": UPSTREAM_REPEATS["denoise_15"]} if dehaze_source == "synthetic" else {}
     factors = {**UPSTREAM_REPEATS, "identity": IDENTITY_REPEAT, **synthetic, **(repeats or {})}
+    trained = ["cdd11"] if trainset.startswith("CDD11") else list(de_type)
+    if unused := [t for t in (repeats or {}) if t not in trained]:  # a typo'd or forgotten task would go unnoticed
+        raise ValueError(f"--repeat {unused[0]}: that task is not trained here (training: {', '.join(trained)}); "
+                         f"add it to --de_type or leave the --repeat out")
     if trainset.startswith("CDD11"):
         per_task = {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
     else:
