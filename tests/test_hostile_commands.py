@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -127,10 +128,11 @@ def test_a_reader_that_stops_early_costs_neither_training_nor_test_results(tmp_p
              "exit ${PIPESTATUS[0]}")
     test = (f"{moceir_cmd} test --ckpt {tiny_ckpt} --benchmarks lolv1 --data_file_dir {small_layout} "
             f"--output_path {tmp_path / 'results'} | head -1; exit ${{PIPESTATUS[0]}}")
-    for cmd in (train, test):
-        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a user's shell: stdout buffered
+    for cmd in (train, test, test.replace("| head -1", "| true").replace("results", "results2")):
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300, env=buffered)
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
-        assert len(done.stdout.splitlines()) == 1
+        assert len(done.stdout.splitlines()) == (0 if "| true" in cmd else 1)
     assert (tmp_path / "ck" / "r" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["per_image.csv", "results.json", "results.md"]
 
@@ -366,6 +368,7 @@ def test_plot_logs_of_a_mistyped_run_folder_makes_no_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, says", [(("--latent_dim", "100000", "--rank_type", "exp"), "exceed 65536"),
                                          (("--latent_dim", "30", "--rank_type", "fact"), "exceed 65536"),
+                                         (("--latent_dim", "5000", "--rank_type", "fact"), "exceed 65536"),
                                          (("--dim", "100000"), "choose a smaller dim"),
                                          (("--dim", "7"), "each must be at least 1")])
 def test_architecture_flags_that_make_no_network_are_one_line(tmp_path, small_layout, tiny_ckpt, capsys, flags, says):
@@ -374,3 +377,21 @@ def test_architecture_flags_that_make_no_network_are_one_line(tmp_path, small_la
                  "--data_file_dir", str(small_layout), "--output_path", str(tmp_path / "r")]) == 2
     line = _one_line(capsys)
     assert line.startswith(f"error: --model MoCE_IR_tiny {' '.join(flags)}") and says in line, line
+
+
+def test_scores_are_printed_when_the_results_files_cannot_be_written(tmp_path, small_layout, tiny_ckpt, capsys,
+                                                                    monkeypatch):
+    """The results files are written before the table is printed (for `| head`), but a full disk there must not
+    cost the printed scores too (a review of that change)."""
+    import errno
+
+    import moceir.evaluation
+
+    def full(results, out_dir, title, overwrite):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "results.md"))
+
+    monkeypatch.setattr(moceir.evaluation, "write_reports", full)
+    assert main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(small_layout),
+                 "--output_path", str(tmp_path / "r"), "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "lolv1" in out.out and "PSNR" in out.out and "No space left on device" in out.err

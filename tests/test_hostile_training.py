@@ -699,7 +699,8 @@ def test_a_rank_that_fails_in_a_two_process_run_stops_the_other_without_a_traceb
     assert len(errors) == 2, errors  # the rank that failed says why; the other, which lost it, says that
     why = "cannot write" if rank == "0" else "no such file; was it moved during training?"
     assert why in errors[0], errors
-    assert f"rank {1 - int(rank)}: another process of this run stopped (its error says why" in errors[1], errors
+    assert f"rank {1 - int(rank)}: a collective failed (" in errors[1], errors
+    assert "if another process of this run stopped, its own error says why" in errors[1], errors
     assert not list((tmp_path / "ck" / "r").glob("*.ckpt*"))
 
 
@@ -785,7 +786,9 @@ def test_fine_tuning_refuses_architecture_flags_it_would_ignore(data, tmp_path, 
     assert _one_error_line(capsys).startswith("error: --fine_tune_from default holds a network with dim 32, not 8;")
     assert main([*common, "--dim", "16", "--fine_tune_from", str(tiny), "--run_name", "b"]) == 2
     assert _one_error_line(capsys) == ("error: --dim with --fine_tune_from: fine-tuning keeps the checkpoint's "
-                                       "architecture; leave --dim out")
+                                       "configuration; leave --dim out")
+    assert main([*common, "--model", "MoCE_IR_tiny", "--topk", "2", "--fine_tune_from", str(tiny)]) == 2
+    assert "--topk with --fine_tune_from" in _one_error_line(capsys)
     assert not ck.exists()
     for model in ([], ["--model", "MoCE_IR_tiny"]):  # the checkpoint's own architecture, named or not
         assert main([*common, *model, "--fine_tune_from", str(tiny), "--run_name", f"c{len(model)}"]) == 0
@@ -797,3 +800,16 @@ def test_a_repeat_for_a_task_that_is_not_trained_is_refused(data, tmp_path, caps
     assert _one_error_line(capsys) == ("error: --repeat dehaze: that task is not trained here (training: derain); "
                                        "add it to --de_type or leave the --repeat out")
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_resume_from_an_earlier_epoch_keeps_the_later_epoch_checkpoints(data, tmp_path):
+    """Branching a run from an earlier epoch writes its epoch checkpoints beside the first branch's (-v1), never
+    over them (a review of the moved-folder fix: without Lightning's version counter they were replaced)."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--epochs", "3", "--run_name", "r") == 0
+    run = ck / "r"
+    first = {name: (run / name).read_bytes() for name in ("epoch=1-step=4.ckpt", "epoch=2-step=6.ckpt")}
+    assert _train(data, ck, "--epochs", "3", "--run_name", "r", "--resume_from", str(run / "epoch=0-step=2.ckpt"),
+                  "--seed", "1") == 0
+    assert all((run / name).read_bytes() == content for name, content in first.items())
+    assert {"epoch=1-step=4-v1.ckpt", "epoch=2-step=6-v1.ckpt"} <= _ckpts(run)

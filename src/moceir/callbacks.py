@@ -123,6 +123,16 @@ class RunCheckpoint(ModelCheckpoint):
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        """``last.ckpt`` is replaced in place, never versioned: in a run folder that was moved or copied (the
+        checkpoint holds the old folder's path) Lightning wrote last-v1.ckpt beside a stale last.ckpt, from which
+        the next resume started again. Epoch checkpoints keep Lightning's -v1 names beside earlier ones."""
+        counter, self._enable_version_counter = self._enable_version_counter, False
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._enable_version_counter = counter
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         from .training import require_finite  # training imports this module
 

@@ -197,8 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--data_file_dir {data_dir} {what}; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
     flags = [k for k in ARCH_FIELDS if getattr(args, k, None) is not None]
-    if args.fine_tune_from and flags and not args.model:
-        raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's architecture; "
+    if args.fine_tune_from and flags:  # --topk and the like included: training takes the checkpoint's config
+        raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's configuration; "
                          f"leave --{flags[0]} out")
     # a --model given with --fine_tune_from is checked against the checkpoint (training would ignore it)
     config = _config_from_args(args) if args.model or not args.fine_tune_from else None
@@ -337,8 +337,10 @@ def cmd_test(args: argparse.Namespace) -> int:
             results.append(result)
     if results and global_rank() == 0:
         title = f"moceir test: {path}"
-        paths = write_reports(results, out_dir, title, overwrite=args.overwrite)  # first: a closed stdout loses nothing
-        print(markdown_table(results, title))
+        try:  # written before the table is printed: a reader that left (| head) does not cost the files
+            paths = write_reports(results, out_dir, title, overwrite=args.overwrite)
+        finally:  # and printed when they cannot be written (a full disk), so that the scores are not lost
+            print(markdown_table(results, title))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
     elif global_rank() == 0:
         print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
@@ -804,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     finally:
         if isinstance(sys.stdout, _ReaderMayLeave):
+            sys.stdout.flush()  # while wrapped: the exit's own flush would meet a reader that left (exit 120)
             sys.stdout = sys.stdout._stream
 
 

@@ -26,8 +26,10 @@ from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
-# What torchrun, SLURM or a hand-made Lightning multi-node start sets; without any, a node cannot know its rank.
-LAUNCHER_ENV = ("NODE_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "MASTER_ADDR")
+# What torchrun, SLURM, LSF, MPI or a hand-made Lightning multi-node start sets; without any, a node cannot know
+# its rank.
+LAUNCHER_ENV = ("NODE_RANK", "GROUP_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "MASTER_ADDR", "WORLD_SIZE",
+                "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def multi_node_problem(num_nodes: int) -> str | None:

@@ -70,7 +70,7 @@ class TrainingOutputError(TrainingSetupError):
 
 
 class TrainingPeerError(TrainingSetupError):
-    """Another rank of a distributed run failed (its own error says why), so this one stopped: exit code 1."""
+    """A collective of a distributed run failed, most often because another rank stopped: exit code 1."""
 
 
 class NonFiniteLossError(TrainingSetupError):
@@ -581,10 +581,8 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: ResumePoint | None,
              extra: tuple[Callback, ...] = (), capture_stand_in: bool = False) -> pl.Trainer:
     accelerator, devices, strategy = _hardware(settings, capture_stand_in)
     history = resume.path.parent / "logs" / "metrics.csv" if resume else None
-    # no version counter: a run folder that was moved or copied would get last-v1.ckpt beside a stale last.ckpt
-    # (the checkpoint holds the old folder's path), and the next resume would start from the stale one
     checkpoints = RunCheckpoint(dirpath=run_dir, every_n_epochs=settings.save_every_n_epochs, save_top_k=-1,
-                                save_last=True, resuming=resume is not None, enable_version_counter=False)
+                                save_last=True, resuming=resume is not None)
     try:
         return pl.Trainer(
             max_epochs=settings.epochs, max_steps=settings.max_steps, max_time=settings.max_time,
@@ -706,10 +704,11 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         except Exception as e:
             target = _resume_target(run_dir, _run_checkpoints(run_dir))
             then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
-            if trainer.world_size > 1 and _lost_a_peer(e):
-                raise TrainingPeerError(f"rank {trainer.global_rank}: another process of this run stopped (its error "
-                                        f"says why, above or in its node's log), so this one stops too; fix that, "
-                                        f"then {then}") from None
+            if trainer.world_size > 1 and _lost_a_peer(e) and _data_problem(e) is None:
+                what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise TrainingPeerError(f"rank {trainer.global_rank}: a collective failed ({type(e).__name__}: "
+                                        f"{what}); if another process of this run stopped, its own error says why "
+                                        f"(above, or in its node's log); fix that, then {then}") from None
             advice = write_error_advice(e.errno, "--ckpt_dir") if isinstance(e, OSError) else None
             if advice is not None:
                 raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "

@@ -254,8 +254,10 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
     factors = {**UPSTREAM_REPEATS, "identity": IDENTITY_REPEAT, **synthetic, **(repeats or {})}
     trained = ["cdd11"] if trainset.startswith("CDD11") else list(de_type)
     if unused := [t for t in (repeats or {}) if t not in trained]:  # a typo'd or forgotten task would go unnoticed
+        todo = ("a CDD11 training set repeats as a whole: --repeat cdd11=N" if trained == ["cdd11"] else
+                "add it to --de_type or leave the --repeat out")
         raise ValueError(f"--repeat {unused[0]}: that task is not trained here (training: {', '.join(trained)}); "
-                         f"add it to --de_type or leave the --repeat out")
+                         f"{todo}")
     if trainset.startswith("CDD11"):
         per_task = {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
     else:

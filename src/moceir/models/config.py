@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 MAX_RANK = 2**16  # channels of a level or an expert; upstream's widest level has a few hundred
+MAX_EXPERTS = 64  # complexity experts per MoE layer (upstream: 4)
 RANK_TYPES = ("spread", "constant", "lin", "double", "exp", "fact")
 COMPLEXITY_SCALES = ("max", "min")
 # How the experts' per-patch FFT product is computed (moceir.models.attention.PATCH_PRODUCTS): "fft" with
@@ -100,15 +101,25 @@ class MoCEConfig:
         if self.widths[-1] > MAX_RANK:
             raise ValueError(f"the widest level would have {self.widths[-1]} channels (dim {self.dim} x "
                              f"2**{self.levels - 1}), above {MAX_RANK}; choose a smaller dim")
+        if self.num_exp_blocks > MAX_EXPERTS:
+            raise ValueError(f"num_exp_blocks {self.num_exp_blocks} is above {MAX_EXPERTS}")
+        if self._largest_rank_exceeds(MAX_RANK):  # checked before computing: 5000! has 16,000 digits
+            raise ValueError(f"the largest expert rank would exceed {MAX_RANK} (rank_type {self.rank_type!r}, "
+                             f"latent_dim {self.latent_dim}, {self.num_exp_blocks} experts); choose a smaller "
+                             "latent_dim or another rank_type")
         ranks = self.expert_ranks(self.dim)  # the narrowest MoE layer has the smallest ranks
-        widest = self.expert_ranks(self.widths[-2])  # and the widest the largest ("spread")
-        if max(widest) > MAX_RANK:  # a rank is a channel count: "exp" or "fact" of a large latent_dim overflows
-            raise ValueError(f"expert ranks {widest} exceed {MAX_RANK}; choose a smaller latent_dim or another "
-                             f"rank_type")
         if min(ranks) < 1:
             least = 2 ** (self.num_exp_blocks - 1)
             raise ValueError(f"expert ranks {ranks} at width dim={self.dim}: each must be at least 1; with rank_type "
                              f"'spread' dim must be at least 2**(num_exp_blocks - 1) = {least}")
+
+    def _largest_rank_exceeds(self, limit: int) -> bool:
+        n, r = self.num_exp_blocks, self.latent_dim
+        if self.rank_type == "exp":  # r ** n
+            return r > 1 and n * math.log(r) > math.log(limit)
+        if self.rank_type == "fact":  # (r + n - 1)!
+            return math.lgamma(r + n) > math.log(limit)
+        return max(self.expert_ranks(self.widths[-2])) > limit  # linear in r or the width: cheap
 
     @property
     def levels(self) -> int:
