@@ -771,6 +771,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_to_devnull(stream: Any) -> None:
+    """Point ``stream``'s file descriptor at /dev/null: its reader has gone, and later writes must not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
 class _ReaderMayLeave:
     """sys.stdout for a command whose work must not depend on its reader: once a pipe's reader has gone
     (``moceir train ... | head``), what is printed goes nowhere and the work goes on (training to its checkpoint,
@@ -793,7 +802,7 @@ class _ReaderMayLeave:
             self._reader_gone()
 
     def _reader_gone(self) -> None:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the buffer's rest and the exit's flush
+        _stdout_to_devnull(self._stream)  # the buffer's rest and the exit's flush
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -825,7 +834,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
+        _stdout_to_devnull(sys.stdout)  # so that the exit's flush stays quiet
         return 1
     except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
         from .io import write_error_advice

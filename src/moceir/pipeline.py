@@ -8,7 +8,6 @@ each output atomically; every failure is one line naming the file, and the rest 
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
@@ -26,8 +25,8 @@ import torch
 from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, image_size,
-                 list_images, load_image, save_image, write_atomically, write_error_advice)
+from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
+                 image_size, list_images, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -138,13 +137,8 @@ def folder_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be made or written in (a file on its path, no write permission), or None."""
     folder = Path(os.path.abspath(folder))
     existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
-    if existing.is_symlink() and not existing.exists():
-        try:
-            os.stat(existing)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                return f"{existing} is a link loop, not a folder"
-        return f"{existing} is a link to nothing (dangling), not a folder"
+    if existing.is_symlink() and not existing.exists():  # a link loop, or a link to nothing
+        return f"{existing} {file_problem(existing)}, not a folder"
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -47,8 +47,9 @@ from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_p
 from .io import ImageReadError, write_error_advice
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
-from .models.checkpoints import (CONFIG_KEY, SHAPE_FIELDS, CheckpointError, check_finite, config_from_dict,
-                                 infer_config, load_model, load_state_dict_strict, read_checkpoint_file, save_model)
+from .models.checkpoints import (CONFIG_KEY, CheckpointError, architecture_differences, check_finite,
+                                 config_from_dict, infer_config, load_model, load_state_dict_strict,
+                                 read_checkpoint_file, save_model)
 from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
 from .runtime import COMPILE_SCOPES, compile_network
@@ -512,17 +513,6 @@ def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
 
 
-def _architecture_difference(have: MoCEConfig, asked: MoCEConfig) -> str:
-    """What in ``asked`` a network of config ``have`` contradicts ("dim 32, not 8; ..."), or "" (none)."""
-    diff = [f"{f} {getattr(have, f)!r}, not {getattr(asked, f)!r}" for f in SHAPE_FIELDS
-            if getattr(have, f) != getattr(asked, f)]
-    if not math.isclose(have.ffn_expansion_factor, asked.ffn_expansion_factor, rel_tol=0.02):
-        diff.append(f"ffn_expansion_factor {have.ffn_expansion_factor:.3g}, not {asked.ffn_expansion_factor:.3g}")
-    if not diff and have.expert_ranks(have.dim) != asked.expert_ranks(asked.dim):
-        diff.append(f"expert ranks {have.expert_ranks(have.dim)}, not {asked.expert_ranks(asked.dim)}")
-    return "; ".join(diff)
-
-
 def _hardware(settings: TrainSettings, capture_stand_in: bool = False) -> tuple[str, int, Any]:
     """(accelerator, devices, strategy); more GPUs than this machine has is an error, not a Lightning traceback.
     ``capture_stand_in``: --cuda_graphs may run on the CPU (tests capture with a stand-in)."""
@@ -636,8 +626,9 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     source = _fine_tune_source(settings)
     if source is None and config is None:
         raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
-    if source is not None and config is not None and (diff := _architecture_difference(source.config, config)):
-        raise TrainingSetupError(f"--fine_tune_from {settings.fine_tune_from} holds a network with {diff}; "
+    if source is not None and config is not None and (diff := architecture_differences(source.config, config)):
+        shown = "; ".join(f"{what} {have}, not {asked}" for what, have, asked in diff)
+        raise TrainingSetupError(f"--fine_tune_from {settings.fine_tune_from} holds a network with {shown}; "
                                  "fine-tuning keeps its architecture: leave out --model and the architecture flags")
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
     run_dir = Path(settings.ckpt_dir) / _run_name(settings)

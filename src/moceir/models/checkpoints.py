@@ -277,17 +277,22 @@ def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCECo
     return config
 
 
+def architecture_differences(a: MoCEConfig, b: MoCEConfig) -> list[tuple[str, str, str]]:
+    """Where networks of configs ``a`` and ``b`` differ in shape: (what, as ``a`` has it, as ``b`` has it) for each
+    of SHAPE_FIELDS and ffn_expansion_factor (beyond 2%, as inferring it from weights allows), else for the expert
+    ranks; [] when the same weights fit both."""
+    diff = [(f, repr(getattr(a, f)), repr(getattr(b, f))) for f in SHAPE_FIELDS if getattr(a, f) != getattr(b, f)]
+    if not math.isclose(a.ffn_expansion_factor, b.ffn_expansion_factor, rel_tol=0.02):
+        diff.append(("ffn_expansion_factor", f"{a.ffn_expansion_factor:.3g}", f"{b.ffn_expansion_factor:.3g}"))
+    if not diff and a.expert_ranks(a.dim) != b.expert_ranks(b.dim):
+        diff.append(("expert ranks", str(a.expert_ranks(a.dim)), str(b.expert_ranks(b.dim))))
+    return diff
+
+
 def check_config_matches(config: MoCEConfig, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Refuse an embedded config that contradicts the tensor shapes, before a network is built from it."""
-    inferred = infer_config(sd, source)
-    diff = [f"{f}={getattr(config, f)!r} but the weights say {getattr(inferred, f)!r}" for f in SHAPE_FIELDS
-            if getattr(config, f) != getattr(inferred, f)]
-    if not math.isclose(config.ffn_expansion_factor, inferred.ffn_expansion_factor, rel_tol=0.02):
-        diff.append(f"ffn_expansion_factor={config.ffn_expansion_factor} but the weights say "
-                    f"{inferred.ffn_expansion_factor:.3g}")
-    if not diff and config.expert_ranks(config.dim) != inferred.expert_ranks(inferred.dim):
-        diff = [f"expert ranks {config.expert_ranks(config.dim)} but the weights say "
-                f"{inferred.expert_ranks(inferred.dim)}"]
+    diff = [f"{what} {mine} but the weights say {theirs}"
+            for what, mine, theirs in architecture_differences(config, infer_config(sd, source))]
     if diff:
         raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} contradicts its weights ({'; '.join(diff)}); "
                               "the file is damaged or was edited")
