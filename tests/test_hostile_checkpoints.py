@@ -1,6 +1,7 @@
 """Hostile and odd checkpoints (issue 10, items 8-11): each is one line, exit 2, and costs well under a second."""
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -277,3 +278,18 @@ def test_an_onnx_graph_given_as_a_checkpoint_is_called_one(tmp_path, capsys):
         moceir.load_model(graph)
     assert main(["export", str(graph), str(tmp_path / "out.safetensors")]) == 2
     assert "is an ONNX graph" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, says", [({"dim": 16}, "dim 16 but the weights say 8"),
+                                        ({"rank_type": "constant", "latent_dim": 3},
+                                         "expert ranks [3, 3, 3, 3] but the weights say [1, 2, 4, 8]")])
+def test_an_embedded_config_that_contradicts_the_weights_is_refused_before_building(tmp_path, tiny_model, capsys,
+                                                                                   edit, says):
+    """No test covered the embedded-config check, which now shares its comparison with the fine-tune check."""
+    config = {**tiny_model.config.to_dict(), **edit}
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file(sd, str(tmp_path / "edited.safetensors"), metadata={CONFIG_KEY: json.dumps(config), "format": "moceir"})
+    with pytest.raises(CheckpointError, match=rf"contradicts its weights \({re.escape(says)}\); the file is damaged"):
+        moceir.load_model(tmp_path / "edited.safetensors")
+    assert main(["info", str(tmp_path / "edited.safetensors")]) == 2
+    assert says in capsys.readouterr().err
