@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,13 +119,23 @@ def test_info_stopped_reader_is_not_a_traceback():
     assert "Traceback" not in done.stderr and done.stdout == "model: MoC"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1():
+    """Probe: `moceir info ... > /dev/full` ended in an OSError traceback."""
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m moceir info MoCE_IR_tiny > /dev/full"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == ["error: standard output: No space left on device; what moceir printed there "
+                                        "is lost"]
+
 
 def test_a_reader_that_stops_early_costs_neither_training_nor_test_results(tmp_path, small_layout, tiny_ckpt):
     """Probe: `moceir train ... | head -1` stopped training at its next progress line (no model, no "how to resume"
-    line, exit 1), and `moceir test ... | head -1` scored every benchmark, then wrote no results, silently."""
+    line, exit 1), and so did `2>&1 | head -1` (Lightning writes to stderr); `moceir test ... | head -1` scored every
+    benchmark, then wrote no results, silently."""
     moceir_cmd = f"{sys.executable} -m moceir"
     train = (f"{moceir_cmd} train --model MoCE_IR_tiny --de_type derain --data_file_dir {small_layout} --patch_size 16 "
-             f"--batch_size 1 --num_workers 0 --max_steps 3 --ckpt_dir {tmp_path / 'ck'} --run_name r | head -1; "
+             f"--batch_size 1 --num_workers 0 --max_steps 3 --ckpt_dir {tmp_path / 'ck'} --run_name r 2>&1 | head -1; "
              "exit ${PIPESTATUS[0]}")
     test = (f"{moceir_cmd} test --ckpt {tiny_ckpt} --benchmarks lolv1 --data_file_dir {small_layout} "
             f"--output_path {tmp_path / 'results'} | head -1; exit ${{PIPESTATUS[0]}}")

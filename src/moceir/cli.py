@@ -781,42 +781,68 @@ def _stdout_to_devnull(stream: Any) -> None:
 
 
 class _ReaderMayLeave:
-    """sys.stdout for a command whose work must not depend on its reader: once a pipe's reader has gone
-    (``moceir train ... | head``), what is printed goes nowhere and the work goes on (training to its checkpoint,
-    ``moceir test`` to its results files); the exit code still says how the work went."""
+    """sys.stdout or sys.stderr for a command whose work must not depend on its reader: once a pipe's reader has
+    gone (``moceir train ... 2>&1 | head``) or the stream cannot be written (``> /dev/full``), what is printed goes
+    nowhere and the work goes on (training to its checkpoint, ``moceir test`` to its results files). A write error
+    other than a reader leaving is kept in ``lost``, so that the exit code can still tell the truth."""
 
     def __init__(self, stream: Any):
         self._stream = stream
+        self.lost: OSError | None = None
 
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as e:
+            self._cannot_write(e)
             return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as e:
+            self._cannot_write(e)
 
-    def _reader_gone(self) -> None:
+    def _cannot_write(self, error: OSError) -> None:
+        if not isinstance(error, BrokenPipeError) and self.lost is None:
+            self.lost = error
         _stdout_to_devnull(self._stream)  # the buffer's rest and the exit's flush
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
+def _guard(name: str) -> _ReaderMayLeave | None:
+    """Wrap ``sys.<name>`` if it is the process's own stream (not a caller's capture, such as pytest's)."""
+    stream = getattr(sys, name)
+    if stream is None or stream is not getattr(sys, f"__{name}__"):
+        return None
+    guarded = _ReaderMayLeave(stream)
+    setattr(sys, name, guarded)
+    return guarded
+
+
+def _unguard(name: str, guarded: _ReaderMayLeave | None) -> None:
+    if guarded is not None and getattr(sys, name) is guarded:
+        guarded.flush()  # while wrapped: the exit's own flush would meet a reader that left (exit 120)
+        setattr(sys, name, guarded._stream)
+
+
 def main(argv: list[str] | None = None) -> int:
-    if sys.stdout is not None and sys.stdout is sys.__stdout__:  # the process's own stdout, not a caller's capture
-        sys.stdout = _ReaderMayLeave(sys.stdout)
+    stdout, stderr = _guard("stdout"), _guard("stderr")  # before Lightning's log handler takes hold of sys.stderr
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
-        if isinstance(sys.stdout, _ReaderMayLeave):
-            sys.stdout.flush()  # while wrapped: the exit's own flush would meet a reader that left (exit 120)
-            sys.stdout = sys.stdout._stream
+        _unguard("stdout", stdout)
+        _unguard("stderr", stderr)
+    if stdout is not None and stdout.lost is not None:
+        print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost", file=sys.stderr)
+        code = code or 1
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
