@@ -757,6 +757,26 @@ def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(data, tmp_path, capsy
     assert not list((ck / "moved").glob("*-v*.ckpt"))
 
 
+@pytest.mark.parametrize("damaged, kept", [
+    ('2,0,"0.4,0.1', [1, 3, 4]),  # a stray quote swallowed every line up to the next quote
+    ("2,0," + "x" * 200_000 + ",0.1", [1, 3, 4]),  # over csv's field size limit: every row was dropped
+    ("2,0,0.4,0.1\n3,0,0.35,0.1\n4,0,0.3", [1, 2, 3]),  # cut inside the last number: kept with lost digits
+], ids=["quote", "huge", "cut"])
+def test_a_damaged_line_of_metrics_csv_costs_that_line_only(tmp_path, damaged, kept):
+    from moceir.callbacks import _read_rows
+    from moceir.plots import read_metrics
+
+    log = tmp_path / "logs" / "metrics.csv"
+    log.parent.mkdir()
+    lines = ["step,epoch,train/loss,train/lr", "1,0,0.5,0.1", damaged, "3,0,0.35,0.1", "4,0,0.3,0.1"]
+    text = "\r\n".join(lines[:3] if "\n" in damaged else lines) + ("" if "\n" in damaged else "\r\n")
+    log.write_text(text, newline="")
+    rows, keys = _read_rows(log)
+    assert keys == ["step", "epoch", "train/loss", "train/lr"] and [int(r["step"]) for r in rows] == kept
+    if "\n" in damaged:  # the plot leaves the unfinished line out too (a run still writing it)
+        assert read_metrics(tmp_path)["train/loss"][0].tolist() == [1, 2, 3]
+
+
 @pytest.mark.parametrize("damage", ["cut", "bytes"])
 def test_a_resume_after_a_damaged_metrics_csv_writes_its_model_and_keeps_the_good_rows(data, earlier, capsys, damage):
     """Probe: a last row cut short by a crash ("...e") failed the plot at the end with a traceback, after which

@@ -189,14 +189,24 @@ class _ResumedWriter(ExperimentWriter):
 def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """The rows of an earlier metrics.csv and its header; rows that are not all numbers (a crash cut the last one
     short, a damaged byte) are left out, so that neither the resumed log nor its plot fails on them."""
+    from .plots import metrics_reader
+
     if not path.is_file():
         return [], []
-    rows = []
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f)
-        with contextlib.suppress(csv.Error):
-            rows = [row for row in reader if None not in row and _numeric(row)]
-        return rows, list(reader.fieldnames or [])
+    reader, rows = metrics_reader(path), []
+    try:
+        keys = list(reader.fieldnames or [])
+    except csv.Error:  # a damaged header line
+        return [], []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows, keys
+        except csv.Error:  # one damaged line (a field over csv's size limit, a NUL): the lines after it still count
+            continue
+        if None not in row and _numeric(row):
+            rows.append(row)
 
 
 def _numeric(row: dict) -> bool:

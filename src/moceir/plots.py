@@ -15,6 +15,15 @@ class MetricsError(ValueError):
     """A metrics.csv that moceir cannot read (not written by ``moceir train``, or damaged)."""
 
 
+def metrics_reader(path: Path) -> csv.DictReader:
+    """A DictReader over the complete lines of a metrics.csv. A last line without its line end (a crash, or a run
+    still writing) is left out: even when it parses, its last number may have lost digits. Quotes are not special
+    (Lightning writes numbers only), so one damaged quote cannot swallow the lines after it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [line.rstrip("\r") for line in text.split("\n")[:-1]]
+    return csv.DictReader(lines, quoting=csv.QUOTE_NONE)
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each logged series of a run's logs/metrics.csv: name -> (steps, values), finite points only.
 
@@ -25,19 +34,18 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
     series: dict[str, list[tuple[float, float]]] = {}
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"more fields than the header's {len(reader.fieldnames or ())}")
-                step = float(row.get("step") or 0)
-                for k, v in row.items():
-                    if k not in ("step", "epoch") and v not in ("", None):
-                        series.setdefault(k, []).append((step, float(v)))
-        except (ValueError, csv.Error) as e:
-            raise MetricsError(f"{path}: line {reader.line_num}: {str(e).splitlines()[0]}; not a metrics.csv "
-                               "written by `moceir train`") from None
+    reader = metrics_reader(path)
+    try:
+        for row in reader:
+            if None in row:
+                raise ValueError(f"more fields than the header's {len(reader.fieldnames or ())}")
+            step = float(row.get("step") or 0)
+            for k, v in row.items():
+                if k not in ("step", "epoch") and v not in ("", None):
+                    series.setdefault(k, []).append((step, float(v)))
+    except (ValueError, csv.Error) as e:
+        raise MetricsError(f"{path}: line {reader.line_num}: {str(e).splitlines()[0][:200]}; not a metrics.csv "
+                           "written by `moceir train`") from None
     points = {k: np.array([p for p in v if np.isfinite(p).all()]).reshape(-1, 2) for k, v in series.items()}
     return {k: (v[:, 0], v[:, 1]) for k, v in points.items() if len(v)}
 
