@@ -46,6 +46,21 @@ def test_cdd11_results_keep_their_degradation_folder(tmp_path, tiny_ckpt):
     assert saved == ["cdd11/haze/001.png", "cdd11/rain/001.png"]
 
 
+def test_flags_that_would_be_ignored_are_refused_or_noted(tmp_path, small_layout, tiny_ckpt, capsys):
+    """Probe: `--ckpt A --checkpoint_id B` scored A without a word; `--trainset CDD11_single` without cdd11 and
+    `--trainset bogus` changed nothing, silently."""
+    out = tmp_path / "r"
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--checkpoint_id", "run1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: --ckpt {tiny_ckpt} and --checkpoint_id run1 name two "
+                                                    "models; give one"]
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--trainset", "bogus"]) == 2
+    assert "--trainset bogus: choose standard or CDD11_" in capsys.readouterr().err
+    assert not out.exists()
+    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--trainset", "CDD11_single"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["note: --trainset CDD11_single selects which cdd11 images are "
+                                                    "scored; --benchmarks has no cdd11, so it changes nothing here"]
+
+
 def test_flat_benchmarks_keep_their_file_names(tmp_path, small_layout, tiny_ckpt):
     out = tmp_path / "r"
     assert _test(tiny_ckpt, small_layout, out, "dehaze", "lolv1", extra=["--save_results"]) == 0

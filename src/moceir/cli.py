@@ -250,6 +250,8 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     from .pipeline import UsageError, is_onnx_file
     from .training import resolve_checkpoint
 
+    if args.ckpt and args.checkpoint_id:
+        raise UsageError(f"--ckpt {args.ckpt} and --checkpoint_id {args.checkpoint_id} name two models; give one")
     if args.ckpt:
         path = args.ckpt
     elif args.checkpoint_id:
@@ -278,7 +280,12 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
 def _cdd11_subset(args: argparse.Namespace) -> str:
     from .pipeline import UsageError
 
+    if args.trainset != "standard" and not args.trainset.startswith("CDD11_"):
+        raise UsageError(f"--trainset {args.trainset}: choose standard or CDD11_<all|single|double|triple|folder>")
     if "cdd11" not in args.benchmarks:
+        if args.trainset != "standard":
+            print(f"note: --trainset {args.trainset} selects which cdd11 images are scored; --benchmarks has no cdd11, "
+                  "so it changes nothing here", file=sys.stderr)
         return "all"
     if not args.trainset.startswith("CDD11_"):
         raise UsageError("--benchmarks cdd11 needs --trainset CDD11_<all|single|double|triple|folder>")
@@ -298,9 +305,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_path)
     check_results_folder(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
+    subset = _cdd11_subset(args)
     model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)
     set_expert_bypass(model, args.experts == "skip")
-    subset = _cdd11_subset(args)
     failed = False
     entries = []
     for bench in args.benchmarks:
