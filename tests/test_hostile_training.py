@@ -448,9 +448,13 @@ def test_settings_json_says_when_a_call_trained_nothing(data, earlier, capsys):
     settings = json.loads((earlier / "settings.json").read_text())
     assert settings["start_step"] == settings["global_step"] == 4
     assert f"nothing trained: {earlier} is at step 4 already" in capsys.readouterr().out
-    assert _train(data, earlier.parent, "--max_steps", "0", "--run_name", "zero") == 0
-    said = capsys.readouterr().out.strip().splitlines()[-1]  # no last.ckpt or plot is claimed
-    assert said.startswith("nothing trained") and said.endswith("(model.safetensors, logs/)"), said
+    # Probe: a new run with `--max_steps 0` or `--max_time 00:00:00:00` wrote an untrained model.safetensors
+    for flag, value, says in (("--max_steps", "0", "0 would train nothing"), ("--max_steps", "-2", "or -1 for no"),
+                              ("--max_time", "00:00:00:00", "longer than zero"), ("--max_time", "1:2", "DD:HH:MM:SS")):
+        with pytest.raises(SystemExit) as exit_:
+            _train(data, earlier.parent, flag, value, "--run_name", "zero")
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not (earlier.parent / "zero").exists()
 
 
 def _slurm(monkeypatch, restarts: int) -> None:

@@ -36,6 +36,23 @@ def _positive(kind=int):
     return parse
 
 
+def _max_steps(v: str) -> int:
+    x = _number(int, v)
+    if x == 0 or x < -1:
+        raise argparse.ArgumentTypeError(f"must be > 0, or -1 for no limit, got {v} (0 would train nothing)")
+    return x
+
+
+def _duration(v: str) -> str:
+    """DD:HH:MM:SS, as Lightning's Timer reads it, and longer than zero."""
+    parts = v.split(":")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected DD:HH:MM:SS (e.g. 00:01:30:00), got {v!r}")
+    if not any(int(p) for p in parts):
+        raise argparse.ArgumentTypeError(f"must be longer than zero, got {v} (it would train nothing)")
+    return v
+
+
 def _finite(v: str) -> float:
     return _number(float, v)
 
@@ -627,9 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(PRESETS), help="architecture preset (default MoCE_IR_S; with "
                    "--fine_tune_from, the checkpoint's own)")
     p.add_argument("--epochs", type=_positive(), default=120, help="training epochs")
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after N optimizer steps (the LR schedule spans "
+    p.add_argument("--max_steps", type=_max_steps, default=-1, help="stop after N optimizer steps (the LR schedule spans "
                                                                "them); -1: no limit")
-    p.add_argument("--max_time", help="wall-clock limit DD:HH:MM:SS")
+    p.add_argument("--max_time", type=_duration, help="wall-clock limit DD:HH:MM:SS")
     p.add_argument("--batch_size", type=_positive(), default=8,
                    help="per device (with --accum_grad a: batch_size//a per step, as upstream)")
     p.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate (AdamW)")
