@@ -44,6 +44,8 @@ def test_cdd11_results_keep_their_degradation_folder(tmp_path, tiny_ckpt):
     assert _rows(out) == [("cdd11", "haze/001.png"), ("cdd11", "rain/001.png")]
     saved = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png"))
     assert saved == ["cdd11/haze/001.png", "cdd11/rain/001.png"]
+    per_image = json.loads((out / "results.json").read_text())["per_image"]["cdd11"]
+    assert [row["saved"] for row in per_image] == ["haze/001.png", "rain/001.png"]
 
 
 def test_flags_that_would_be_ignored_are_refused_or_noted(tmp_path, small_layout, tiny_ckpt, capsys):
@@ -173,6 +175,9 @@ def test_inputs_sharing_a_stem_are_saved_apart(tmp_path, small_layout, tiny_ckpt
     assert sorted(name for _, name in _rows(out)) == ["1.jpg", "1.png", "2.png"]
     assert sorted(p.name for p in (out / "images/lolv1").iterdir()) == ["1_jpg.png", "1_png.png", "2.png"]
     assert "1.jpg -> 1_jpg.png" in capsys.readouterr().err
+    with open(out / "per_image.csv", newline="") as f:  # the renames are recorded, not only printed once
+        assert sorted((r["name"], r["saved"]) for r in csv.DictReader(f)) == [
+            ("1.jpg", "1_jpg.png"), ("1.png", "1_png.png"), ("2.png", "2.png")]
 
 
 def test_two_clean_images_for_one_key_is_a_one_line_error(tmp_path, small_layout, tiny_ckpt, capsys):

@@ -119,6 +119,8 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
         except OSError as e:  # scored all the same: only the PNG is missing
             advice = write_error_advice(e.errno, "--output_path") or "check --output_path"
             row["not_saved"] = f"{item['name']}: cannot write {target} ({e.strerror or e}); {advice}"
+        else:  # under images/<benchmark>/; not always the input's name (a.jpg -> a.png, or a_jpg.png beside a.png)
+            row["saved"] = (Path(ds.pairs[idx].folder) / target.name).as_posix()
     return row
 
 
@@ -195,7 +197,7 @@ def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), sa
 
 def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
     with open(path, "w", newline="") as f:
-        keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts"]
+        keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts", "saved"]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in results:
