@@ -197,6 +197,18 @@ def test_save_model_refuses_a_dtype_that_truncates(tiny_model, tmp_path, dtype):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_save_model_of_a_network_without_weights_and_a_string_flag_are_clear(tmp_path, tiny_ckpt):
+    """Probe: save_model of a network built on the meta device failed in a NotImplementedError traceback, and
+    load_model(channels_last="no") stored the weights channels-last (a non-empty string is true)."""
+    with torch.device("meta"):
+        empty = moceir.MoCEIR(moceir.get_config("MoCE_IR_tiny"))
+    with pytest.raises(ValueError, match="no weights to save: .* on the meta device"):
+        moceir.save_model(empty, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(TypeError, match="channels_last must be True or False, not 'no'"):
+        moceir.load_model(tiny_ckpt, channels_last="no")
+
+
 def test_save_model_refuses_nan_weights(tmp_path):
     from moceir.models.checkpoints import NonFiniteWeights
 

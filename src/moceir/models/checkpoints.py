@@ -329,6 +329,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     elif config is not None and not isinstance(config, MoCEConfig):
         raise TypeError(f"config must be a MoCEConfig (moceir.get_config) or a dict of its fields, not "
                         f"{type(config).__name__}")
+    if not isinstance(channels_last, bool):  # "no" or "False" would be true
+        raise TypeError(f"channels_last must be True or False, not {channels_last!r}")
     sd, embedded = read_checkpoint(path)
     if config is None:
         if embedded:
@@ -404,8 +406,12 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     if suffix in OTHER_FORMAT_SUFFIXES:
         raise OutputPathError(f"{path}: save_model writes safetensors, which a {suffix} name would pass off as "
                               f"{'an ONNX file' if suffix == '.onnx' else 'an image'}; name it .safetensors")
-    path = check_output_path(path, overwrite)
     state = model.state_dict()
+    meta = [k for k, v in state.items() if v.is_meta]
+    if meta:
+        raise ValueError(f"the network has no weights to save: {meta[0]} (and {len(meta) - 1} more) are on the meta "
+                         "device; load or initialise them first (model.to_empty(device=...), then load_state_dict)")
+    path = check_output_path(path, overwrite)
     check_finite(state, "the network to save",
                  "nothing was written: such a network restores to black or noise (did training diverge?)")
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
