@@ -209,6 +209,24 @@ def test_save_model_of_a_network_without_weights_and_a_string_flag_are_clear(tmp
         moceir.load_model(tiny_ckpt, channels_last="no")
 
 
+def test_an_overwrite_that_is_not_a_bool_replaces_nothing(tmp_path, tiny_model):
+    """Probe: restore_files(..., overwrite="no") and save_model(..., overwrite="False") replaced the files there."""
+    from moceir.io import save_image, write_atomically
+
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "a.png", np.zeros((16, 16, 3), np.float32))
+    for name in ("out/a.png", "m.safetensors", "plot.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("precious")
+    with pytest.raises(moceir.UsageError, match="overwrite must be True or False, not 'no'"):
+        moceir.restore_files([tmp_path / "in" / "a.png"], tmp_path / "out", tiny_model, overwrite="no", progress=False)
+    with pytest.raises(TypeError, match="overwrite must be True or False, not 'False'"):
+        moceir.save_model(tiny_model, tmp_path / "m.safetensors", overwrite="False")
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        write_atomically(tmp_path / "plot.png", lambda tmp: tmp.write_text("new"), overwrite=0)
+    assert all((tmp_path / n).read_text() == "precious" for n in ("out/a.png", "m.safetensors", "plot.png"))
+
+
 def test_save_model_refuses_nan_weights(tmp_path):
     from moceir.models.checkpoints import NonFiniteWeights
 

@@ -388,6 +388,8 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite
     """:func:`write_atomically` for files that belong together: each is written to its temporary file first, and
     all are moved into place only once every one was written, so a failure (a full disk) leaves the earlier set
     whole rather than a mix of old and new."""
+    if not isinstance(overwrite, bool):  # "no" or "False" would be true: files replaced
+        raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
     temps: dict[Path, Path] = {}
     try:
         for target, write in writes.items():

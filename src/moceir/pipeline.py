@@ -218,6 +218,9 @@ class RestoreOptions:
     cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
 
     def __post_init__(self) -> None:
+        for flag in ("overwrite", "cuda_graphs"):  # "no" or "False" would be true: files replaced
+            if not isinstance(getattr(self, flag), bool):
+                raise UsageError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size is not None and not (is_whole(self.batch_size) and self.batch_size >= 1):

@@ -351,6 +351,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
 def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write ``path`` if that would clobber what is there: an existing file or link (unless
     ``overwrite``: then a link is replaced, never followed), a folder, or a file where a parent folder should be."""
+    if not isinstance(overwrite, bool):  # "no" or "False" would be true: the file replaced
+        raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
     path = Path(path)
     if os.path.lexists(path):
         if path.is_dir() and not path.is_symlink():
