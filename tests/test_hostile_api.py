@@ -227,6 +227,21 @@ def test_an_overwrite_that_is_not_a_bool_replaces_nothing(tmp_path, tiny_model):
     assert all((tmp_path / n).read_text() == "precious" for n in ("out/a.png", "m.safetensors", "plot.png"))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.float8_e4m3fn, torch.complex64])
+def test_a_checkpoint_of_weights_that_are_not_floats_is_one_line(tiny_model, tmp_path, dtype, capsys):
+    """Probe: int8 weights were cast silently (restore wrote its input back, exit 0), bool ones failed later with
+    "output holds NaN", float8 and complex ones in a NotImplementedError traceback."""
+    from safetensors.torch import save_file
+
+    from moceir.cli import main
+
+    path = tmp_path / "odd.safetensors"
+    save_file({k: v.to(dtype).contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    with pytest.raises(moceir.CheckpointError, match=f"holds {str(dtype)[6:]} values .*not the floating-point"):
+        moceir.load_model(path)
+    assert main(["info", str(path)]) == 2 and "floating-point weights" in capsys.readouterr().err
+
+
 def test_save_model_refuses_nan_weights(tmp_path):
     from moceir.models.checkpoints import NonFiniteWeights
 

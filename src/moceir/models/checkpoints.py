@@ -116,6 +116,9 @@ def _is_torch_file(p: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a checkpoint may hold
+
+
 def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
                  advice: str = "the checkpoint is damaged: retrain or use another one") -> None:
     """Refuse NaN or inf in floating-point weights: such a network writes black or garbage images."""
@@ -180,6 +183,12 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if config is not None and not isinstance(config, Mapping):
         raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
     sd = strip_wrappers({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
+    odd = [(k, v.dtype) for k, v in sd.items() if v.dtype not in WEIGHT_DTYPES]
+    if odd:  # int8 or bool were cast silently on loading (int8: a network that returns its input); float8: traceback
+        more = f" (and {len(odd) - 1} more tensors)" if len(odd) > 1 else ""
+        raise CheckpointError(f"{p}: {odd[0][0]} holds {str(odd[0][1]).replace('torch.', '')} values{more}, not "
+                              "the floating-point weights of a network (float32, float16 or bfloat16); check the path, "
+                              "or re-save the weights in one of those types")
     check_finite(sd, str(p))
     return sd, (dict(config) if config is not None else None), obj
 
@@ -383,7 +392,7 @@ def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
 
 # Names save_model refuses: `moceir restore` would take the file for an image, load_model for an ONNX network.
 OTHER_FORMAT_SUFFIXES = WRITABLE_EXTS + (".onnx",)
-SAVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what save_model writes weights as
+SAVE_DTYPES = WEIGHT_DTYPES  # what save_model writes weights as
 
 
 def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None,
