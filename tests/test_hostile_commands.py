@@ -148,6 +148,23 @@ def test_a_reader_that_stops_early_costs_neither_training_nor_test_results(tmp_p
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["per_image.csv", "results.json", "results.md"]
 
 
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, tiny_ckpt, capsys):
+    """Probe: a path component over 255 bytes was an OSError traceback (File name too long) in every command, and
+    as one input of restore it cost the whole batch."""
+    from moceir.io import save_image
+
+    long = str(tmp_path / ("a" * 300))
+    save_image(tmp_path / "ok.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", f"{long}.png", str(tmp_path / "ok.png"), "-o", str(tmp_path / "out"), "--checkpoint",
+                 tiny_ckpt, "--quiet"]) == 1
+    assert "File name too long; a file or folder name in it is longer" in _one_line(capsys)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ok.png"]
+    for argv in (["info", long], ["export", tiny_ckpt, f"{long}.safetensors"], ["plot-logs", long],
+                 ["restore", str(tmp_path / "ok.png"), "-o", long, "--checkpoint", tiny_ckpt]):
+        assert main(argv) == 1, argv
+        assert _one_line(capsys).startswith(f"error: {long}"), argv
+
+
 # ------------------------------------------------------------------------------------------------ routing
 def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, small_layout, tiny_ckpt, capsys):
     out = tmp_path / "r"

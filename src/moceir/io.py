@@ -72,6 +72,8 @@ def write_error_advice(code: int | None, where: str) -> str | None:
         return f"the file system is read-only; choose another {where}"
     if code == errno.EIO:
         return "the disk reported an input/output error; check it"
+    if code == errno.ENAMETOOLONG:
+        return "a file or folder name in it is longer than the file system allows (often 255 bytes); shorten it"
     return None
 
 

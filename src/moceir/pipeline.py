@@ -54,21 +54,32 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
     """Files, folders (their images, not recursive) and globs -> (unique absolute files, [(spec, error line)])."""
     files, errors = [], []
     for spec in specs:
-        p = Path(spec)
-        if p.is_dir():
-            found = list_images(p, WRITABLE_EXTS)  # the benchmarks' formats and GIF, which restore reads too
-            if not found:
-                errors.append((str(spec), f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); "
-                                          "nothing to restore there"))
-            files += found
-        elif p.is_file():
-            files.append(p)
+        try:
+            found = _gather(spec)
+        except OSError as e:  # a name longer than the file system allows, a folder that cannot be listed
+            why = write_error_advice(e.errno, "input") or "check the path"
+            errors.append((str(spec), f"{spec}: {e.strerror or e}; {why}"))
+            continue
+        if isinstance(found, str):
+            errors.append((str(spec), found))
         else:
-            matches = sorted(Path(m) for m in glob.glob(str(spec)) if Path(m).is_file())
-            if not matches:
-                errors.append((str(spec), f"{spec}: no such file, folder or matching glob"))
-            files += matches
+            files += found
     return list(dict.fromkeys(f.resolve() for f in files)), errors
+
+
+def _gather(spec: str | Path) -> list[Path] | str:
+    """The image files that one input names, or the error line when it names none."""
+    p = Path(spec)
+    if p.is_dir():
+        found = list_images(p, WRITABLE_EXTS)  # the benchmarks' formats and GIF, which restore reads too
+        if not found:
+            return (f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to restore "
+                    "there")
+        return found
+    if p.is_file():
+        return [p]
+    matches = sorted(Path(m) for m in glob.glob(str(spec)) if Path(m).is_file())
+    return matches or f"{spec}: no such file, folder or matching glob"
 
 
 def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
