@@ -165,6 +165,24 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, tiny_ck
         assert _one_line(capsys).startswith(f"error: {long}"), argv
 
 
+def test_an_image_too_wide_for_the_output_format_is_refused_before_it_is_restored(tmp_path, tiny_ckpt, capsys):
+    """Probe: a 66000 px wide image restored to GIF failed after restoring, in a struct.error traceback (the
+    closing line never printed); JPEG printed libjpeg's own line, WebP failed after restoring beyond 16383 px."""
+    from moceir.io import save_image
+
+    save_image(tmp_path / "wide.png", np.zeros((1, 66000, 3), np.float32))
+    save_image(tmp_path / "ok.png", np.zeros((16, 16, 3), np.float32))
+    for ext, limit in (("gif", 65535), ("webp", 16383)):
+        out = tmp_path / ext
+        assert main(["restore", str(tmp_path / "wide.png"), str(tmp_path / "ok.png"), "-o", str(out), "--ext", ext,
+                     "--checkpoint", tiny_ckpt, "--quiet"]) == 1
+        assert f"holds at most {limit} px a side, and this image is 66000x1; write PNG" in _one_line(capsys)
+        assert [p.name for p in out.iterdir()] == [f"ok.{ext}"]
+    with pytest.raises(ValueError, match="a JPG holds at most 65500 px"):
+        save_image(tmp_path / "wide.jpg", np.zeros((1, 66000, 3), np.float32))
+    assert not (tmp_path / "wide.jpg").exists()
+
+
 # ------------------------------------------------------------------------------------------------ routing
 def test_routing_goes_on_past_a_missing_benchmark_and_exits_1(tmp_path, small_layout, tiny_ckpt, capsys):
     out = tmp_path / "r"

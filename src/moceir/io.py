@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
 WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
+MAX_SIDE = {".gif": 65535, ".jpg": 65500, ".jpeg": 65500, ".webp": 16383}  # what these formats can store
 NO_ALPHA_EXTS = (".jpg", ".jpeg", ".bmp")  # formats save_image writes without an alpha channel (PIL's BMP drops it)
 ON_OFF_ALPHA_EXTS = (".gif",)  # formats that keep only opaque or transparent pixels
 # PIL's EXIF orientations (tag 0x0112) as array operations on [H, W, ...], as ImageOps.exif_transpose applies them.
@@ -302,6 +303,16 @@ def _tiff_samples(path: Path) -> np.dtype | None:
         return None
 
 
+def format_size_problem(path: str | Path, height: int, width: int) -> str | None:
+    """Why an image of ``height`` x ``width`` cannot be written as ``path``'s format (GIF, JPEG and WebP cap the
+    side), or None."""
+    limit = MAX_SIDE.get(Path(path).suffix.lower())
+    if limit is None or max(height, width) <= limit:
+        return None
+    return (f"{path}: a {Path(path).suffix[1:].upper()} holds at most {limit} px a side, and this image is "
+            f"{width}x{height}; write PNG or TIFF (restore --ext png)")
+
+
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
                grayscale: bool = False) -> None:
     """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
@@ -327,6 +338,9 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             raise ValueError(f"{name} must be {shape}{' (the size of rgb)' if name == 'alpha' else ''}, got {x.shape}")
         if np.isnan(x.min()):  # one pass, no temporary array
             raise ValueError(f"{name} holds NaN pixels; nothing was written to {path}")
+    too_large = format_size_problem(path, *rgb.shape[:2])
+    if too_large:  # PIL's GIF writer failed in a struct.error, its JPEG one printed libjpeg's words
+        raise ValueError(too_large)
     planes = [rgb.mean(axis=2, keepdims=True) if grayscale else rgb]
     if alpha is not None and suffix not in NO_ALPHA_EXTS:
         planes.append(alpha[..., None])

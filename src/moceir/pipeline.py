@@ -26,7 +26,8 @@ from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
-                 image_size, list_images, load_image, save_image, write_atomically, write_error_advice)
+                 format_size_problem, image_size, list_images, load_image, save_image, write_atomically,
+                 write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -280,6 +281,11 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
             log(f"error: {problem}")
             continue
         size = image_size(job.input)
+        problem = format_size_problem(job.output, *size) if size is not None else None
+        if problem:  # before restoring it: the output could not be written
+            failures.append({"input": str(job.input), "error": problem})
+            log(f"error: {problem}")
+            continue
         alone = size is None or options.tile is not None or (
             budget is not None and auto_tile(model, *_padded(size, options.context_pad), budget) is not None)
         by_size.setdefault(-i - 1 if alone else size, []).append(i)
