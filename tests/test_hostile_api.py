@@ -242,6 +242,19 @@ def test_a_checkpoint_of_weights_that_are_not_floats_is_one_line(tiny_model, tmp
     assert main(["info", str(path)]) == 2 and "floating-point weights" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("report", True), ("report", 3), ("num_nodes", "2"), ("num_gpus", -1),
+                                           ("num_cpu_processes", 0), ("num_cpu_processes", 1.5)])
+def test_restore_files_refuses_options_of_the_wrong_kind_in_one_line(tmp_path, tiny_model, option, value):
+    """Probe: report=True and num_nodes="2" were raw TypeErrors from deep inside; num_gpus=-1 and
+    num_cpu_processes=0 were accepted."""
+    from moceir.io import save_image
+
+    save_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.float32))
+    with pytest.raises(moceir.UsageError, match=f"{option} must be"):
+        moceir.restore_files([tmp_path / "a.png"], tmp_path / "out", tiny_model, progress=False, **{option: value})
+    assert not (tmp_path / "out").exists()
+
+
 def test_save_model_refuses_nan_weights(tmp_path):
     from moceir.models.checkpoints import NonFiniteWeights
 

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from .checks import is_whole
 from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as_list
 
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -51,6 +52,10 @@ class Launch:
     num_cpu_processes: int = 1
 
     def __post_init__(self) -> None:
+        for name, least in (("num_gpus", 0), ("num_nodes", 1), ("num_cpu_processes", 1)):
+            value = getattr(self, name)
+            if not is_whole(value) or value < least:
+                raise UsageError(f"{name} must be a whole number >= {least}, not {value!r}")
         if problem := multi_node_problem(self.num_nodes):  # before any work: the run could never start
             raise UsageError(problem)
 

@@ -617,6 +617,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     bad = [spec for spec in specs if not isinstance(spec, (str, os.PathLike)) or not str(spec)]
     if bad:  # "" would mean the working folder
         raise UsageError(f"inputs must be non-empty paths or globs; got {bad[0]!r}")
+    if report is not None and (not isinstance(report, (str, os.PathLike)) or not str(report)):
+        raise UsageError(f"report must be a file path (a non-empty str or Path) or None, not {report!r}")
     if not isinstance(suffix, str) or (ext is not None and not isinstance(ext, str)):
         raise UsageError(f"suffix and ext must be strings, got {suffix!r} and {ext!r}")
     opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
