@@ -465,6 +465,9 @@ def test_demo_address_errors_name_what_to_change():
         with pytest.raises(AddressError, match=f"port {port} is in use; choose another --port"):
             check_address("127.0.0.1", port)
     check_address("127.0.0.1", 0)
+    for host in ("::1", "[::1]"):  # Gradio's launch failed on them in an httpx InvalidURL traceback
+        with pytest.raises(AddressError, match="--host ::1: the demo's server .* cannot serve at an IPv6 address"):
+            check_address(host, 0)
 
 
 def test_demo_host_is_read_as_gradio_reads_it(monkeypatch):

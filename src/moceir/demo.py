@@ -486,6 +486,9 @@ def check_address(host: str, port: int) -> None:
     host = server_host(host)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:  # 0: any free port
         raise AddressError(f"port {port!r} is not a port number; choose a --port from 1 to 65535")
+    if ":" in host:  # Gradio's launch builds http://::1:7860 and fails in an httpx InvalidURL traceback
+        raise AddressError(f"--host {host}: the demo's server (Gradio) cannot serve at an IPv6 address; use "
+                           "127.0.0.1 (this machine only) or 0.0.0.0 (every IPv4 address of this machine)")
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
@@ -527,8 +530,7 @@ def launch(checkpoint: str = "default", host: str = "127.0.0.1", port: int = 786
             return app
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop (and clean up) as on Ctrl+C
-        url_host = f"[{host}]" if ":" in host else host
-        print(f"moceir demo: serving at http://{url_host}:{port} (Ctrl+C stops it)", flush=True)
+        print(f"moceir demo: serving at http://{host}:{port} (Ctrl+C stops it)", flush=True)
         while app.is_running:
             time.sleep(0.2)
     except KeyboardInterrupt:
