@@ -665,3 +665,26 @@ def test_a_folder_input_restores_its_gifs_too(tmp_path, tiny_ckpt):
         image.save(tmp_path / "in" / name)
     rows = moceir.restore_files([tmp_path / "in"], tmp_path / "out", tiny_ckpt, progress=False)
     assert sorted(os.path.basename(r["output"]) for r in rows) == ["a.gif", "b.GIF", "c.png"]
+
+
+def test_colour_profiles_are_kept_and_16_bit_files_are_read_by_content(tmp_path, tiny_ckpt):
+    """Probe: every output dropped the input's ICC profile (a Display P3 or Adobe RGB photo then shows wrong
+    colours), and a 16-bit PNG named .tif (or a 16-bit TIFF named .png) was refused as unreadable."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb = np.random.default_rng(0).random((16, 24, 3)).astype(np.float32)
+    src = tmp_path / "in"
+    src.mkdir()
+    for ext in ("png", "jpg", "webp", "tif"):
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(src / f"p8_{ext}.{ext}", icc_profile=icc)
+    for ext in ("png", "tif"):
+        save_image(src / f"p16_{ext}.{ext}", rgb, bit_depth=16, icc_profile=icc)
+    (src / "p16_png.tif").write_bytes((src / "p16_png.png").read_bytes())  # named as the other format
+    (src / "p16_tif.png").write_bytes((src / "p16_tif.tif").read_bytes())
+    assert _restore(src, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 0
+    outputs = sorted((tmp_path / "out").iterdir())
+    assert len(outputs) == 8
+    for out in outputs:
+        img = load_image(out)
+        assert img.icc_profile == icc and img.bit_depth == (16 if out.stem.startswith("p16") else 8), out.name

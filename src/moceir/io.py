@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
+import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -92,6 +94,7 @@ class LoadedImage:
     grayscale: bool
     format: str
     frames: int = 1  # frames or pages in the file; only the first is read
+    icc_profile: bytes | None = None  # the file's colour profile, written into the output where its format can
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -100,9 +103,10 @@ def _png_bit_depth(path: Path) -> int:
     return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else 8
 
 
-def _load_16bit(path: Path) -> np.ndarray:
-    """16-bit PNG (pypng) or TIFF (tifffile) -> float32 [H, W, C] in [0, 1]; PIL would reduce RGB to 8 bits."""
-    if path.suffix.lower() == ".png":
+def _load_16bit(path: Path, fmt: str) -> np.ndarray:
+    """16-bit PNG (pypng) or TIFF (tifffile) -> float32 [H, W, C] in [0, 1]; PIL would reduce RGB to 8 bits.
+    ``fmt`` is what the file holds ("PNG" or "TIFF"), whatever its name says."""
+    if fmt == "PNG":
         import png
 
         w, h, rows, info = png.Reader(filename=str(path)).asDirect()
@@ -131,14 +135,14 @@ def _read_tiff_page(path: Path) -> np.ndarray:
     return arr
 
 
-def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1) -> LoadedImage:
-    arr = _load_16bit(path)
+def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: bytes | None = None) -> LoadedImage:
+    arr = _load_16bit(path, fmt)
     if orientation in _ORIENT:
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
     gray = arr.shape[2] in (1, 2)
     alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
     rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
-    return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames)
+    return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames, icc)
 
 
 def file_problem(path: str | Path) -> str | None:
@@ -166,11 +170,12 @@ def load_image(path: str | Path) -> LoadedImage:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
             fmt = im.format or path.suffix.lstrip(".").upper()
+            icc = im.info.get("icc_profile") or None
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im))
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
             if fmt == "PNG" and _png_bit_depth(path) == 16:
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im))
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
                 kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
                         else "32-bit or signed integer")
@@ -181,9 +186,9 @@ def load_image(path: str | Path) -> LoadedImage:
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
                 return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
-                                   frames)
+                                   frames, icc)
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            return LoadedImage(rgb, None, 8, grayscale, fmt, frames)
+            return LoadedImage(rgb, None, 8, grayscale, fmt, frames, icc)
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: image too large ({e}); restore a downscaled copy, or raise "
                              "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
@@ -314,11 +319,12 @@ def format_size_problem(path: str | Path, height: int, width: int) -> str | None
 
 
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
-               grayscale: bool = False) -> None:
+               grayscale: bool = False, icc_profile: bytes | None = None) -> None:
     """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
 
-    16 bits are kept for PNG and TIFF; other formats are written with 8. An existing file is replaced, as PIL's
-    ``save`` does (moceir's commands write through :func:`write_atomically`, which never follows a link).
+    16 bits are kept for PNG and TIFF; other formats are written with 8. ``icc_profile`` (the input's colour
+    profile, :attr:`LoadedImage.icc_profile`) is embedded in PNG, JPEG, TIFF and WebP (GIF and BMP cannot hold
+    one). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through :func:`write_atomically`, which never follows a link).
     Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
     path = Path(path)
@@ -355,15 +361,18 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
 
             h, w, c = u16.shape
             writer = png.Writer(w, h, greyscale=c <= 2, alpha=c in (2, 4), bitdepth=16)
+            encoded = io.BytesIO()
+            writer.write(encoded, u16.reshape(h, w * c))
             with open(path, "wb") as f:
-                writer.write(f, u16.reshape(h, w * c))
+                f.write(_with_iccp(encoded.getvalue(), icc_profile))
         else:
             import tifffile
 
+            icc = {"iccprofile": icc_profile} if icc_profile else {}
             if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
-                tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"])
+                tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **icc)
             else:
-                tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16)
+                tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16, **icc)
         return
     data *= 255
     u8 = np.round(data, out=data).astype(np.uint8)
@@ -372,7 +381,19 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    if icc_profile and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
+        kwargs["icc_profile"] = icc_profile
     im.save(path, **kwargs)
+
+
+def _with_iccp(png_bytes: bytes, icc_profile: bytes | None) -> bytes:
+    """A PNG with an iCCP chunk (the colour profile, deflated) after its IHDR; pypng cannot write one."""
+    if not icc_profile:
+        return png_bytes
+    data = b"ICC profile\0\0" + zlib.compress(icc_profile)
+    chunk = struct.pack(">I", len(data)) + b"iCCP" + data + struct.pack(">I", zlib.crc32(b"iCCP" + data))
+    end_of_ihdr = 8 + 8 + 13 + 4  # signature, then IHDR's length, type, 13 bytes and CRC
+    return png_bytes[:end_of_ihdr] + chunk + png_bytes[end_of_ihdr:]
 
 
 def _save_gif_with_alpha(path: Path, u8: np.ndarray) -> None:
