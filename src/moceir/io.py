@@ -324,7 +324,8 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
 
     16 bits are kept for PNG and TIFF; other formats are written with 8. ``icc_profile`` (the input's colour
     profile, :attr:`LoadedImage.icc_profile`) is embedded in PNG, JPEG, TIFF and WebP (GIF and BMP cannot hold
-    one). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through :func:`write_atomically`, which never follows a link).
+    one). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through
+    :func:`write_atomically`, which never follows a link).
     Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
     path = Path(path)
