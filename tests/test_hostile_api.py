@@ -536,6 +536,34 @@ def test_16bit_gray_alpha_tiff_round_trips(tmp_path, tiny_model):
     assert out.rgb.shape == rgb.shape and np.abs(out.alpha - alpha).max() < 1e-4
 
 
+def test_16bit_tiffs_are_read_as_their_tags_say(tmp_path):
+    """Probe: the 16-bit TIFF reader ignored the colour tags: min-is-white read inverted, palette indices read as
+    grey, CMYK white read black and transparent, an unspecified extra channel read as alpha (a transparent output),
+    premultiplied alpha not divided out (100 for 199)."""
+    import tifffile
+
+    from moceir.io import ImageReadError, load_image
+
+    palette = np.zeros((3, 65536), np.uint16)
+    palette[:, 1] = 65535
+    rgbx = np.full((4, 4, 4), 40000, np.uint16)
+    rgbx[..., 3] = 0
+    premultiplied = np.full((4, 4, 4), 100 * 257, np.uint16)
+    premultiplied[..., 3] = 128 * 257
+    cases = {"mw": (np.full((4, 4), 1000, np.uint16), {"photometric": "miniswhite"}, 1 - 1000 / 65535, None),
+             "pal": (np.ones((4, 4), np.uint16), {"photometric": "palette", "colormap": palette}, 1.0, None),
+             "rgbx": (rgbx, {"photometric": "rgb", "extrasamples": ["unspecified"]}, 40000 / 65535, None),
+             "assoc": (premultiplied, {"photometric": "rgb", "extrasamples": ["assocalpha"]}, 100 / 128, 128 / 255)}
+    for name, (data, tags, colour, alpha) in cases.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", data, **tags)
+        img = load_image(tmp_path / f"{name}.tif")
+        assert img.bit_depth == 16 and np.allclose(img.rgb, colour, atol=1e-4), name
+        assert (img.alpha is None) if alpha is None else np.allclose(img.alpha, alpha, atol=1e-4), name
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((4, 4, 4), np.uint16), photometric="separated")
+    with pytest.raises(ImageReadError, match="cmyk.tif: a 16-bit TIFF in the CMYK colour space is not supported"):
+        load_image(tmp_path / "cmyk.tif")
+
+
 def test_a_report_through_a_linked_folder_never_replaces_an_image(tmp_path, tiny_model):
     from moceir.io import save_image
 

@@ -118,20 +118,42 @@ def _load_16bit(path: Path, fmt: str) -> np.ndarray:
 
 
 def _read_tiff_page(path: Path) -> np.ndarray:
-    """The first page of a TIFF as [H, W, C], planar (channels-first) layouts included."""
+    """The first page of a TIFF as [H, W, C] gray, gray + alpha, RGB or RGBA, planar (channels-first) layouts
+    included, read as its tags say: min-is-white inverted, a palette looked up, premultiplied alpha divided out and
+    an extra channel that is not alpha left out. Other colour spaces (CMYK, YCbCr, Lab) are refused in one line."""
     import tifffile
 
     with tifffile.TiffFile(str(path)) as t:
         page = t.pages[0]
         arr = page.asarray()
-        axes = page.axes
-    if arr.ndim == 2:
-        return arr[..., None]
+        axes, photometric, colormap = page.axes, int(page.photometric), page.colormap
+        extra = tuple(int(e) for e in (page.extrasamples or ()))
     if arr.ndim == 3 and axes[0] in "SC" and axes[1:] == "YX":  # planar config "separate": [C, H, W]
         arr = np.moveaxis(arr, 0, -1)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and arr.shape[2] == 1:
+        arr = np.moveaxis(colormap[:, arr[..., 0]], 0, -1).astype(np.uint16)
+    elif photometric not in (tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.MINISBLACK,
+                             tifffile.PHOTOMETRIC.RGB):
+        name = {5: "CMYK", 6: "YCbCr", 8: "CIELab"}.get(photometric, f"photometric {photometric}")
+        raise ImageReadError(f"{path}: a 16-bit TIFF in the {name} colour space is not supported; convert it to RGB "
+                             "(e.g. an 8- or 16-bit RGB PNG)")
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         raise ImageReadError(f"{path}: a TIFF of shape {arr.shape} (axes {axes}) is not a gray, RGB or RGBA "
                              "image; convert it to one (e.g. an 8- or 16-bit RGB PNG)")
+    colours = 3 if arr.shape[2] >= 3 and photometric != tifffile.PHOTOMETRIC.MINISWHITE else 1
+    if arr.shape[2] > colours:  # one extra sample: alpha, premultiplied alpha, or something else
+        kind = extra[0] if extra else tifffile.EXTRASAMPLE.UNASSALPHA
+        if kind == tifffile.EXTRASAMPLE.UNSPECIFIED:  # not transparency: a mask, depth, ...
+            arr = arr[..., :colours]
+        elif kind == tifffile.EXTRASAMPLE.ASSOCALPHA:
+            alpha = arr[..., colours:colours + 1].astype(np.float64)
+            colour = np.divide(arr[..., :colours] * 65535.0, alpha, out=np.zeros_like(alpha.repeat(colours, 2)),
+                               where=alpha > 0)
+            arr = np.concatenate([np.clip(np.round(colour), 0, 65535), alpha], axis=2).astype(np.uint16)
+    if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        arr = arr.copy()
+        arr[..., 0] = np.iinfo(np.uint16).max - arr[..., 0]
     return arr
 
 
