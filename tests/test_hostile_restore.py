@@ -688,3 +688,24 @@ def test_colour_profiles_are_kept_and_16_bit_files_are_read_by_content(tmp_path,
     for out in outputs:
         img = load_image(out)
         assert img.icc_profile == icc and img.bit_depth == (16 if out.stem.startswith("p16") else 8), out.name
+
+
+def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_file(tmp_path, tiny_ckpt, capsys):
+    """Probe: a dangling link or a link loop named *.png in an input folder was skipped without a word (exit 0),
+    and a loop given by name was "no such file"; `--report o/r.png` wrote JSON under an image's name into the output
+    folder (a later restore of it failed); `plot-logs a.png` blamed an --out that was not given."""
+    src = tmp_path / "in"
+    _img(src / "a.png")
+    (src / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "loop.png").symlink_to(src / "loop.png")
+    assert _restore(src, src / "loop.png", "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    assert f"{src / 'dangling.png'}: is a link to nothing (dangling); fix or remove the link" in err
+    assert err.count(f"{src / 'loop.png'}: is a link loop") == 2 and "no such file" not in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.png"]
+    assert _restore(src / "a.png", "-o", tmp_path / "o2", "--checkpoint", tiny_ckpt, "--report",
+                    tmp_path / "o2" / "r.png") == 2
+    assert "the report is JSON; name it .json, not .png" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    assert main(["plot-logs", str(src / "a.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {src / 'a.png'} is a file; pass the run folder")

@@ -528,6 +528,9 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
     from .pipeline import UsageError, folder_problem
     from .plots import MetricsError, plot_training_logs
 
+    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):  # its --out was blamed, given or not
+        raise UsageError(f"{args.run_dir} is a file; pass the run folder written by `moceir train` (it holds "
+                         "logs/metrics.csv)")
     out = Path(args.out) if args.out else Path(args.run_dir) / "training_curves.png"
     formats = {k: v for k, v in Figure().canvas.get_supported_filetypes().items() if k != "pgf"}  # needs LaTeX
     if out.suffix.lower()[1:] not in formats:

@@ -56,31 +56,33 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
     files, errors = [], []
     for spec in specs:
         try:
-            found = _gather(spec)
+            found, problems = _gather(spec)
         except OSError as e:  # a name longer than the file system allows, a folder that cannot be listed
             why = write_error_advice(e.errno, "input") or "check the path"
-            errors.append((str(spec), f"{spec}: {e.strerror or e}; {why}"))
-            continue
-        if isinstance(found, str):
-            errors.append((str(spec), found))
-        else:
-            files += found
+            found, problems = [], [f"{spec}: {e.strerror or e}; {why}"]
+        files += found
+        errors += [(str(spec), line) for line in problems]
     return list(dict.fromkeys(f.resolve() for f in files)), errors
 
 
-def _gather(spec: str | Path) -> list[Path] | str:
-    """The image files that one input names, or the error line when it names none."""
+def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
+    """The image files that one input names, and error lines for what it names that cannot be read."""
     p = Path(spec)
     if p.is_dir():
         found = list_images(p, WRITABLE_EXTS)  # the benchmarks' formats and GIF, which restore reads too
-        if not found:
-            return (f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to restore "
-                    "there")
-        return found
+        broken = sorted(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS and f.is_symlink()
+                        and not f.exists())  # skipped without a word before
+        problems = [f"{f}: {file_problem(f)}; fix or remove the link" for f in broken]
+        if not found and not broken:
+            problems.append(f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
+                            "restore there")
+        return found, problems
     if p.is_file():
-        return [p]
+        return [p], []
+    if os.path.islink(p):  # a link loop or a link to nothing: say so, not "no such file"
+        return [], [f"{p}: {file_problem(p)}; pass an image file"]
     matches = sorted(Path(m) for m in glob.glob(str(spec)) if Path(m).is_file())
-    return matches or f"{spec}: no such file, folder or matching glob"
+    return matches, [] if matches else [f"{spec}: no such file, folder or matching glob"]
 
 
 def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
@@ -202,6 +204,8 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
         raise UsageError(f"--report {report} is also an output image's path; choose another path")
     if out_dir is not None and os.path.realpath(path) == os.path.realpath(out_dir):
         raise UsageError(f"--report {report} is the output folder; give a file name such as report.json")
+    if path.suffix.lower() in WRITABLE_EXTS:  # JSON under an image's name: a later restore of the folder fails on it
+        raise UsageError(f"--report {report}: the report is JSON; name it .json, not {path.suffix}")
     in_out_dir = out_dir is not None and path.parent == Path(os.path.abspath(out_dir))
     if not os.path.lexists(path.parent) and not in_out_dir:
         raise UsageError(f"--report {report}: folder {path.parent} does not exist; create it or choose another path")
