@@ -564,6 +564,54 @@ def test_16bit_tiffs_are_read_as_their_tags_say(tmp_path):
         load_image(tmp_path / "cmyk.tif")
 
 
+def test_16bit_tiffs_without_a_photometric_tag_and_gray_with_extra_channels_read_as_libtiff_does(tmp_path):
+    """Review: tifffile reports a missing PhotometricInterpretation as min-is-white, so such files (gray, RGB) were
+    read inverted; a min-is-black TIFF with two extra channels was read as red."""
+    import struct
+
+    import tifffile
+
+    from moceir.io import load_image
+
+    for name, data in (("gray", np.full((4, 4), 1000, np.uint16)), ("rgb", np.full((4, 4, 3), 1000, np.uint16))):
+        path = tmp_path / f"{name}.tif"
+        tifffile.imwrite(path, data)
+        raw = bytearray(path.read_bytes())
+        ifd = struct.unpack_from("<I", raw, 4)[0]
+        for i in range(struct.unpack_from("<H", raw, ifd)[0]):
+            if struct.unpack_from("<H", raw, ifd + 2 + 12 * i)[0] == 262:
+                struct.pack_into("<H", raw, ifd + 2 + 12 * i, 65000)  # the tag renamed: no Photometric left
+        path.write_bytes(raw)
+        assert np.allclose(load_image(path).rgb, 1000 / 65535, atol=1e-6), name
+    tifffile.imwrite(tmp_path / "mb3.tif", np.full((4, 4, 3), 20000, np.uint16), photometric="minisblack",
+                     extrasamples=["unspecified", "unspecified"], planarconfig="contig")
+    img = load_image(tmp_path / "mb3.tif")
+    assert img.grayscale and img.alpha is None and np.allclose(img.rgb, 20000 / 65535, atol=1e-6)
+    tifffile.imwrite(tmp_path / "mba.tif", np.full((4, 4, 3), 20000, np.uint16), photometric="minisblack",
+                     extrasamples=["unassalpha", "unspecified"], planarconfig="contig")
+    img = load_image(tmp_path / "mba.tif")
+    assert img.grayscale and np.allclose(img.rgb, 20000 / 65535) and np.allclose(img.alpha, 20000 / 65535)
+
+
+def test_a_colour_profile_is_written_only_where_it_describes_the_pixels(tmp_path):
+    """Review: a CMYK photo's profile was embedded in its RGB output (viewers misread or reject it)."""
+    from PIL import ImageCms
+
+    from moceir.io import load_image, save_image
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk, gray = srgb[:16] + b"CMYK" + srgb[20:], srgb[:16] + b"GRAY" + srgb[20:]  # only the header is checked
+    rgb = np.full((4, 4, 3), 0.5, np.float32)
+    for name, profile, bits, grayscale, kept in (("a.png", cmyk, 8, False, None), ("b.png", srgb, 16, False, srgb),
+                                                 ("c.tif", cmyk, 16, False, None), ("d.jpg", srgb, 8, True, None),
+                                                 ("e.png", gray, 8, True, gray), ("f.tif", gray, 16, True, gray)):
+        save_image(tmp_path / name, rgb, bit_depth=bits, grayscale=grayscale, icc_profile=profile)
+        assert load_image(tmp_path / name).icc_profile == kept, name
+    alpha = np.ones((4, 4), np.float32)  # 16-bit gray + alpha TIFF: PIL cannot open it, tifffile reads the profile
+    save_image(tmp_path / "ga.tif", rgb, alpha, bit_depth=16, grayscale=True, icc_profile=gray)
+    assert load_image(tmp_path / "ga.tif").icc_profile == gray
+
+
 def test_a_report_through_a_linked_folder_never_replaces_an_image(tmp_path, tiny_model):
     from moceir.io import save_image
 

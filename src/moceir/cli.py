@@ -38,17 +38,22 @@ def _positive(kind=int):
 
 def _max_steps(v: str) -> int:
     x = _number(int, v)
-    if x == 0 or x < -1:
-        raise argparse.ArgumentTypeError(f"must be > 0, or -1 for no limit, got {v} (0 would train nothing)")
+    if x == 0:
+        raise argparse.ArgumentTypeError("must be > 0, or -1 for no limit, got 0 (0 would train nothing)")
+    if x < -1:
+        raise argparse.ArgumentTypeError(f"must be > 0, or -1 for no limit, got {v}")
     return x
 
 
 def _duration(v: str) -> str:
     """DD:HH:MM:SS, as Lightning's Timer reads it, and longer than zero."""
-    parts = v.split(":")
-    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected DD:HH:MM:SS (e.g. 00:01:30:00), got {v!r}")
-    if not any(int(p) for p in parts):
+    import re
+
+    parts = re.fullmatch(r"(\d+):(\d\d):(\d\d):(\d\d)", v, re.ASCII)  # Lightning's Timer refuses 0:1:30:0
+    if parts is None:
+        raise argparse.ArgumentTypeError(f"expected DD:HH:MM:SS with two-digit hours, minutes and seconds (e.g. "
+                                         f"00:01:30:00), got {v!r}")
+    if not any(int(p) for p in parts.groups()):
         raise argparse.ArgumentTypeError(f"must be longer than zero, got {v} (it would train nothing)")
     return v
 
@@ -647,8 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=list(PRESETS), help="architecture preset (default MoCE_IR_S; with "
                    "--fine_tune_from, the checkpoint's own)")
     p.add_argument("--epochs", type=_positive(), default=120, help="training epochs")
-    p.add_argument("--max_steps", type=_max_steps, default=-1, help="stop after N optimizer steps (the LR schedule spans "
-                                                               "them); -1: no limit")
+    p.add_argument("--max_steps", type=_max_steps, default=-1,
+                   help="stop after N optimizer steps (the LR schedule spans them); -1: no limit")
     p.add_argument("--max_time", type=_duration, help="wall-clock limit DD:HH:MM:SS")
     p.add_argument("--batch_size", type=_positive(), default=8,
                    help="per device (with --accum_grad a: batch_size//a per step, as upstream)")
@@ -815,7 +820,7 @@ class _ReaderMayLeave:
 
     def __init__(self, stream: Any):
         self._stream = stream
-        self.lost: OSError | None = None
+        self.lost: OSError | None = None  # main() reports it for stdout; a stderr that cannot be written cannot
 
     def write(self, text: str) -> int:
         try:
@@ -863,12 +868,15 @@ def main(argv: list[str] | None = None) -> int:
     stdout, stderr = _guard("stdout"), _guard("stderr")  # before Lightning's log handler takes hold of sys.stderr
     try:
         code = _main(argv)
+        if stdout is not None:
+            stdout.flush()  # a write error of the buffer's rest counts too
+        if stdout is not None and stdout.lost is not None:  # through the stderr guard: it may be gone as well
+            print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost",
+                  file=sys.stderr)
+            code = code or 1
     finally:
         _unguard("stdout", stdout)
         _unguard("stderr", stderr)
-    if stdout is not None and stdout.lost is not None:
-        print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost", file=sys.stderr)
-        code = code or 1
     return code
 
 

@@ -472,7 +472,7 @@ def close_app(app) -> None:
 
 def server_host(host: str) -> str:
     """The address the server binds, as Gradio reads ``server_name``: "" is GRADIO_SERVER_NAME or 127.0.0.1,
-    and "[::1]" (the form a URL needs) is ::1."""
+    and "[::1]" (the form a URL needs) is ::1 (which :func:`check_address` refuses: Gradio cannot serve it)."""
     host = host.strip() or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
@@ -506,7 +506,7 @@ def check_address(host: str, port: int) -> None:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
         except OSError as e:
-            if e.errno == errno.EAFNOSUPPORT:  # e.g. ::1 on a machine without IPv6; the server skips it too
+            if e.errno == errno.EAFNOSUPPORT:  # a name that resolves to IPv6 too, on a machine without it
                 continue
             raise AddressError(f"cannot serve at {host}:{port}: "
                                + advice.get(e.errno, f"{e.strerror or e}; check --host and --port")) from None

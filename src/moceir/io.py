@@ -128,11 +128,15 @@ def _read_tiff_page(path: Path) -> np.ndarray:
         arr = page.asarray()
         axes, photometric, colormap = page.axes, int(page.photometric), page.colormap
         extra = tuple(int(e) for e in (page.extrasamples or ()))
+        tagged = 262 in page.tags  # PhotometricInterpretation: tifffile says 0 (min-is-white) when it is missing
     if arr.ndim == 3 and axes[0] in "SC" and axes[1:] == "YX":  # planar config "separate": [C, H, W]
         arr = np.moveaxis(arr, 0, -1)
     arr = arr[..., None] if arr.ndim == 2 else arr
+    if not tagged:  # as libtiff reads such files: gray for 1 or 2 samples, else RGB
+        photometric = tifffile.PHOTOMETRIC.MINISBLACK if arr.shape[2] <= 2 else tifffile.PHOTOMETRIC.RGB
     if photometric == tifffile.PHOTOMETRIC.PALETTE and colormap is not None and arr.shape[2] == 1:
         arr = np.moveaxis(colormap[:, arr[..., 0]], 0, -1).astype(np.uint16)
+        photometric = tifffile.PHOTOMETRIC.RGB
     elif photometric not in (tifffile.PHOTOMETRIC.MINISWHITE, tifffile.PHOTOMETRIC.MINISBLACK,
                              tifffile.PHOTOMETRIC.RGB):
         name = {5: "CMYK", 6: "YCbCr", 8: "CIELab"}.get(photometric, f"photometric {photometric}")
@@ -141,12 +145,11 @@ def _read_tiff_page(path: Path) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
         raise ImageReadError(f"{path}: a TIFF of shape {arr.shape} (axes {axes}) is not a gray, RGB or RGBA "
                              "image; convert it to one (e.g. an 8- or 16-bit RGB PNG)")
-    colours = 3 if arr.shape[2] >= 3 and photometric != tifffile.PHOTOMETRIC.MINISWHITE else 1
-    if arr.shape[2] > colours:  # one extra sample: alpha, premultiplied alpha, or something else
-        kind = extra[0] if extra else tifffile.EXTRASAMPLE.UNASSALPHA
-        if kind == tifffile.EXTRASAMPLE.UNSPECIFIED:  # not transparency: a mask, depth, ...
-            arr = arr[..., :colours]
-        elif kind == tifffile.EXTRASAMPLE.ASSOCALPHA:
+    colours = 3 if photometric == tifffile.PHOTOMETRIC.RGB else 1
+    if arr.shape[2] > colours:  # extra samples: alpha, premultiplied alpha, or something else
+        kind = extra[0] if extra else tifffile.EXTRASAMPLE.UNASSALPHA  # unspecified: not transparency (a mask)
+        arr = arr[..., :colours + (kind != tifffile.EXTRASAMPLE.UNSPECIFIED)]  # alpha, if any, and no further one
+        if kind == tifffile.EXTRASAMPLE.ASSOCALPHA:
             alpha = arr[..., colours:colours + 1].astype(np.float64)
             colour = np.divide(arr[..., :colours] * 65535.0, alpha, out=np.zeros_like(alpha.repeat(colours, 2)),
                                where=alpha > 0)
@@ -155,6 +158,15 @@ def _read_tiff_page(path: Path) -> np.ndarray:
         arr = arr.copy()
         arr[..., 0] = np.iinfo(np.uint16).max - arr[..., 0]
     return arr
+
+
+def _tiff_icc(path: Path) -> bytes | None:
+    """The ICC profile of a TIFF's first page (tag 34675), for files PIL cannot open."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as t:
+        tag = t.pages[0].tags.get(34675)
+        return bytes(tag.value) if tag is not None else None
 
 
 def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: bytes | None = None) -> LoadedImage:
@@ -222,7 +234,7 @@ def load_image(path: str | Path) -> LoadedImage:
         samples = _tiff_samples(path)
         if samples == np.uint16:  # e.g. 16-bit gray + alpha, which PIL cannot identify
             try:
-                return _sixteen_bit(path, "TIFF", 1)
+                return _sixteen_bit(path, "TIFF", 1, icc=_tiff_icc(path))
             except ImageReadError:
                 raise
             except Exception:  # noqa: BLE001 - the generic line below names the file
@@ -387,11 +399,11 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             encoded = io.BytesIO()
             writer.write(encoded, u16.reshape(h, w * c))
             with open(path, "wb") as f:
-                f.write(_with_iccp(encoded.getvalue(), icc_profile))
+                f.write(_with_iccp(encoded.getvalue(), icc_profile if _profile_fits(icc_profile, c) else None))
         else:
             import tifffile
 
-            icc = {"iccprofile": icc_profile} if icc_profile else {}
+            icc = {"iccprofile": icc_profile} if _profile_fits(icc_profile, u16.shape[2]) else {}
             if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
                 tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **icc)
             else:
@@ -404,9 +416,17 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+    icc_profile = icc_profile if _profile_fits(icc_profile, u8.shape[2]) else None
     if icc_profile and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
         kwargs["icc_profile"] = icc_profile
     im.save(path, **kwargs)
+
+
+def _profile_fits(icc_profile: bytes | None, channels: int) -> bool:
+    """Whether an ICC profile describes the colour space written (gray for 1-2 channels, else RGB): a CMYK photo's
+    profile is dropped, for its pixels were converted to RGB, and a viewer would misread them through it."""
+    space = icc_profile[16:20] if icc_profile and len(icc_profile) >= 20 else b""
+    return space == (b"GRAY" if channels <= 2 else b"RGB ")
 
 
 def _with_iccp(png_bytes: bytes, icc_profile: bytes | None) -> bytes:

@@ -609,7 +609,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     from .distributed import Launch, global_rank, restore_distributed
 
-    launch = Launch(num_gpus, num_nodes, num_cpu_processes)
+    launch = Launch(0 if num_gpus is None else num_gpus, num_nodes, num_cpu_processes)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
     quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say

@@ -187,8 +187,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     if odd:  # int8 or bool were cast silently on loading (int8: a network that returns its input); float8: traceback
         more = f" (and {len(odd) - 1} more tensors)" if len(odd) > 1 else ""
         raise CheckpointError(f"{p}: {odd[0][0]} holds {str(odd[0][1]).replace('torch.', '')} values{more}, not "
-                              "the floating-point weights of a network (float32, float16 or bfloat16); check the path, "
-                              "or re-save the weights in one of those types")
+                              "the floating-point weights of a network (float32, float16, bfloat16 or float64); check "
+                              "the path, or re-save the weights in one of those types")
     check_finite(sd, str(p))
     return sd, (dict(config) if config is not None else None), obj
 
@@ -420,7 +420,8 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
     state = model.state_dict()
     meta = [k for k, v in state.items() if v.is_meta]
     if meta:
-        raise ValueError(f"the network has no weights to save: {meta[0]} (and {len(meta) - 1} more) are on the meta "
+        more = f" and {len(meta) - 1} more tensors are" if len(meta) > 1 else " is"
+        raise ValueError(f"the network has no weights to save: {meta[0]}{more} on the meta "
                          "device; load or initialise them first (model.to_empty(device=...), then load_state_dict)")
     path = check_output_path(path, overwrite)
     check_finite(state, "the network to save",
