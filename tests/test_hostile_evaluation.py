@@ -61,6 +61,10 @@ def test_flags_that_would_be_ignored_are_refused_or_noted(tmp_path, small_layout
     assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--trainset", "CDD11_single"]) == 0
     assert capsys.readouterr().err.splitlines() == ["note: --trainset CDD11_single selects which cdd11 images are "
                                                     "scored; --benchmarks has no cdd11, so it changes nothing here"]
+    (out / "images" / "lolv1").mkdir(parents=True)  # Probe: an earlier run's images stayed beside new results
+    assert main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(small_layout),
+                 "--output_path", str(out), "--device", "cpu", "--overwrite"]) == 0
+    assert "holds an earlier run's restored images; without --save_results they are left" in capsys.readouterr().err
 
 
 def test_flat_benchmarks_keep_their_file_names(tmp_path, small_layout, tiny_ckpt):

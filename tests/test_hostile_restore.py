@@ -703,6 +703,10 @@ def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_f
     assert f"{src / 'dangling.png'}: is a link to nothing (dangling); fix or remove the link" in err
     assert err.count(f"{src / 'loop.png'}: is a link loop") == 2 and "no such file" not in err
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.png"]
+    assert _restore(src / "*.png", "-o", tmp_path / "o_glob", "--checkpoint", tiny_ckpt) == 1  # a glob as well
+    err = capsys.readouterr().err
+    assert "dangling.png: is a link to nothing" in err and "loop.png: is a link loop" in err
+    assert [p.name for p in (tmp_path / "o_glob").iterdir()] == ["a.png"]
     assert _restore(src / "a.png", "-o", tmp_path / "o2", "--checkpoint", tiny_ckpt, "--report",
                     tmp_path / "o2" / "r.png") == 2
     assert "the report is JSON; name it .json, not .png" in capsys.readouterr().err

@@ -326,6 +326,9 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output_path)
     check_results_folder(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
+    if not args.save_results and (out_dir / "images").is_dir() and global_rank() == 0 and not args.quiet:
+        print(f"note: {out_dir / 'images'} holds an earlier run's restored images; without --save_results they are "
+              "left as they are, not replaced", file=sys.stderr)
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
     subset = _cdd11_subset(args)
     model, device, path = _load_for_eval(args, cpu=launch.world_size > 1)

@@ -81,8 +81,11 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
         return [p], []
     if os.path.islink(p):  # a link loop or a link to nothing: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"]
-    matches = sorted(Path(m) for m in glob.glob(str(spec)) if Path(m).is_file())
-    return matches, [] if matches else [f"{spec}: no such file, folder or matching glob"]
+    named = sorted(Path(m) for m in glob.glob(str(spec)))
+    matches = [m for m in named if m.is_file()]
+    broken = [m for m in named if m.is_symlink() and not m.exists()]
+    problems = [f"{m}: {file_problem(m)}; fix or remove the link" for m in broken]
+    return matches, problems if matches or broken else [f"{spec}: no such file, folder or matching glob"]
 
 
 def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
