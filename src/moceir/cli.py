@@ -823,7 +823,7 @@ class _ReaderMayLeave:
 
     def __init__(self, stream: Any):
         self._stream = stream
-        self.lost: OSError | None = None  # main() reports it for stdout; a stderr that cannot be written cannot
+        self.lost: OSError | None = None  # main() reports it for stdout (a lost stderr has nowhere to be told)
 
     def write(self, text: str) -> int:
         try:
