@@ -713,3 +713,16 @@ def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_f
     assert not (tmp_path / "o2").exists()
     assert main(["plot-logs", str(src / "a.png")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {src / 'a.png'} is a file; pass the run folder")
+
+
+def test_the_model_note_follows_the_work_and_never_precedes_an_error(tmp_path, tiny_model, capsys):
+    """Probe: `moceir restore x.png -o file` printed the bundled model's note (several lines' worth) before the
+    one-line error."""
+    noted = str(moceir.save_model(tiny_model, tmp_path / "noted.safetensors", note="a test model"))
+    src = _img(tmp_path / "x.png")
+    assert main(["restore", str(src), "-o", str(src), "--checkpoint", noted]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.strip().splitlines()) == 1 and "is a file" in out.err
+    assert main(["restore", str(src), "-o", str(tmp_path / "o"), "--checkpoint", noted]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == ["model: a test model",
+                                                         f"restored 1 image(s) into {tmp_path / 'o'}; 0 failed"]

@@ -480,9 +480,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
             tqdm.write(line, file=sys.stderr)  # above the progress bar, not inside it
 
-    note = "" if args.quiet else checkpoint_note(args.checkpoint)
-    if note:
-        print(f"model: {note}")
     model = args.checkpoint
     if args.experts == "skip" and is_onnx_file(args.checkpoint):
         raise UsageError(f"--experts skip needs a PyTorch checkpoint; {args.checkpoint} is an ONNX graph, whose "
@@ -508,6 +505,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if global_rank() == 0:
         if report_error is not None:
             print(f"error: {report_error}", file=sys.stderr)
+        note = "" if args.quiet else checkpoint_note(args.checkpoint)  # after the work: an -o error stays one line
+        if note:
+            print(f"model: {note}")
         print(f"restored {len(rows) - failed} image(s) into {args.output}; {failed} failed")
     return 1 if failed or report_error is not None else 0
 
