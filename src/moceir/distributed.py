@@ -25,6 +25,8 @@ from .checks import is_whole
 from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as_list
 
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# The writer below finds each batch's images by its own plan, never by Lightning's batch indices
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices fetched from your dataloader")
 
 
 # What torchrun, SLURM, LSF, MPI or a hand-made Lightning multi-node start sets; without any, a node cannot know
