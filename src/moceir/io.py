@@ -103,9 +103,10 @@ def _png_bit_depth(path: Path) -> int:
     return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 25 else 8
 
 
-def _load_16bit(path: Path, fmt: str) -> np.ndarray:
-    """16-bit PNG (pypng) or TIFF (tifffile) -> float32 [H, W, C] in [0, 1]; PIL would reduce RGB to 8 bits.
-    ``fmt`` is what the file holds ("PNG" or "TIFF"), whatever its name says."""
+def _load_16bit(path: Path, fmt: str) -> tuple[np.ndarray, bytes | None]:
+    """16-bit PNG (pypng) or TIFF (tifffile) -> (float32 [H, W, C] in [0, 1], a TIFF's ICC profile); PIL would
+    reduce RGB to 8 bits. ``fmt`` is what the file holds ("PNG" or "TIFF"), whatever its name says."""
+    icc = None
     if fmt == "PNG":
         import png
 
@@ -113,14 +114,15 @@ def _load_16bit(path: Path, fmt: str) -> np.ndarray:
         planes = info["planes"]
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
     else:
-        arr = _read_tiff_page(path)
-    return arr.astype(np.float32) / 65535.0
+        arr, icc = _read_tiff_page(path)
+    return arr.astype(np.float32) / 65535.0, icc
 
 
-def _read_tiff_page(path: Path) -> np.ndarray:
-    """The first page of a TIFF as [H, W, C] gray, gray + alpha, RGB or RGBA, planar (channels-first) layouts
-    included, read as its tags say: min-is-white inverted, a palette looked up, premultiplied alpha divided out and
-    an extra channel that is not alpha left out. Other colour spaces (CMYK, YCbCr, Lab) are refused in one line."""
+def _read_tiff_page(path: Path) -> tuple[np.ndarray, bytes | None]:
+    """The first page of a TIFF as ([H, W, C] gray, gray + alpha, RGB or RGBA, its ICC profile), planar
+    (channels-first) layouts included, read as its tags say: min-is-white inverted, a palette looked up,
+    premultiplied alpha divided out and an extra channel that is not alpha left out. Other colour spaces (CMYK,
+    YCbCr, Lab) are refused in one line."""
     import tifffile
 
     with tifffile.TiffFile(str(path)) as t:
@@ -129,6 +131,8 @@ def _read_tiff_page(path: Path) -> np.ndarray:
         axes, photometric, colormap = page.axes, int(page.photometric), page.colormap
         extra = tuple(int(e) for e in (page.extrasamples or ()))
         tagged = 262 in page.tags  # PhotometricInterpretation: tifffile says 0 (min-is-white) when it is missing
+        icc = page.tags.get(34675)  # InterColorProfile
+        icc = bytes(icc.value) if icc is not None else None
     if arr.ndim == 3 and axes[0] in "SC" and axes[1:] == "YX":  # planar config "separate": [C, H, W]
         arr = np.moveaxis(arr, 0, -1)
     arr = arr[..., None] if arr.ndim == 2 else arr
@@ -157,20 +161,13 @@ def _read_tiff_page(path: Path) -> np.ndarray:
     if photometric == tifffile.PHOTOMETRIC.MINISWHITE:
         arr = arr.copy()
         arr[..., 0] = np.iinfo(np.uint16).max - arr[..., 0]
-    return arr
-
-
-def _tiff_icc(path: Path) -> bytes | None:
-    """The ICC profile of a TIFF's first page (tag 34675), for files PIL cannot open."""
-    import tifffile
-
-    with tifffile.TiffFile(str(path)) as t:
-        tag = t.pages[0].tags.get(34675)
-        return bytes(tag.value) if tag is not None else None
+    return arr, icc
 
 
 def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: bytes | None = None) -> LoadedImage:
-    arr = _load_16bit(path, fmt)
+    """``icc``: the profile PIL found, else the TIFF's own (PIL cannot open 16-bit gray + alpha)."""
+    arr, file_icc = _load_16bit(path, fmt)
+    icc = icc or file_icc
     if orientation in _ORIENT:
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
     gray = arr.shape[2] in (1, 2)
@@ -234,7 +231,7 @@ def load_image(path: str | Path) -> LoadedImage:
         samples = _tiff_samples(path)
         if samples == np.uint16:  # e.g. 16-bit gray + alpha, which PIL cannot identify
             try:
-                return _sixteen_bit(path, "TIFF", 1, icc=_tiff_icc(path))
+                return _sixteen_bit(path, "TIFF", 1)
             except ImageReadError:
                 raise
             except Exception:  # noqa: BLE001 - the generic line below names the file
@@ -387,6 +384,7 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         planes.append(alpha[..., None])
     # float32: float16 would overflow at x 65535
     data = np.concatenate(planes, axis=2, dtype=np.float32) if len(planes) > 1 else planes[0].astype(np.float32)
+    icc_profile = icc_profile if _profile_fits(icc_profile, data.shape[2]) else None
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
     if bit_depth == 16 and suffix in (".png", ".tif", ".tiff"):
         data *= 65535
@@ -399,11 +397,11 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             encoded = io.BytesIO()
             writer.write(encoded, u16.reshape(h, w * c))
             with open(path, "wb") as f:
-                f.write(_with_iccp(encoded.getvalue(), icc_profile if _profile_fits(icc_profile, c) else None))
+                f.write(_with_iccp(encoded.getvalue(), icc_profile))
         else:
             import tifffile
 
-            icc = {"iccprofile": icc_profile} if _profile_fits(icc_profile, u16.shape[2]) else {}
+            icc = {"iccprofile": icc_profile} if icc_profile else {}
             if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
                 tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **icc)
             else:
@@ -416,7 +414,6 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-    icc_profile = icc_profile if _profile_fits(icc_profile, u8.shape[2]) else None
     if icc_profile and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
         kwargs["icc_profile"] = icc_profile
     im.save(path, **kwargs)
