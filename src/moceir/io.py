@@ -33,9 +33,9 @@ class ImageReadError(RuntimeError):
     """An image file could not be read; the message names the file and what to do."""
 
 
-def list_images(folder: Path, exts: tuple[str, ...] = IMAGE_EXTS) -> list[Path]:
-    """The files of ``folder`` (not recursive) whose extension is one of ``exts`` (any case), sorted."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in exts and p.is_file())
+def list_images(folder: Path) -> list[Path]:
+    """The files of ``folder`` (not recursive) with an image extension of :data:`IMAGE_EXTS` (any case), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

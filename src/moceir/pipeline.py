@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ from .checks import is_whole
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
-                 format_size_problem, image_size, list_images, load_image, save_image, write_atomically,
-                 write_error_advice)
+                 format_size_problem, image_size, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 
@@ -68,24 +67,26 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
 def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
     """The image files that one input names, and error lines for what it names that cannot be read."""
     p = Path(spec)
-    if p.is_dir():
-        found = list_images(p, WRITABLE_EXTS)  # the benchmarks' formats and GIF, which restore reads too
-        broken = sorted(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS and f.is_symlink()
-                        and not f.exists())  # skipped without a word before
-        problems = [f"{f}: {file_problem(f)}; fix or remove the link" for f in broken]
-        if not found and not broken:
-            problems.append(f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
-                            "restore there")
+    if p.is_dir():  # the benchmarks' formats and GIF, which restore reads too
+        found, problems = _files_and_broken_links(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS)
+        if not found and not problems:
+            problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
+                        "restore there"]
         return found, problems
     if p.is_file():
         return [p], []
     if os.path.islink(p):  # a link loop or a link to nothing: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"]
-    named = sorted(Path(m) for m in glob.glob(str(spec)))
-    matches = [m for m in named if m.is_file()]
-    broken = [m for m in named if m.is_symlink() and not m.exists()]
-    problems = [f"{m}: {file_problem(m)}; fix or remove the link" for m in broken]
-    return matches, problems if matches or broken else [f"{spec}: no such file, folder or matching glob"]
+    found, problems = _files_and_broken_links(Path(m) for m in glob.glob(str(spec)))
+    return found, problems if found or problems else [f"{spec}: no such file, folder or matching glob"]
+
+
+def _files_and_broken_links(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """The regular files among ``paths``, sorted, and an error line for each link among them that leads nowhere
+    (a folder's or a glob's: they were skipped without a word)."""
+    paths = sorted(paths)
+    broken = [p for p in paths if p.is_symlink() and not p.exists()]
+    return [p for p in paths if p.is_file()], [f"{p}: {file_problem(p)}; fix or remove the link" for p in broken]
 
 
 def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
