@@ -1,4 +1,5 @@
-"""Type predicates shared by the argument checks of the public functions (one rule for "a whole number")."""
+"""Type predicates shared by the argument checks of the public functions (one rule for "a whole number", one for
+"a switch")."""
 
 from __future__ import annotations
 
@@ -15,3 +16,8 @@ def is_whole(value: Any) -> bool:
 def is_real(value: Any) -> bool:
     """An int, float or numpy integer/float; not a bool, a complex number or a string."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def not_a_bool(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the switch ``name`` (a string such as "no" or "False" would be true), or None."""
+    return None if isinstance(value, bool) else f"{name} must be True or False, not {value!r}"

@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from .checks import not_a_bool
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
 WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
@@ -465,8 +467,8 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite
     """:func:`write_atomically` for files that belong together: each is written to its temporary file first, and
     all are moved into place only once every one was written, so a failure (a full disk) leaves the earlier set
     whole rather than a mix of old and new."""
-    if not isinstance(overwrite, bool):  # "no" or "False" would be true: files replaced
-        raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
+    if problem := not_a_bool("overwrite", overwrite):  # files replaced on a "no"
+        raise TypeError(problem)
     temps: dict[Path, Path] = {}
     try:
         for target, write in writes.items():

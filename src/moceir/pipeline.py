@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .checks import is_whole
+from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
@@ -238,9 +238,9 @@ class RestoreOptions:
     cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
 
     def __post_init__(self) -> None:
-        for flag in ("overwrite", "cuda_graphs"):  # "no" or "False" would be true: files replaced
-            if not isinstance(getattr(self, flag), bool):
-                raise UsageError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
+        for flag in ("overwrite", "cuda_graphs"):  # files replaced on a "no"
+            if problem := not_a_bool(flag, getattr(self, flag)):
+                raise UsageError(problem)
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
             raise UsageError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size is not None and not (is_whole(self.batch_size) and self.batch_size >= 1):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..checks import not_a_bool
 from ..io import WRITABLE_EXTS, write_atomically, write_error_advice
 from ..runtime import resolve_device
 from .config import RANK_TYPES, MoCEConfig
@@ -116,7 +117,8 @@ def _is_torch_file(p: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a checkpoint may hold
+# What a checkpoint's tensors may be, and what save_model writes them as
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
@@ -338,8 +340,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
     elif config is not None and not isinstance(config, MoCEConfig):
         raise TypeError(f"config must be a MoCEConfig (moceir.get_config) or a dict of its fields, not "
                         f"{type(config).__name__}")
-    if not isinstance(channels_last, bool):  # "no" or "False" would be true
-        raise TypeError(f"channels_last must be True or False, not {channels_last!r}")
+    if problem := not_a_bool("channels_last", channels_last):
+        raise TypeError(problem)
     sd, embedded = read_checkpoint(path)
     if config is None:
         if embedded:
@@ -360,8 +362,8 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
 def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse to write ``path`` if that would clobber what is there: an existing file or link (unless
     ``overwrite``: then a link is replaced, never followed), a folder, or a file where a parent folder should be."""
-    if not isinstance(overwrite, bool):  # "no" or "False" would be true: the file replaced
-        raise TypeError(f"overwrite must be True or False, not {overwrite!r}")
+    if problem := not_a_bool("overwrite", overwrite):  # the file replaced on a "no"
+        raise TypeError(problem)
     path = Path(path)
     if os.path.lexists(path):
         if path.is_dir() and not path.is_symlink():
@@ -392,7 +394,6 @@ def write_output(path: Path, write: Callable[[Path], None], overwrite: bool = Fa
 
 # Names save_model refuses: `moceir restore` would take the file for an image, load_model for an ONNX network.
 OTHER_FORMAT_SUFFIXES = WRITABLE_EXTS + (".onnx",)
-SAVE_DTYPES = WEIGHT_DTYPES  # what save_model writes weights as
 
 
 def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None, note: str | None = None,
@@ -410,8 +411,8 @@ def save_model(model: MoCEIR, path: str | Path, dtype: torch.dtype | None = None
         what = "a state_dict (it has no config to embed)" if isinstance(model, Mapping) else type(model).__name__
         raise TypeError(f"save_model takes a MoCEIR network, not {what}; build one with create_model (then "
                         "load_state_dict) or load_model")
-    if dtype is not None and dtype not in SAVE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, SAVE_DTYPES))} or None, not {dtype!r}: other "
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, WEIGHT_DTYPES))} or None, not {dtype!r}: other "
                          "types truncate the weights or cannot be read back")
     suffix = Path(path).suffix.lower()
     if suffix in OTHER_FORMAT_SUFFIXES:
