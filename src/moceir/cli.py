@@ -134,12 +134,17 @@ ARCH_FIELDS = ("dim", "num_blocks", "num_dec_blocks", "latent_dim", "num_exp_blo
                "heads", "stage_depth", "with_complexity", "complexity_scale", "rank_type", "depth_type", "topk")
 
 
+def _given_arch_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The architecture flags given on the command line (ARCH_FIELDS not left at None), in ARCH_FIELDS order."""
+    return {k: getattr(args, k) for k in ARCH_FIELDS if getattr(args, k, None) is not None}
+
+
 def _config_from_args(args: argparse.Namespace):
     from .models import get_config
 
     from .pipeline import UsageError
 
-    overrides = {k: getattr(args, k) for k in ARCH_FIELDS if getattr(args, k, None) is not None}
+    overrides = _given_arch_flags(args)
     model = args.model or "MoCE_IR_S"
     try:
         return get_config(model, **overrides)
@@ -218,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
         raise UsageError(f"--data_file_dir {data_dir} {what}; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
-    flags = [k for k in ARCH_FIELDS if getattr(args, k, None) is not None]
+    flags = list(_given_arch_flags(args))
     if args.fine_tune_from and flags:  # --topk and the like included: training takes the checkpoint's config
         raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's configuration; "
                          f"leave --{flags[0]} out")
@@ -283,7 +288,7 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
             raise UsageError(f"--checkpoint_id: {e}") from None
     else:
         path = "default"
-    given = [k for k in ARCH_FIELDS if getattr(args, k, None) is not None]
+    given = list(_given_arch_flags(args))
     if given and not args.model:
         raise UsageError(f"--{given[0]} takes effect only with --model NAME; without it the checkpoint's own "
                          "configuration is used")
@@ -806,8 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stdout_to_devnull(stream: Any) -> None:
-    """Point ``stream``'s file descriptor at /dev/null: its reader has gone, and later writes must not fail."""
+def _to_devnull(stream: Any) -> None:
+    """Point ``stream``'s file descriptor (stdout's or stderr's) at /dev/null: its reader has gone, or it cannot be
+    written, and later writes must not fail."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, stream.fileno())
@@ -845,7 +851,7 @@ class _ReaderMayLeave:
     def _cannot_write(self, error: OSError) -> None:
         if not isinstance(error, BrokenPipeError) and self.lost is None:
             self.lost = error
-        _stdout_to_devnull(self._stream)  # the buffer's rest and the exit's flush
+        _to_devnull(self._stream)  # the buffer's rest and the exit's flush
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -873,10 +879,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _main(argv)
         if stdout is not None:
             stdout.flush()  # a write error of the buffer's rest counts too
-        if stdout is not None and stdout.lost is not None:  # through the stderr guard: it may be gone as well
-            print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost",
-                  file=sys.stderr)
-            code = code or 1
+            if stdout.lost is not None:  # through the stderr guard: it may be gone as well
+                print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost",
+                      file=sys.stderr)
+                code = code or 1
     finally:
         _unguard("stdout", stdout)
         _unguard("stderr", stderr)
@@ -898,7 +904,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
-        _stdout_to_devnull(sys.stdout)  # so that the exit's flush stays quiet
+        _to_devnull(sys.stdout)  # so that the exit's flush stays quiet
         return 1
     except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
         from .io import write_error_advice
