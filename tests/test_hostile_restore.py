@@ -726,3 +726,20 @@ def test_the_model_note_follows_the_work_and_never_precedes_an_error(tmp_path, t
     assert main(["restore", str(src), "-o", str(tmp_path / "o"), "--checkpoint", noted]) == 0
     assert capsys.readouterr().out.splitlines()[-2:] == ["model: a test model",
                                                          f"restored 1 image(s) into {tmp_path / 'o'}; 0 failed"]
+
+
+def test_a_tiled_photo_keeps_its_profile_and_a_file_named_twice_is_restored_once(tmp_path, tiny_ckpt):
+    """Probe (12-megapixel JPEG with a profile, restored in tiles, named by its folder and by a glob: 1 output,
+    profile kept, 28 s on the 2-core CPU): here the same path at a small size, with tiles forced."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = (np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(src / "photo.jpg", icc_profile=icc)
+    assert _restore(src, src / "*.jpg", "-o", tmp_path / "o", "--checkpoint", tiny_ckpt, "--tile", "16",
+                    "--report", tmp_path / "r.json") == 0
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["photo.jpg"]
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["tile"] == 16
+    assert load_image(tmp_path / "o" / "photo.jpg").icc_profile == icc
