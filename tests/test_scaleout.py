@@ -55,11 +55,18 @@ def test_two_process_restore_equals_one_process(tmp_path, tiny_ckpt):
 
 
 def test_two_process_test_equals_one_process(tmp_path, tiny_layout, tiny_ckpt):
-    common = ["test", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_25", "lolv1", "--data_file_dir",
-              str(tiny_layout), "--quiet"]
+    """The same scores, and the same notes, printed once (rank 1 runs this command too), without Lightning's."""
+    noted = moceir.save_model(moceir.load_model(tiny_ckpt), tmp_path / "noted.safetensors", note="a test note")
+    common = ["test", "--ckpt", str(noted), "--benchmarks", "denoise_25", "lolv1", "--data_file_dir",
+              str(tiny_layout), "--trainset", "CDD11_all"]
+    for name in ("one", "two"):
+        (tmp_path / name / "images").mkdir(parents=True)  # an earlier run's images: a note
     one = _moceir(*common, "--output_path", str(tmp_path / "one"))
     two = _moceir(*common, "--output_path", str(tmp_path / "two"), "--num_cpu_processes", "2")
     assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("model note: a test note") == 1
+    lines = [[ln for ln in run.stderr.splitlines() if ln.strip() and "%|" not in ln] for run in (one, two)]
+    assert lines[1] == [ln.replace("one", "two") for ln in lines[0]] and len(lines[0]) == 2  # images/, --trainset
     a, b = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("one", "two"))
     assert a["summary"] == b["summary"] and [s["images"] for s in b["summary"]] == [3, 3]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731

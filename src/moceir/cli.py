@@ -14,7 +14,7 @@ from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
 from .losses import LOSS_TYPES
 from .models.config import COMPLEXITY_SCALES, FFT_IMPLS, PRESETS, RANK_TYPES
 from .onnx import EXPORT_DISPATCHES
-from .runtime import COMPILE_MODES, COMPILE_SCOPES
+from .runtime import COMPILE_MODES, COMPILE_SCOPES, is_rank_zero
 
 
 def _number(kind, v: str):
@@ -299,7 +299,7 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     device = _device("cpu" if cpu else args.device)  # a distributed run moves the network to each rank's device
     model = load_model(path, device=device, config=config, channels_last=True)
     note = checkpoint_note(path)
-    if note and not args.quiet:
+    if note and not args.quiet and is_rank_zero():
         print(f"model note: {note}")
     return model, device, path
 
@@ -310,7 +310,7 @@ def _cdd11_subset(args: argparse.Namespace) -> str:
     if args.trainset != "standard" and not args.trainset.startswith("CDD11_"):
         raise UsageError(f"--trainset {args.trainset}: choose standard or CDD11_<all|single|double|triple|folder>")
     if "cdd11" not in args.benchmarks:
-        if args.trainset != "standard":
+        if args.trainset != "standard" and is_rank_zero():
             print(f"note: --trainset {args.trainset} selects which cdd11 images are scored; --benchmarks has no cdd11, "
                   "so it changes nothing here", file=sys.stderr)
         return "all"
@@ -323,7 +323,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from functools import partial
 
     from .data.datasets import DatasetLayoutError
-    from .distributed import Launch, evaluate_distributed, global_rank
+    from .distributed import Launch, evaluate_distributed
     from .evaluation import (benchmark_dataset, check_results_folder, collect, markdown_table, save_targets,
                              score_image, write_reports)
 
@@ -331,7 +331,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.output_path)
     check_results_folder(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
-    if not args.save_results and (out_dir / "images").is_dir() and global_rank() == 0 and not args.quiet:
+    if not args.save_results and (out_dir / "images").is_dir() and is_rank_zero() and not args.quiet:
         print(f"note: {out_dir / 'images'} holds an earlier run's restored images; without --save_results they are "
               "left as they are, not replaced", file=sys.stderr)
     launch = Launch(args.num_gpus or 0, args.num_nodes, args.num_cpu_processes)
@@ -350,7 +350,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     saves = []
     for bench, ds in entries:
         targets, notes = save_targets(ds, out_dir / "images" / bench) if args.save_results else (None, [])
-        for note in notes if global_rank() == 0 else ():
+        for note in notes if is_rank_zero() else ():
             print(f"note: {bench}: {note}", file=sys.stderr)
         saves.append((ds, targets))
     if launch.world_size > 1:
@@ -364,7 +364,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     results = []
     for (bench, _), rows in zip(entries, scored):
         result = collect(bench, rows)
-        if global_rank() == 0:
+        if is_rank_zero():
             for line in result.errors:
                 print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
             for line in result.not_saved:
@@ -372,14 +372,14 @@ def cmd_test(args: argparse.Namespace) -> int:
         failed = failed or bool(result.errors) or bool(result.not_saved)
         if result.rows:
             results.append(result)
-    if results and global_rank() == 0:
+    if results and is_rank_zero():
         title = f"moceir test: {path}"
         try:  # written before the table is printed: a reader that left (| head) does not cost the files
             paths = write_reports(results, out_dir, title, overwrite=args.overwrite)
         finally:  # and printed when they cannot be written (a full disk), so that the scores are not lost
             print(markdown_table(results, title))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
-    elif global_rank() == 0:
+    elif is_rank_zero():
         print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
               "written", file=sys.stderr)
     return 1 if failed or not results else 0
@@ -475,7 +475,6 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- restore
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .distributed import global_rank
     from .models.checkpoints import checkpoint_note
     from .pipeline import ReportError, UsageError, _launched_rank, is_onnx_file, restore_files
 
@@ -507,7 +506,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except ReportError as e:
         rows, report_error = e.rows, e
     failed = sum("error" in r for r in rows)
-    if global_rank() == 0:
+    if is_rank_zero():
         if report_error is not None:
             print(f"error: {report_error}", file=sys.stderr)
         note = "" if args.quiet else checkpoint_note(args.checkpoint)  # after the work: an -o error stays one line

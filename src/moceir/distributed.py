@@ -77,13 +77,6 @@ class Launch:
                           enable_model_summary=False, use_distributed_sampler=False)
 
 
-def global_rank() -> int:
-    """This process's rank in a distributed run (0 when there is none)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def _gather(obj: Any) -> list[Any]:
     """Every rank's ``obj``, on every rank (a list of one outside a distributed run)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -214,9 +207,10 @@ class _EvaluateTask(pl.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch
 
-    def predict_step(self, indices: list[int], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def predict_step(self, indices: list[int], batch_idx: int, dataloader_idx: int = 0) -> list[int]:
         for idx in indices:
             self.rows[dataloader_idx][idx] = self.score(self.net, self.datasets[dataloader_idx], idx, self.device)
+        return indices  # not None, which Lightning would warn about; the rows are gathered at the end
 
     def on_predict_end(self) -> None:
         merged: list[dict[int, dict | str]] = [{} for _ in self.datasets]

@@ -28,7 +28,8 @@ from .inference import auto_tile, batch_that_fits, check_restore_options, memory
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
                  format_size_problem, image_size, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
-from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
+from .runtime import UsageError, is_rank_zero, resolve_device  # noqa: F401 - UsageError and resolve_device long
+# lived here; callers import them from here
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT_PAD = 16
@@ -611,7 +612,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     """
     from tqdm import tqdm
 
-    from .distributed import Launch, global_rank, restore_distributed
+    from .distributed import Launch, restore_distributed
 
     launch = Launch(0 if num_gpus is None else num_gpus, num_nodes, num_cpu_processes)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
@@ -652,7 +653,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     if launch.world_size > 1:
         rows, writer_error = restore_distributed(net, plan, opts, budget, launch, num_workers, say)
         ordered = plan.failures + [rows[i] for i in sorted(rows)]
-        return _finish(plan.report if global_rank() == 0 else None, model, ordered, overwrite, writer_error)
+        return _finish(plan.report if is_rank_zero() else None, model, ordered, overwrite, writer_error)
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
     loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
                                          collate_fn=as_list)

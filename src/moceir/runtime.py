@@ -19,6 +19,19 @@ class UsageError(ValueError):
     """Options that cannot work (a report path that is an input, fp16 on a CPU, ...): one line, nothing done."""
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0 of a distributed run (or there is none): the one that prints and reports.
+
+    Before the process group starts, the launcher's environment tells: torchrun and SLURM set the global rank,
+    Lightning's own launcher, which starts the other ranks as copies of this command, sets the node and local ranks.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
+
+
 def resolve_device(name: "str | int | torch.device") -> "torch.device":
     """"auto" -> CUDA if available else CPU; an int N -> cuda:N. A device that cannot run the network here (CUDA
     on a build or machine without it, an index beyond the GPUs, "meta", a typo) is a UsageError. Apple's "mps" and
