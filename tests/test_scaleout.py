@@ -97,6 +97,7 @@ def test_two_node_torchrun_training_writes_one_checkpoint(tmp_path, tiny_layout)
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "last.ckpt"]
     assert "GLOBAL_RANK: 1" in logs[0] + logs[1] and "MEMBER: 2/2" in logs[0] + logs[1]
+    assert [log.count("training patches per task") for log in logs] == [1, 0]  # printed by rank 0 only
 
 
 @pytest.mark.parametrize("command", ["train", "test", "restore"])

@@ -95,6 +95,7 @@ def test_two_process_cpu_ddp_runs_an_epoch(tmp_path, tiny_layout):
     # 3 pairs x 2 repeats = 6 samples, split over 2 processes at batch 1: 3 steps in the epoch
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
     assert "distributed_backend=gloo" in res.stdout + res.stderr or "gloo" in (res.stdout + res.stderr).lower()
+    assert res.stdout.count("training patches per task") == res.stdout.count("done: ") == 1  # rank 1 runs it too
 
 
 def test_fine_tune_from_default_is_the_bundled_model(tmp_path):

@@ -52,7 +52,7 @@ from .models.checkpoints import (CONFIG_KEY, CheckpointError, architecture_diffe
                                  read_checkpoint_file, save_model)
 from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
-from .runtime import COMPILE_SCOPES, compile_network
+from .runtime import COMPILE_SCOPES, compile_network, is_rank_zero
 
 
 class TrainingSetupError(ValueError):
@@ -646,7 +646,8 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_images(per_task, run_dir, settings.patch_size)
     sizes = {task: len(pairs) for task, pairs in per_task.items()}
-    print(f"training patches per task: {sizes}; run folder: {run_dir}")
+    if is_rank_zero():  # each rank runs this command
+        print(f"training patches per task: {sizes}; run folder: {run_dir}")
     _fit(trainer, module, loader, resume, run_dir)
     if trainer.is_global_zero:
         require_finite(module.net, "model.safetensors")
