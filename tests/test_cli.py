@@ -21,6 +21,15 @@ def _bomb_png(path, side=30000):
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
+def test_top_level_help_describes_the_program_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "argparse" not in out and "image restoration" in out
+    assert all(f"    {name}" in out for name in ("info", "train", "test", "routing", "restore", "demo", "export",
+                                                  "plot-logs"))
+
+
 def test_info_reports_parameters(capsys):
     assert main(["info", "MoCE_IR_tiny", "--size", "64"]) == 0
     out = capsys.readouterr().out

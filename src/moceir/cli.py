@@ -1,4 +1,4 @@
-"""The ``moceir`` command: info, train, test, restore, routing, plot-logs. argparse lives here only."""
+"""The ``moceir`` command and its subcommands; argparse lives here only."""
 
 from __future__ import annotations
 
@@ -644,7 +644,9 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moceir", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="moceir", formatter_class=_HelpFormatter, description=(
+        "MoCE-IR all-in-one image restoration: restore photos, train, test and inspect models. "
+        "`moceir COMMAND --help` shows a command's options."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
