@@ -337,3 +337,54 @@ def test_a_one_pixel_image_becomes_a_tensor_without_a_read_only_warning(monkeypa
     monkeypatch.setattr(datasets.torch, "from_numpy", writable_only)
     pixel = np.asarray(Image.new("RGB", (1, 1), (255, 0, 0)))
     assert datasets._to_tensor(pixel).flatten().tolist() == [1.0, 0.0, 0.0]
+
+
+def test_save_results_never_writes_into_the_benchmarks_own_folder(tmp_path, small_layout, tiny_ckpt, capsys):
+    """images/lolv1 a link to the inputs: even with --overwrite, refused before anything is written."""
+    inputs = small_layout / "llie/LOLv1/Test/input"
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    (tmp_path / "r" / "images").mkdir(parents=True)
+    (tmp_path / "r" / "images" / "lolv1").symlink_to(inputs)
+    assert _test(tiny_ckpt, small_layout, tmp_path / "r", "lolv1", extra=["--save_results", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a folder of the benchmark's own images" in err[0] and str(inputs) in err[0]
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_a_model_whose_output_is_nan_scores_nothing_and_says_so(tmp_path, small_layout, tiny_ckpt, capsys):
+    model = moceir.load_model(tiny_ckpt)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.fill_(3e38)  # finite weights, inf then NaN inside
+    ckpt = moceir.save_model(model, tmp_path / "nan_out.safetensors")
+    assert _test(str(ckpt), small_layout, tmp_path / "r", "lolv1", extra=["--save_results"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("output holds NaN or inf; not scored" in line for line in err[:2])
+    assert "no image of lolv1 could be scored" in err[2]
+    assert not (tmp_path / "r" / "results.json").exists() and not list((tmp_path / "r").rglob("*.png"))
+
+
+def test_identical_input_and_target_give_valid_json(tmp_path, small_layout, tiny_ckpt):
+    """PSNR of identical images is inf: the table says so, results.json holds null (JSON has no Infinity)."""
+    lol = small_layout / "llie/LOLv1/Test"
+    (lol / "input" / "1.png").write_bytes((lol / "target" / "1.png").read_bytes())
+    assert _test(tiny_ckpt, small_layout, tmp_path / "r", "lolv1") == 0
+    text = (tmp_path / "r" / "results.json").read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+    assert data["summary"][0]["input_psnr"] is None and data["per_image"]["lolv1"][0]["input_psnr"] is None
+    assert "| inf |" in (tmp_path / "r" / "results.md").read_text()
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results", str(tmp_path / "r" /
+                 "results.json"), "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 0
+
+
+@pytest.mark.parametrize("size", ["ab", None, [1e308, 1e308], [16]])
+def test_routing_from_results_with_a_damaged_size_is_one_line(tmp_path, small_layout, tiny_ckpt, size, capsys):
+    assert _test(tiny_ckpt, small_layout, tmp_path / "r", "lolv1") == 0
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    data["per_image"]["lolv1"][0]["size"] = size
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results", str(tmp_path / "bad.json"),
+                 "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not [height, width] in pixels" in err[0]

@@ -76,7 +76,19 @@ def save_targets(ds: BenchmarkDataset, save_dir: Path) -> tuple[list[Path], list
         notes += renamed
         for i, job in zip(indices, jobs):
             targets[i] = job.output
+    _refuse_data_folders(ds, targets)
     return targets, notes
+
+
+def _refuse_data_folders(ds: BenchmarkDataset, targets: list[Path]) -> None:
+    """A UsageError where a restored image would go into a folder of the benchmark's own images (a link under
+    images/, or --output_path inside the data): it could replace an input, and would be read as one next time."""
+    data_dirs = {os.path.realpath(p.parent) for pair in ds.pairs for p in (pair.clean, pair.degraded) if p}
+    for target in targets:
+        if os.path.realpath(target.parent) in data_dirs:
+            raise UsageError(f"{target.parent} is {os.path.realpath(target.parent)}, a folder of the benchmark's "
+                             "own images: --save_results would write into it; choose an --output_path outside "
+                             "the data")
 
 
 def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None], idx: int, device: torch.device,
@@ -102,6 +114,8 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
         return (f"{item['name']}: out of memory restoring {h}x{w} whole (the benchmark protocol does not tile); "
                 "score it on a machine or GPU with more memory")
     seconds = time.perf_counter() - t0
+    if not torch.isfinite(out).all():  # clamp keeps NaN; a NaN score would pass into the means
+        return f"{item['name']}: the model's output holds NaN or inf; not scored (check the checkpoint)"
     restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
     clean = item["gt"].permute(1, 2, 0).numpy()
     degraded = item["lq"].permute(1, 2, 0).numpy()
@@ -215,9 +229,10 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
     table = markdown_table(results, title)
-    data = json.dumps({"title": title, "summary": [r.summary() for r in results],
-                       "per_image": {r.name: r.rows for r in results},
-                       "errors": {r.name: r.errors for r in results if r.errors}}, indent=1)
+    data = json.dumps(_finite_or_null({"title": title, "summary": [r.summary() for r in results],
+                                       "per_image": {r.name: r.rows for r in results},
+                                       "errors": {r.name: r.errors for r in results if r.errors}}),
+                      indent=1, allow_nan=False)
     writers = {"md": lambda tmp: tmp.write_text(table), "json": lambda tmp: tmp.write_text(data),
                "csv": lambda tmp: _write_csv(tmp, results)}
     try:
@@ -227,6 +242,17 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
             raise  # a full disk, a read-only folder: the CLI names the file in one line, exit 1
         raise UsageError(f"cannot write {e.filename or out_dir} ({e.strerror or e}); check --output_path") from None
     return paths
+
+
+def _finite_or_null(obj: object) -> object:
+    """``obj`` with inf and NaN floats as None: standard JSON has no Infinity (the PSNR of identical images)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def results_from_json(data: object, benchmarks: Sequence[str], layers: int, experts: int) -> list[BenchmarkResult]:
@@ -249,9 +275,13 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
                     and all(type(e) is int and 0 <= e < experts for e in picks)):
                 raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} indices below {experts} "
                                  "(results of another model?)")
-            if type(row.get("psnr")) not in (int, float):
+            if type(row.get("psnr")) not in (int, float) and not ("psnr" in row and row["psnr"] is None):
                 raise ValueError(f"{b}/{name}: no PSNR")
-    return [BenchmarkResult(b, saved[b]) for b in benchmarks]
+            size = row.get("size", [256, 256])
+            if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int and 0 < v < 2**20 for v in size)):
+                raise ValueError(f"{b}/{name}: its size {size!r} is not [height, width] in pixels")
+    return [BenchmarkResult(b, [{**row, "psnr": float("inf") if row["psnr"] is None else row["psnr"]}
+                                for row in saved[b]]) for b in benchmarks]
 
 
 def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) -> np.ndarray:
