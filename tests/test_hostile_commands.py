@@ -129,6 +129,17 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1():
                                         "is lost"]
 
 
+def test_a_closed_stdout_is_one_line_and_exit_1_and_the_work_is_done(tmp_path, small_layout, tiny_ckpt):
+    """Probe: `moceir info >&-` exited 0 with everything it printed lost."""
+    test = (f"{sys.executable} -m moceir test --ckpt {tiny_ckpt} --benchmarks lolv1 --data_file_dir {small_layout} "
+            f"--output_path {tmp_path / 'results'} --quiet >&-")
+    for cmd in (f"{sys.executable} -m moceir info MoCE_IR_tiny >&-", test):
+        done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines() == ["error: standard output is closed; what moceir printed there is lost"]
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["summary"][0]["images"] == 2
+
+
 def test_a_reader_that_stops_early_costs_neither_training_nor_test_results(tmp_path, small_layout, tiny_ckpt):
     """Probe: `moceir train ... | head -1` stopped training at its next progress line (no model, no "how to resume"
     line, exit 1), and so did `2>&1 | head -1` (Lightning writes to stderr); `moceir test ... | head -1` scored every

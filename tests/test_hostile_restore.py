@@ -743,3 +743,10 @@ def test_a_tiled_photo_keeps_its_profile_and_a_file_named_twice_is_restored_once
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["photo.jpg"]
     assert json.loads((tmp_path / "r.json").read_text())["images"][0]["tile"] == 16
     assert load_image(tmp_path / "o" / "photo.jpg").icc_profile == icc
+
+
+def test_nothing_to_restore_shows_no_progress_bar(tmp_path, tiny_ckpt, capsys):
+    """Probe: a missing input printed its error, then an empty "restoring: 0img" bar, twice."""
+    assert main(["restore", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o"), "--checkpoint", tiny_ckpt]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and "restoring" not in err

@@ -874,11 +874,31 @@ def _unguard(name: str, guarded: _ReaderMayLeave | None) -> None:
         setattr(sys, name, guarded._stream)
 
 
+def _closed_streams() -> list[int]:
+    """Standard streams started closed (``moceir info >&-``), each now on /dev/null: else the next file opened
+    would take its number, and what is printed there (by a library, a child process) would go into that file."""
+    closed = []
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            closed.append(fd)
+    return closed
+
+
 def main(argv: list[str] | None = None) -> int:
+    closed = _closed_streams()
     stdout, stderr = _guard("stdout"), _guard("stderr")  # before Lightning's log handler takes hold of sys.stderr
     try:
         code = _main(argv)
-        if stdout is not None:
+        if 1 in closed:
+            print("error: standard output is closed; what moceir printed there is lost", file=sys.stderr)
+            code = code or 1
+        elif stdout is not None:
             stdout.flush()  # a write error of the buffer's rest counts too
             if stdout.lost is not None:  # through the stderr guard: it may be gone as well
                 print(f"error: standard output: {stdout.lost.strerror}; what moceir printed there is lost",

@@ -660,7 +660,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     todo = sum(len(b) for b in plan.batches)
     try:
         with tqdm(total=len(plan.jobs), initial=len(plan.jobs) - todo, desc="restoring", unit="img",
-                  disable=not progress) as bar:
+                  disable=not progress or not todo) as bar:
             for items in loader:
                 restorer.process(items)
                 bar.update(len(items))
