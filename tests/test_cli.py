@@ -151,6 +151,8 @@ def test_routing_command(tmp_path, tiny_layout, tiny_ckpt):
     (["train", "--de_type", "denoise_99"], "invalid choice"),
     (["train", "--loss_type", "ssim"], "invalid choice"),
     (["train", "--repeat", "derain"], "TASK=N"),
+    (["test", "--benchmarks", "lolv1", "denoise_15", "lolv1"], "--benchmarks names lolv1 more than once"),
+    (["routing", "--benchmarks", "lolv1", "lolv1"], "--benchmarks names lolv1 more than once"),
 ])
 def test_bad_flag_values(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

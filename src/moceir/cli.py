@@ -608,6 +608,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- parser
+class _NoRepeats(argparse.Action):
+    """A list flag whose values must differ (``--benchmarks lolv1 lolv1`` scored one benchmark twice)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            parser.error(f"{option_string} names {', '.join(twice)} more than once")
+        setattr(namespace, self.dest, values)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default; flags without one (None) show none."""
 
@@ -634,7 +644,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                                   "model unless --checkpoint_id is given")
     p.add_argument("--checkpoint_id", help="run name under --ckpt_dir (uses its last.ckpt)")
     p.add_argument("--ckpt_dir", default="checkpoints", help="folder of training runs")
-    p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS, help="test sets to evaluate")
+    p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS, action=_NoRepeats,
+                   help="test sets to evaluate")
     p.add_argument("--trainset", default="standard", help="CDD11_<subset> selects the cdd11 test subset")
     p.add_argument("--de_type", nargs="*", help="accepted for upstream compatibility; not needed")
     p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
