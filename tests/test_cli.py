@@ -30,6 +30,23 @@ def test_top_level_help_describes_the_program_and_lists_every_command(capsys):
                                                   "plot-logs"))
 
 
+def test_info_checks_the_size_against_the_network_and_labels_ranks_by_their_rule(tmp_path, capsys):
+    """Probe: a 5-level network at --size 24 was a ValueError traceback; rank_type constant was labelled C/8..C/1."""
+    deep = moceir.save_model(moceir.create_model("MoCE_IR_tiny", num_blocks=[1] * 5, num_dec_blocks=[1] * 4,
+                                                 heads=[1] * 5), tmp_path / "deep.safetensors")
+    assert main(["info", str(deep), "--size", "24"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == ("error: --size 24: this network's 5 levels need a "
+                                                           "multiple of 16 (e.g. 32)")
+    const = moceir.save_model(moceir.create_model("MoCE_IR_tiny", rank_type="constant", latent_dim=4),
+                              tmp_path / "const.safetensors")
+    assert main(["info", str(const), "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "expert 3 (rank 4, patch 32)" in out and "C/" not in out
+    assert main(["info", "MoCE_IR_tiny", "--size", "32"]) == 0
+    assert "expert 0 (rank C/8, patch 4)" in capsys.readouterr().out
+
+
 def test_info_reports_parameters(capsys):
     assert main(["info", "MoCE_IR_tiny", "--size", "64"]) == 0
     out = capsys.readouterr().out

@@ -388,3 +388,30 @@ def test_routing_from_results_with_a_damaged_size_is_one_line(tmp_path, small_la
                  "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not [height, width] in pixels" in err[0]
+
+
+def test_top2_routing_counts_and_costs_both_experts_of_each_image(tmp_path, small_layout):
+    """Probe: with topk=2 only the first expert of each layer was recorded: half the picks, half the FLOPs."""
+    from conftest import fill_deterministic
+    from moceir.demo import DemoSession
+
+    model = moceir.create_model("MoCE_IR_tiny", topk=2)
+    fill_deterministic(model, 0.05)
+    ckpt = str(moceir.save_model(model, tmp_path / "top2.safetensors"))
+    assert _test(ckpt, small_layout, tmp_path / "r", "lolv1") == 0
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())["per_image"]["lolv1"]
+    assert all(len(layer) == 2 and layer[0] != layer[1] for row in rows for layer in row["experts"])
+    with open(tmp_path / "r" / "per_image.csv", newline="") as f:
+        assert [r["experts"] for r in csv.DictReader(f)] == [" ".join(f"{a}+{b}" for a, b in row["experts"])
+                                                             for row in rows]
+    out = tmp_path / "routing"
+    assert main(["routing", "--ckpt", ckpt, "--benchmarks", "lolv1", "--from_results", str(tmp_path / "r" /
+                 "results.json"), "--output_path", str(out), "--no-bypass_column"]) == 0
+    data = json.loads((out / "routing.json").read_text())
+    assert np.array(data["counts"]).sum(axis=2).tolist() == [[4, 4, 4]]  # 2 images x 2 experts per layer
+    session = DemoSession(ckpt, "cpu", 1e6, tmp_path / "work", tmp_path / "results")
+    spent = [session.expert_table(row["experts"], *row["size"])[1] for row in rows]
+    table, _, _ = session.expert_table(rows[0]["experts"], *rows[0]["size"])
+    first_only = session.expert_table([layer[0] for layer in rows[0]["experts"]], *rows[0]["size"])[1]
+    assert table[0][2].count("+E") == 1 and spent[0] > first_only
+    assert abs(data["flops"][0]["expert_gflops_spent"] - np.mean(spent)) < 1e-9

@@ -185,19 +185,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         hint = "" if Path(args.target).exists() else f" (presets: {', '.join(PRESETS)})"
         print(f"error: {e}{hint}", file=sys.stderr)
         return 2
-    cfg = model.config
+    cfg, size = model.config, args.size
+    if size % cfg.size_multiple:
+        from .pipeline import UsageError
+
+        fit = size + cfg.size_multiple - size % cfg.size_multiple
+        raise UsageError(f"--size {size}: this network's {cfg.levels} levels need a multiple of {cfg.size_multiple} "
+                         f"(e.g. {fit})")
     print(f"model: {args.target}{f' [{engine}]' if engine else ''}")
     for k, v in cfg.to_dict().items():
         print(f"  {k:24s} {v}")
     n = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n:,}")
-    size = args.size
     per_pixel = expert_flops_per_pixel(model)
     scales = torch.tensor(moe_layer_scales(model), dtype=torch.float64)
     per_expert = (per_pixel * (size * size / scales**2)[:, None]).sum(0)
     print(f"FLOPs at {size}x{size} (2 x MACs; FFTs not counted):")
     for i, f in enumerate(per_expert.tolist()):
-        print(f"  expert {i} (rank C/{2 ** (cfg.num_exp_blocks - 1 - i)}, patch {cfg.expert_patch_sizes()[i]}): "
+        rank = f"C/{2 ** (cfg.num_exp_blocks - 1 - i)}" if cfg.rank_type == "spread" else cfg.expert_ranks(0)[i]
+        print(f"  expert {i} (rank {rank}, patch {cfg.expert_patch_sizes()[i]}): "
               f"{f / 1e9:.2f} GFLOPs over its {model.num_moe_layers} MoE layers")
     lo, hi = network_flops(model, size, 0), network_flops(model, size, cfg.num_exp_blocks - 1)
     print(f"  total: {lo / 1e9:.2f} GFLOPs (expert 0 everywhere) .. {hi / 1e9:.2f} GFLOPs (expert "
@@ -453,7 +459,10 @@ def cmd_routing(args: argparse.Namespace) -> int:
              "|---|" + "---|" * counts.shape[1]]
     for name, c in zip(names, counts):
         lines.append(f"| {name} | " + " | ".join("/".join(str(v) for v in layer) for layer in c) + " |")
-    lines += ["", "Each cell: images per expert E0/E1/E2/E3 in that MoE layer.", "",
+    k = model.config.topk
+    top_k = "" if k == 1 else f" (top-{k}: an image counts for each of its {k} experts)"
+    lines += ["", f"Each cell: images per expert {'/'.join(f'E{i}' for i in range(counts.shape[2]))} in that MoE "
+              f"layer{top_k}.", "",
               "| benchmark | expert GFLOPs spent / image | all experts / image | share | PSNR | PSNR, experts bypassed |",
               "|---|---|---|---|---|---|"]
     psnr = {r.name: r.mean("psnr") for r in results}

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data.degradations import add_gaussian_noise, crop_to_multiple, random_haze, seeded_rng
+from .flops import layer_picks
 from .io import ImageReadError, image_size, load_image, save_image
 from .metrics import psnr, ssim
 
@@ -203,20 +204,24 @@ class DemoSession:
             raise DemoError(_cannot_store(name, e)) from None
         return clean, degraded, target
 
-    def expert_table(self, experts: list[int], h: int, w: int) -> tuple[list[list[str]], float, float]:
+    def expert_table(self, experts: list, h: int, w: int) -> tuple[list[list[str]], float, float]:
         """Rows (layer, scale, expert, rank, patch, GFLOPs, cost against the layer's costliest expert) and the
-        expert GFLOPs spent and those of running every expert, for an h x w image (as ``moceir routing``)."""
+        expert GFLOPs spent and those of running every expert, for an h x w image (as ``moceir routing``).
+        ``experts``: a report's entry (:func:`moceir.flops.image_experts`); top-k layers show their k experts."""
         cfg = self.model.config
         pixels = h * w / self.scales**2
         rows, spent, every = [], 0.0, 0.0
-        for layer, e in enumerate(experts):
+        for layer, entry in enumerate(experts):
+            picks = layer_picks(entry)
             width = self.model.adapters[layer].proj_out.in_channels
             flops = self.flops_per_pixel[layer] * pixels[layer]
-            spent += flops[e]
+            cost = sum(flops[e] for e in picks)
+            spent += cost
             every += flops.sum()
-            rows.append([f"L{layer}", f"1/{int(self.scales[layer])}", f"E{e}",
-                         f"{cfg.expert_ranks(width)[e]} of {width} ch", f"{cfg.expert_patch_sizes()[e]} px",
-                         f"{flops[e] / 1e9:.3f}", f"{100 * flops[e] / flops.max():.0f}%"])
+            rows.append([f"L{layer}", f"1/{int(self.scales[layer])}", "+".join(f"E{e}" for e in picks),
+                         " + ".join(f"{cfg.expert_ranks(width)[e]}" for e in picks) + f" of {width} ch",
+                         " + ".join(f"{cfg.expert_patch_sizes()[e]}" for e in picks) + " px",
+                         f"{cost / 1e9:.3f}", f"{100 * cost / flops.max():.0f}%"])
         return rows, spent / 1e9, every / 1e9
 
     def summary(self, r: Restoration) -> str:

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs
+from .flops import image_experts, layer_picks
 from .inference import restore_tensor
 from .io import ImageReadError, save_image, write_atomically, write_error_advice, write_files_atomically
 from .metrics import psnr, ssim
@@ -121,7 +122,7 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
     degraded = item["lq"].permute(1, 2, 0).numpy()
     row = {"name": item["name"], "psnr": psnr(clean, restored), "ssim": ssim(clean, restored),
            "input_psnr": psnr(clean, degraded), "seconds": round(seconds, 4),
-           "experts": experts[:, 0, 0].tolist(), "size": list(clean.shape[:2])}
+           "experts": image_experts(experts, 0), "size": list(clean.shape[:2])}
     if y_channel:
         row["psnr_y"] = psnr(clean, restored, test_y_channel=True)
         row["ssim_y"] = ssim(clean, restored, test_y_channel=True)
@@ -216,7 +217,8 @@ def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
         writer.writeheader()
         for r in results:
             for row in r.rows:
-                writer.writerow({"benchmark": r.name, **row, "experts": " ".join(map(str, row["experts"]))})
+                experts = " ".join("+".join(map(str, layer_picks(e))) for e in row["experts"])  # top-k: 0+2
+                writer.writerow({"benchmark": r.name, **row, "experts": experts})
 
 
 def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
@@ -272,7 +274,8 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
             name = row.get("name", "?") if isinstance(row, dict) else "?"
             picks = row.get("experts") if isinstance(row, dict) else None
             if not (isinstance(picks, list) and len(picks) == layers
-                    and all(type(e) is int and 0 <= e < experts for e in picks)):
+                    and all((type(e) is int or isinstance(e, list) and e) and
+                            all(type(i) is int and 0 <= i < experts for i in layer_picks(e)) for e in picks)):
                 raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} indices below {experts} "
                                  "(results of another model?)")
             if type(row.get("psnr")) not in (int, float) and not ("psnr" in row and row["psnr"] is None):
@@ -285,12 +288,14 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
 
 
 def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) -> np.ndarray:
-    """[benchmarks, layers, experts] number of images that picked each expert."""
+    """[benchmarks, layers, experts] number of images that picked each expert (with top-k routing, an image
+    counts for each of its k experts)."""
     counts = np.zeros((len(results), layers, experts), dtype=np.int64)
     for t, r in enumerate(results):
         for row in r.rows:
-            for layer, e in enumerate(row["experts"]):
-                counts[t, layer, e] += 1
+            for layer, entry in enumerate(row["experts"]):
+                for e in layer_picks(entry):
+                    counts[t, layer, e] += 1
     return counts
 
 
@@ -306,7 +311,8 @@ def routing_flops(model: MoCEIR, results: list[BenchmarkResult]) -> list[dict]:
         for row in r.rows:
             h, w = row.get("size", (256, 256))
             pixels = h * w / scales**2
-            spent += sum(per_pixel[layer, e] * pixels[layer] for layer, e in enumerate(row["experts"]))
+            spent += sum(per_pixel[layer, e] * pixels[layer] for layer, entry in enumerate(row["experts"])
+                         for e in layer_picks(entry))
             every += float((per_pixel.sum(axis=1) * pixels).sum())
         rows.append({"benchmark": r.name, "expert_gflops_spent": spent / 1e9 / max(1, len(r.rows)),
                      "expert_gflops_all": every / 1e9 / max(1, len(r.rows)),

@@ -41,3 +41,15 @@ def moe_layer_scales(model: MoCEIR) -> list[int]:
     """Downscaling factor of each MoE layer's features relative to the input (e.g. 4, 4, 2, 2, ..., 1)."""
     levels = model.config.levels
     return [2 ** (levels - 2 - i) for i in range(levels - 1) for _ in model.dec[i][2].layers]
+
+
+def image_experts(experts: torch.Tensor, b: int) -> list:
+    """Image ``b``'s entry in a report, from routing of shape [layers, B, k]: per MoE layer its expert (top-1), or
+    the list of its k experts (top-k)."""
+    picked = experts[:, b]
+    return picked[:, 0].tolist() if picked.shape[-1] == 1 else picked.tolist()
+
+
+def layer_picks(entry: int | list[int]) -> list[int]:
+    """One MoE layer's entry of :func:`image_experts` as a list of the experts that ran there."""
+    return [entry] if isinstance(entry, int) else list(entry)

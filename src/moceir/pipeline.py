@@ -24,6 +24,7 @@ import torch
 
 from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
+from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
                  format_size_problem, image_size, load_image, save_image, write_atomically, write_error_advice)
@@ -515,7 +516,7 @@ class Restorer:
                              "--precision fp16 use bf16 or fp32, else the checkpoint is damaged")
         return [(i, y[b], img, {"input": str(self.jobs[i].input), "output": str(self.jobs[i].output), "height": h,
                                 "width": w, "seconds": round(seconds, 3), "batch": len(group), "tile": tile,
-                                "experts": experts[:, min(b, experts.shape[1] - 1), 0].tolist()})
+                                "experts": image_experts(experts, min(b, experts.shape[1] - 1))})
                 for b, (i, img) in enumerate(group) if finite[b]]
 
     def submit(self, results: list[tuple[int, np.ndarray, LoadedImage, dict]]) -> None:
