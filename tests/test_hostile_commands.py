@@ -452,3 +452,16 @@ def test_scores_are_printed_when_the_results_files_cannot_be_written(tmp_path, s
                  "--output_path", str(tmp_path / "r"), "--quiet"]) == 1
     out = capsys.readouterr()
     assert "lolv1" in out.out and "PSNR" in out.out and "No space left on device" in out.err
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Probe: Ctrl-C during `moceir test` printed a KeyboardInterrupt traceback."""
+    import moceir.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert main(["info", "MoCE_IR_tiny"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["error: moceir info interrupted (Ctrl-C); files written before "
+                                                    "it are complete, the rest was not done"]

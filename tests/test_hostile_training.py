@@ -21,7 +21,7 @@ from moceir.cli import main
 from moceir.models import get_config
 from moceir.training import TrainingSetupError, TrainSettings, train
 
-from conftest import make_tiny_layout
+from conftest import GOLDEN, make_tiny_layout
 
 
 def _train(data: Path, ck: Path, *extra: str) -> int:
@@ -838,3 +838,72 @@ def test_a_resume_from_an_earlier_epoch_keeps_the_later_epoch_checkpoints(data, 
                   "--seed", "1") == 0
     assert all((run / name).read_bytes() == content for name, content in first.items())
     assert {"epoch=1-step=4-v1.ckpt", "epoch=2-step=6-v1.ckpt"} <= _ckpts(run)
+
+
+def test_runs_started_in_the_same_second_without_a_run_name_get_their_own_folders(tmp_path, monkeypatch):
+    """Probe: three runs started together without --run_name wrote into one timestamped folder: one model kept,
+    the logs of all three mixed, each saying "done"."""
+    import datetime as dt
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 7, 3, 34, 21)
+
+    monkeypatch.setattr(training, "datetime", Frozen)
+    names = []
+    for _ in range(3):
+        monkeypatch.delenv("MOCEIR_RUN_NAME", raising=False)  # each a separate launch
+        run_dir, made = training._run_folder(TrainSettings(ckpt_dir=str(tmp_path / "ck")))
+        names.append(run_dir.name)
+        assert made[-1] == run_dir and run_dir.is_dir()
+    assert names == ["2026_12_07_03_34_21", "2026_12_07_03_34_21_2", "2026_12_07_03_34_21_3"]
+
+
+def test_a_run_folder_in_use_by_a_running_train_is_refused(data, tmp_path, capsys):
+    """Probe: a second run under the same --run_name was refused only once the first had written its log."""
+    lock, made = training._lock_run_folder(tmp_path / "ck" / "busy")  # what a running `moceir train` holds
+    try:
+        assert made == [tmp_path / "ck", tmp_path / "ck" / "busy"]
+        assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "busy") == 2
+        assert "ck/busy is in use: another moceir train is writing to it now" in _one_error_line(capsys)
+    finally:
+        os.close(lock)
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "busy") == 0  # free once it ends
+
+
+def test_a_refused_run_leaves_no_folder_it_made(data, tmp_path, capsys):
+    """The run folder is made (and locked) before the resume checkpoint is checked against the network."""
+    assert _train(data, tmp_path / "a" / "b", "--max_steps", "1", "--run_name", "r", "--resume_from",
+                  str(GOLDEN / "upstream_tiny_last.ckpt"), "--dim", "16") == 2
+    assert "does not match the network" in _one_error_line(capsys)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("sig,code,how", [("SIGTERM", 143, "by SIGTERM"), ("SIGINT", 130, "(Ctrl-C)")])
+def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, sig, code, how):
+    """Probe: SIGTERM mid-training exited 0 without a word (Lightning's SystemExit); Ctrl-C exited 1 with only
+    Lightning's "attempting graceful shutdown"."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "ck" / "r"
+    cmd = [sys.executable, "-m", "moceir", "train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--repeat",
+           "derain=50", "--data_file_dir", str(data), "--batch_size", "2", "--patch_size", "16", "--num_workers",
+           "0", "--ckpt_dir", str(tmp_path / "ck"), "--run_name", "r", "--num_gpus", "0", "--max_steps", "100000",
+           "--save_every_n_epochs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run.glob("epoch=*.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    line = err.splitlines()[-1]
+    assert line.startswith(f"error: training stopped {how} at step ") and "--resume_from " in line
+    assert "done:" not in out and not (run / "model.safetensors").exists()

@@ -216,8 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from .pipeline import UsageError
-    from .training import (TrainingDataError, TrainingOutputError, TrainingPeerError, TrainingSetupError,
-                           TrainSettings, train)
+    from .training import TrainingSetupError, TrainSettings, train
 
     if args.trainset == "standard" and not args.de_type:
         raise UsageError("--de_type is required with --trainset standard (e.g. denoise_15 derain dehaze)")
@@ -253,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(config, settings)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, (TrainingDataError, TrainingOutputError, TrainingPeerError)) else 2
+        return e.exit_code
     if rank_zero_only.rank == 0:  # the global rank Lightning gave this process; it wrote the final settings.json
         print(_training_summary(run_dir))
     return 0
@@ -944,6 +943,10 @@ def _main(argv: list[str] | None) -> int:
     except (CheckpointError, UsageError) as e:  # unusable checkpoint or options: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: not a bug; every file is written whole or not at all (atomic writes)
+        print(f"error: moceir {args.command} interrupted (Ctrl-C); files written before it are complete, the rest "
+              "was not done", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
         _to_devnull(sys.stdout)  # so that the exit's flush stays quiet
         return 1

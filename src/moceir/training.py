@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -58,6 +59,8 @@ from .runtime import COMPILE_SCOPES, compile_network, is_rank_zero
 class TrainingSetupError(ValueError):
     """Training cannot start (bad data, settings or hardware); the message is one line saying what to do."""
 
+    exit_code = 2  # what `moceir train` exits with: bad options or data, nothing trained
+
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
 
@@ -65,13 +68,27 @@ class TrainingSetupError(ValueError):
 class TrainingDataError(TrainingSetupError):
     """A training image that broke during training (deleted, damaged): a file failed, exit code 1."""
 
+    exit_code = 1
+
 
 class TrainingOutputError(TrainingSetupError):
     """A checkpoint or log could not be written during training (a full disk): exit code 1, resume when fixed."""
 
+    exit_code = 1
+
 
 class TrainingPeerError(TrainingSetupError):
     """A collective of a distributed run failed, most often because another rank stopped: exit code 1."""
+
+    exit_code = 1
+
+
+class TrainingStopped(TrainingSetupError):
+    """Training was stopped from outside (SIGTERM: exit code 143; Ctrl-C: 130), as a shell reports a signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class NonFiniteLossError(TrainingSetupError):
@@ -589,23 +606,74 @@ def _trainer(settings: TrainSettings, run_dir: Path, resume: ResumePoint | None,
         raise TrainingSetupError(f"cannot set up the trainer: {e}") from None
 
 
-def _run_name(settings: TrainSettings) -> str:
-    """--run_name, else one name that every process of the run agrees on.
+def _run_folder(settings: TrainSettings) -> tuple[Path, list[Path]]:
+    """The run folder, and the folders this call made for it: --ckpt_dir/--run_name, else a name that every
+    process of the run agrees on.
 
     Processes that Lightning starts for DDP inherit MOCEIR_RUN_NAME from the first one; a SLURM job uses its
-    job id (so a requeued job finds its run folder); separate launches on several nodes need --run_name.
+    job id (so a requeued job finds its run folder); separate launches on several nodes need --run_name. A name
+    made here (the start time) is claimed by making its folder, as ``<time>_2``, ``_3``, ... where runs started
+    in the same second took it: each run writes into its own folder.
     """
+    root = Path(settings.ckpt_dir)
     if settings.run_name:
-        return settings.run_name
+        return root / settings.run_name, []
     name = os.environ.get("MOCEIR_RUN_NAME") or (f"slurm_{os.environ['SLURM_JOB_ID']}"
                                                  if os.environ.get("SLURM_JOB_ID") else None)
-    if name is None:
-        if settings.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise TrainingSetupError("--run_name is required when several launched processes train together "
-                                     "(each must write to the same run folder)")
-        name = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
-        os.environ["MOCEIR_RUN_NAME"] = name
-    return name
+    if name is not None:
+        return root / name, []
+    if settings.num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingSetupError("--run_name is required when several launched processes train together "
+                                 "(each must write to the same run folder)")
+    stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
+    name, made = stamp, []
+    with contextlib.suppress(OSError):  # an unwritable --ckpt_dir: the run folder check names it
+        made = _make_folders(root)
+        for n in range(2, 10_000):
+            try:
+                (root / name).mkdir()
+            except FileExistsError:
+                name = f"{stamp}_{n}"
+            else:
+                made.append(root / name)
+                break
+    os.environ["MOCEIR_RUN_NAME"] = name
+    return root / name, made
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """``path`` and its missing parents, made -> those made, outermost first."""
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)][::-1]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _lock_run_folder(run_dir: Path) -> tuple[int | None, list[Path]]:
+    """Lock the run folder for this call (rank 0 only) -> (the lock's descriptor, the folders made for it).
+
+    A second ``moceir train`` into the folder is refused while this one runs, even before either has written a
+    file. No lock where the folder cannot be made (the run folder check says why) or the file system has none.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None, []
+    try:
+        made = _make_folders(run_dir)
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return None, []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TrainingSetupError(f"{run_dir} is in use: another moceir train is writing to it now; wait for it to "
+                                 "end or choose another --run_name") from None
+    except OSError:
+        os.close(fd)
+    else:
+        return fd, made
+    return None, made
 
 
 def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None = None) -> Path:
@@ -631,7 +699,24 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
         raise TrainingSetupError(f"--fine_tune_from {settings.fine_tune_from} holds a network with {shown}; "
                                  "fine-tuning keeps its architecture: leave out --model and the architecture flags")
     loader, per_task = build_dataloader(settings, max(1, settings.batch_size // settings.accum_grad))
-    run_dir = Path(settings.ckpt_dir) / _run_name(settings)
+    run_dir, made = _run_folder(settings)
+    lock, made_here = _lock_run_folder(run_dir) if is_rank_zero() else (None, [])
+    try:
+        return _train_in(run_dir, config, settings, capture, resume, source, loader, per_task)
+    except TrainingSetupError:
+        for folder in reversed(made + made_here):  # a refused run leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None,
+              resume: ResumePoint | None, source: MoCEIR | None, loader: DataLoader,
+              per_task: dict[str, list]) -> Path:
+    """:func:`train` once its run folder is chosen (and locked)."""
     resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
     _check_run_folder(run_dir, resume)
     if resume is None and _requeued():  # every rank, before any logs: the dead first attempt's rows go
@@ -693,6 +778,14 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         try:
             with _thread_errors_left_to_the_main_thread():
                 trainer.fit(module, train_dataloaders=loader, ckpt_path=resume.path if resume else None)
+        except SystemExit as e:  # Lightning's ends of a stopped run: SIGTERMException, or exit 1 after a Ctrl-C
+            if not (isinstance(e, SIGTERMException) or trainer.interrupted):
+                raise
+            target = _resume_target(run_dir, _run_checkpoints(run_dir))
+            then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
+            how, code = ("by SIGTERM", 143) if isinstance(e, SIGTERMException) else ("(Ctrl-C)", 130)
+            raise TrainingStopped(f"training stopped {how} at step {trainer.global_step}; this call wrote no "
+                                  f"model.safetensors; {then}", code) from None
         except Exception as e:
             target = _resume_target(run_dir, _run_checkpoints(run_dir))
             then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
