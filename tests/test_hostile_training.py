@@ -907,3 +907,26 @@ def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, s
     line = err.splitlines()[-1]
     assert line.startswith(f"error: training stopped {how} at step ") and "--resume_from " in line
     assert "done:" not in out and not (run / "model.safetensors").exists()
+
+
+def test_resume_refuses_what_it_would_silently_ignore_or_drop(data, tmp_path, capsys):
+    """Probe: resuming without --ema_decay dropped the run's weight average for good (and the summary listed the
+    stale model_ema file); a new --lr was ignored while settings.json recorded it; --fine_tune_from beside
+    --resume_from was dropped without a word."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r", "--ema_decay", "0.9", "--lr", "1e-4") == 0
+    capsys.readouterr()
+    resume = ["--max_steps", "4", "--run_name", "r", "--resume_from", "r"]
+    assert _train(data, ck, *resume, "--lr", "1e-4") == 2
+    line = _one_error_line(capsys)
+    assert "with --ema_decay 0.9, which no --ema_decay would drop; pass --ema_decay 0.9" in line
+    assert _train(data, ck, *resume, "--ema_decay", "0.9") == 2
+    assert "the run trains at --lr 0.0001, which its resumed optimizer and schedule keep (not --lr 0.0002); pass " \
+           "--lr 0.0001" in _one_error_line(capsys)
+    assert _train(data, ck, *resume, "--ema_decay", "0.9", "--lr", "1e-4", "--fine_tune_from",
+                  str(ck / "r" / "model.safetensors")) == 2
+    assert "--fine_tune_from" in _one_error_line(capsys)
+    assert json.loads((ck / "r" / "settings.json").read_text())["global_step"] == 2  # nothing was written
+    assert _train(data, ck, *resume, "--ema_decay", "0.9", "--lr", "1e-4") == 0
+    ckpt = torch.load(ck / "r" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and any(k.startswith("WeightEMA") for k in ckpt["callbacks"])

@@ -175,6 +175,9 @@ class TrainSettings:
             raise TrainingSetupError(f"--seed is {self.seed}; pass a whole number from 0 to {MAX_SEED}")
         if self.fft_impl not in (None, *FFT_IMPLS):
             raise TrainingSetupError(f"--fft_impl is {self.fft_impl!r}; pass one of {', '.join(FFT_IMPLS)}")
+        if self.resume_from and self.fine_tune_from:
+            raise TrainingSetupError(f"--resume_from {self.resume_from} continues a run with its own weights, so "
+                                     f"--fine_tune_from {self.fine_tune_from} would be ignored; pass one of them")
         if self.cuda_graphs:
             self._validate_cuda_graphs()
 
@@ -347,17 +350,31 @@ class ResumePoint:
     step: int
     weights: dict[str, torch.Tensor]
     config: dict[str, Any] | None
+    lr: float | None = None  # the run's base learning rate (its optimizer and schedule are resumed with it)
+    ema_decay: float | None = None  # the decay of the run's weight average, where it kept one
 
 
 def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
-    """The checkpoint ``--resume_from`` names, checked (see :func:`read_resume_point`); None without resume."""
+    """The checkpoint ``--resume_from`` names, checked (see :func:`read_resume_point`) and compared with the
+    settings that a resumed run cannot change; None without resume."""
     if not settings.resume_from:
         return None
     try:
         path = resolve_checkpoint(settings.resume_from, settings.ckpt_dir)
     except FileNotFoundError as e:
         raise TrainingSetupError(f"--resume_from: {e}; pass a run name under --ckpt_dir or a .ckpt path") from None
-    return read_resume_point(path)
+    resume = read_resume_point(path)
+    fresh = f"or start a new run from its weights with --fine_tune_from {path}"
+    if resume.lr is not None and not math.isclose(resume.lr, settings.lr, rel_tol=1e-6):
+        raise TrainingSetupError(f"--resume_from {path}: the run trains at --lr {resume.lr:g}, which its resumed "
+                                 f"optimizer and schedule keep (not --lr {settings.lr:g}); pass --lr {resume.lr:g}, "
+                                 f"{fresh}")
+    if resume.ema_decay is not None and not math.isclose(resume.ema_decay, settings.ema_decay, rel_tol=1e-9):
+        now = f"--ema_decay {settings.ema_decay:g}" if settings.ema_decay else "no --ema_decay"
+        raise TrainingSetupError(f"--resume_from {path}: the run keeps an average of its weights with --ema_decay "
+                                 f"{resume.ema_decay:g}, which {now} would drop; pass --ema_decay "
+                                 f"{resume.ema_decay:g}, {fresh}")
+    return resume
 
 
 def _requeued() -> bool:
@@ -391,7 +408,11 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
             raise CheckpointError(f"{path}: its state_dict holds {len(outside)} entries outside the network "
                                   f"(e.g. {outside[0]}; a moceir run holds net.* only); pass it to --fine_tune_from")
         check_finite(_optimizer_tensors(ckpt["optimizer_states"]), f"{path} (optimizer state)")
-        return ResumePoint(path, int(ckpt["global_step"]), weights, config)
+        lrs = ckpt["lr_schedulers"][0].get("base_lrs") if ckpt.get("lr_schedulers") else None
+        ema = next((v for k, v in (ckpt.get("callbacks") or {}).items() if str(k).startswith("WeightEMA")), None)
+        return ResumePoint(path, int(ckpt["global_step"]), weights, config,
+                           lr=float(lrs[0]) if isinstance(lrs, list) and lrs else None,
+                           ema_decay=float(ema["decay"]) if isinstance(ema, Mapping) and "decay" in ema else None)
     except CheckpointError as e:
         raise TrainingSetupError(f"{label}: {e}") from None
 
