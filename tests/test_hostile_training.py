@@ -930,3 +930,12 @@ def test_resume_refuses_what_it_would_silently_ignore_or_drop(data, tmp_path, ca
     assert _train(data, ck, *resume, "--ema_decay", "0.9", "--lr", "1e-4") == 0
     ckpt = torch.load(ck / "r" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 and any(k.startswith("WeightEMA") for k in ckpt["callbacks"])
+
+
+def test_an_image_that_shrinks_during_training_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """Probe: an image replaced by an 8x8 one after the check ended in numpy's "can't extend empty axis" traceback."""
+    monkeypatch.setattr(datasets, "read_rgb", lambda path: np.zeros((8, 8, 3), np.uint8))  # after the size check
+    assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("error: during training: ") and "is smaller than 16 pixels (changed since" in line
+    assert ".png: 8x8" in line and "--resume_from" not in line  # no checkpoint yet to resume from

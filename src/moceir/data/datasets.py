@@ -195,6 +195,16 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
+def _read_cropped(path: Path) -> np.ndarray:
+    """The image at ``path`` cropped to multiples of CROP_BASE; one smaller than that (nothing would be left) is a
+    DatasetLayoutError naming it (`moceir train` checks every image first: this one changed since)."""
+    img = read_rgb(path)
+    if min(img.shape[:2]) < CROP_BASE:
+        raise DatasetLayoutError(f"{path}: {img.shape[1]}x{img.shape[0]} is smaller than {CROP_BASE} pixels (changed "
+                                 "since the run checked it?); replace or remove it")
+    return crop_to_multiple(img, CROP_BASE)
+
+
 def _fit(img: np.ndarray, size: int) -> np.ndarray:
     """Reflect-pad an image smaller than the patch size."""
     ph, pw = max(0, size - img.shape[0]), max(0, size - img.shape[1])
@@ -219,8 +229,8 @@ class PairedPatchDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict:
         pair, p, rng = self.pairs[idx], self.patch_size, _rng()
-        clean = _fit(crop_to_multiple(read_rgb(pair.clean), CROP_BASE), p)
-        degraded = None if pair.degraded is None else _fit(crop_to_multiple(read_rgb(pair.degraded), CROP_BASE), p)
+        clean = _fit(_read_cropped(pair.clean), p)
+        degraded = None if pair.degraded is None else _fit(_read_cropped(pair.degraded), p)
         if degraded is not None and degraded.shape != clean.shape:
             raise DatasetLayoutError(f"{pair.degraded} is {degraded.shape[:2]} but its clean image {pair.clean} is "
                                      f"{clean.shape[:2]}; the pair must have the same size")
