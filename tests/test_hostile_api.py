@@ -903,3 +903,13 @@ def test_restore_training_and_demo_say_the_same_of_a_path_that_is_not_an_image_f
             load_image(path)
         assert str(raised.value) == f"{path}: {why}; pass an image file"
         assert training_size(path) == why
+
+
+@pytest.mark.parametrize("value", [1e300, 2e12, 0.0, float("nan"), "24e6"])
+def test_demo_max_pixels_beyond_what_it_can_serve_is_one_line_before_anything_starts(value):
+    """Probe: `moceir demo --max_pixels 1e300` failed in Gradio ("Integer exceeds 64-bit range"), then a traceback."""
+    from moceir import demo
+    from moceir.pipeline import UsageError
+
+    with pytest.raises(UsageError, match="choose a number of pixels above 0 and up to 1e\\+12"):
+        demo.launch("default", port=1, device="cpu", max_pixels=value, block=False)

@@ -34,6 +34,7 @@ from .data.degradations import add_gaussian_noise, crop_to_multiple, random_haze
 from .flops import layer_picks
 from .io import ImageReadError, image_size, load_image, save_image
 from .metrics import psnr, ssim
+from .runtime import UsageError
 
 INSTALL_HINT = "moceir demo needs Gradio, an optional extra: pip install -e '.[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the repository's examples (a source checkout)
@@ -273,6 +274,7 @@ def _upload_path(value: Any, served: tuple[Path, ...]) -> tuple[Path, str]:
     return path, name  # DemoSession.restore and .degrade make it safe to show and to name files after
 
 
+MAX_PIXELS_LIMIT = 1e12  # --max_pixels above it: Gradio's upload limit (8 bytes a pixel) leaves 64 bits
 MAX_NAME_BYTES = 120  # of an upload's name as shown and used for result files (file systems allow 255)
 
 
@@ -524,6 +526,9 @@ def launch(checkpoint: str = "default", host: str = "127.0.0.1", port: int = 786
     With ``block`` (the command) it serves until Ctrl+C or SIGTERM, then removes its temporary folder; without,
     it returns the running app (for tests and notebooks; stop it with :func:`close_app`).
     """
+    if not (type(max_pixels) in (int, float) and 0 < max_pixels <= MAX_PIXELS_LIMIT):
+        raise UsageError(f"--max_pixels {max_pixels!r}: choose a number of pixels above 0 and up to "
+                         f"{MAX_PIXELS_LIMIT:g} (24e6, the default, is 24 megapixels)")
     host = server_host(host)
     check_address(host, port)
     app = build_app(checkpoint, device, max_pixels, concurrency)
