@@ -465,3 +465,32 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["info", "MoCE_IR_tiny"]) == 130
     assert capsys.readouterr().err.splitlines() == ["error: moceir info interrupted (Ctrl-C); files written before "
                                                     "it are complete, the rest was not done"]
+
+
+def test_export_keeps_the_checkpoints_note_unless_replaced(tmp_path, tiny_ckpt, capsys):
+    """Probe: `moceir export default d16.safetensors --dtype fp16` dropped the bundled model's "early, weak" note."""
+    from moceir.models.checkpoints import checkpoint_note
+
+    noted = moceir.save_model(moceir.load_model(tiny_ckpt), tmp_path / "noted.safetensors", note="early and weak")
+    assert main(["export", str(noted), str(tmp_path / "kept.safetensors"), "--dtype", "fp16"]) == 0
+    assert main(["export", str(noted), str(tmp_path / "new.safetensors"), "--note", "replaced"]) == 0
+    assert main(["export", str(noted), str(tmp_path / "none.safetensors"), "--note", ""]) == 0
+    assert [checkpoint_note(str(tmp_path / f"{n}.safetensors")) for n in ("kept", "new", "none")] == \
+           ["early and weak", "replaced", ""]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "{ckpt}", "{tmp}"], "{tmp} is a folder; name the file to write (e.g. {tmp}/model.safetensors)"),
+    (["export", "{ckpt}", "{tmp}", "--overwrite"], "{tmp} is a folder; name the file to write (e.g. "
+                                                   "{tmp}/model.safetensors)"),
+    (["export", "{ckpt}", "{tmp}/.safetensors"], "{tmp}/.safetensors is only a suffix; name the file (e.g. "
+                                                 "{tmp}/model.safetensors)"),
+    (["plot-logs", "{tmp}", "--out", "{tmp}/.png"], "--out {tmp}/.png is only a suffix; name the file (e.g. "
+                                                    "{tmp}/curves.png)"),
+])
+def test_output_names_that_are_a_folder_or_only_a_suffix_get_their_own_advice(tmp_path, tiny_ckpt, argv, message,
+                                                                              capsys):
+    """Probe: export to a folder said "exists; pass --overwrite", then with it "is a folder"; `.safetensors` and
+    `--out .png` were told to use the suffix they already had."""
+    assert main([a.format(ckpt=tiny_ckpt, tmp=tmp_path) for a in argv]) == 2
+    assert capsys.readouterr().err.strip() == "error: " + message.format(tmp=tmp_path)

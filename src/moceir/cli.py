@@ -553,6 +553,8 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
                          "logs/metrics.csv)")
     out = Path(args.out) if args.out else Path(args.run_dir) / "training_curves.png"
     formats = {k: v for k, v in Figure().canvas.get_supported_filetypes().items() if k != "pgf"}  # needs LaTeX
+    if out.name.lower()[1:] in formats:  # ".png": a hidden file without a suffix
+        raise UsageError(f"--out {out} is only a suffix; name the file (e.g. {out.with_name('curves' + out.name)})")
     if out.suffix.lower()[1:] not in formats:
         raise UsageError(f"--out {out}: name it .png (or .{', .'.join(f for f in formats if f != 'png')})")
     problem = folder_problem(out.parent)
@@ -581,10 +583,14 @@ EXPORT_FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import load_model, save_model
-    from .models.checkpoints import resolve_path
+    from .models.checkpoints import checkpoint_note, resolve_path
     from .pipeline import PRECISIONS, UsageError
 
     out = Path(args.output)
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder; name the file to write (e.g. {out / 'model.safetensors'})")
+    if out.name.lower() in {f".{ext}" for ext in EXPORT_FORMATS.values()}:  # no stem: a hidden file, suffix ""
+        raise UsageError(f"{out} is only a suffix; name the file (e.g. {out.with_name('model' + out.name)})")
     fmt = args.format or EXPORT_FORMATS.get(out.suffix.lower())
     if out.suffix.lower() in EXPORT_FORMATS and fmt != EXPORT_FORMATS[out.suffix.lower()]:
         raise UsageError(f"--format {fmt} would write {out} in a format its suffix does not name; drop --format "
@@ -597,20 +603,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
         raise UsageError(f"{out} exists; choose another name or pass --overwrite")
     model = load_model(args.checkpoint, device="cpu", channels_last=False)  # a CheckpointError exits 2 in main()
+    note = args.note if args.note is not None else checkpoint_note(args.checkpoint)  # it travels unless replaced
     if fmt == "onnx":
         from .onnx import export_onnx
 
         if args.dtype != "fp32":
             raise UsageError("ONNX export is fp32 only; drop --dtype")
         try:
-            path = export_onnx(model, out, note=args.note, overwrite=args.overwrite, optimize=args.optimize,
+            path = export_onnx(model, out, note=note, overwrite=args.overwrite, optimize=args.optimize,
                                dispatch=args.dispatch)
         except (ImportError, ValueError) as e:  # onnx missing; a model with router noise in eval
             raise UsageError(str(e)) from None
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX fp32, dynamic batch/height/width in "
               f"multiples of {model.config.size_multiple}, config in its metadata)")
         return 0
-    path = save_model(model, out, dtype=PRECISIONS[args.dtype], note=args.note, overwrite=args.overwrite)
+    path = save_model(model, out, dtype=PRECISIONS[args.dtype], note=note or None, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype}, config embedded)")
     return 0
 
@@ -818,7 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=EXPORT_DISPATCHES, default="conditional",
                    help="ONNX: run only the experts some image chose (an If per expert), or all of them, gated")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
-    p.add_argument("--note", help="text stored in the file and printed when the model is used")
+    p.add_argument("--note", help="text stored in the file and printed when the model is used (default: the "
+                   "checkpoint's own note; \"\" for none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(fn=cmd_export)
 
