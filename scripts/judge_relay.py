@@ -187,7 +187,8 @@ def scores(model: moceir.MoCEIR, label: str, a: argparse.Namespace, source: str,
         for line in r.errors:
             print(f"error: {label}: {r.name}: {line} (skipped)", file=sys.stderr)
     psnr = {r.name: r.mean("psnr") for r in results}
-    write_reports(results, folder, f"{label}{' (experts bypassed)' if bypass else ''}")
+    write_reports(results, folder, f"{label}{' (experts bypassed)' if bypass else ''}",
+                  experts="skip" if bypass else "run")
     cache.write_text(json.dumps({"key": key, "psnr": psnr}, indent=1))
     return psnr
 

@@ -415,3 +415,19 @@ def test_top2_routing_counts_and_costs_both_experts_of_each_image(tmp_path, smal
     first_only = session.expert_table([layer[0] for layer in rows[0]["experts"]], *rows[0]["size"])[1]
     assert table[0][2].count("+E") == 1 and spent[0] > first_only
     assert abs(data["flops"][0]["expert_gflops_spent"] - np.mean(spent)) < 1e-9
+
+
+def test_an_ablation_run_says_so_and_routing_will_not_read_it_as_the_network(tmp_path, small_layout, tiny_ckpt,
+                                                                             capsys):
+    """Probe: `test --experts skip` wrote results with no trace of the ablation; `routing --from_results` then
+    showed its PSNR beside the experts' FLOPs as if they had run."""
+    assert _test(tiny_ckpt, small_layout, tmp_path / "r", "lolv1", extra=["--experts", "skip"]) == 0
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert data["experts"] == "skip" and "(experts bypassed: --experts skip)" in data["title"]
+    assert "(experts bypassed" in (tmp_path / "r" / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results",
+                 str(tmp_path / "r" / "results.json"), "--output_path", str(tmp_path / "routing")]) == 2
+    assert "made with the experts bypassed (--experts skip)" in capsys.readouterr().err
+    assert _test(tiny_ckpt, small_layout, tmp_path / "plain", "lolv1") == 0
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["experts"] == "run"

@@ -222,8 +222,9 @@ def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
 
 
 def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
-                  overwrite: bool = True) -> dict[str, Path]:
+                  overwrite: bool = True, experts: str = "run") -> dict[str, Path]:
     """results.md (table), results.json (summaries + per-image rows), per_image.csv, written as one set.
+    ``experts``: "skip" where the scores were made with the experts bypassed (recorded in results.json).
 
     A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError.
     """
@@ -231,7 +232,7 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
     table = markdown_table(results, title)
-    data = json.dumps(_finite_or_null({"title": title, "summary": [r.summary() for r in results],
+    data = json.dumps(_finite_or_null({"title": title, "experts": experts, "summary": [r.summary() for r in results],
                                        "per_image": {r.name: r.rows for r in results},
                                        "errors": {r.name: r.errors for r in results if r.errors}}),
                       indent=1, allow_nan=False)
@@ -263,6 +264,9 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
     saved = data.get("per_image") if isinstance(data, dict) else None
     if not isinstance(saved, dict):
         raise ValueError("no 'per_image' table: not a results.json of `moceir test`")
+    if data.get("experts") == "skip":
+        raise ValueError("its scores were made with the experts bypassed (--experts skip), not by the network "
+                         "whose routing they would show")
     missing = [b for b in benchmarks if b not in saved]
     if missing:
         raise ValueError(f"no results for {', '.join(missing)}")
