@@ -377,6 +377,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         failed = failed or bool(result.errors) or bool(result.not_saved)
         if result.rows:
             results.append(result)
+        if args.save_results and is_rank_zero():
+            _note_earlier_images(out_dir / "images" / bench, result.rows)
     if results and is_rank_zero():
         title = f"moceir test: {path}{' (experts bypassed: --experts skip)' if args.experts == 'skip' else ''}"
         try:  # written before the table is printed: a reader that left (| head) does not cost the files
@@ -388,6 +390,16 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
               "written", file=sys.stderr)
     return 1 if failed or not results else 0
+
+
+def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
+    """A note where ``folder`` holds restored images this run did not write (an earlier run's, of images that are
+    gone from the benchmark or were skipped now): they are left, not mistaken for this run's."""
+    written = {(folder / row["saved"]).resolve() for row in rows if "saved" in row}
+    others = sorted(p for p in folder.rglob("*.png") if p.resolve() not in written) if folder.is_dir() else []
+    if others:
+        print(f"note: {folder}: {len(others)} image(s) there are not from this run (e.g. {others[0].name}); an earlier "
+              f"run left them; remove them, or use a new --output_path", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- routing
@@ -751,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_results", action="store_true", help="write the restored PNGs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output_path (results.md/json, per_image.csv, "
-                        "images/<benchmark>)")
+                        "and the images of images/<benchmark> this run writes; others are left, with a note)")
     p.add_argument("--y_channel", action="store_true", help="also report PSNR/SSIM on the Y channel")
     p.add_argument("--context_pad", type=_non_negative, default=0,
                    help="reflected context around each image (0: upstream's protocol)")
