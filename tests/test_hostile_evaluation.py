@@ -433,12 +433,15 @@ def test_an_ablation_run_says_so_and_routing_will_not_read_it_as_the_network(tmp
     assert json.loads((tmp_path / "plain" / "results.json").read_text())["experts"] == "run"
 
 
-def test_overwrite_names_the_earlier_images_it_leaves(tmp_path, tiny_layout, small_layout, tiny_ckpt, capsys):
+def test_overwrite_names_the_earlier_images_it_leaves(tmp_path, tiny_ckpt, capsys):
     """Probe: a second run with --overwrite left an earlier run's 10.png beside its own, without a word."""
+    from conftest import make_tiny_layout
+
     out = tmp_path / "r"
-    assert _test(tiny_ckpt, tiny_layout, out, "lolv1", extra=["--save_results"]) == 0  # 1, 2 and 10.png
+    three, two = make_tiny_layout(tmp_path / "three", n=3), make_tiny_layout(tmp_path / "two", n=2)
+    assert _test(tiny_ckpt, three, out, "lolv1", extra=["--save_results"]) == 0  # 1, 2 and 10.png
     capsys.readouterr()
-    assert _test(tiny_ckpt, small_layout, out, "lolv1", extra=["--save_results", "--overwrite"]) == 0  # 1, 2
+    assert _test(tiny_ckpt, two, out, "lolv1", extra=["--save_results", "--overwrite"]) == 0  # 1 and 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"note: {out / 'images' / 'lolv1'}: 1 image(s) there are not from this run (e.g. 10.png); an "
                    "earlier run left them; remove them, or use a new --output_path"]
