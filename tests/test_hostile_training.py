@@ -296,7 +296,8 @@ def test_probe2_failed_resume_keeps_the_runs_files(data, earlier, capsys):
     assert _train(data, earlier.parent, "--max_steps", "6", "--run_name", "r", "--resume_from", "r",
                   "--dim", "16") == 2
     line = _one_error_line(capsys)
-    assert "does not match the network" in line and "trained with --model MoCE_IR_tiny (no other" in line
+    assert "holds a network with dim 8, not 16; leave out --model and the shape flags" in line
+    assert "trained with --model MoCE_IR_tiny (no other" in line
     assert _files(earlier) == before  # settings.json included
 
 
@@ -355,7 +356,7 @@ def _bad_checkpoint(kind: str, good: Path, path: Path) -> None:
     ("text", "cannot read checkpoint"), ("empty", "cannot read checkpoint"),
     ("nan", "hold NaN or inf"), ("nan_optimizer", "(optimizer state): 1 tensor(s) hold NaN or inf"),
     ("missing_key", "1 missing: [output.weight]"),
-    ("dim16", "trained with --model MoCE_IR_tiny --dim 16:"), ("MoCE_IR_S", "trained with --model MoCE_IR_S (no")])
+    ("dim16", "holds a network with dim 16, not 8"), ("MoCE_IR_S", "trained with --model MoCE_IR_S (no")])
 def test_probe3_unusable_resume_checkpoint_is_one_line_naming_it(data, runs, tmp_path, capsys, kind, says):
     bad = tmp_path / f"{kind}.ckpt"
     _bad_checkpoint(kind, runs["full"] / "last.ckpt", bad)
@@ -876,7 +877,7 @@ def test_a_refused_run_leaves_no_folder_it_made(data, tmp_path, capsys):
     """The run folder is made (and locked) before the resume checkpoint is checked against the network."""
     assert _train(data, tmp_path / "a" / "b", "--max_steps", "1", "--run_name", "r", "--resume_from",
                   str(GOLDEN / "upstream_tiny_last.ckpt"), "--dim", "16") == 2
-    assert "does not match the network" in _one_error_line(capsys)
+    assert "holds a network with dim 8, not 16" in _one_error_line(capsys)
     assert not (tmp_path / "a").exists()
 
 
@@ -939,3 +940,20 @@ def test_an_image_that_shrinks_during_training_is_one_line(data, tmp_path, monke
     line = _one_error_line(capsys)
     assert line.startswith("error: during training: ") and "is smaller than 16 pixels (changed since" in line
     assert ".png: 8x8" in line and "--resume_from" not in line  # no checkpoint yet to resume from
+
+
+def test_resume_without_model_flags_continues_the_run_as_it_is(data, runs, tmp_path, capsys):
+    """Probe: resuming a tiny run without --model gave one line listing 913 missing and 342 mis-shaped keys, its
+    advice at the very end."""
+    import shutil
+
+    shutil.copytree(runs["full"], tmp_path / "ck" / "full")
+    argv = ["train", "--de_type", "derain", "--repeat", "derain=2", "--data_file_dir", str(data), "--batch_size", "3",
+            "--patch_size", "16", "--num_workers", "0", "--ckpt_dir", str(tmp_path / "ck"), "--num_gpus", "0",
+            "--run_name", "full", "--resume_from", "full", "--max_steps", "6", "--save_every_n_epochs", "1"]
+    assert main(argv) == 0
+    assert torch.load(tmp_path / "ck" / "full" / "last.ckpt", weights_only=True)["global_step"] == 6
+    capsys.readouterr()
+    assert main([*argv, "--model", "MoCE_IR_S", "--max_steps", "8"]) == 2
+    line = _one_error_line(capsys)
+    assert "holds a network with dim 8, not 32;" in line and len(line) < 500

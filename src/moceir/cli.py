@@ -232,8 +232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fine_tune_from and flags:  # --topk and the like included: training takes the checkpoint's config
         raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's configuration; "
                          f"leave --{flags[0]} out")
-    # a --model given with --fine_tune_from is checked against the checkpoint (training would ignore it)
-    config = _config_from_args(args) if args.model or not args.fine_tune_from else None
+    # a --model given with --fine_tune_from is checked against the checkpoint (training would ignore it); without
+    # --model or shape flags, --fine_tune_from and --resume_from take the checkpoint's own architecture
+    config = _config_from_args(args) if args.model or flags or not (args.fine_tune_from or args.resume_from) else None
     settings = TrainSettings(
         de_type=tuple(args.de_type or ()), trainset=args.trainset, data_file_dir=str(data_dir),
         dehaze_source=args.dehaze_source, repeats=dict(args.repeat or []), holdout_val=args.holdout_val,

@@ -434,6 +434,12 @@ def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
     """Load the checkpoint's weights into ``net`` (Lightning does so again) or refuse, in one line, weights of
     another network, naming mismatched keys and the flags the checkpoint was trained with, or a run that would
     route or weigh its experts otherwise than the run it continues (``RUN_BEHAVIOUR_FIELDS``)."""
+    trained_as = _resume_config(resume)
+    if trained_as is not None and (diff := architecture_differences(trained_as, net.config)):
+        shown = "; ".join(f"{what} {have}, not {asked}" for what, have, asked in diff)
+        raise TrainingSetupError(f"--resume_from: {resume.path} holds a network with {shown}; leave out --model and "
+                                 f"the shape flags to continue it as it is (it was trained with "
+                                 f"{architecture_flags(trained_as)})")
     try:
         load_state_dict_strict(net, resume.weights, str(resume.path))
     except CheckpointError as e:
@@ -450,12 +456,19 @@ def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
                                  "run from its weights")
 
 
+def _resume_config(resume: ResumePoint) -> MoCEConfig | None:
+    """The architecture of the run ``resume`` continues: its embedded config, else what its weights tell."""
+    try:
+        return (config_from_dict(resume.config, str(resume.path)) if resume.config
+                else infer_config(resume.weights, str(resume.path)))
+    except CheckpointError:
+        return None
+
+
 def _trained_with(resume: ResumePoint) -> str:
     """'; it was trained with --model X --dim N: ...' where the checkpoint tells its architecture, else ''."""
-    try:
-        config = (config_from_dict(resume.config, str(resume.path)) if resume.config
-                  else infer_config(resume.weights, str(resume.path)))
-    except CheckpointError:
+    config = _resume_config(resume)
+    if config is None:
         return ""
     return f"; it was trained with {architecture_flags(config)}: pass those shape flags to continue it"
 
@@ -713,6 +726,8 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     torch.set_float32_matmul_precision("high")
     resume = _checkpoint_to_resume(settings)
     source = _fine_tune_source(settings)
+    if source is None and config is None and resume is not None:  # a resumed run keeps its own architecture
+        config = _resume_config(resume)
     if source is None and config is None:
         raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
     if source is not None and config is not None and (diff := architecture_differences(source.config, config)):
