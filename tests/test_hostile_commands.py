@@ -454,8 +454,25 @@ def test_scores_are_printed_when_the_results_files_cannot_be_written(tmp_path, s
     assert "lolv1" in out.out and "PSNR" in out.out and "No space left on device" in out.err
 
 
+def test_ctrl_c_across_processes_is_a_keyboard_interrupt_again():
+    """Review: with --num_cpu_processes, Lightning caught Ctrl-C itself and exited 1 (not the one line and 130)."""
+    from moceir.distributed import _predict
+
+    class Interrupted:
+        interrupted = True
+
+        def predict(self, task, return_predictions):
+            raise SystemExit(1)  # what Lightning does after "Detected KeyboardInterrupt"
+
+    with pytest.raises(KeyboardInterrupt):
+        _predict(Interrupted(), None)
+    Interrupted.interrupted = False
+    with pytest.raises(SystemExit):
+        _predict(Interrupted(), None)
+
+
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
-    """Probe: Ctrl-C during `moceir test` printed a KeyboardInterrupt traceback."""
+    """Probe: Ctrl-C during `moceir test` printed a KeyboardInterrupt traceback (here: in `info`, in-process)."""
     import moceir.cli as cli
 
     def interrupted(args):
@@ -487,6 +504,8 @@ def test_export_keeps_the_checkpoints_note_unless_replaced(tmp_path, tiny_ckpt, 
                                                  "{tmp}/model.safetensors)"),
     (["plot-logs", "{tmp}", "--out", "{tmp}/.png"], "--out {tmp}/.png is only a suffix; name the file (e.g. "
                                                     "{tmp}/curves.png)"),
+    (["plot-logs", "{tmp}", "--out", "{tmp}/apng"], "--out {tmp}/apng: name it .png (or .eps, .gif, .jpg, .jpeg, "
+                                                    ".pdf, .ps, .raw, .rgba, .svg, .svgz, .tif, .tiff, .webp, .avif)"),
 ])
 def test_output_names_that_are_a_folder_or_only_a_suffix_get_their_own_advice(tmp_path, tiny_ckpt, argv, message,
                                                                               capsys):

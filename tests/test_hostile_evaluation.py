@@ -373,8 +373,13 @@ def test_identical_input_and_target_give_valid_json(tmp_path, small_layout, tiny
     data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
     assert data["summary"][0]["input_psnr"] is None and data["per_image"]["lolv1"][0]["input_psnr"] is None
     assert "| inf |" in (tmp_path / "r" / "results.md").read_text()
-    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results", str(tmp_path / "r" /
-                 "results.json"), "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 0
+    data["per_image"]["lolv1"][0]["psnr"] = None  # a restored image equal to its target
+    (tmp_path / "perfect.json").write_text(json.dumps(data))
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results",
+                 str(tmp_path / "perfect.json"), "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 0
+    routing = json.loads((tmp_path / "routing" / "routing.json").read_text(),
+                         parse_constant=lambda name: pytest.fail(f"{name} in routing.json"))
+    assert routing["psnr"]["lolv1"] is None and "| inf |" in (tmp_path / "routing" / "routing.md").read_text()
 
 
 @pytest.mark.parametrize("size", ["ab", None, [1e308, 1e308], [16]])
@@ -445,3 +450,48 @@ def test_overwrite_names_the_earlier_images_it_leaves(tmp_path, tiny_ckpt, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"note: {out / 'images' / 'lolv1'}: 1 image(s) there are not from this run (e.g. 10.png); an "
                    "earlier run left them; remove them, or use a new --output_path"]
+
+
+def test_a_decision_score_of_a_model_with_non_finite_outputs_is_nan(tmp_path, small_layout, tiny_ckpt):
+    """Review: the relay judge (scored_benchmark) stopped on such a candidate ("check the data folder") instead of
+    setting it aside as unusable, and a model NaN on some images would have been judged on the others."""
+    from moceir.evaluation import scored_benchmark
+
+    model = moceir.load_model(tiny_ckpt)
+    with torch.no_grad():
+        model.patch_embed.proj.weight.fill_(3e38)
+    result = scored_benchmark(model, small_layout, "lolv1", torch.device("cpu"), progress=False)
+    assert result.unusable and np.isnan(result.mean("psnr")) and len(result.errors) == 2
+
+
+def test_routing_from_results_of_a_top2_model_needs_both_experts_per_layer(tmp_path, small_layout, capsys):
+    """Review: a results.json holding one expert per layer (as written before top-k was reported whole) was taken
+    for a top-2 model, halving its expert FLOPs again."""
+    from conftest import fill_deterministic
+
+    model = moceir.create_model("MoCE_IR_tiny", topk=2)
+    fill_deterministic(model, 0.05)
+    ckpt = str(moceir.save_model(model, tmp_path / "top2.safetensors"))
+    assert _test(ckpt, small_layout, tmp_path / "r", "lolv1") == 0
+    data = json.loads((tmp_path / "r" / "results.json").read_text())
+    for row in data["per_image"]["lolv1"]:
+        row["experts"] = [layer[0] for layer in row["experts"]]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["routing", "--ckpt", ckpt, "--benchmarks", "lolv1", "--from_results", str(tmp_path / "old.json"),
+                 "--output_path", str(tmp_path / "routing"), "--no-bypass_column"]) == 2
+    assert "are not 3 lists of 2 indices below 4" in capsys.readouterr().err
+
+
+def test_routing_heatmap_shares_count_images_under_top_k(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from moceir.plots import plot_routing_heatmap
+
+    shown = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda ax, x, **kw: shown.append(np.array(x)) or
+                        real(ax, x, **kw))
+    counts = np.array([[[2, 0, 2, 0]]])  # 2 images, each picked 2 experts
+    plot_routing_heatmap(counts, ["lolv1"], tmp_path / "h.png", topk=2)
+    assert shown[0].tolist() == [[1.0, 0.0, 1.0, 0.0]]  # every image picked E0 and E2

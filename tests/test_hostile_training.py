@@ -920,7 +920,7 @@ def test_resume_refuses_what_it_would_silently_ignore_or_drop(data, tmp_path, ca
     resume = ["--max_steps", "4", "--run_name", "r", "--resume_from", "r"]
     assert _train(data, ck, *resume, "--lr", "1e-4") == 2
     line = _one_error_line(capsys)
-    assert "with --ema_decay 0.9, which no --ema_decay would drop; pass --ema_decay 0.9" in line
+    assert "(--ema_decay 0.9), which a resume without --ema_decay would drop; pass --ema_decay 0.9," in line
     assert _train(data, ck, *resume, "--ema_decay", "0.9") == 2
     assert "the run trains at --lr 0.0001, which its resumed optimizer and schedule keep (not --lr 0.0002); pass " \
            "--lr 0.0001" in _one_error_line(capsys)
@@ -931,6 +931,39 @@ def test_resume_refuses_what_it_would_silently_ignore_or_drop(data, tmp_path, ca
     assert _train(data, ck, *resume, "--ema_decay", "0.9", "--lr", "1e-4") == 0
     ckpt = torch.load(ck / "r" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 4 and any(k.startswith("WeightEMA") for k in ckpt["callbacks"])
+    assert _train(data, ck, "--max_steps", "5", "--run_name", "r", "--resume_from", "r", "--ema_decay", "0.5",
+                  "--lr", "0.0001") == 0  # another decay carries the average on
+    ckpt = torch.load(ck / "r" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert [v["decay"] for k, v in ckpt["callbacks"].items() if k.startswith("WeightEMA")] == [0.5]
+
+
+def test_the_run_folder_lock_is_not_held_by_forked_workers(tmp_path):
+    """A flock belongs to the open file: DataLoader workers forked during a run kept the folder locked after it."""
+    import multiprocessing
+
+    import time
+
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+
+    def worker():
+        started.set()
+        time.sleep(30)
+
+    lock, _ = training._lock_run_folder(tmp_path / "r")
+    child = context.Process(target=worker)
+    child.start()
+    try:
+        assert started.wait(30)
+        training._HELD_LOCKS.discard(lock)
+        os.close(lock)  # the run ends; its worker lives on
+        again, _ = training._lock_run_folder(tmp_path / "r")
+        assert again is not None
+        training._HELD_LOCKS.discard(again)
+        os.close(again)
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_an_image_that_shrinks_during_training_is_one_line(data, tmp_path, monkeypatch, capsys):

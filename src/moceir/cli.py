@@ -406,7 +406,7 @@ def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------- routing
 def cmd_routing(args: argparse.Namespace) -> int:
     from .data.datasets import DatasetLayoutError
-    from .evaluation import evaluate_benchmark, results_from_json, routing_counts, routing_flops
+    from .evaluation import evaluate_benchmark, finite_or_null, results_from_json, routing_counts, routing_flops
     from .plots import plot_routing_heatmap
 
     from .io import write_files_atomically
@@ -428,7 +428,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
         try:
             results = results_from_json(json.loads(Path(args.from_results).read_text()), args.benchmarks,
-                                        model.num_moe_layers, model.config.num_exp_blocks)
+                                        model.num_moe_layers, model.config.num_exp_blocks, model.config.topk)
         except (OSError, ValueError) as e:
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
             raise UsageError(f"--from_results {args.from_results}: {why}; pass the results.json that "
@@ -484,9 +484,9 @@ def cmd_routing(args: argparse.Namespace) -> int:
         lines.append(f"| {name} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
                      f"{100 * f['share']:.1f}% | {psnr[name]:.3f} | {skipped} |")
     table = "\n".join(lines) + "\n"
-    data = json.dumps({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
-                       "psnr_experts_bypassed": bypassed}, indent=1)
-    write_files_atomically({png: lambda tmp: plot_routing_heatmap(counts, names, tmp, title),
+    data = json.dumps(finite_or_null({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
+                                      "psnr_experts_bypassed": bypassed}), indent=1, allow_nan=False)
+    write_files_atomically({png: lambda tmp: plot_routing_heatmap(counts, names, tmp, title, model.config.topk),
                             files["routing.md"]: lambda tmp: tmp.write_text(table),
                             files["routing.json"]: lambda tmp: tmp.write_text(data)}, args.overwrite)  # as one set
     print(table)
@@ -497,7 +497,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- restore
 def cmd_restore(args: argparse.Namespace) -> int:
     from .models.checkpoints import checkpoint_note
-    from .pipeline import ReportError, UsageError, _launched_rank, is_onnx_file, restore_files
+    from .pipeline import ReportError, UsageError, is_onnx_file, restore_files
 
     def say(line: str) -> None:
         if line.startswith("error") or not args.quiet:
@@ -521,7 +521,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, precision=args.precision, ext=args.ext, suffix=args.suffix,
                              overwrite=args.overwrite, report=args.report, context_pad=args.context_pad,
                              max_memory=args.max_memory, num_workers=args.num_workers,
-                             progress=not args.quiet and _launched_rank() == 0, log=say,
+                             progress=not args.quiet and is_rank_zero(), log=say,
                              num_gpus=args.num_gpus or 0, num_nodes=args.num_nodes,
                              num_cpu_processes=args.num_cpu_processes, cuda_graphs=args.cuda_graphs)
     except ReportError as e:
@@ -566,7 +566,7 @@ def cmd_plot_logs(args: argparse.Namespace) -> int:
                          "logs/metrics.csv)")
     out = Path(args.out) if args.out else Path(args.run_dir) / "training_curves.png"
     formats = {k: v for k, v in Figure().canvas.get_supported_filetypes().items() if k != "pgf"}  # needs LaTeX
-    if out.name.lower()[1:] in formats:  # ".png": a hidden file without a suffix
+    if out.name.startswith(".") and out.name[1:].lower() in formats:  # ".png": a hidden file without a suffix
         raise UsageError(f"--out {out} is only a suffix; name the file (e.g. {out.with_name('curves' + out.name)})")
     if out.suffix.lower()[1:] not in formats:
         raise UsageError(f"--out {out}: name it .png (or .{', .'.join(f for f in formats if f != 'png')})")
@@ -914,10 +914,9 @@ def _unguard(name: str, guarded: _ReaderMayLeave | None) -> None:
         setattr(sys, name, guarded._stream)
 
 
-def _closed_streams() -> list[int]:
-    """Standard streams started closed (``moceir info >&-``), each now on /dev/null: else the next file opened
-    would take its number, and what is printed there (by a library, a child process) would go into that file."""
-    closed = []
+def _closed_streams() -> None:
+    """Put standard streams that started closed (``moceir info >&-``) on /dev/null: else the next file opened
+    would take their number, and what is printed there (by a library, a child process) would go into that file."""
     for fd in (1, 2):
         try:
             os.fstat(fd)
@@ -926,16 +925,15 @@ def _closed_streams() -> list[int]:
             if devnull != fd:
                 os.dup2(devnull, fd)
                 os.close(devnull)
-            closed.append(fd)
-    return closed
 
 
 def main(argv: list[str] | None = None) -> int:
-    closed = _closed_streams()
+    _closed_streams()
+    lost = sys.stdout is None  # Python found no stdout (it started closed): what is printed goes nowhere
     stdout, stderr = _guard("stdout"), _guard("stderr")  # before Lightning's log handler takes hold of sys.stderr
     try:
         code = _main(argv)
-        if 1 in closed:
+        if lost:
             print("error: standard output is closed; what moceir printed there is lost", file=sys.stderr)
             code = code or 1
         elif stdout is not None:

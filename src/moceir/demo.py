@@ -421,7 +421,8 @@ def _build_blocks(gr, session: DemoSession, concurrency: int):
     clean_examples = _examples("clean_")
     with gr.Blocks(title="MoCE-IR demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown("# MoCE-IR: restore a photo\nOne network for noise, rain and haze: in each of its "
-                    f"{session.model.num_moe_layers} MoE layers a router picks one of "
+                    f"{session.model.num_moe_layers} MoE layers a router picks "
+                    f"{'one' if session.model.config.topk == 1 else session.model.config.topk} of "
                     f"{session.model.config.num_exp_blocks} *complexity experts*, E0 (cheap) to "
                     f"E{session.model.config.num_exp_blocks - 1} (costly), for each image.")
         gr.Markdown(session.model_line(), elem_id="model-note")

@@ -159,8 +159,19 @@ def restore_distributed(net: torch.nn.Module, plan: Plan, options: RestoreOption
     task = _RestoreTask(net, plan, options, budget, num_workers, log)
     trainer = launch.trainer()
     trainer.callbacks.append(RestoredImageWriter())
-    trainer.predict(task, return_predictions=False)
+    _predict(trainer, task)
     return task.rows, task.writer_error
+
+
+def _predict(trainer: pl.Trainer, task: pl.LightningModule) -> None:
+    """trainer.predict; a Ctrl-C, which Lightning turns into exit code 1, is a KeyboardInterrupt again (the
+    command line says so in one line, exit code 130, as for one process)."""
+    try:
+        trainer.predict(task, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 class _AsPlanned:
@@ -226,5 +237,5 @@ def evaluate_distributed(net: torch.nn.Module, datasets: list, sizes: list[int],
     processes. Returns, per dataset, the results in image order (the same on every rank).
     """
     task = _EvaluateTask(net, datasets, sizes, score)
-    launch.trainer().predict(task, return_predictions=False)
+    _predict(launch.trainer(), task)
     return [[rows[i] for i in sorted(rows)] for rows in task.rows]

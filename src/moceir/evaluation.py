@@ -23,6 +23,7 @@ from .models import MoCEIR
 from .pipeline import UsageError, folder_problem, plan_outputs
 
 REPORT_FILES = ("results.md", "results.json", "per_image.csv")
+NON_FINITE_OUTPUT = "the model's output holds NaN or inf"  # an image's error line, and what scored_benchmark seeks
 
 
 @dataclass
@@ -31,9 +32,10 @@ class BenchmarkResult:
     rows: list[dict] = field(default_factory=list)  # per image: name, psnr, ssim (+ y variants), input_psnr, experts
     errors: list[str] = field(default_factory=list)  # one line per image that could not be scored
     not_saved: list[str] = field(default_factory=list)  # one line per scored image whose PNG could not be saved
+    unusable: bool = False  # a decision's score (scored_benchmark) where some output was not finite: means are NaN
 
     def mean(self, key: str) -> float:
-        return float(np.mean([r[key] for r in self.rows])) if self.rows else float("nan")
+        return float(np.mean([r[key] for r in self.rows])) if self.rows and not self.unusable else float("nan")
 
     def summary(self) -> dict:
         keys = [k for k in ("psnr", "ssim", "psnr_y", "ssim_y", "input_psnr") if self.rows and k in self.rows[0]]
@@ -116,7 +118,7 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
                 "score it on a machine or GPU with more memory")
     seconds = time.perf_counter() - t0
     if not torch.isfinite(out).all():  # clamp keeps NaN; a NaN score would pass into the means
-        return f"{item['name']}: the model's output holds NaN or inf; not scored (check the checkpoint)"
+        return f"{item['name']}: {NON_FINITE_OUTPUT}; not scored (check the checkpoint)"
     restored = out.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
     clean = item["gt"].permute(1, 2, 0).numpy()
     degraded = item["lq"].permute(1, 2, 0).numpy()
@@ -147,8 +149,12 @@ def benchmark_dataset(data_dir: str | Path, benchmark: str, cdd11_subset: str = 
 def scored_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
                      progress: bool = True) -> BenchmarkResult:
     """:func:`evaluate_benchmark` for a decision that needs a number: raises DatasetLayoutError when no image of
-    the benchmark could be scored (its mean would be NaN). Skipped images stay listed in ``result.errors``."""
+    the benchmark could be scored (its mean would be NaN). Skipped images stay listed in ``result.errors``; a model
+    whose output is not finite on any image scores NaN (it is unusable, not judged on its other images)."""
     result = evaluate_benchmark(model, data_dir, benchmark, device, progress=progress)
+    if any(NON_FINITE_OUTPUT in line for line in result.errors):
+        result.unusable = True
+        return result
     if not result.rows:
         why = f" (first: {result.errors[0]})" if result.errors else ""
         raise DatasetLayoutError(f"{benchmark}: no image of {data_dir} could be scored{why}; check the data folder")
@@ -232,9 +238,9 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
     table = markdown_table(results, title)
-    data = json.dumps(_finite_or_null({"title": title, "experts": experts, "summary": [r.summary() for r in results],
-                                       "per_image": {r.name: r.rows for r in results},
-                                       "errors": {r.name: r.errors for r in results if r.errors}}),
+    data = json.dumps(finite_or_null({"title": title, "experts": experts, "summary": [r.summary() for r in results],
+                                      "per_image": {r.name: r.rows for r in results},
+                                      "errors": {r.name: r.errors for r in results if r.errors}}),
                       indent=1, allow_nan=False)
     writers = {"md": lambda tmp: tmp.write_text(table), "json": lambda tmp: tmp.write_text(data),
                "csv": lambda tmp: _write_csv(tmp, results)}
@@ -247,20 +253,22 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     return paths
 
 
-def _finite_or_null(obj: object) -> object:
+def finite_or_null(obj: object) -> object:
     """``obj`` with inf and NaN floats as None: standard JSON has no Infinity (the PSNR of identical images)."""
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
+        return {k: finite_or_null(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_null(v) for v in obj]
+        return [finite_or_null(v) for v in obj]
     return obj
 
 
-def results_from_json(data: object, benchmarks: Sequence[str], layers: int, experts: int) -> list[BenchmarkResult]:
+def results_from_json(data: object, benchmarks: Sequence[str], layers: int, experts: int,
+                      topk: int = 1) -> list[BenchmarkResult]:
     """The ``per_image`` rows of a ``moceir test`` results.json for ``benchmarks``, checked against a model with
-    ``layers`` MoE layers of ``experts`` experts; a ValueError names the first row that does not fit."""
+    ``layers`` MoE layers of ``experts`` experts, ``topk`` of them per layer; a ValueError names the first row that
+    does not fit."""
     saved = data.get("per_image") if isinstance(data, dict) else None
     if not isinstance(saved, dict):
         raise ValueError("no 'per_image' table: not a results.json of `moceir test`")
@@ -277,10 +285,11 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
         for row in rows:
             name = row.get("name", "?") if isinstance(row, dict) else "?"
             picks = row.get("experts") if isinstance(row, dict) else None
-            if not (isinstance(picks, list) and len(picks) == layers
-                    and all((type(e) is int or isinstance(e, list) and e) and
-                            all(type(i) is int and 0 <= i < experts for i in layer_picks(e)) for e in picks)):
-                raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} indices below {experts} "
+            entry = (lambda e: type(e) is int) if topk == 1 else (lambda e: isinstance(e, list) and len(e) == topk)
+            if not (isinstance(picks, list) and len(picks) == layers and all(
+                    entry(e) and all(type(i) is int and 0 <= i < experts for i in layer_picks(e)) for e in picks)):
+                what = "indices" if topk == 1 else f"lists of {topk} indices"
+                raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} {what} below {experts} "
                                  "(results of another model?)")
             if type(row.get("psnr")) not in (int, float) and not ("psnr" in row and row["psnr"] is None):
                 raise ValueError(f"{b}/{name}: no PSNR")

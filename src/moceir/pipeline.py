@@ -44,14 +44,6 @@ class Job:
     output: Path
 
 
-def _launched_rank() -> int:
-    """The rank a launcher (Lightning's ddp re-run, torchrun, SLURM) gave this process; 0 when none did."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "0") not in ("", "0"):
-            return int(os.environ[var])
-    return 0
-
-
 def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, folders (their images, not recursive) and globs -> (unique absolute files, [(spec, error line)])."""
     files, errors = [], []
@@ -606,7 +598,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     tiles of a large image or a data set of one size (:class:`moceir.cuda_graphs.GraphedNetwork`).
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
-    chosen in each MoE layer) for restored images, ``input, error`` for failures (and ``write_errno`` where the
+    chosen in each MoE layer; with top-k routing, the list of its k experts) for restored images, ``input, error`` for failures (and ``write_errno`` where the
     image was restored but its output could not be written: a full disk). Raises :class:`UsageError`
     for options that cannot work, before any image is read, ``CheckpointError`` for an unusable checkpoint, and
     :class:`ReportError` (its ``rows`` as above) where the images were written but the report could not be.
@@ -617,7 +609,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     launch = Launch(0 if num_gpus is None else num_gpus, num_nodes, num_cpu_processes)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
-    quiet_rank = _launched_rank() != 0  # a re-run process: notes and progress come from rank 0 only
+    quiet_rank = not is_rank_zero()  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
         raise UsageError(f"output_dir must be a folder path (a non-empty str or Path), not {output_dir!r}")

@@ -119,15 +119,17 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
     return out
 
 
-def plot_routing_heatmap(counts: np.ndarray, tasks: list[str], out: str | Path, title: str = "") -> Path:
-    """counts: [tasks, layers, experts] -> one heatmap per MoE layer of the share of images per expert."""
+def plot_routing_heatmap(counts: np.ndarray, tasks: list[str], out: str | Path, title: str = "",
+                         topk: int = 1) -> Path:
+    """counts: [tasks, layers, experts] -> one heatmap per MoE layer of the share of images that picked each
+    expert (with top-k routing an image picks k experts, so a layer's shares add up to k)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n_tasks, n_layers, n_exp = counts.shape
-    share = counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
+    share = topk * counts / np.maximum(counts.sum(axis=2, keepdims=True), 1)
     fig, axes = plt.subplots(1, n_layers, figsize=(1.2 * n_exp * n_layers / 2 + 2, 0.45 * n_tasks + 1.8),
                              sharey=True, squeeze=False)
     for layer, ax in enumerate(axes[0]):
@@ -137,7 +139,7 @@ def plot_routing_heatmap(counts: np.ndarray, tasks: list[str], out: str | Path, 
         if layer == 0:
             ax.set_yticks(range(n_tasks), tasks, fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of images")
-    fig.suptitle(title or "expert picked per task and MoE layer (E0 cheapest .. E3 costliest)", fontsize=10)
+    fig.suptitle(title or f"expert picked per task and MoE layer (E0 cheapest .. E{n_exp - 1} costliest)", fontsize=10)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)

@@ -366,14 +366,13 @@ def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
     resume = read_resume_point(path)
     fresh = f"or start a new run from its weights with --fine_tune_from {path}"
     if resume.lr is not None and not math.isclose(resume.lr, settings.lr, rel_tol=1e-6):
-        raise TrainingSetupError(f"--resume_from {path}: the run trains at --lr {resume.lr:g}, which its resumed "
-                                 f"optimizer and schedule keep (not --lr {settings.lr:g}); pass --lr {resume.lr:g}, "
+        raise TrainingSetupError(f"--resume_from {path}: the run trains at --lr {resume.lr!r}, which its resumed "
+                                 f"optimizer and schedule keep (not --lr {settings.lr!r}); pass --lr {resume.lr!r}, "
                                  f"{fresh}")
-    if resume.ema_decay is not None and not math.isclose(resume.ema_decay, settings.ema_decay, rel_tol=1e-9):
-        now = f"--ema_decay {settings.ema_decay:g}" if settings.ema_decay else "no --ema_decay"
-        raise TrainingSetupError(f"--resume_from {path}: the run keeps an average of its weights with --ema_decay "
-                                 f"{resume.ema_decay:g}, which {now} would drop; pass --ema_decay "
-                                 f"{resume.ema_decay:g}, {fresh}")
+    if resume.ema_decay is not None and not settings.ema_decay:  # another decay carries the average on
+        raise TrainingSetupError(f"--resume_from {path}: the run keeps an average of its weights (--ema_decay "
+                                 f"{resume.ema_decay!r}), which a resume without --ema_decay would drop; pass "
+                                 f"--ema_decay {resume.ema_decay!r}, {fresh}")
     return resume
 
 
@@ -688,9 +687,13 @@ def _lock_run_folder(run_dir: Path) -> tuple[int | None, list[Path]]:
     A second ``moceir train`` into the folder is refused while this one runs, even before either has written a
     file. No lock where the folder cannot be made (the run folder check says why) or the file system has none.
     """
+    from .pipeline import folder_problem  # pipeline imports the inference stack
+
     try:
         import fcntl
     except ImportError:  # Windows
+        return None, []
+    if folder_problem(run_dir):  # the run folder check names it
         return None, []
     try:
         made = _make_folders(run_dir)
@@ -705,9 +708,23 @@ def _lock_run_folder(run_dir: Path) -> tuple[int | None, list[Path]]:
                                  "end or choose another --run_name") from None
     except OSError:
         os.close(fd)
-    else:
-        return fd, made
-    return None, made
+        return None, made
+    _HELD_LOCKS.add(fd)
+    return fd, made
+
+
+_HELD_LOCKS: set[int] = set()  # the run folder locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the copies of the run folder locks, which would otherwise
+    keep the folder locked for as long as the worker lives (a flock belongs to the open file, not the process)."""
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None = None) -> Path:
@@ -728,6 +745,9 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     source = _fine_tune_source(settings)
     if source is None and config is None and resume is not None:  # a resumed run keeps its own architecture
         config = _resume_config(resume)
+    if source is None and config is None and resume is not None:
+        raise TrainingSetupError(f"--resume_from {resume.path}: its architecture cannot be told from the file; pass "
+                                 "--model and the shape flags the run was trained with")
     if source is None and config is None:
         raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
     if source is not None and config is not None and (diff := architecture_differences(source.config, config)):
@@ -746,6 +766,7 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
         raise
     finally:
         if lock is not None:
+            _HELD_LOCKS.discard(lock)
             os.close(lock)
 
 
@@ -817,14 +838,12 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         except SystemExit as e:  # Lightning's ends of a stopped run: SIGTERMException, or exit 1 after a Ctrl-C
             if not (isinstance(e, SIGTERMException) or trainer.interrupted):
                 raise
-            target = _resume_target(run_dir, _run_checkpoints(run_dir))
-            then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
+            then = _how_to_go_on(run_dir)
             how, code = ("by SIGTERM", 143) if isinstance(e, SIGTERMException) else ("(Ctrl-C)", 130)
             raise TrainingStopped(f"training stopped {how} at step {trainer.global_step}; this call wrote no "
                                   f"model.safetensors; {then}", code) from None
         except Exception as e:
-            target = _resume_target(run_dir, _run_checkpoints(run_dir))
-            then = f"resume with --resume_from {target}" if target else "train again under another --run_name"
+            then = _how_to_go_on(run_dir)
             if trainer.world_size > 1 and _lost_a_peer(e) and _data_problem(e) is None:
                 what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 raise TrainingPeerError(f"rank {trainer.global_rank}: a collective failed ({type(e).__name__}: "
@@ -838,6 +857,12 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
             if problem is None:
                 raise
             raise TrainingDataError(f"during training: {problem}; then {then}") from None
+
+
+def _how_to_go_on(run_dir: Path) -> str:
+    """What to do after a stopped run: resume from its newest checkpoint, else train again."""
+    target = _resume_target(run_dir, _run_checkpoints(run_dir))
+    return f"resume with --resume_from {target}" if target else "train again under another --run_name"
 
 
 def _lost_a_peer(error: BaseException) -> bool:
