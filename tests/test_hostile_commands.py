@@ -513,3 +513,16 @@ def test_output_names_that_are_a_folder_or_only_a_suffix_get_their_own_advice(tm
     `--out .png` were told to use the suffix they already had."""
     assert main([a.format(ckpt=tiny_ckpt, tmp=tmp_path) for a in argv]) == 2
     assert capsys.readouterr().err.strip() == "error: " + message.format(tmp=tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("command", ["test", "restore"])
+def test_num_gpus_without_cuda_is_one_line_not_a_silent_cpu_run(tmp_path, small_layout, tiny_ckpt, command, capsys):
+    """Probe: `moceir test --num_gpus 1` on a machine without CUDA ran on the CPU and exited 0 (2 was refused)."""
+    where = (["--benchmarks", "lolv1", "--data_file_dir", str(small_layout), "--output_path", str(tmp_path / "r"),
+              "--ckpt", tiny_ckpt] if command != "restore" else
+             [str(small_layout / "llie/LOLv1/Test/input"), "-o", str(tmp_path / "r"), "--checkpoint", tiny_ckpt])
+    assert main([command, *where, "--num_gpus", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --num_gpus 1 needs CUDA, which this machine lacks; leave it "
+                                               "out (or use --num_cpu_processes N) to run on the CPU")
+    assert not (tmp_path / "r").exists()

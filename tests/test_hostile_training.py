@@ -199,7 +199,7 @@ def test_item13_bad_images_are_all_listed_before_training(data, tmp_path, monkey
 def test_item14_unmatched_rainy_file_is_one_line(data, tmp_path, capsys):
     shutil.copy(data / "deraining/RainTrainL/rainy/rain-1.png", data / "deraining/RainTrainL/rainy/rain-99.png")
     assert _train(data, tmp_path / "ck", "--max_steps", "1") == 2
-    assert "rain-99.png" in _one_error_line(capsys)
+    assert "rain-99.png; add their clean images or move them out" in _one_error_line(capsys)
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
 
@@ -990,3 +990,11 @@ def test_resume_without_model_flags_continues_the_run_as_it_is(data, runs, tmp_p
     assert main([*argv, "--model", "MoCE_IR_S", "--max_steps", "8"]) == 2
     line = _one_error_line(capsys)
     assert "holds a network with dim 8, not 32;" in line and len(line) < 500
+
+
+def test_hidden_files_in_training_folders_are_not_images(data, tmp_path, capsys):
+    """Probe: macOS's ._x.png resource forks in BSD400 counted as training images and stopped the run."""
+    (data / "denoising/BSD400/._1.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (data / "deraining/RainTrainL/rainy/._rain-1.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    assert _train(data, tmp_path / "ck", "--de_type", "denoise_15", "derain", "--max_steps", "1") == 0
+    assert "training patches per task: {'denoise_15': 9, 'derain': 360}" in capsys.readouterr().out  # 3 each

@@ -60,15 +60,15 @@ class Launch:
                 raise UsageError(f"{name} must be a whole number >= {least}, not {value!r}")
         if problem := multi_node_problem(self.num_nodes):  # before any work: the run could never start
             raise UsageError(problem)
+        if self.num_gpus and not torch.cuda.is_available():  # one GPU asked for would have run on the CPU
+            raise UsageError(f"--num_gpus {self.num_gpus} needs CUDA, which this machine lacks; leave it out (or "
+                             "use --num_cpu_processes N) to run on the CPU")
 
     @property
     def world_size(self) -> int:
         return (self.num_gpus or self.num_cpu_processes) * self.num_nodes
 
     def trainer(self) -> pl.Trainer:
-        if self.num_gpus and not torch.cuda.is_available():
-            raise UsageError(f"--num_gpus {self.num_gpus} needs CUDA, which this machine lacks; use "
-                             "--num_cpu_processes N on a CPU")
         for name in ("lightning.pytorch", "lightning.fabric"):  # its banner and tips are noise in a restore
             logging.getLogger(name).setLevel(logging.WARNING)
         return pl.Trainer(accelerator="gpu" if self.num_gpus else "cpu", devices=self.num_gpus or self.num_cpu_processes,

@@ -62,7 +62,8 @@ class Pair:
 def images_in(folder: Path, layout: str) -> list[Path]:
     if not folder.is_dir():
         raise DatasetLayoutError(f"missing folder {folder}; expected layout: {layout}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS
+                   and not p.name.startswith("."))  # hidden: macOS's ._x.png resource forks are not images
     if not files:
         raise DatasetLayoutError(f"no images ({'/'.join(IMAGE_EXTS)}) in {folder}; expected layout: {layout}")
     return files
@@ -86,7 +87,8 @@ def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
     missing = [p for p in degraded if key(p.stem) not in by_key]
     if missing:
         raise DatasetLayoutError(f"{len(missing)} file(s) in {missing[0].parent} have no clean counterpart in "
-                                 f"{clean[0].parent}, e.g. {missing[0].name}")
+                                 f"{clean[0].parent}, e.g. {missing[0].name}; add their clean images or move them "
+                                 "out")
     return [Pair(p, by_key[key(p.stem)], task) for p in degraded]
 
 
