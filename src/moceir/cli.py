@@ -213,8 +213,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from lightning.pytorch.utilities import rank_zero_only
-
     from .pipeline import UsageError
     from .training import TrainingSetupError, TrainSettings, train
 
@@ -254,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    if rank_zero_only.rank == 0:  # the global rank Lightning gave this process; it wrote the final settings.json
+    if is_rank_zero():  # the process that wrote the final settings.json
         print(_training_summary(run_dir))
     return 0
 
@@ -852,12 +850,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _to_devnull(stream: Any) -> None:
-    """Point ``stream``'s file descriptor (stdout's or stderr's) at /dev/null: its reader has gone, or it cannot be
-    written, and later writes must not fail."""
+def _to_devnull(fd: int) -> None:
+    """Point file descriptor ``fd`` (stdout's or stderr's) at /dev/null: its reader has gone, it cannot be written,
+    or it is closed, and later writes must not fail."""
     devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull == fd:  # fd was closed, and /dev/null took its number
+        return
     try:
-        os.dup2(devnull, stream.fileno())
+        os.dup2(devnull, fd)
     finally:
         os.close(devnull)
 
@@ -892,7 +892,7 @@ class _ReaderMayLeave:
     def _cannot_write(self, error: OSError) -> None:
         if not isinstance(error, BrokenPipeError) and self.lost is None:
             self.lost = error
-        _to_devnull(self._stream)  # the buffer's rest and the exit's flush
+        _to_devnull(self._stream.fileno())  # the buffer's rest and the exit's flush
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -921,10 +921,7 @@ def _closed_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            if devnull != fd:
-                os.dup2(devnull, fd)
-                os.close(devnull)
+            _to_devnull(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -967,7 +964,7 @@ def _main(argv: list[str] | None) -> int:
               "was not done", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
-        _to_devnull(sys.stdout)  # so that the exit's flush stays quiet
+        _to_devnull(sys.stdout.fileno())  # so that the exit's flush stays quiet
         return 1
     except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
         from .io import write_error_advice

@@ -278,6 +278,8 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
     missing = [b for b in benchmarks if b not in saved]
     if missing:
         raise ValueError(f"no results for {', '.join(missing)}")
+    entry = (lambda e: type(e) is int) if topk == 1 else (lambda e: isinstance(e, list) and len(e) == topk)
+    what = "indices" if topk == 1 else f"lists of {topk} indices"
     for b in benchmarks:
         rows = saved[b]
         if not isinstance(rows, list) or not rows:
@@ -285,10 +287,8 @@ def results_from_json(data: object, benchmarks: Sequence[str], layers: int, expe
         for row in rows:
             name = row.get("name", "?") if isinstance(row, dict) else "?"
             picks = row.get("experts") if isinstance(row, dict) else None
-            entry = (lambda e: type(e) is int) if topk == 1 else (lambda e: isinstance(e, list) and len(e) == topk)
             if not (isinstance(picks, list) and len(picks) == layers and all(
                     entry(e) and all(type(i) is int and 0 <= i < experts for i in layer_picks(e)) for e in picks)):
-                what = "indices" if topk == 1 else f"lists of {topk} indices"
                 raise ValueError(f"{b}/{name}: its experts {picks!r} are not {layers} {what} below {experts} "
                                  "(results of another model?)")
             if type(row.get("psnr")) not in (int, float) and not ("psnr" in row and row["psnr"] is None):

@@ -29,8 +29,8 @@ from .inference import auto_tile, batch_that_fits, check_restore_options, memory
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
                  format_size_problem, image_size, load_image, save_image, write_atomically, write_error_advice)
 from .models import MoCEIR
-from .runtime import UsageError, is_rank_zero, resolve_device  # noqa: F401 - UsageError and resolve_device long
-# lived here; callers import them from here
+from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
+from .runtime import is_rank_zero
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT_PAD = 16
@@ -598,8 +598,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     tiles of a large image or a data set of one size (:class:`moceir.cuda_graphs.GraphedNetwork`).
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
-    chosen in each MoE layer; with top-k routing, the list of its k experts) for restored images, ``input, error`` for failures (and ``write_errno`` where the
-    image was restored but its output could not be written: a full disk). Raises :class:`UsageError`
+    chosen in each MoE layer; with top-k routing, the list of its k experts) for restored images, ``input, error``
+    for failures (and ``write_errno`` where the image was restored but its output could not be written: a full
+    disk). Raises :class:`UsageError`
     for options that cannot work, before any image is read, ``CheckpointError`` for an unusable checkpoint, and
     :class:`ReportError` (its ``rows`` as above) where the images were written but the report could not be.
     """

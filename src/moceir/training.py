@@ -745,9 +745,9 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     source = _fine_tune_source(settings)
     if source is None and config is None and resume is not None:  # a resumed run keeps its own architecture
         config = _resume_config(resume)
-    if source is None and config is None and resume is not None:
-        raise TrainingSetupError(f"--resume_from {resume.path}: its architecture cannot be told from the file; pass "
-                                 "--model and the shape flags the run was trained with")
+        if config is None:
+            raise TrainingSetupError(f"--resume_from {resume.path}: its architecture cannot be told from the file; "
+                                     "pass --model and the shape flags the run was trained with")
     if source is None and config is None:
         raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
     if source is not None and config is not None and (diff := architecture_differences(source.config, config)):
