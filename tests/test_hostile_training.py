@@ -998,3 +998,26 @@ def test_hidden_files_in_training_folders_are_not_images(data, tmp_path, capsys)
     (data / "deraining/RainTrainL/rainy/._rain-1.png").write_bytes(b"\0\5\26\7 AppleDouble")
     assert _train(data, tmp_path / "ck", "--de_type", "denoise_15", "derain", "--max_steps", "1") == 0
     assert "training patches per task: {'denoise_15': 9, 'derain': 360}" in capsys.readouterr().out  # 3 each
+
+
+@pytest.mark.parametrize("damage", ["rate_text", "rate_nan", "schedulers_text", "average_list"])
+def test_a_resume_checkpoint_with_a_damaged_schedule_or_average_is_one_line(data, runs, tmp_path, capsys, damage):
+    """Probe of the resume checks: an edited base_lrs ("x", NaN), lr_schedulers or weight average ended in a
+    ValueError, AttributeError or KeyError traceback."""
+    ckpt = torch.load(runs["full"] / "last.ckpt", map_location="cpu", weights_only=True)
+    if damage == "rate_text":
+        ckpt["lr_schedulers"][0]["base_lrs"] = ["x"]
+    elif damage == "rate_nan":
+        ckpt["lr_schedulers"][0]["base_lrs"] = float("nan")
+    elif damage == "schedulers_text":
+        ckpt["lr_schedulers"] = "junk"
+    else:
+        ckpt["callbacks"]["WeightEMA"] = ["not a state"]
+    bad = tmp_path / f"{damage}.ckpt"
+    torch.save(ckpt, bad)
+    assert _train(data, tmp_path / "ck", "--max_steps", "6", "--run_name", "x", "--resume_from", str(bad),
+                  "--ema_decay", "0.9") == 2
+    line = _one_error_line(capsys)
+    assert line == (f"error: --resume_from: {bad}: its learning-rate schedule or weight average is not as Lightning "
+                    "saves them (damaged or edited?); pass it to --fine_tune_from to start from its weights")
+    assert not (tmp_path / "ck").exists()

@@ -407,13 +407,25 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
             raise CheckpointError(f"{path}: its state_dict holds {len(outside)} entries outside the network "
                                   f"(e.g. {outside[0]}; a moceir run holds net.* only); pass it to --fine_tune_from")
         check_finite(_optimizer_tensors(ckpt["optimizer_states"]), f"{path} (optimizer state)")
-        lrs = ckpt["lr_schedulers"][0].get("base_lrs") if ckpt.get("lr_schedulers") else None
-        ema = next((v for k, v in (ckpt.get("callbacks") or {}).items() if str(k).startswith("WeightEMA")), None)
-        return ResumePoint(path, int(ckpt["global_step"]), weights, config,
-                           lr=float(lrs[0]) if isinstance(lrs, list) and lrs else None,
-                           ema_decay=float(ema["decay"]) if isinstance(ema, Mapping) and "decay" in ema else None)
+        return ResumePoint(path, int(ckpt["global_step"]), weights, config, *_rate_and_average(ckpt, path))
     except CheckpointError as e:
         raise TrainingSetupError(f"{label}: {e}") from None
+
+
+def _rate_and_average(ckpt: Mapping, path: Path) -> tuple[float | None, float | None]:
+    """The run's base learning rate, and the decay of its weight average (None where it kept none), as Lightning
+    saved them; a CheckpointError where they are not (a damaged or edited file)."""
+    schedulers, callbacks = ckpt["lr_schedulers"], ckpt.get("callbacks") or {}
+    try:
+        lr = float(schedulers[0]["base_lrs"][0]) if schedulers else None
+        ema = next((state for key, state in callbacks.items() if str(key).startswith("WeightEMA")), None)
+        decay = None if ema is None else float(ema["decay"])
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        lr = decay = math.nan
+    if not all(v is None or math.isfinite(v) for v in (lr, decay)):
+        raise CheckpointError(f"{path}: its learning-rate schedule or weight average is not as Lightning saves them "
+                              "(damaged or edited?); pass it to --fine_tune_from to start from its weights")
+    return lr, decay
 
 
 def _optimizer_tensors(states: Any) -> dict[str, torch.Tensor]:
