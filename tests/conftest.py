@@ -15,12 +15,32 @@ SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datas
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def fill_deterministic(model: torch.nn.Module, std: float) -> None:
+def fill_deterministic(model: torch.nn.Module, std: float) -> torch.nn.Module:
     """The goldens' weight rule: each parameter ~ N(0, std^2) from a generator seeded by crc32(name)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+    return model
+
+
+def let_experts_count(model: torch.nn.Module) -> torch.nn.Module:
+    """Rescale a tiny model filled by ``fill_deterministic(model, 0.1)`` so that its experts change the image.
+
+    With weights of 0.1 the experts' branches reach the restored image at ~1e-7, below every tolerance, so a
+    dispatch that ran the wrong expert, or none, would pass a comparison of images. Experts x8, the decoder's
+    cross-attention sharp (temperature 20) and its values, output projections and shared branch x3: bypassing
+    the experts then moves the MoCE_IR_tiny image by ~0.05 (mean ~0.01). The routers are left as they are.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mixer.temperature"):
+                p.fill_(20.0)
+            elif p.dim() > 1 and any(f".{part}." in name for part in ("mixer.kv", "mixer.project_out", "shared")):
+                p.mul_(3.0)
+            elif p.dim() > 1 and ".experts." in name:
+                p.mul_(8.0)
+    return model
 
 
 def save_damaged(model: torch.nn.Module, path: Path) -> Path:
@@ -129,8 +149,7 @@ def onnx_routed_tiny(onnx_two_images):
     Shared by the session: tests may not mutate it."""
     import moceir
 
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.1)
+    model = let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
     captured = {}
     hook = model.freq_embed.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
     with torch.no_grad():

@@ -126,6 +126,9 @@ def test_onnx_matches_pytorch_at_dynamic_sizes(exported, routed_tiny, shape):
 def test_onnx_routes_each_image_of_a_batch_to_its_own_experts(exported, routed_tiny, two_images):
     image, experts = exported(two_images)
     assert (experts[:, 0] != experts[:, 1]).all(), "the two images must take different experts in every layer"
+    with torch.no_grad():  # the experts count (conftest.let_experts_count): swapped ones would fail the 1e-4 below
+        swapped = routed_tiny(two_images, experts=experts[..., 0].flip(1))
+    assert (swapped - image).abs().amax(dim=(1, 2, 3)).min() > 1e-2
     for i in range(2):
         with torch.no_grad():
             ref = routed_tiny(two_images[i:i + 1], return_aux=True)

@@ -43,7 +43,8 @@ class MoCEAdapter(nn.Module):
     - "sparse": each expert runs only on the images routed to it (less arithmetic, needs the routing
       on the host). "auto" picks dense on CUDA and sparse elsewhere.
     A third, "conditional", is dense with each expert behind ``torch.cond(some image chose it)``: in an exported
-    graph (an ONNX ``If`` per expert) only the chosen experts run, with the dense path's per-image gating.
+    graph (an ONNX ``If`` per expert) only the chosen experts run, with the dense path's per-image gating. Run
+    eagerly, the same branches are plain Python ``if``s (eager ``torch.cond`` compiles its branches on every call).
     """
 
     def __init__(self, dim: int, freq_dim: int, config: MoCEConfig):
@@ -109,7 +110,10 @@ class MoCEAdapter(nn.Module):
                 return torch.zeros_like(x).reshape(-1)
 
             chosen = weights[:, i].sum() > 0  # gates are positive; `amax() > 0` has no ONNX translation
-            out = out + torch.cond(chosen, run, skip, (x, shared, weights[:, i])).view(x.shape)
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                out = out + torch.cond(chosen, run, skip, (x, shared, weights[:, i])).view(x.shape)
+            elif chosen:  # eager: the same branches without torch.cond, which compiles them on every call
+                out = out + run(x, shared, weights[:, i]).view(x.shape)
         return out
 
     def _sparse(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
