@@ -992,6 +992,26 @@ def test_resume_without_model_flags_continues_the_run_as_it_is(data, runs, tmp_p
     assert "holds a network with dim 8, not 32;" in line and len(line) < 500
 
 
+def test_flags_given_with_resume_but_without_model_are_checked_against_the_run(data, runs, tmp_path, capsys):
+    """Probe: without --model the flags were applied to MoCE_IR_S, so a tiny run resumed with its own --topk 1 (as
+    the refusal of --topk 2 advises) was refused for dim 32, and --topk 2 drew a message about shapes."""
+    import shutil
+
+    shutil.copytree(runs["full"], tmp_path / "ck" / "full")
+    argv = ["train", "--de_type", "derain", "--repeat", "derain=2", "--data_file_dir", str(data), "--batch_size", "3",
+            "--patch_size", "16", "--num_workers", "0", "--ckpt_dir", str(tmp_path / "ck"), "--num_gpus", "0",
+            "--run_name", "full", "--resume_from", "full", "--save_every_n_epochs", "1"]
+    assert main([*argv, "--topk", "2", "--max_steps", "6"]) == 2
+    line = _one_error_line(capsys)
+    assert "trained with --topk 1, this call asks for --topk 2" in line and "dim" not in line
+    assert main([*argv, "--topk", "1", "--max_steps", "6"]) == 0
+    assert torch.load(tmp_path / "ck" / "full" / "last.ckpt", weights_only=True)["global_step"] == 6
+    capsys.readouterr()
+    assert main([*argv, "--topk", "9", "--max_steps", "8"]) == 2  # no network: the run has 4 experts
+    line = _one_error_line(capsys)
+    assert "--resume_from" in line and "topk must be in 1..num_exp_blocks=4, got 9" in line
+
+
 def test_hidden_files_in_training_folders_are_not_images(data, tmp_path, capsys):
     """Probe: macOS's ._x.png resource forks in BSD400 counted as training images and stopped the run."""
     (data / "denoising/BSD400/._1.jpg").write_bytes(b"\0\5\26\7 AppleDouble")

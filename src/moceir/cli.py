@@ -226,13 +226,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
         raise UsageError(f"--data_file_dir {data_dir} {what}; point it at the folder holding "
                          "denoising/, deraining/, dehazing/ ... (upstream layout, see README)")
-    flags = list(_given_arch_flags(args))
+    flags = _given_arch_flags(args)
     if args.fine_tune_from and flags:  # --topk and the like included: training takes the checkpoint's config
-        raise UsageError(f"--{flags[0]} with --fine_tune_from: fine-tuning keeps the checkpoint's configuration; "
-                         f"leave --{flags[0]} out")
+        first = next(iter(flags))
+        raise UsageError(f"--{first} with --fine_tune_from: fine-tuning keeps the checkpoint's configuration; "
+                         f"leave --{first} out")
     # a --model given with --fine_tune_from is checked against the checkpoint (training would ignore it); without
-    # --model or shape flags, --fine_tune_from and --resume_from take the checkpoint's own architecture
-    config = _config_from_args(args) if args.model or flags or not (args.fine_tune_from or args.resume_from) else None
+    # --model, --fine_tune_from and --resume_from take the checkpoint's own architecture (--resume_from with the
+    # flags given changed, so that they are checked against the run, not against MoCE_IR_S)
+    from_checkpoint = not args.model and bool(args.fine_tune_from or args.resume_from)
+    config = None if from_checkpoint else _config_from_args(args)
     settings = TrainSettings(
         de_type=tuple(args.de_type or ()), trainset=args.trainset, data_file_dir=str(data_dir),
         dehaze_source=args.dehaze_source, repeats=dict(args.repeat or []), holdout_val=args.holdout_val,
@@ -248,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every_n_epochs=args.save_every_n_epochs, resume_from=args.resume_from,
         fine_tune_from=args.fine_tune_from, log_every_n_steps=args.log_every_n_steps)
     try:
-        run_dir = train(config, settings)
+        run_dir = train(config, settings, changes=flags if from_checkpoint else None)
     except TrainingSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -739,7 +739,8 @@ def _drop_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
-def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None = None) -> Path:
+def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None = None,
+          changes: Mapping[str, Any] | None = None) -> Path:
     """Run training; returns the run folder (checkpoints, logs, plots, model.safetensors, settings.json, and
     model_ema.safetensors with ``ema_decay``). Its settings.json says how far training got: ``global_step``, and
     ``start_step`` (0, or the step resumed from); when they are equal this call trained nothing.
@@ -747,8 +748,10 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     Settings, checkpoints to resume or fine-tune from, hardware, the data layout and the run folder (writable, and
     holding no earlier run unless this one resumes it) are checked before anything is written; every training
     image is checked before the first step. ``capture``: with ``cuda_graphs``, a stand-in for CUDA-graph capture
-    that lets the captured path run on the CPU (tests). ``config`` None: the architecture of ``fine_tune_from``;
-    a config that asks for another architecture than that checkpoint's is refused (it would be ignored).
+    that lets the captured path run on the CPU (tests). ``config`` None: the architecture of ``fine_tune_from``,
+    or of the run ``resume_from`` continues with the fields in ``changes`` (flags given without --model: they are
+    checked against that run, not against a preset); a config that asks for another architecture than that
+    checkpoint's is refused (it would be ignored).
     """
     settings.validate()
     pl.seed_everything(settings.seed, workers=True, verbose=False)
@@ -760,6 +763,10 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
         if config is None:
             raise TrainingSetupError(f"--resume_from {resume.path}: its architecture cannot be told from the file; "
                                      "pass --model and the shape flags the run was trained with")
+        try:
+            config = config.replace(**changes) if changes else config
+        except ValueError as e:  # flags that make no network with the run's other fields
+            raise TrainingSetupError(f"--resume_from {resume.path}: {e}") from None
     if source is None and config is None:
         raise TrainingSetupError("no architecture to train: pass a config, or fine_tune_from a checkpoint")
     if source is not None and config is not None and (diff := architecture_differences(source.config, config)):
