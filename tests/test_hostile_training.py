@@ -881,6 +881,19 @@ def test_a_refused_run_leaves_no_folder_it_made(data, tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_ctrl_c_while_images_are_checked_leaves_no_folder(data, tmp_path, monkeypatch, capsys):
+    """Probe: Ctrl-C in the image check (minutes for the full training set) left the empty run folder, named by
+    its start time, behind."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "check_training_images", interrupted)
+    assert main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", str(data),
+                 "--batch_size", "2", "--patch_size", "16", "--num_workers", "0", "--ckpt_dir",
+                 str(tmp_path / "ck"), "--num_gpus", "0", "--max_steps", "1"]) == 130
+    assert "Ctrl-C" in _one_error_line(capsys) and not (tmp_path / "ck").exists()
+
+
 @pytest.mark.parametrize("sig,code,how", [("SIGTERM", 143, "by SIGTERM"), ("SIGINT", 130, "(Ctrl-C)")])
 def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, sig, code, how):
     """Probe: SIGTERM mid-training exited 0 without a word (Lightning's SystemExit); Ctrl-C exited 1 with only

@@ -778,8 +778,8 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     lock, made_here = _lock_run_folder(run_dir) if is_rank_zero() else (None, [])
     try:
         return _train_in(run_dir, config, settings, capture, resume, source, loader, per_task)
-    except TrainingSetupError:
-        for folder in reversed(made + made_here):  # a refused run leaves no empty folder behind
+    except BaseException:  # a refused or interrupted run leaves no empty folder behind (rmdir: empty ones only)
+        for folder in reversed(made + made_here):
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
