@@ -134,6 +134,8 @@ def test_test_command_end_to_end(tmp_path, tiny_layout, tiny_ckpt, capsys):
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert [s["benchmark"] for s in summary] == ["denoise_25", "dehaze", "lolv1"]
     assert all(s["images"] == 3 and np.isfinite(s["psnr"]) and "psnr_y" in s for s in summary)
+    rows = [r for rows in json.loads((out / "results.json").read_text())["per_image"].values() for r in rows]
+    assert len(rows) == 9 and all(abs(r["psnr_y"] - r["psnr"]) > 1e-3 for r in rows)  # luma, not RGB again
     assert "| denoise_25 | 3 |" in (out / "results.md").read_text()
     assert len((out / "per_image.csv").read_text().splitlines()) == 10
     assert len(list((out / "images" / "lolv1").iterdir())) == 3

@@ -3,18 +3,35 @@
 import copy
 import json
 
+import numpy as np
 import torch
 
 import moceir
 from moceir.cli import main
 from moceir.models.experts import MoCEAdapter, set_expert_bypass
 
-from conftest import fill_deterministic
+from conftest import fill_deterministic, let_experts_count
+
+
+def _counted() -> torch.nn.Module:
+    """The tiny preset whose experts move the image (conftest.let_experts_count): with weights of 0.1 alone they
+    move it by ~1e-7, so a bypass that did nothing, or one that dropped the gates, passed every test here."""
+    return let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
+
+
+def _adapter_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each MoE layer's output [B, C, H, W] in one forward pass."""
+    seen = []
+    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(o[0])) for a in model.adapters]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
 
 
 def test_bypass_equals_experts_with_zero_branch():
-    model = moceir.create_model("MoCE_IR_tiny").eval()
-    fill_deterministic(model, 0.1)
+    model = _counted()
     zeroed = copy.deepcopy(model)
     for module in zeroed.modules():
         if isinstance(module, MoCEAdapter):
@@ -25,32 +42,51 @@ def test_bypass_equals_experts_with_zero_branch():
         full = model(x)
         skipped = set_expert_bypass(model)(x)
         torch.testing.assert_close(skipped, zeroed(x))
+        assert (skipped - full).abs().max() > 1e-2
         assert torch.equal(set_expert_bypass(model, False)(x), full)
+    # where the experts act (the image sees the MoE layers through normalised queries, blind to a gate's scale)
+    full, ref = _adapter_outputs(model, x), _adapter_outputs(zeroed, x)
+    skipped = _adapter_outputs(set_expert_bypass(model), x)
+    assert max((a - b).abs().max() for a, b in zip(full, skipped)) > 0.05
+    for a, b in zip(skipped, ref):
+        torch.testing.assert_close(a, b)
+
+
+def _scores(tmp_path, tiny_layout, command: str, mode: str | None = None) -> dict:
+    ckpt = tmp_path / "m.safetensors"
+    if not ckpt.exists():
+        moceir.save_model(_counted(), ckpt)
+    out = tmp_path / f"{command}_{mode}"
+    assert main([command, "--ckpt", str(ckpt), "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(out), *(["--experts", mode] if mode else []), "--quiet"]) == 0
+    return {"dir": out, **json.loads((out / f"{'results' if command == 'test' else command}.json").read_text())}
 
 
 def test_test_command_with_experts_skipped(tmp_path, tiny_layout):
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.1)
-    ckpt = str(moceir.save_model(model, tmp_path / "m.safetensors"))
-    scores = {}
-    for mode in ("run", "skip"):
-        out = tmp_path / mode
-        assert main(["test", "--ckpt", ckpt, "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
-                     "--output_path", str(out), "--experts", mode, "--quiet", "--device", "cpu"]) == 0
-        scores[mode] = json.loads((out / "results.json").read_text())["per_image"]["denoise_25"]
-    assert len(scores["skip"]) == 3
-    # for this small random network the experts change the scores only slightly
-    assert all(abs(a["psnr"] - b["psnr"]) < 0.5 for a, b in zip(scores["run"], scores["skip"]))
+    run, skip = (_scores(tmp_path, tiny_layout, "test", mode)["per_image"]["denoise_25"] for mode in ("run", "skip"))
+    assert len(skip) == 3
+    gaps = [abs(a["psnr"] - b["psnr"]) for a, b in zip(run, skip)]
+    assert max(gaps) > 1e-3 and max(gaps) < 0.5, gaps  # measured 0.065-0.078 dB
 
 
 def test_routing_reports_psnr_with_experts_bypassed(tmp_path, tiny_layout):
-    model = moceir.create_model("MoCE_IR_tiny")
-    fill_deterministic(model, 0.1)
-    ckpt = str(moceir.save_model(model, tmp_path / "m.safetensors"))
-    out = tmp_path / "routing"
-    assert main(["routing", "--ckpt", ckpt, "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
-                 "--output_path", str(out), "--quiet"]) == 0
-    data = json.loads((out / "routing.json").read_text())
+    data = _scores(tmp_path, tiny_layout, "routing")
+    out = data["dir"]
     assert set(data["psnr_experts_bypassed"]) == {"denoise_25"}
-    assert abs(data["psnr_experts_bypassed"]["denoise_25"] - data["psnr"]["denoise_25"]) < 0.5
+    assert 1e-3 < abs(data["psnr_experts_bypassed"]["denoise_25"] - data["psnr"]["denoise_25"]) < 0.5
     assert "PSNR, experts bypassed" in (out / "routing.md").read_text()
+
+
+def test_restore_with_experts_skipped(tmp_path):
+    from PIL import Image
+
+    ckpt = str(moceir.save_model(_counted(), tmp_path / "m.safetensors"))
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((32, 40, 3)) * 255).astype(np.uint8)).save(src)
+    outs = {}
+    for mode in ("run", "skip"):
+        assert main(["restore", str(src), "-o", str(tmp_path / mode), "--checkpoint", ckpt, "--experts", mode,
+                     "--quiet"]) == 0
+        outs[mode] = np.asarray(Image.open(tmp_path / mode / "a.png")).astype(int)
+    assert np.abs(outs["run"] - outs["skip"]).max() >= 2  # grey levels; measured 7

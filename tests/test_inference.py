@@ -89,3 +89,40 @@ def test_allocator_tuning_is_harmless(tiny_model):
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(tiny_model(x), tiny_model(x))
+
+
+def test_context_pad_is_reflected_context(tiny_model):
+    """Mutation audit: a restore_tensor that ignored context_pad passed every test (only bad values were)."""
+    x = torch.rand(1, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    y = restore_tensor(tiny_model, x, context_pad=8)
+    ref = restore_tensor(tiny_model, torch.nn.functional.pad(x, (8, 8, 8, 8), mode="reflect"))[..., 8:-8, 8:-8]
+    torch.testing.assert_close(y, ref)
+    assert (y - restore_tensor(tiny_model, x)).abs().max() > 1e-3  # measured 0.057
+
+
+def test_global_routing_routes_every_tile_by_one_decision(tiny_model, monkeypatch):
+    """Mutation audit: routing="global" that left each tile to route itself passed (the tiny model's experts move
+    its image by 0, so images cannot tell); here the experts each tile is given are seen."""
+    calls = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda x, return_aux=None, experts=None:
+                        calls.append(experts) or forward(x, return_aux, experts))
+    restore_tensor(tiny_model, torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)), tile=32,
+                   overlap=8, routing="global")
+    forced = [c for c in calls if c is not None]
+    assert calls[0] is None and len(forced) == len(calls) - 1 > 1  # the downscaled pass, then each tile
+    assert all(torch.equal(c, forced[0]) for c in forced)
+
+
+def test_restore_files_passes_tile_routing_and_context_pad_on(tiny_ckpt, tmp_path, monkeypatch):
+    import moceir.pipeline as pipeline
+
+    seen = []
+    real = pipeline.restore_tensor
+    monkeypatch.setattr(pipeline, "restore_tensor",
+                        lambda *a, **k: seen.append((a[4], k["context_pad"])) or real(*a, **k))
+    src = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(src)
+    moceir.restore_files([src], tmp_path / "o", model=tiny_ckpt, device="cpu", tile=32, tile_routing="global",
+                         context_pad=5, progress=False)
+    assert seen == [("global", 5)]

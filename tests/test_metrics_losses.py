@@ -54,8 +54,9 @@ def test_fft_loss_is_l1_of_spectra():
 @pytest.mark.parametrize("loss_type", ["L1", "l1", "FFT", "fft"])
 def test_loss_type_is_case_insensitive_and_fft_runs(loss_type):
     pred, target = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
-    parts = restoration_loss(pred, target, torch.tensor(0.5), loss_type, fft_weight=0.1, balance_weight=0.01)
-    expected = parts["l1"] + 0.01 * 0.5 + (0.1 * parts["fft"] if loss_type.lower() == "fft" else 0)
+    # weights other than the defaults (0.1, 0.01): with those, a loss that ignored its arguments passed
+    parts = restoration_loss(pred, target, torch.tensor(0.5), loss_type, fft_weight=0.3, balance_weight=0.07)
+    expected = parts["l1"] + 0.07 * 0.5 + (0.3 * parts["fft"] if loss_type.lower() == "fft" else 0)
     assert ("fft" in parts) == (loss_type.lower() == "fft")
     assert parts["loss"].item() == pytest.approx(expected.item())
 
@@ -63,3 +64,17 @@ def test_loss_type_is_case_insensitive_and_fft_runs(loss_type):
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="l1"):
         restoration_loss(torch.zeros(1), torch.zeros(1), torch.tensor(0.0), "ssim")
+
+
+def test_y_weights_and_the_border_crop_of_every_metric(pair):
+    """Mutation audit: Y weights in BGR order, and SSIM or RGB PSNR ignoring crop_border, passed (the Y reference
+    was our own rgb_to_y, and the crop was tested only with the Y channel)."""
+    np.testing.assert_allclose(rgb_to_y(np.eye(3, dtype=np.float32)[None]).ravel(),
+                               (16 + np.array([65.481, 128.553, 24.966])) / 255, rtol=1e-6)
+    clean, noisy = pair
+    inner = clean[3:-3, 3:-3], noisy[3:-3, 3:-3]
+    noisy = noisy.copy()
+    noisy[:3] = 1 - clean[:3]  # a ruined border that the crop must drop
+    assert psnr(clean, noisy, crop_border=3) == pytest.approx(psnr(*inner))
+    assert ssim(clean, noisy, crop_border=3) == pytest.approx(ssim(*inner))
+    assert psnr(clean, noisy) < psnr(*inner) - 1

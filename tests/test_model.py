@@ -1,5 +1,7 @@
 """Behaviour of our network where upstream is wrong or unspecified: batching, determinism, depth, config."""
 
+import copy
+
 import pytest
 import torch
 
@@ -283,3 +285,40 @@ def test_channel_attention_head_mask_held_by_the_module_equals_the_one_built_per
     # a non-persistent buffer: upstream checkpoints load strictly, and casts to half precision leave it boolean
     attention = ChannelAttention(12, 3, True).half()
     assert "off_head" not in attention.state_dict() and attention.off_head.dtype == torch.bool
+
+
+def test_the_router_adds_its_complexity_bias_to_the_balance_loss():
+    """Mutation audit: inverting use_complexity_bias in Router.forward passed every test (the goldens call
+    importance_loss directly)."""
+    from moceir.models.router import Router, importance_loss
+
+    torch.manual_seed(0)
+    biased = Router(8, 16, 4, 1, torch.tensor([1.0, 2.0, 4.0, 8.0]), True).train()
+    plain = copy.deepcopy(biased)
+    plain.use_complexity_bias = False
+    x, e = torch.randn(6, 8, 4, 4), torch.randn(6, 16)
+    torch.manual_seed(1)
+    a = biased(x, e, True)
+    torch.manual_seed(1)
+    b = plain(x, e, True)
+    p = a.logits.softmax(-1)
+    expected = 0.5 * (importance_loss(p, biased.complexity) - importance_loss(p, None))
+    assert expected.abs() > 1e-3
+    torch.testing.assert_close(a.balance_loss - b.balance_loss, expected)
+
+
+def test_training_adds_router_noise_and_eval_does_not():
+    """Mutation audit: a network that never added router noise in training passed every test."""
+    model = moceir.create_model("MoCE_IR_tiny").train()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        losses.append(model(x).balance_loss)
+    assert losses[0] != losses[1]
+    with torch.no_grad():
+        model.eval()
+        torch.manual_seed(1)
+        a = model(x, return_aux=True).balance_loss
+        torch.manual_seed(2)
+        assert torch.equal(a, model(x, return_aux=True).balance_loss)
