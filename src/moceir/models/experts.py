@@ -110,7 +110,7 @@ class MoCEAdapter(nn.Module):
                 return torch.zeros_like(x).reshape(-1)
 
             chosen = weights[:, i].sum() > 0  # gates are positive; `amax() > 0` has no ONNX translation
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            if _tracing():
                 out = out + torch.cond(chosen, run, skip, (x, shared, weights[:, i])).view(x.shape)
             elif chosen:  # eager: the same branches without torch.cond, which compiles them on every call
                 out = out + run(x, shared, weights[:, i]).view(x.shape)
@@ -127,6 +127,11 @@ class MoCEAdapter(nn.Module):
                 return self.expert(i)(x, shared) * gate
             out = out.index_add(0, rows, self.expert(i)(x[rows], shared[rows]) * gate)
         return out
+
+
+def _tracing() -> bool:
+    """Under torch.compile or torch.export (a torch without these queries is taken as eager)."""
+    return any(getattr(torch.compiler, query, lambda: False)() for query in ("is_compiling", "is_exporting"))
 
 
 def set_expert_bypass(model: nn.Module, bypass: bool = True) -> nn.Module:
