@@ -111,3 +111,14 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"state_dict": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="cannot read"):
         moceir.load_model(tmp_path / "evil.ckpt")
+
+
+def test_lightning_checkpoint_entries_outside_net_are_dropped(tmp_path, tiny_model):
+    """Mutation audit: in a Lightning checkpoint only net.* is the network (a module may also keep a loss with
+    buffers, or an EMA copy); such a file loads, without failing on unexpected keys."""
+    sd = {f"net.{k}": v for k, v in tiny_model.state_dict().items()}
+    sd["loss_fn.weight"] = torch.ones(3)
+    sd["ema.output.weight"] = torch.zeros(1)
+    torch.save({"state_dict": sd, "epoch": 1, "global_step": 5}, tmp_path / "last.ckpt")
+    loaded = moceir.load_model(tmp_path / "last.ckpt", channels_last=False)
+    torch.testing.assert_close(loaded.state_dict()["output.weight"], tiny_model.state_dict()["output.weight"])

@@ -185,3 +185,69 @@ def test_scored_benchmark_refuses_a_benchmark_with_nothing_scored(tiny_layout):
         Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(hazy)
     with pytest.raises(DatasetLayoutError, match=r"dehaze: no image of .* could be scored \(first: "):
         scored_benchmark(model, tiny_layout, "dehaze", torch.device("cpu"), progress=False)
+
+
+def _u8(t: torch.Tensor) -> np.ndarray:
+    return (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def test_benchmark_noise_is_seeded_by_each_images_name_and_sigma(tmp_path):
+    """Mutation audit: noise seeded by sigma alone, or BenchmarkDataset seeding every image alike, passed. Two
+    images with the same pixels but different names get different noise, each add_gaussian_noise(seeded_rng(name,
+    sigma))."""
+    from moceir.data.datasets import BenchmarkDataset, benchmark_pairs
+    from moceir.data.degradations import add_gaussian_noise, seeded_rng
+
+    img = np.random.default_rng(0).integers(60, 200, (32, 48, 3), dtype=np.uint8)
+    for name in ("0001.png", "0002.png"):
+        _write(tmp_path / "denoising/cBSD68/original_png" / name, img)
+    ds = BenchmarkDataset(benchmark_pairs(tmp_path, "denoise_25"))
+    a, b = ds[0], ds[1]
+    assert torch.equal(a["gt"], b["gt"]) and not torch.equal(a["lq"], b["lq"])
+    for item in (a, b):
+        np.testing.assert_array_equal(_u8(item["lq"]), add_gaussian_noise(img, 25, seeded_rng(item["name"], 25)))
+    assert not np.array_equal(seeded_rng("0001.png", 25).standard_normal(8),
+                              seeded_rng("0002.png", 25).standard_normal(8))
+
+
+def test_training_patches_share_their_crop_and_augmentation(tmp_path):
+    """Mutation audit: a degraded patch cut at its own offset, or flipped while its clean patch was not, passed.
+    A pair whose degraded file holds the clean pixels gives lq == gt for every random patch."""
+    from moceir.data.datasets import PairedPatchDataset, train_pairs
+
+    img = np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    _write(tmp_path / "deraining/RainTrainL/rainy/rain-1.png", img)
+    _write(tmp_path / "deraining/RainTrainL/gt/norain-1.png", img)
+    ds = PairedPatchDataset(train_pairs(tmp_path, "derain"), patch_size=16)
+    torch.manual_seed(0)
+    for _ in range(16):
+        item = ds[0]
+        assert torch.equal(item["lq"], item["gt"])
+
+
+def test_reside_training_pairs_are_matched_by_image_number(tmp_path):
+    """Mutation audit: RESIDE OTS training pairs NNNN_A_beta.jpg with clear/NNNN.jpg (no test built a RESIDE layout)."""
+    from moceir.data.datasets import train_pairs
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    for part, hazy in (("part1", "0001_0.8_0.2.jpg"), ("part2", "0002_1_0.16.jpg"), ("part2", "0001_0.9_0.08.jpg")):
+        _write(tmp_path / "dehazing/RESIDE" / part / hazy, img)
+    for clear in ("0001.jpg", "0002.jpg"):
+        _write(tmp_path / "dehazing/RESIDE/clear" / clear, img)
+    pairs = train_pairs(tmp_path, "dehaze")
+    assert sorted((p.degraded.name, p.clean.name) for p in pairs) == [
+        ("0001_0.8_0.2.jpg", "0001.jpg"), ("0001_0.9_0.08.jpg", "0001.jpg"), ("0002_1_0.16.jpg", "0002.jpg")]
+
+
+def test_holdout_val_reaches_the_training_loader(tiny_layout):
+    """Mutation audit: the loader's derain pairs leave out RainTrainL ids % 10 == 0 with holdout_val (the dataset
+    function was tested, the setting's path to it was not)."""
+    from moceir.training import TrainSettings, build_dataloader
+
+    def derain(holdout):
+        s = TrainSettings(de_type=("derain",), data_file_dir=str(tiny_layout), batch_size=1, patch_size=16,
+                          num_workers=0, holdout_val=holdout, repeats={"derain": 1})
+        return sorted(p.clean.stem for p in build_dataloader(s, 1)[1]["derain"])
+
+    assert derain(False) == ["norain-1", "norain-10", "norain-2"]
+    assert derain(True) == ["norain-1", "norain-2"]

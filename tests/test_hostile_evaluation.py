@@ -495,3 +495,27 @@ def test_routing_heatmap_shares_count_images_under_top_k(tmp_path, monkeypatch):
     counts = np.array([[[2, 0, 2, 0]]])  # 2 images, each picked 2 experts
     plot_routing_heatmap(counts, ["lolv1"], tmp_path / "h.png", topk=2)
     assert shown[0].tolist() == [[1.0, 0.0, 1.0, 0.0]]  # every image picked E0 and E2
+
+
+def test_benchmark_scores_compare_the_restored_image_with_the_clean_one(tiny_layout, tiny_model):
+    """Mutation audit: the degraded image taken as the reference (input_psnr is symmetric and did not show it), or
+    `moceir test --context_pad` dropped, passed. Each row's PSNR is the clean image's against the network's output
+    at that context_pad, and input_psnr the clean image's against the degraded one."""
+    from moceir.evaluation import benchmark_dataset, evaluate_benchmark
+    from moceir.inference import restore_tensor
+    from moceir.metrics import psnr
+
+    result = evaluate_benchmark(tiny_model, tiny_layout, "dehaze", torch.device("cpu"), progress=False, context_pad=8)
+    ds = benchmark_dataset(tiny_layout, "dehaze")
+    assert len(result.rows) == len(ds) == 3
+    for i, row in enumerate(result.rows):
+        item = ds[i]
+        gt, lq = (item[k].permute(1, 2, 0).numpy() for k in ("gt", "lq"))
+        with torch.no_grad():
+            padded = restore_tensor(tiny_model, item["lq"][None], context_pad=8)
+            plain = restore_tensor(tiny_model, item["lq"][None], context_pad=0)
+        out = padded.clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        assert not torch.equal(padded, plain)  # the pad changes the output, so dropping it shows
+        assert row["psnr"] == pytest.approx(psnr(gt, out), abs=1e-6)
+        assert row["input_psnr"] == pytest.approx(psnr(gt, lq), abs=1e-6)
+        assert abs(psnr(gt, out) - psnr(lq, out)) > 0.1  # the reference matters here

@@ -750,3 +750,20 @@ def test_nothing_to_restore_shows_no_progress_bar(tmp_path, tiny_ckpt, capsys):
     assert main(["restore", str(tmp_path / "missing.png"), "-o", str(tmp_path / "o"), "--checkpoint", tiny_ckpt]) == 1
     err = capsys.readouterr().err
     assert "no such file" in err and "restoring" not in err
+
+
+def test_overwrite_never_replaces_an_input_even_through_a_linked_folder(tmp_path, tiny_model):
+    """Mutation audit: --overwrite letting an output replace its input, or an output folder that links to the
+    inputs' folder not being seen as theirs, passed; test_restore_never_overwrites ran without --overwrite only."""
+    from moceir.io import save_image
+
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    save_image(src, np.random.default_rng(5).random((16, 16, 3)).astype(np.float32))
+    before = src.read_bytes()
+    (tmp_path / "link").symlink_to(tmp_path / "in", target_is_directory=True)
+    for out_dir in (tmp_path / "in", tmp_path / "link"):
+        rows = moceir.restore_files([src], out_dir, model=tiny_model, overwrite=True, progress=False,
+                                    log=lambda _: None)
+        assert len(rows) == 1 and "would overwrite an input" in rows[0].get("error", ""), (out_dir, rows)
+        assert src.read_bytes() == before

@@ -126,3 +126,42 @@ def test_restore_files_passes_tile_routing_and_context_pad_on(tiny_ckpt, tmp_pat
     moceir.restore_files([src], tmp_path / "o", model=tiny_ckpt, device="cpu", tile=32, tile_routing="global",
                          context_pad=5, progress=False)
     assert seen == [("global", 5)]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_white_and_black_survive_a_round_trip(tmp_path, suffix):
+    """Mutation audit: 16-bit outputs are scaled by 65535; at 65536 a white pixel wraps to 0 (black) while every
+    other value is
+    off by 1.5e-5, under every existing tolerance."""
+    from moceir.io import load_image, save_image
+
+    rgb = np.zeros((8, 8, 3), np.float32)
+    rgb[:4] = 1.0
+    rgb[4:, :4] = 0.5
+    save_image(tmp_path / f"x{suffix}", rgb, bit_depth=16)
+    back = load_image(tmp_path / f"x{suffix}")
+    assert back.bit_depth == 16
+    np.testing.assert_allclose(back.rgb, rgb, atol=1e-4)
+
+
+def test_8bit_gray_input_is_restored_as_gray(tmp_path, tiny_model):
+    """Mutation audit: an 8-bit grayscale (mode L) input is flagged grayscale and written back as one channel."""
+    from moceir.io import load_image
+
+    gray = np.random.default_rng(3).integers(0, 255, (24, 32), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    assert load_image(tmp_path / "g.png").grayscale
+    rows = moceir.restore_files([tmp_path / "g.png"], tmp_path / "o", model=tiny_model, progress=False)
+    assert Image.open(rows[0]["output"]).mode == "L"
+
+
+def test_16bit_gray_alpha_tiff_reads_its_gray_values(tmp_path):
+    """Mutation audit: the gray+alpha test compared shapes and alpha only; the gray plane must be the gray values."""
+    from moceir.io import load_image, save_image
+
+    rng = np.random.default_rng(4)
+    rgb = np.repeat(rng.random((16, 20, 1), dtype=np.float32), 3, axis=2)
+    alpha = rng.random((16, 20), dtype=np.float32)
+    save_image(tmp_path / "ga.tif", rgb, alpha=alpha, bit_depth=16, grayscale=True)
+    back = load_image(tmp_path / "ga.tif")
+    assert back.grayscale and np.abs(back.rgb - rgb).max() < 1e-4 and np.abs(back.alpha - alpha).max() < 1e-4

@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +133,82 @@ def test_the_logged_loss_uses_the_loss_weights_set(tiny_layout, tmp_path):
     for r in rows:
         expected = float(r["train/l1"]) + 0.5 * float(r["train/fft"]) + 0.3 * float(r["train/balance"])
         assert float(r["train/loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def _schedule(**kw):
+    """The rate factor by step that MoCEModule.configure_optimizers sets, for a trainer of the given size."""
+    from moceir.training import MoCEModule, TrainSettings
+
+    trainer = kw.pop("trainer")
+    module = MoCEModule(moceir.get_config("MoCE_IR_tiny"), TrainSettings(**kw))
+    module._trainer = types.SimpleNamespace(**trainer)
+    return module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+
+
+def test_the_schedule_warms_up_and_decays_over_schedule_epochs_not_the_trained_ones():
+    """Mutation audit: a cosine horizon of --epochs, or a --max_steps warmup of warmup_epochs steps, passed.
+    Upstream trains 120 epochs on a 150-epoch cosine, so the rate at the end of training is not 0; with --max_steps
+    the warmup is the share warmup/schedule of max_steps."""
+    by_epoch = _schedule(epochs=120, warmup_epochs=15, schedule_epochs=150,
+                         trainer=dict(estimated_stepping_batches=1200, max_epochs=120))
+    assert by_epoch(75) == pytest.approx(0.5) and by_epoch(150) == pytest.approx(1.0)
+    assert by_epoch(1200) == pytest.approx(0.5 * (1 + np.cos(np.pi * 1050 / 1350)))  # ~0.12, not 0
+    by_step = _schedule(max_steps=200, warmup_epochs=15, schedule_epochs=150,
+                        trainer=dict(estimated_stepping_batches=200, max_epochs=-1))
+    assert by_step(10) == pytest.approx(0.5) and by_step(20) == pytest.approx(1.0)
+    assert by_step(200) == pytest.approx(0.0)
+
+
+def _ema_on(net, decay, loaded=None):
+    from moceir.callbacks import WeightEMA
+
+    ema, trainer = WeightEMA(decay), types.SimpleNamespace(global_step=0)
+    if loaded is not None:
+        ema.load_state_dict({"decay": decay, "params": loaded})
+    ema.on_train_start(trainer, types.SimpleNamespace(net=net))
+    return ema, trainer
+
+
+def test_weight_ema_update_is_the_documented_formula_once_per_optimizer_step():
+    """Mutation audit: an average updated on every batch (twice per step with --accum_grad 2), or with another
+    mixing weight, passed. After one optimizer step, ema == decay * start + (1 - decay) * weights, however many
+    batches end at that step."""
+    net = moceir.create_model("MoCE_IR_tiny")
+    ema, trainer = _ema_on(net, 0.75)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    trainer.global_step = 1
+    for batch_idx in range(2):  # accum_grad 2: two batches end at global step 1
+        ema.on_train_batch_end(trainer, None, None, None, batch_idx)
+    averaged = ema.averaged()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(averaged[n], 0.75 * start[n] + 0.25 * p.detach())
+
+
+def test_a_resumed_weight_ema_continues_from_the_saved_average():
+    """Mutation audit: on resume the average starts from the checkpoint's, not from the current weights."""
+    net = moceir.create_model("MoCE_IR_tiny")
+    saved = {n: torch.full_like(p, 0.25) for n, p in net.named_parameters()}
+    ema, _ = _ema_on(net, 0.9, loaded=saved)
+    for n, v in ema.averaged().items():
+        assert torch.equal(v, saved[n]), n
+
+
+def test_accum_grad_divides_the_batch_each_step_sees(tmp_path, tiny_layout, monkeypatch):
+    """Mutation audit: --batch_size 4 --accum_grad 2 loads batches of 2 (upstream: batch_size // accum_grad)."""
+    from moceir import training
+
+    seen = []
+
+    def spy(settings, batch_size):
+        seen.append(batch_size)
+        raise KeyboardInterrupt  # stop before any folder is made
+
+    monkeypatch.setattr(training, "build_dataloader", spy)
+    settings = training.TrainSettings(de_type=("derain",), data_file_dir=str(tiny_layout), batch_size=4,
+                                      accum_grad=2, patch_size=16, num_workers=0, ckpt_dir=str(tmp_path), num_gpus=0)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(moceir.get_config("MoCE_IR_tiny"), settings)
+    assert seen == [2]
