@@ -767,3 +767,26 @@ def test_overwrite_never_replaces_an_input_even_through_a_linked_folder(tmp_path
                                     log=lambda _: None)
         assert len(rows) == 1 and "would overwrite an input" in rows[0].get("error", ""), (out_dir, rows)
         assert src.read_bytes() == before
+
+
+def test_a_file_name_with_a_line_break_cannot_forge_a_line(tmp_path, tiny_ckpt, capsys):
+    """Probe: an unreadable file named "a<newline>error: ... restored" printed two lines, the second one forged."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "x\nrestored 9 image(s) into out; 0 failed\n.png").write_bytes(b"not a png")
+    save_image(src / "ok.png", np.full((16, 16, 3), 0.5, np.float32))
+    assert main(["restore", str(src), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "x\\x0arestored 9 image(s)" in errors[0], err
+    assert not any(line.startswith("restored 9") for line in err.splitlines())
+
+
+def test_a_benchmark_file_name_with_a_line_break_cannot_forge_a_line(tmp_path, tiny_layout, tiny_ckpt, capsys):
+    (tiny_layout / "denoising/cBSD68/original_png" / "x\nerror: none.png").write_bytes(b"not a png")
+    assert main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(tmp_path / "r"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == [
+        line for line in err.splitlines() if line.startswith("error: denoise_25: ") and "x\\x0aerror: none" in line]
+    assert "error: none" in err and len([line for line in err.splitlines() if "error" in line]) == 1

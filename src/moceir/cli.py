@@ -335,6 +335,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                              score_image, write_reports)
 
     from .models.experts import set_expert_bypass
+    from .pipeline import one_line
 
     out_dir = Path(args.output_path)
     check_results_folder(out_dir, args.benchmarks, args.save_results, overwrite=args.overwrite)  # before any work
@@ -373,9 +374,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         result = collect(bench, rows)
         if is_rank_zero():
             for line in result.errors:
-                print(f"error: {bench}: {line} (skipped)", file=sys.stderr)
+                print(one_line(f"error: {bench}: {line} (skipped)"), file=sys.stderr)
             for line in result.not_saved:
-                print(f"error: {bench}: {line} (scored, not saved)", file=sys.stderr)
+                print(one_line(f"error: {bench}: {line} (scored, not saved)"), file=sys.stderr)
         failed = failed or bool(result.errors) or bool(result.not_saved)
         if result.rows:
             results.append(result)
@@ -411,7 +412,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from .plots import plot_routing_heatmap
 
     from .io import write_files_atomically
-    from .pipeline import UsageError, folder_problem
+    from .pipeline import UsageError, folder_problem, one_line
 
     out = Path(args.output_path)
     problem = folder_problem(out)
@@ -446,7 +447,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
                 failed = True
                 continue
             for line in r.errors:
-                print(f"error: {b}: {line} (skipped)", file=sys.stderr)
+                print(one_line(f"error: {b}: {line} (skipped)"), file=sys.stderr)
             failed = failed or bool(r.errors)
             if r.rows:
                 results.append(r)

@@ -334,6 +334,16 @@ def as_list(items: list) -> list:
     return items
 
 
+# Line breaks and other control characters, as escapes: str.translate's table.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(32), 127, 0x85)} | {c: f"\\u{c:04x}" for c in (0x2028, 0x2029)}
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and control characters escaped (a newline becomes ``\\x0a``): a file name that
+    holds them cannot split a message that is one line per image, or forge another line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def _error_line(path: Path, e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "out of memory" in msg.lower() or isinstance(e, MemoryError):
@@ -609,7 +619,11 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     from .distributed import Launch, restore_distributed
 
     launch = Launch(0 if num_gpus is None else num_gpus, num_nodes, num_cpu_processes)
-    say = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
+    emit = log or (lambda line: tqdm.write(line, file=sys.stderr))  # above the progress bar, not inside it
+
+    def say(line: str) -> None:
+        emit(one_line(line))
+
     quiet_rank = not is_rank_zero()  # a re-run process: notes and progress come from rank 0 only
     plan_log = (lambda line: say(line) if line.startswith("error") else None) if quiet_rank else say
     if not isinstance(output_dir, (str, os.PathLike)) or not str(output_dir):
