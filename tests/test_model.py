@@ -326,7 +326,7 @@ def test_training_adds_router_noise_and_eval_does_not():
 
 def test_the_image_loss_reaches_the_routers_through_their_gates():
     """Mutation audit: gates detached from the graph passed every test. The gradient is small (a gate's scale
-    cancels in the decoder's normalised queries; ~1e-8 here at topk 2) but only the gates carry it to the router."""
+    cancels in the decoder's normalised queries), but only the gates carry it to the routers."""
     model = moceir.create_model("MoCE_IR_tiny", topk=2).train()
     model(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))).image.square().mean().backward()
     for adapter in model.adapters:
