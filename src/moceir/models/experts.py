@@ -101,6 +101,7 @@ class MoCEAdapter(nn.Module):
     def _conditional(self, x: torch.Tensor, shared: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         weights = self._gate_matrix(route)
         out = torch.zeros_like(x)
+        traced = _tracing()
         for i in range(len(self.experts)):
             # Flat branch outputs: torch.cond cannot prove symbolic 4-D strides of the two branches equal.
             def run(x, s, w, expert=self.expert(i)):
@@ -110,7 +111,7 @@ class MoCEAdapter(nn.Module):
                 return torch.zeros_like(x).reshape(-1)
 
             chosen = weights[:, i].sum() > 0  # gates are positive; `amax() > 0` has no ONNX translation
-            if _tracing():
+            if traced:
                 out = out + torch.cond(chosen, run, skip, (x, shared, weights[:, i])).view(x.shape)
             elif chosen:  # eager: the same branches without torch.cond, which compiles them on every call
                 out = out + run(x, shared, weights[:, i]).view(x.shape)
