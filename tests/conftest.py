@@ -43,6 +43,47 @@ def let_experts_count(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def counted_tiny() -> torch.nn.Module:
+    """The tiny preset in eval mode, filled by ``fill_deterministic(model, 0.1)``, with experts that count
+    (:func:`let_experts_count`)."""
+    import moceir
+
+    return let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
+
+
+def routed_tiny(images: torch.Tensor) -> torch.nn.Module:
+    """:func:`counted_tiny` whose routers send image b of ``images`` [B, 3, H, W] to expert (b + layer) % 4.
+
+    Random weights route a batch of random images alike, so the routers are calibrated: the pooled-feature
+    gate is zeroed and the frequency gate solved by least squares for one-hot target logits.
+    """
+    model = counted_tiny()
+    captured = {}
+    hook = model.freq_embed.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
+    with torch.no_grad():
+        model(images)
+        hook.remove()
+        e = captured["e"]  # [B, 8d]
+        for layer, adapter in enumerate(model.adapters):
+            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
+            adapter.routing.gate[2].weight.zero_()
+            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
+    return model
+
+
+def moe_layer_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each MoE layer's output [B, C, H, W] in one forward pass of ``model`` (without gradients)."""
+    seen = []
+    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(o[0])) for a in model.adapters]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 def save_damaged(model: torch.nn.Module, path: Path) -> Path:
     """Write ``model`` as moceir's safetensors (config embedded) without save_model's checks: for tests of how
     commands treat a damaged model file (NaN weights), which save_model refuses to write."""
@@ -145,22 +186,8 @@ def onnx_two_images():
 
 @pytest.fixture(scope="session")
 def onnx_routed_tiny(onnx_two_images):
-    """Tiny model whose routers send image b of `onnx_two_images` to expert (b + layer) % 4 (as in test_model.py).
-    Shared by the session: tests may not mutate it."""
-    import moceir
-
-    model = let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
-    captured = {}
-    hook = model.freq_embed.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
-    with torch.no_grad():
-        model(onnx_two_images)
-        hook.remove()
-        e = captured["e"]
-        for layer, adapter in enumerate(model.adapters):
-            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
-            adapter.routing.gate[2].weight.zero_()
-            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
-    return model
+    """:func:`routed_tiny` for `onnx_two_images`. Shared by the session: tests may not mutate it."""
+    return routed_tiny(onnx_two_images)
 
 
 @pytest.fixture(scope="session")

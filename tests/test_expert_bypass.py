@@ -10,28 +10,11 @@ import moceir
 from moceir.cli import main
 from moceir.models.experts import MoCEAdapter, set_expert_bypass
 
-from conftest import fill_deterministic, let_experts_count
-
-
-def _counted() -> torch.nn.Module:
-    """The tiny preset whose experts move the image (conftest.let_experts_count): with weights of 0.1 alone they
-    move it by ~1e-7, so a bypass that did nothing, or one that dropped the gates, passed every test here."""
-    return let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
-
-
-def _adapter_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each MoE layer's output [B, C, H, W] in one forward pass."""
-    seen = []
-    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(o[0])) for a in model.adapters]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return seen
+from conftest import counted_tiny, moe_layer_outputs
 
 
 def test_bypass_equals_experts_with_zero_branch():
-    model = _counted()
+    model = counted_tiny()
     zeroed = copy.deepcopy(model)
     for module in zeroed.modules():
         if isinstance(module, MoCEAdapter):
@@ -45,8 +28,8 @@ def test_bypass_equals_experts_with_zero_branch():
         assert (skipped - full).abs().max() > 1e-2
         assert torch.equal(set_expert_bypass(model, False)(x), full)
     # where the experts act (the image sees the MoE layers through normalised queries, blind to a gate's scale)
-    full, ref = _adapter_outputs(model, x), _adapter_outputs(zeroed, x)
-    skipped = _adapter_outputs(set_expert_bypass(model), x)
+    full, ref = moe_layer_outputs(model, x), moe_layer_outputs(zeroed, x)
+    skipped = moe_layer_outputs(set_expert_bypass(model), x)
     assert max((a - b).abs().max() for a, b in zip(full, skipped)) > 0.05
     for a, b in zip(skipped, ref):
         torch.testing.assert_close(a, b)
@@ -55,7 +38,7 @@ def test_bypass_equals_experts_with_zero_branch():
 def _scores(tmp_path, tiny_layout, command: str, mode: str | None = None) -> dict:
     ckpt = tmp_path / "m.safetensors"
     if not ckpt.exists():
-        moceir.save_model(_counted(), ckpt)
+        moceir.save_model(counted_tiny(), ckpt)
     out = tmp_path / f"{command}_{mode}"
     assert main([command, "--ckpt", str(ckpt), "--benchmarks", "denoise_25", "--data_file_dir", str(tiny_layout),
                  "--output_path", str(out), *(["--experts", mode] if mode else []), "--quiet"]) == 0
@@ -80,7 +63,7 @@ def test_routing_reports_psnr_with_experts_bypassed(tmp_path, tiny_layout):
 def test_restore_with_experts_skipped(tmp_path):
     from PIL import Image
 
-    ckpt = str(moceir.save_model(_counted(), tmp_path / "m.safetensors"))
+    ckpt = str(moceir.save_model(counted_tiny(), tmp_path / "m.safetensors"))
     src = tmp_path / "in" / "a.png"
     src.parent.mkdir()
     Image.fromarray((np.random.default_rng(0).random((32, 40, 3)) * 255).astype(np.uint8)).save(src)

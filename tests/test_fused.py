@@ -7,7 +7,7 @@ import moceir
 from moceir.models import fused
 from moceir.models.layers import FeedForward
 
-from conftest import fill_deterministic, let_experts_count
+from conftest import counted_tiny
 
 pytestmark = pytest.mark.skipif(fused._OPS is None, reason="this torch build has no oneDNN pointwise convolutions")
 
@@ -36,8 +36,7 @@ def test_network_fused_matches_reference_batch_1_and_8(dispatch):
     """Tiny model, channels-last, 8 images; images are forced onto different experts in every layer.
 
     At 64x64 the first level takes the fused path and the deeper (smaller) levels the reference path."""
-    model = moceir.create_model("MoCE_IR_tiny").eval().set_dispatch(dispatch)
-    model = let_experts_count(fill_deterministic(model, 0.1)).to(memory_format=torch.channels_last)
+    model = counted_tiny().set_dispatch(dispatch).to(memory_format=torch.channels_last)
     x = _cl(torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
     experts = (torch.arange(8)[None] + torch.arange(model.num_moe_layers)[:, None]) % 4  # [layers, B]
     with torch.no_grad():

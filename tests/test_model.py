@@ -9,7 +9,7 @@ import moceir
 from moceir.models import MoCEConfig, get_config
 from moceir.models.experts import set_expert_bypass
 
-from conftest import fill_deterministic, let_experts_count
+from conftest import fill_deterministic, moe_layer_outputs, routed_tiny
 
 
 @pytest.fixture(scope="module")
@@ -20,24 +20,8 @@ def mixed_batch():
 
 @pytest.fixture(scope="module")
 def routed_model(mixed_batch):
-    """Tiny model whose routers send image b of `mixed_batch` to expert (b + layer) % 4.
-
-    Random weights route a batch of random images alike, so the routers are calibrated: the pooled-feature
-    gate is zeroed and the frequency gate solved by least squares for one-hot target logits.
-    """
-    model = let_experts_count(fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.1))
-    with torch.no_grad():
-        feats = model.freq_embed
-        captured = {}
-        hook = feats.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
-        model(mixed_batch)
-        hook.remove()
-        e = captured["e"]  # [B, 8d]
-        for layer, adapter in enumerate(model.adapters):
-            target = 8.0 * torch.nn.functional.one_hot((torch.arange(len(e)) + layer) % 4, 4).float()
-            adapter.routing.gate[2].weight.zero_()
-            adapter.routing.freq_gate.weight.copy_(torch.linalg.lstsq(e, target).solution.T)
-    return model
+    """Tiny model whose routers send image b of `mixed_batch` to expert (b + layer) % 4 (conftest.routed_tiny)."""
+    return routed_tiny(mixed_batch)
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sparse", "conditional"])
@@ -45,9 +29,9 @@ def test_batch_equals_per_image_with_different_experts(routed_model, mixed_batch
     routed_model.set_dispatch(dispatch)
     with torch.no_grad():
         batch = routed_model(mixed_batch, return_aux=True)
-        layers = _adapter_outputs(routed_model, mixed_batch)
-        single = [(routed_model(x[None], return_aux=True), _adapter_outputs(routed_model, x[None]))
-                  for x in mixed_batch]
+        single = [routed_model(x[None], return_aux=True) for x in mixed_batch]
+    layers = moe_layer_outputs(routed_model, mixed_batch)
+    single_layers = [moe_layer_outputs(routed_model, x[None]) for x in mixed_batch]
     routed_model.set_dispatch("auto")
     experts = batch.experts
     assert all(len(set(layer.tolist())) == 4 for layer in experts), "the batch must exercise every expert"
@@ -56,10 +40,10 @@ def test_batch_equals_per_image_with_different_experts(routed_model, mixed_batch
         bypassed = set_expert_bypass(routed_model)(mixed_batch)
     set_expert_bypass(routed_model, False)
     assert (batch.image - bypassed).abs().max() > 0.01  # the 1e-5 below is far below what the experts do
-    for i, (s, s_layers) in enumerate(single):
+    for i, (s, s_layers) in enumerate(zip(single, single_layers)):
         assert (s.experts[:, 0] == experts[:, i]).all()
         assert (batch.image[i] - s.image[0]).abs().max() <= 1e-5
-        for (out, _), (s_out, _) in zip(layers, s_layers):
+        for out, s_out in zip(layers, s_layers):
             assert (out[i] - s_out[0]).abs().max() <= 1e-5 * max(1.0, out.abs().max())
 
 
@@ -69,26 +53,13 @@ def test_the_three_dispatches_give_one_output(routed_model, mixed_batch):
     for mode in ("dense", "sparse", "conditional", "bypass"):
         set_expert_bypass(routed_model, mode == "bypass")
         routed_model.set_dispatch("dense" if mode == "bypass" else mode)
-        with torch.no_grad():
-            outs[mode] = [out for out, _ in _adapter_outputs(routed_model, mixed_batch)]
+        outs[mode] = moe_layer_outputs(routed_model, mixed_batch)
     set_expert_bypass(routed_model, False)
     routed_model.set_dispatch("auto")
     branch = max((a - b).abs().max() for a, b in zip(outs["dense"], outs["bypass"]))
     assert branch > 0.05, branch  # the experts' branches are large enough to tell a wrong dispatch
     for mode in ("sparse", "conditional"):
         assert max((a - b).abs().max() for a, b in zip(outs[mode], outs["dense"])) <= 1e-5 * branch, mode
-
-
-def _adapter_outputs(model, x):
-    """[(output [B, C, H, W], routing)] of each MoE layer in one forward pass."""
-    seen = []
-    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(o)) for a in model.adapters]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_dense_and_sparse_dispatch_agree_in_training(routed_model, mixed_batch):
