@@ -715,6 +715,21 @@ def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_f
     assert capsys.readouterr().err.startswith(f"error: {src / 'a.png'} is a file; pass the run folder")
 
 
+def test_a_pipe_named_as_an_image_is_called_one_in_a_folder_and_by_name(tmp_path, tiny_ckpt, capsys):
+    """Probe: a FIFO named *.png in an input folder was skipped without a word (exit 0), and given by name it was
+    "no such file, folder or matching glob"; /dev/zero likewise."""
+    src = tmp_path / "in"
+    _img(src / "a.png")
+    os.mkfifo(src / "pipe.png")
+    assert _restore(src, "-o", tmp_path / "o", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    assert f"{src / 'pipe.png'}: is not a regular file (a pipe or device); pass an image file" in err
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a.png"]
+    assert _restore(src / "pipe.png", "/dev/zero", "-o", tmp_path / "o2", "--checkpoint", tiny_ckpt) == 1
+    err = capsys.readouterr().err
+    assert err.count("is not a regular file (a pipe or device)") == 2 and "no such file" not in err, err
+
+
 def test_the_model_note_follows_the_work_and_never_precedes_an_error(tmp_path, tiny_model, capsys):
     """Probe: `moceir restore x.png -o file` printed the bundled model's note (several lines' worth) before the
     one-line error."""

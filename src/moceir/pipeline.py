@@ -69,18 +69,19 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
         return found, problems
     if p.is_file():
         return [p], []
-    if os.path.islink(p):  # a link loop or a link to nothing: say so, not "no such file"
+    if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"]
     found, problems = _files_and_broken_links(Path(m) for m in glob.glob(str(spec)))
     return found, problems if found or problems else [f"{spec}: no such file, folder or matching glob"]
 
 
 def _files_and_broken_links(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
-    """The regular files among ``paths``, sorted, and an error line for each link among them that leads nowhere
-    (a folder's or a glob's: they were skipped without a word)."""
+    """The regular files among ``paths``, sorted, and an error line for each one that is neither a file nor a
+    folder (a folder's or a glob's link that leads nowhere, pipe or device: they were skipped without a word)."""
     paths = sorted(paths)
-    broken = [p for p in paths if p.is_symlink() and not p.exists()]
-    return [p for p in paths if p.is_file()], [f"{p}: {file_problem(p)}; fix or remove the link" for p in broken]
+    odd = [p for p in paths if not p.is_file() and not p.is_dir()]
+    return [p for p in paths if p.is_file()], [
+        f"{p}: {file_problem(p)}; {'fix or remove the link' if p.is_symlink() else 'pass an image file'}" for p in odd]
 
 
 def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
