@@ -147,3 +147,21 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(ImportError, match=r"pip install 'moceir\[onnx\]'"):
         load_onnx(tmp_path / "x.onnx")
+
+
+def test_onnx_model_counts_every_decoder_block_as_a_moe_layer():
+    from moceir.onnx import OnnxModel
+
+    config = moceir.get_config("MoCE_IR_tiny", num_dec_blocks=[2, 1, 3])
+    from moceir.models import MoCEIR
+
+    assert OnnxModel(None, config, None).num_moe_layers == MoCEIR(config).num_moe_layers == 6
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 16, 20), (1, 3, 20, 16)])
+def test_onnx_model_refuses_a_height_or_width_off_the_multiple(shape):
+    from moceir.onnx import OnnxModel
+
+    model = OnnxModel(None, moceir.get_config("MoCE_IR_tiny"), None)  # the session is never reached
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.rand(*shape))

@@ -65,8 +65,8 @@ def test_no_bypass_column_scores_once(tmp_path, small_layout, tiny_ckpt, monkeyp
     assert json.loads((out / "routing.json").read_text())["psnr_experts_bypassed"] == {}
 
 
-def test_a_dangling_link_among_the_outputs_is_refused_before_scoring(tmp_path, small_layout, tiny_ckpt, monkeypatch,
-                                                                      capsys):
+def test_a_dangling_link_among_the_outputs_is_refused_before_scoring(
+        tmp_path, small_layout, tiny_ckpt, monkeypatch, capsys):
     import moceir.evaluation as evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_benchmark", lambda *a, **k: pytest.fail("scored before refusing"))

@@ -1,0 +1,58 @@
+"""`moceir plot-logs`: the curves it draws, their axes and their titles."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moceir.cli import main
+
+
+def _run(tmp_path, rows, settings=None):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    lines = ["step,epoch,train/loss,train/lr"] + [f"{s},0,{loss},{lr}" for s, loss, lr in rows]
+    (run / "logs" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if settings is not None:
+        (run / "settings.json").write_text(json.dumps({"settings": settings}))
+    return run
+
+
+@pytest.mark.parametrize("n", [60, 61, 90])  # smoothing windows of 2 (even), 2 and 3
+def test_plot_logs_of_a_longer_run_draws_a_smoothed_curve_as_long_as_the_raw_one(tmp_path, monkeypatch, n):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda ax, x, y, *a, **k: drawn.append((len(x), np.asarray(y))) or
+                        real(ax, x, y, *a, **k))
+    run = _run(tmp_path, [(s, 1.0 / (s + 1), 1e-4) for s in range(n)])
+    assert main(["plot-logs", str(run)]) == 0
+    raw, smoothed = drawn[0], drawn[1]
+    assert len(raw[1]) == len(smoothed[1]) == smoothed[0] == n
+    assert (run / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_loss_that_is_not_positive_everywhere_is_drawn_on_a_linear_axis(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    scales = []
+    monkeypatch.setattr(Axes, "set_yscale", lambda ax, value, **k: scales.append(value))
+    run = _run(tmp_path, [(1, 0.5, 1e-4), (2, 0.0, 1e-4), (3, -0.1, 1e-4)])
+    assert main(["plot-logs", str(run)]) == 0
+    assert "log" not in scales
+    scales.clear()
+    run2 = _run(tmp_path / "b", [(1, 0.5, 1e-4), (2, 0.4, 1e-4)])
+    assert main(["plot-logs", str(run2)]) == 0
+    assert scales == ["log"]  # the loss panel only; the LR panel stays linear
+
+
+@pytest.mark.parametrize("settings, label", [
+    ({"loss_type": "l1", "fft_loss_weight": 0.1, "balance_loss_weight": 0.0}, "L1"),
+    ({"loss_type": "FFT", "fft_loss_weight": 0.05, "balance_loss_weight": 0}, "L1 + 0.05·FFT"),
+    ({"loss_type": "l1", "fft_loss_weight": 0.1, "balance_loss_weight": 0.02}, "L1 + 0.02·balance"),
+])
+def test_the_loss_label_names_only_the_terms_that_were_trained(tmp_path, settings, label):
+    from moceir.plots import loss_label
+
+    assert loss_label(_run(tmp_path, [(1, 0.5, 1e-4)], settings)) == label
