@@ -174,3 +174,84 @@ def test_demo_port_out_of_range_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--port", "70000"])
     assert exit_.value.code == 2 and "1 to 65535" in capsys.readouterr().err
+
+
+def _rgb(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_restore_comparison_shows_the_upload_before_and_the_restored_image_after(client, tmp_path):  # noqa: F811
+    """Mutation: the endpoint returned compare(after, before); the test of the endpoint checked only sizes."""
+    from gradio_client import handle_file
+
+    _, noisy = noisy_crop(tmp_path, "order.png", 32, 48)
+    restored, comparison, _, _ = client.predict(handle_file(str(noisy)), api_name="/restore")
+    before, after = (_rgb(p) for p in comparison)
+    np.testing.assert_array_equal(before, _rgb(noisy))
+    np.testing.assert_array_equal(after, _rgb(restored))
+    assert not np.array_equal(before, after)
+
+
+def test_degrade_metrics_gain_row_is_restored_minus_degraded_for_both_scores(client, tmp_path):  # noqa: F811
+    """Mutation: the SSIM gain computed as degraded minus restored (only the PSNR gain was checked)."""
+    from gradio_client import handle_file
+
+    Image.fromarray(cbsd68_crop(100, 200, 64, 64)).save(tmp_path / "0011.png")
+    _, metrics, _, _ = client.predict(handle_file(str(tmp_path / "0011.png")), "Gaussian noise σ=25",
+                                      api_name="/degrade_and_restore")
+    (_, d_psnr, d_ssim), (_, r_psnr, r_ssim), (label, g_psnr, g_ssim) = metrics["data"]
+    assert label == "gain"
+    assert abs(float(g_psnr) - (float(r_psnr) - float(d_psnr))) <= 0.011
+    assert abs(float(g_ssim) - (float(r_ssim) - float(d_ssim))) <= 1.1e-4
+    assert float(g_ssim) > 0  # the bundled model removes σ=25 noise: SSIM improves
+
+
+@pytest.fixture
+def session(tiny_ckpt, tmp_path):
+    from moceir.demo import DemoSession
+
+    (tmp_path / "work").mkdir()
+    return DemoSession(tiny_ckpt, "cpu", 64 * 64, tmp_path / "work", tmp_path / "results")
+
+
+def test_degrade_centre_crops_to_multiples_of_16(session, tmp_path):
+    """Mutation: cropped to multiples of 8 (the benchmarks, and the page's text, say 16)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "odd.png")
+    clean, degraded, target = session.degrade(tmp_path / "odd.png", "odd.png", "Gaussian noise σ=25")
+    assert clean.shape == degraded.shape == (32, 48, 3)
+    np.testing.assert_array_equal(clean, img[4:36, 4:52])
+    assert target.name == "odd_degraded.png" and _rgb(target).shape == (32, 48, 3)
+
+
+@pytest.mark.parametrize("sigma", [15, 25, 50])
+def test_each_noise_degradation_has_its_own_sigma(sigma):
+    """Mutation: "Gaussian noise σ=50" added σ=25 (only σ=25 was ever requested)."""
+    from moceir.data.degradations import add_gaussian_noise, seeded_rng
+    from moceir.demo import DEGRADATIONS
+
+    clean = np.full((32, 32, 3), 128, np.uint8)
+    got = DEGRADATIONS[f"Gaussian noise σ={sigma}"](clean, "x.png")
+    np.testing.assert_array_equal(got, add_gaussian_noise(clean, sigma, seeded_rng("x.png", sigma)))
+    assert abs(got.astype(float).std() - sigma) < 0.2 * sigma
+
+
+def test_the_pixel_cap_is_inclusive(session, tmp_path):
+    """Mutation: ``>=`` refused an image of exactly --max_pixels pixels (the limit the page states)."""
+    from moceir.demo import DemoError
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "exact.png")  # 4096 = the session's cap
+    Image.fromarray(np.zeros((64, 65, 3), np.uint8)).save(tmp_path / "over.png")
+    session.check_size(tmp_path / "exact.png", "exact.png")
+    with pytest.raises(DemoError, match="above this page's limit"):
+        session.check_size(tmp_path / "over.png", "over.png")
+
+
+@pytest.mark.parametrize("shape, expected", [((3000, 1000, 3), (2048, 683, 3)), ((1000, 3000, 3), (683, 2048, 3)),
+                                             ((100, 60, 3), (100, 60, 3))])
+def test_preview_keeps_the_aspect_ratio(shape, expected):
+    """Mutation: PIL's (width, height) size given as (height, width): tall images came back wide and vice versa."""
+    from moceir.demo import _preview
+
+    assert _preview(np.zeros(shape, np.float32)).shape == expected

@@ -913,3 +913,23 @@ def test_demo_max_pixels_beyond_what_it_can_serve_is_one_line_before_anything_st
 
     with pytest.raises(UsageError, match="choose a number of pixels above 0 and up to 1e\\+12"):
         demo.launch("default", port=1, device="cpu", max_pixels=value, block=False)
+
+
+def test_a_cuda_index_equal_to_the_gpu_count_is_refused(monkeypatch):
+    """Mutation: ``index > device_count()`` accepted cuda:1 on a machine with one GPU (indices are 0-based)."""
+    from moceir.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(moceir.UsageError, match="'cuda:1' requested but this machine has 1 CUDA device"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_bool_is_not_a_device_index(flag):
+    """Mutation: without the bool check, device=True was cuda:1 and device=False cuda:0."""
+    from moceir.runtime import resolve_device
+
+    with pytest.raises(moceir.UsageError, match="device must be"):
+        resolve_device(flag)

@@ -303,3 +303,150 @@ def test_the_image_loss_reaches_the_routers_through_their_gates():
     for adapter in model.adapters:
         grad = adapter.routing.freq_gate.weight.grad
         assert grad is not None and grad.abs().max() > 0
+
+
+def test_forced_experts_reach_every_layer_of_decoder_levels_with_several_blocks():
+    """Mutations: forcing sliced by decoder level instead of MoE layer (network.forward), or every block of a
+    level forced with the level's first entry (DecoderGroup.forward). Both pass with the tiny preset (one block per
+    level)."""
+    model = moceir.create_model("MoCE_IR_tiny", num_dec_blocks=(2, 1, 3)).eval()
+    fill_deterministic(model, 0.1)
+    layers = model.num_moe_layers
+    assert layers == 6
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    forced = ((torch.arange(layers)[:, None] + torch.arange(2)[None]) % 4)[..., None]  # [layers, B, 1], all differ
+    with torch.no_grad():
+        out = model(x, return_aux=True, experts=forced)
+    assert torch.equal(out.expert_indices, forced)
+
+
+def test_training_balance_loss_is_the_mean_over_the_moe_layers():
+    """Mutation: .sum() instead of .mean() (the loss weight silently grows with the number of MoE layers)."""
+    model = moceir.create_model("MoCE_IR_tiny").train()
+    torch.manual_seed(0)
+    out = model(torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    per_layer = torch.stack([r.balance_loss for r in out.routing])
+    assert len(per_layer) == 3 and (per_layer > 0).all()
+    torch.testing.assert_close(out.balance_loss, per_layer.mean())
+
+
+def test_input_width_not_a_multiple_is_the_one_line_error_too():
+    """Mutation: only the height checked; a width of 20 then failed deep inside PixelUnshuffle."""
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    with pytest.raises(ValueError, match="multiples of 8"):
+        model(torch.rand(1, 3, 16, 20))
+
+
+def test_top1_expert_of_a_top2_network_is_its_highest_scoring_expert():
+    """Mutation: MoCEOutput.experts took the last of the k picks instead of the first (no test uses topk=2 here)."""
+    model = moceir.create_model("MoCE_IR_tiny", topk=2).eval()
+    fill_deterministic(model, 0.3)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(x, return_aux=True)
+    assert out.expert_indices.shape == (3, 4, 2)
+    best = torch.stack([r.logits.argmax(-1) for r in out.routing])  # eval: no noise, so the top score is the top logit
+    assert torch.equal(out.experts, best)
+    assert not torch.equal(out.expert_indices[..., 1], best)
+
+
+def test_ffn_hidden_width_truncates_like_upstream():
+    """Mutation: round() instead of int() for the hidden width: 16 x 2.66 = 42.56 gave 43 channels, so a checkpoint
+    of upstream (Restormer's int(dim * ffn_expansion_factor)) with a non-integer factor would not load."""
+    from moceir.models.layers import FeedForward
+
+    ffn = FeedForward(16, 2.66, bias=False)
+    assert ffn.project_out.in_channels == 42
+    assert ffn.project_in.out_channels == ffn.dwconv.out_channels == 84
+    model = moceir.create_model("MoCE_IR_tiny", ffn_expansion_factor=2.66)
+    assert model.state_dict()["refinement.layers.0.ffn.project_out.weight"].shape == (8, 21, 1, 1)  # int(8*2.66)
+
+
+def test_frequency_high_pass_starts_as_the_laplacian_in_every_channel_and_trains():
+    """Mutation: a wrong centre tap. fill_deterministic overwrites every weight, so no golden sees the initialiser,
+    yet every model trained from scratch starts from it (UPSTREAM_SPEC: [[-1,-1,-1],[-1,8,-1],[-1,-1,-1]])."""
+    model = moceir.create_model("MoCE_IR_tiny")
+    conv = model.freq_embed.high_conv[0].conv
+    laplacian = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]])
+    assert conv.weight.shape == (64, 1, 3, 3)
+    assert torch.equal(conv.weight.detach(), laplacian.expand(64, 1, 3, 3))
+    assert conv.weight.requires_grad  # upstream means to freeze it, but does not
+    with torch.no_grad():  # a constant image has no high frequencies away from the zero-padded border
+        assert conv(torch.ones(1, 64, 6, 6))[..., 1:-1, 1:-1].abs().max() == 0
+
+
+def test_fused_disabled_restores_a_switched_off_state():
+    """Mutation: disabled() turned the fused path back on at exit even when it had been switched off before."""
+    from moceir.models import fused
+
+    fused.set_enabled(False)
+    try:
+        with fused.disabled():
+            pass
+        assert not fused._enabled
+    finally:
+        fused.set_enabled(True)
+    with fused.disabled():
+        assert not fused._enabled
+    assert fused._enabled
+
+
+@pytest.mark.parametrize("value, enabled", [("", True), ("0", True), ("1", False)])
+def test_moceir_no_cpu_fusion_zero_keeps_fusion_on(value, enabled):
+    """Mutation: only an empty MOCEIR_NO_CPU_FUSION kept fusion on; the documented =0 turned it off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOCEIR_NO_CPU_FUSION": value}
+    out = subprocess.run([sys.executable, "-c", "from moceir.models import fused; print(fused._enabled)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(enabled)
+
+
+def test_topk_may_equal_the_number_of_experts():
+    """Mutation: ``topk < num_exp_blocks`` refused topk=4 of 4 experts (every expert in every layer)."""
+    cfg = get_config("MoCE_IR_tiny", topk=4)
+    assert cfg.topk == 4
+    with pytest.raises(ValueError, match="topk must be in 1..num_exp_blocks=4"):
+        get_config("MoCE_IR_tiny", topk=5)
+
+
+@pytest.mark.parametrize("rank_type, latent_dim, ranks", [
+    ("spread", 2, [8, 16, 32, 64]),  # C/8 .. C at width 64, latent_dim unused
+    ("constant", 3, [3, 3, 3, 3]),
+    ("lin", 3, [3, 4, 5, 6]),
+    ("double", 3, [3, 5, 7, 9]),
+    ("exp", 2, [2, 4, 8, 16]),
+    ("fact", 2, [2, 6, 24, 120]),
+])
+def test_expert_ranks_of_every_rank_type(rank_type, latent_dim, ranks):
+    """Mutations: "double" as r * 2**i, "exp" as r**i: no test built a network of those rank types. The rules are
+    upstream's (moce_ir.py: constant r, lin r+i, double r+2i, exp r**(i+1), fact (r+i)!, spread C/2**(3-i))."""
+    cfg = get_config("MoCE_IR_tiny", rank_type=rank_type, latent_dim=latent_dim)
+    assert cfg.expert_ranks(64) == ranks
+
+
+def test_a_newer_files_unknown_config_fields_are_ignored():
+    """Mutation: from_dict passed every key to the constructor, so a config with a field this version lacks
+    (a file written by a newer moceir) was refused."""
+    cfg = get_config("MoCE_IR_tiny")
+    assert MoCEConfig.from_dict({**cfg.to_dict(), "a_future_field": 1}) == cfg
+
+
+@pytest.mark.parametrize("factor", [0, 0.0, -1.0])
+def test_ffn_expansion_factor_must_be_positive(factor):
+    """Mutation: ``0 <= factor`` let a factor of 0 through, to a torch error about zero-channel convolutions."""
+    with pytest.raises(ValueError, match="ffn_expansion_factor must be a positive finite number"):
+        MoCEConfig(ffn_expansion_factor=factor)
+
+
+@pytest.mark.parametrize("field", ["bias", "with_complexity", "eval_router_noise"])
+def test_bool_fields_refuse_strings(field):
+    """Mutation: eval_router_noise dropped from BOOL_FIELDS; "false" from a JSON config then turned the upstream
+    router-noise quirk on (a non-empty string is truthy)."""
+    with pytest.raises(ValueError, match=f"{field} must be true or false"):
+        MoCEConfig(**{field: "false"})
+    network = moceir.create_model("MoCE_IR_tiny", **{field: True})
+    assert getattr(network.config, field) is True

@@ -122,3 +122,41 @@ def test_num_nodes_without_a_launcher_is_one_line_not_a_silent_wait(tmp_path, sm
     assert err.startswith("error: --num_nodes 2 needs a launcher on each node: torchrun --nnodes 2") and \
         len(err.splitlines()) == 1, err
     assert not any((tmp_path / name).exists() for name in ("ck", "r", "o"))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7])
+def test_share_gives_every_batch_once_and_every_rank_as_many_steps(n, world):
+    """Mutation: the top-up counted with floor division instead of ceiling: ranks got unequal step counts."""
+    from moceir.distributed import share
+
+    batches = [[i] for i in range(n)]
+    parts = [share(batches, rank, world) for rank in range(world)]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == -(-n // world)
+    assert sorted(b[0] for p in parts for b in p if b) == list(range(n))
+    for rank, part in enumerate(parts):
+        assert [b for b in part if b] == batches[rank::world]
+
+
+def test_world_size_counts_every_node(monkeypatch):
+    """Mutation: world_size without num_nodes: two nodes of two processes chose strategy "auto" (no DDP) at 1 node."""
+    from moceir.distributed import Launch
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # a launcher: multi-node is allowed
+    assert Launch(num_cpu_processes=2, num_nodes=2).world_size == 4
+    assert Launch(num_cpu_processes=1, num_nodes=3).world_size == 3
+    assert Launch().world_size == 1
+
+
+@pytest.mark.parametrize("var", ["MASTER_ADDR", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"])
+def test_any_one_launcher_variable_lets_several_nodes_start(monkeypatch, var):
+    """Mutation: ``all`` instead of ``any`` of LAUNCHER_ENV: torchrun or SLURM (each sets only some) was refused.
+    Only the slow two-node torchrun training test saw it."""
+    from moceir.distributed import LAUNCHER_ENV, multi_node_problem
+
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert "needs a launcher on each node" in multi_node_problem(2)
+    assert multi_node_problem(1) is None
+    monkeypatch.setenv(var, "1")
+    assert multi_node_problem(2) is None
