@@ -146,6 +146,21 @@ def test_palette_alpha_and_bilevel_modes(tiny_model):
     assert moceir.restore(tiny_model, rgb.convert("CMYK")).mode == "RGB"
 
 
+def test_a_gray_image_restores_alike_as_pil_and_as_an_array(tiny_model):
+    """Probe (mutation audit): PIL's L, LA and 1 were restored as RGB and turned gray by PIL's luma weights, arrays
+    and the restore command by the channels' mean: the same picture came out up to 4 levels apart."""
+    gray = np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8)
+    expected = moceir.restore(tiny_model, gray)
+    assert np.array_equal(np.asarray(moceir.restore(tiny_model, Image.fromarray(gray))), expected)
+    with_alpha = Image.fromarray(gray).convert("LA")
+    with_alpha.putalpha(Image.fromarray(gray[::-1].copy()))
+    out = moceir.restore(tiny_model, with_alpha)
+    assert out.mode == "LA" and np.array_equal(np.asarray(out.getchannel("L")), expected)
+    bilevel = Image.fromarray(gray).convert("1")
+    assert np.array_equal(np.asarray(moceir.restore(tiny_model, bilevel)),
+                          moceir.restore(tiny_model, np.asarray(bilevel.convert("L"))))
+
+
 def test_wrapped_networks_are_taken(tiny_model, tmp_path):
     compiled = torch.compile(tiny_model, backend="eager")
     assert moceir.restore(compiled, IMAGE).shape == IMAGE.shape

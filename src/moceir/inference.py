@@ -241,6 +241,7 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
       - PIL image: RGB, RGBA, L, LA, P, PA, 1 (returned as L), CMYK, YCbCr, ... (returned as RGB); an alpha
         channel is passed through; 16-bit gray (I;16) stays 16-bit and F (float gray, in [0, 1]) float. Mode I
         (32-bit integers) has no fixed white level and is refused: convert it to L or I;16 first.
+    A gray image (any kind) comes back as the mean of the three channels that the network restores.
     NaN or infinite pixels, floats outside [0, 1], other pixel types and other shapes raise ValueError; other
     kinds TypeError.
 
@@ -300,9 +301,8 @@ def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_
         image = image.convert(image.mode.upper())
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     alpha = image.convert("RGBA").getchannel("A") if has_alpha else None
-    out = Image.fromarray(run(np.asarray(image.convert("RGB"))))
-    if image.mode in ("L", "LA", "1"):
-        out = out.convert("L")
+    gray = image.mode in ("L", "LA", "1")  # restored as [H, W]: gray is the mean of the channels, as for arrays
+    out = Image.fromarray(run(np.asarray(image.convert("L" if gray else "RGB"))))
     if alpha is not None:
         out.putalpha(alpha)
     return out
