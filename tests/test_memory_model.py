@@ -1,5 +1,7 @@
 """The memory model behind automatic tiling and batching: it follows the allocator, and batches never exceed it."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from PIL import Image
 import moceir
 import moceir.inference as inference
 import moceir.runtime as runtime
-from moceir.inference import auto_tile, batch_that_fits, bytes_per_pixel, estimate_peak_bytes
+from moceir.inference import (DEFAULT_CPU_BUDGET, IMAGE_BYTES_PER_PIXEL, RUNTIME_BYTES, auto_tile, batch_that_fits,
+                              bytes_per_pixel, estimate_peak_bytes, memory_budget)
 from moceir.pipeline import RestoreOptions, plan_restore
 
 
@@ -90,3 +93,60 @@ def test_cpu_restore_goes_one_image_at_a_time_by_default(tmp_path):
     rows = moceir.restore_files(tmp_path, tmp_path / "out2", tiny, device="cpu", batch_size=3, max_memory=1e12,
                                 progress=False, log=lambda s: None)
     assert [r["batch"] for r in rows] == [3, 3, 3]
+
+
+def _meminfo(monkeypatch, text):
+    monkeypatch.setattr(inference, "open", lambda *a, **k: io.StringIO(text), raising=False)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("MemTotal: 16000000 kB\nMemFree: 100000 kB\nMemAvailable: 3000000 kB\n", 0.5 * 3000000 * 1024),
+    ("MemTotal: 4000000 kB\nMemFree: 100000 kB\n", 0.5 * 4000000 * 1024),  # no MemAvailable: MemTotal
+    ("MemTotal: 200000000 kB\nMemAvailable: 100000000 kB\n", 2.5e9),  # plenty: the default cap
+    ("garbage\n", DEFAULT_CPU_BUDGET),
+])
+def test_cpu_budget_is_half_the_available_ram_capped_at_2_5_gb(monkeypatch, text, expected):
+    """Mutations: max instead of min, kB read as bytes, MemTotal preferred to MemAvailable, a 25 GB cap."""
+    _meminfo(monkeypatch, text)
+    assert memory_budget(torch.device("cpu")) == pytest.approx(expected)
+
+
+def test_cuda_budget_is_70_percent_of_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10e9, 80e9))
+    assert memory_budget(torch.device("cuda", 0)) == pytest.approx(7e9)
+
+
+def test_peak_estimate_is_linear_in_the_batch_and_a_large_tile_is_the_whole_image():
+    """Mutations: the whole-image buffers counted once for a batch; a tile larger than the image counted whole."""
+    tiny = moceir.create_model("MoCE_IR_tiny")
+    one = estimate_peak_bytes(tiny, 100, 120) - RUNTIME_BYTES
+    assert estimate_peak_bytes(tiny, 100, 120, batch=3) - RUNTIME_BYTES == pytest.approx(3 * one)
+    assert estimate_peak_bytes(tiny, 100, 120, tile=512) == pytest.approx(estimate_peak_bytes(tiny, 100, 120))
+    assert estimate_peak_bytes(tiny, 100, 900, tile=512) == pytest.approx(
+        RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * 100 * 900 + bytes_per_pixel(tiny) * 100 * 512)
+
+
+def test_batch_tiles_leave_room_for_every_images_buffers(monkeypatch):
+    """Mutation: auto_tile subtracted one image's whole-image buffers from the budget for a batch of four."""
+    monkeypatch.setattr(runtime, "_tuned", False)
+    model = moceir.create_model("MoCE_IR_tiny")
+    m, h, w, batch = model.config.size_multiple, 2000, 2000, 4
+    budget = RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * batch * h * w + bytes_per_pixel(model) * batch * 300 * 300
+    tile = auto_tile(model, h, w, budget, batch=batch)
+    assert tile > 128  # not the minimum: the budget decides
+
+    def peak(t):
+        return RUNTIME_BYTES + IMAGE_BYTES_PER_PIXEL * batch * h * w + bytes_per_pixel(model) * batch * t * t
+
+    assert peak(tile) <= budget < peak(tile + m)
+
+
+def test_api_plans_with_the_padded_size_and_the_whole_batch(monkeypatch):
+    """Mutations: the context counted on one side only; tiles sized for one image of a batch."""
+    tiny = moceir.create_model("MoCE_IR_tiny").eval()
+    seen = []
+    real = inference.auto_tile
+    monkeypatch.setattr(inference, "auto_tile", lambda model, h, w, budget, **k: seen.append((h, w, k)) or
+                        real(model, h, w, budget, **k))
+    moceir.restore(tiny, torch.rand(4, 3, 24, 40), context_pad=8, max_memory=1e12)
+    assert seen == [(24 + 16, 40 + 16, {"batch": 4})]
