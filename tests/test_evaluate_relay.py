@@ -161,3 +161,23 @@ def test_a_failed_clean_photo_check_still_judges_and_the_exit_code_says_so(tmp_p
     checks = (out / "checks.md").read_text()
     assert "exit 1" in checks and "### model_ema_fp16 (" in checks
     assert {name: (run / name).read_bytes() for name in weights} == weights
+
+
+def test_an_earlier_judgement_left_in_out_is_not_taken_for_this_one(tmp_path):
+    """The judge refuses (an unknown row) and leaves relay-N/judgement.json of an earlier evaluation in place: that
+    judgement must not be recorded in checks.md as this run's, nor the clean photos run."""
+    run = tmp_path / "window"
+    run.mkdir()
+    for stem in ("model", "model_ema"):  # an unpacked GPU window; the judge stops before reading them
+        (run / f"{stem}_fp16.safetensors").write_bytes(b"weights")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    out = tmp_path / "relay"
+    out.mkdir()
+    (out / "judgement.json").write_text(json.dumps({"shipped": "default", "candidates": {}, "flat_region": {}}))
+    os.utime(out / "judgement.json", (1, 1))  # written long before this call
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_relay.py"), str(run), "--out", str(out), "--quiet",
+           "--photos", str(photos), "--benchmarks", "rain100x"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2 and "without a judgement" in res.stderr, res.stderr[-2000:]
+    assert not (out / "checks.md").exists() and "clean photos" not in res.stdout
