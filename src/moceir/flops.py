@@ -13,7 +13,7 @@ from .models import MoCEIR, fused
 
 
 def count_flops(fn, *args, **kwargs) -> int:
-    # fused.disabled(): FlopCounterMode does not see the CPU's fused oneDNN convolutions (a quarter of the FLOPs)
+    # fused.disabled(): FlopCounterMode does not see the CPU's fused oneDNN convolutions (a third of the FLOPs)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), fused.disabled():
         fn(*args, **kwargs)
     return int(counter.get_total_flops())

@@ -62,7 +62,7 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
     """The image files that one input names, and error lines for what it names that cannot be read."""
     p = Path(spec)
     if p.is_dir():  # the benchmarks' formats and GIF, which restore reads too
-        found, problems = _files_and_broken_links(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS)
+        found, problems = _files_and_problems(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS)
         if not found and not problems:
             problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
                         "restore there"]
@@ -71,11 +71,11 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
         return [p], []
     if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"]
-    found, problems = _files_and_broken_links(Path(m) for m in glob.glob(str(spec)))
+    found, problems = _files_and_problems(Path(m) for m in glob.glob(str(spec)))
     return found, problems if found or problems else [f"{spec}: no such file, folder or matching glob"]
 
 
-def _files_and_broken_links(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+def _files_and_problems(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
     """The regular files among ``paths``, sorted, and an error line for each one that is neither a file nor a
     folder (a folder's or a glob's link that leads nowhere, pipe or device: they were skipped without a word)."""
     paths = sorted(paths)
