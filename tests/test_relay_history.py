@@ -12,11 +12,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import relay_history  # noqa: E402
 
 
-def judgement(folder: Path, shipped: dict, candidates: dict, unusable=(), tolerance=0.3) -> Path:
+def judgement(folder: Path, shipped: dict, candidates: dict, unusable=(), tolerance: float | None = 0.3) -> Path:
+    """relay-N/judgement.json; ``tolerance`` None: written before judgements recorded their bound."""
     folder.mkdir(parents=True)
     verdict = {"shipped": "default", "candidates": {n: f"{n}.safetensors" for n in candidates},
-               "scores": {"shipped": shipped, **candidates}, "unusable": list(unusable),
-               "row_loss_tolerance_db": tolerance}
+               "scores": {"shipped": shipped, **candidates}, "unusable": list(unusable)}
+    if tolerance is not None:
+        verdict["row_loss_tolerance_db"] = tolerance
     (folder / "judgement.json").write_text(json.dumps(verdict))
     return folder
 
@@ -59,3 +61,15 @@ def test_a_non_finite_shipped_score_or_no_candidate_is_one_line_and_exit_2(tmp_p
         assert relay_history.main([str(f) for f in folders]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0]
+
+
+def test_the_reach_is_measured_with_the_last_judgements_own_bound(tmp_path):
+    """The bound is the last judgement's row_loss_tolerance_db, whatever it is, and 0 where it recorded none."""
+    cands = {"raw": {"sots": 20.8}, "ema": {"sots": 20.6}, "old": {"sots": 19.9}}
+    judgement(tmp_path / "relay-1", {"sots": 20.0}, cands, tolerance=0.3)
+    judgement(tmp_path / "relay-2", {"sots": 21.0}, {}, tolerance=0.5)
+    (row,) = relay_history.history([tmp_path / "relay-1", tmp_path / "relay-2"])
+    assert row["bound"] == 0.5 and row["reach"] == 2  # 20.8 and 20.6 reach 21.0 - 0.5; 19.9 does not
+    judgement(tmp_path / "relay-3", {"sots": 20.6}, {}, tolerance=None)
+    (row,) = relay_history.history([tmp_path / "relay-1", tmp_path / "relay-3"])
+    assert row["bound"] == 0.0 and row["reach"] == 2  # 20.8 and 20.6 reach 20.6 itself

@@ -7,28 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import relay_history  # noqa: E402
 import relay_noise  # noqa: E402
-
-
-def _history_judgement(folder: Path, shipped: dict, candidates: dict, **extra) -> Path:
-    folder.mkdir(parents=True)
-    verdict = {"shipped": "default", "candidates": {n: f"{n}.safetensors" for n in candidates},
-               "scores": {"shipped": shipped, **candidates}, **extra}
-    (folder / "judgement.json").write_text(json.dumps(verdict))
-    return folder
-
-
-def test_relay_history_measures_the_reach_with_the_last_judgements_own_bound(tmp_path):
-    """The bound is the last judgement's row_loss_tolerance_db, whatever it is, and 0 where it recorded none."""
-    cands = {"raw": {"sots": 20.8}, "ema": {"sots": 20.6}, "old": {"sots": 19.9}}
-    _history_judgement(tmp_path / "relay-1", {"sots": 20.0}, cands, row_loss_tolerance_db=0.3)
-    _history_judgement(tmp_path / "relay-2", {"sots": 21.0}, {}, row_loss_tolerance_db=0.5)
-    (row,) = relay_history.history([tmp_path / "relay-1", tmp_path / "relay-2"])
-    assert row["bound"] == 0.5 and row["reach"] == 2  # 20.8 and 20.6 reach 21.0 - 0.5; 19.9 does not
-    _history_judgement(tmp_path / "relay-3", {"sots": 20.6}, {})  # written before the bound existed
-    (row,) = relay_history.history([tmp_path / "relay-1", tmp_path / "relay-3"])
-    assert row["bound"] == 0.0 and row["reach"] == 2  # 20.8 and 20.6 reach 20.6 itself
 
 
 def test_relay_noise_prefers_the_judgement_folder_beside_to_the_path_as_written(tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ from moceir.inference import restore_tensor
 from conftest import counted_tiny, fill_deterministic
 
 
-def identity_tiny() -> torch.nn.Module:
+@pytest.fixture(scope="module")
+def identity():
+    """A tiny network whose output is its input: its output convolution is zeroed."""
     model = fill_deterministic(moceir.create_model("MoCE_IR_tiny").eval(), 0.05)
     with torch.no_grad():
         model.output.weight.zero_()
@@ -25,8 +27,13 @@ def identity_tiny() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def identity():
-    return identity_tiny()
+def loud(tiny_model):
+    """The tiny test network with its output convolution x200: its restorations leave [0, 1] far."""
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    model.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        model.output.weight.mul_(200.0)
+    return model
 
 
 def test_integer_pixels_come_back_exactly_through_an_identity_network(identity):
@@ -46,12 +53,8 @@ def test_integer_pixels_come_back_exactly_through_an_identity_network(identity):
     assert np.array_equal(np.asarray(moceir.restore(identity, pil16)), u16[..., 0])
 
 
-def test_outputs_beyond_range_are_clamped_not_wrapped(tiny_model):
+def test_outputs_beyond_range_are_clamped_not_wrapped(loud):
     """Mutation: without the clamp, uint8 outputs above 255 wrapped around and float outputs left [0, 1]."""
-    loud = moceir.create_model("MoCE_IR_tiny").eval()
-    loud.load_state_dict(tiny_model.state_dict())
-    with torch.no_grad():
-        loud.output.weight.mul_(200.0)
     x = np.random.default_rng(1).random((24, 32, 3)).astype(np.float32)
     raw = restore_tensor(loud, torch.from_numpy(x).permute(2, 0, 1)[None], context_pad=16)
     assert raw.min() < -0.5 and raw.max() > 1.5  # the network really leaves the range
@@ -97,13 +100,9 @@ def test_a_nan_input_is_named_as_the_input(tiny_model):
         moceir.restore(tiny_model, x)
 
 
-def test_clamped_white_is_the_integer_white(tiny_model):
+def test_clamped_white_is_the_integer_white(loud):
     """Mutation: uint16 white taken as 65536; round trips through an identity network agree, but a restored pixel
     at 1.0 became 65536, which wraps to 0: white turned black."""
-    loud = moceir.create_model("MoCE_IR_tiny").eval()
-    loud.load_state_dict(tiny_model.state_dict())
-    with torch.no_grad():
-        loud.output.weight.mul_(200.0)
     x = np.random.default_rng(6).random((24, 32, 3)).astype(np.float32)
     for dtype, white in ((np.uint8, 255), (np.uint16, 65535)):
         q = (x * white).round().astype(dtype)

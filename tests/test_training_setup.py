@@ -94,22 +94,24 @@ def test_settings_json_records_the_trainers_step_and_epoch():
     assert (d["start_step"], d["global_step"], d["epoch"]) == (4, None, None)
 
 
-def test_moceir_train_passes_every_flag_on_to_the_settings(tmp_path, tiny_layout, monkeypatch):
+@pytest.fixture
+def trained_settings(tmp_path, monkeypatch) -> list:
+    """training.train replaced by a stand-in that records the TrainSettings `moceir train` passes it."""
+    seen = []
+    monkeypatch.setattr(training, "train", lambda config, settings, capture=None, changes=None:
+                        seen.append(settings) or tmp_path / "run")
+    return seen
+
+
+def test_moceir_train_passes_every_flag_on_to_the_settings(tmp_path, tiny_layout, trained_settings):
     """Each `moceir train` flag given a value other than its default reaches TrainSettings."""
-    seen = {}
-
-    def fake_train(config, settings, capture=None, changes=None):
-        seen["settings"] = settings
-        return tmp_path / "run"
-
-    monkeypatch.setattr(training, "train", fake_train)
     assert main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "dehaze", "--data_file_dir",
                  str(tiny_layout), "--dehaze_source", "synthetic", "--holdout_val", "--max_time", "00:01:00:00",
                  "--batch_size", "6", "--accum_grad", "3", "--patch_size", "32", "--num_workers", "1",
                  "--precision", "bf16-mixed", "--seed", "123", "--ckpt_dir", str(tmp_path / "ck"),
                  "--run_name", "r", "--save_every_n_epochs", "2", "--num_gpus", "0", "--num_cpu_processes", "2",
                  "--log_every_n_steps", "3", "--epochs", "7", "--max_steps", "11"]) == 0
-    s = seen["settings"]
+    (s,) = trained_settings
     assert s.de_type == ("derain", "dehaze") and s.dehaze_source == "synthetic" and s.holdout_val
     assert s.max_time == "00:01:00:00" and (s.batch_size, s.accum_grad, s.patch_size) == (6, 3, 32)
     assert (s.num_workers, s.precision, s.seed) == (1, "bf16-mixed", 123)
@@ -117,14 +119,11 @@ def test_moceir_train_passes_every_flag_on_to_the_settings(tmp_path, tiny_layout
     assert (s.num_gpus, s.num_cpu_processes, s.log_every_n_steps, s.epochs, s.max_steps) == (0, 2, 3, 7, 11)
 
 
-def test_a_batch_equal_to_accum_grad_is_accepted(tmp_path, tiny_layout, monkeypatch):
+def test_a_batch_equal_to_accum_grad_is_accepted(tiny_layout, trained_settings):
     """--batch_size 2 --accum_grad 2: each step takes one image (batch_size // accum_grad), which is allowed."""
-    seen = []
-    monkeypatch.setattr(training, "train", lambda config, settings, capture=None, changes=None:
-                        seen.append(settings) or tmp_path / "run")
     assert main(["train", "--model", "MoCE_IR_tiny", "--de_type", "derain", "--data_file_dir", str(tiny_layout),
                  "--batch_size", "2", "--accum_grad", "2", "--num_gpus", "0"]) == 0
-    assert (seen[0].batch_size, seen[0].accum_grad) == (2, 2)
+    assert [(s.batch_size, s.accum_grad) for s in trained_settings] == [(2, 2)]
 
 
 def test_a_run_name_is_looked_up_under_ckpt_dir_before_the_working_directory(tmp_path, monkeypatch):
