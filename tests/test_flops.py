@@ -1,14 +1,18 @@
 """FLOP counts and `moceir info`'s FLOP lines agree with the network they describe."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import moceir
+from moceir import flops
 from moceir.cli import main
-from moceir.flops import expert_flops_per_pixel, moe_layer_scales, network_flops
+from moceir.flops import counted_network_flops, expert_flops_per_pixel, moe_layer_scales, network_flops
 from moceir.models import fused
+from moceir.models.attention import FFTAttention
 
 
 def _expected_expert_flops(model, size):
@@ -64,3 +68,46 @@ def test_info_labels_each_expert_with_its_own_rank(tmp_path, capsys, rank_type):
     out = capsys.readouterr().out
     for i, rank in enumerate(ranks):
         assert f"expert {i} (rank {rank}, " in out, out
+
+
+@pytest.mark.parametrize("impl", ["fft", "matmul"])
+def test_extrapolated_counts_equal_the_counted_ones(impl):
+    """network_flops extrapolates from three small sizes; it must give the count of a real run, at sizes that are
+    and are not multiples of the experts' patch sizes, whichever kernels compute the FFT products."""
+    model = moceir.create_model("MoCE_IR_tiny").eval().set_fft_impl(impl)
+    for size in (40, 136):  # 40: not a multiple of the 32 px patch; 136: of no patch above 8
+        for expert in (None, 0, 3):
+            assert network_flops(model, size, expert) == counted_network_flops(model, size, expert), (size, expert)
+    assert torch.equal(expert_flops_per_pixel(model), expert_flops_per_pixel(moceir.create_model("MoCE_IR_tiny")))
+    assert {m.fft_impl for m in model.modules() if isinstance(m, FFTAttention)} == {impl}  # restored after counting
+
+
+def test_a_count_that_is_not_affine_is_run_at_its_own_size(monkeypatch):
+    """The extrapolation is checked on its third point: a network whose cost is not a + b * size**2 is run at the
+    size asked for, never extrapolated."""
+    calls = []
+
+    def quartic(model, size, expert=None):  # the line through 8 and 16 gives an integer at 96: 2,932,736
+        calls.append(size)
+        return size**4
+
+    monkeypatch.setattr(flops, "counted_network_flops", quartic)
+    model = moceir.create_model("MoCE_IR_tiny")
+    assert network_flops(model, 96) == 96**4
+    assert calls == [8, 16, 24, 96]
+
+
+def test_info_at_a_size_no_machine_could_run_stays_small(tmp_path):
+    """`moceir info --size 16384` needs no 16384² activations (MoCE_IR_tiny's would be ~17 GB each): under a 6 GB
+    address-space limit it still answers, with the totals that two direct counts extrapolate to."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+            "from moceir.cli import main; sys.exit(main(['info', 'MoCE_IR_tiny', '--size', '16384']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lo, hi = map(float, re.search(r"total: ([\d.]+) GFLOPs \(expert 0 everywhere\) \.\. ([\d.]+) GFLOPs",
+                                  done.stdout).groups())
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    for expert, printed in ((0, lo), (3, hi)):
+        f64, f128 = counted_network_flops(model, 64, expert), counted_network_flops(model, 128, expert)
+        expected = f64 + (f128 - f64) * (16384**2 - 64**2) / (128**2 - 64**2)
+        assert printed == pytest.approx(expected / 1e9, abs=0.01)

@@ -164,7 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import load_model
-    from .flops import expert_flops_per_pixel, moe_layer_scales, network_flops
+    from .flops import ExpertCosts, network_flops
     from .models import MoCEIR, create_model
 
     from .models.checkpoints import CheckpointError, checkpoint_note
@@ -197,9 +197,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {k:24s} {v}")
     n = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n:,}")
-    per_pixel = expert_flops_per_pixel(model)
-    scales = torch.tensor(moe_layer_scales(model), dtype=torch.float64)
-    per_expert = (per_pixel * (size * size / scales**2)[:, None]).sum(0)
+    per_expert = ExpertCosts(model).at(size, size).sum(0)
     print(f"FLOPs at {size}x{size} (2 x MACs; FFTs not counted):")
     for i, f in enumerate(per_expert.tolist()):
         rank = f"C/{2 ** (cfg.num_exp_blocks - 1 - i)}" if cfg.rank_type == "spread" else cfg.expert_ranks(0)[i]

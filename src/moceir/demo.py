@@ -120,7 +120,7 @@ class DemoSession:
 
     def __init__(self, checkpoint: str, device: str, max_pixels: float, work_dir: Path, results_dir: Path):
         from .models.checkpoints import checkpoint_note
-        from .flops import expert_flops_per_pixel, moe_layer_scales
+        from .flops import ExpertCosts
         from .models.checkpoints import load_model
         from .pipeline import resolve_device
 
@@ -130,8 +130,7 @@ class DemoSession:
         self.note = checkpoint_note(checkpoint)
         self.max_pixels = max_pixels
         self.work_dir, self.results_dir = work_dir, results_dir
-        self.flops_per_pixel = expert_flops_per_pixel(self.model).numpy()  # [layers, experts]
-        self.scales = np.array(moe_layer_scales(self.model), dtype=np.float64)
+        self.costs = ExpertCosts(self.model)
 
     def check_size(self, path: Path, name: str) -> None:
         """Refuse an image above ``max_pixels`` from its header, before anything decodes it."""
@@ -210,20 +209,18 @@ class DemoSession:
         expert GFLOPs spent and those of running every expert, for an h x w image (as ``moceir routing``).
         ``experts``: a report's entry (:func:`moceir.flops.image_experts`); top-k layers show their k experts."""
         cfg = self.model.config
-        pixels = h * w / self.scales**2
-        rows, spent, every = [], 0.0, 0.0
+        table = self.costs.at(h, w)  # [layers, experts]
+        rows = []
         for layer, entry in enumerate(experts):
             picks = layer_picks(entry)
             width = self.model.adapters[layer].proj_out.in_channels
-            flops = self.flops_per_pixel[layer] * pixels[layer]
+            flops = table[layer]
             cost = sum(flops[e] for e in picks)
-            spent += cost
-            every += flops.sum()
-            rows.append([f"L{layer}", f"1/{int(self.scales[layer])}", "+".join(f"E{e}" for e in picks),
+            rows.append([f"L{layer}", f"1/{int(self.costs.scales[layer])}", "+".join(f"E{e}" for e in picks),
                          " + ".join(f"{cfg.expert_ranks(width)[e]}" for e in picks) + f" of {width} ch",
                          " + ".join(f"{cfg.expert_patch_sizes()[e]}" for e in picks) + " px",
                          f"{cost / 1e9:.3f}", f"{100 * cost / flops.max():.0f}%"])
-        return rows, spent / 1e9, every / 1e9
+        return rows, self.costs.spent(experts, h, w) / 1e9, float(table.sum()) / 1e9
 
     def summary(self, r: Restoration) -> str:
         """Markdown: size, time, tiles, expert FLOPs against running all experts."""

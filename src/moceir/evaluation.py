@@ -314,19 +314,16 @@ def routing_counts(results: list[BenchmarkResult], layers: int, experts: int) ->
 
 def routing_flops(model: MoCEIR, results: list[BenchmarkResult]) -> list[dict]:
     """Per benchmark: expert FLOPs actually spent vs. running every expert (per image, summed over layers)."""
-    from .flops import expert_flops_per_pixel, moe_layer_scales
+    from .flops import ExpertCosts
 
-    per_pixel = expert_flops_per_pixel(model).numpy()  # [layers, experts]
-    scales = np.array(moe_layer_scales(model), dtype=np.float64)
+    costs = ExpertCosts(model)
     rows = []
     for r in results:
         spent = every = 0.0
         for row in r.rows:
             h, w = row.get("size", (256, 256))
-            pixels = h * w / scales**2
-            spent += sum(per_pixel[layer, e] * pixels[layer] for layer, entry in enumerate(row["experts"])
-                         for e in layer_picks(entry))
-            every += float((per_pixel.sum(axis=1) * pixels).sum())
+            spent += costs.spent(row["experts"], h, w)
+            every += float(costs.at(h, w).sum())
         rows.append({"benchmark": r.name, "expert_gflops_spent": spent / 1e9 / max(1, len(r.rows)),
                      "expert_gflops_all": every / 1e9 / max(1, len(r.rows)),
                      "share": spent / every if every else float("nan")})

@@ -1,15 +1,21 @@
 """FLOP counts (2 x multiply-accumulates) from torch's FlopCounterMode: convolutions, linears, matmuls.
 
 The FFT products of the experts are not counted (FlopCounterMode does not count FFTs); they cost
-O(HW log p) per channel, small beside the convolutions.
+O(HW log p) per channel, small beside the convolutions. They are counted as FFTs whichever ``fft_impl`` the model
+computes them with (the "matmul" path would add its DFT products, which depend on the padding to whole patches).
 """
 
 from __future__ import annotations
 
+import contextlib
+from fractions import Fraction
+
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models import MoCEIR, fused
+from .models.attention import FFTAttention
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -19,22 +25,58 @@ def count_flops(fn, *args, **kwargs) -> int:
     return int(counter.get_total_flops())
 
 
-def network_flops(model: MoCEIR, size: int = 256, expert: int | None = None) -> int:
-    """Forward FLOPs at size x size for one image; ``expert`` forces that expert in every MoE layer."""
+@contextlib.contextmanager
+def _fft_products(model: MoCEIR):
+    """Every FFTAttention of ``model`` on fft_impl="fft" inside the block, its own impl restored after."""
+    modules = [m for m in model.modules() if isinstance(m, FFTAttention)]
+    impls = [m.fft_impl for m in modules]
+    try:
+        for m in modules:
+            m.fft_impl = "fft"
+        yield
+    finally:
+        for m, impl in zip(modules, impls):
+            m.fft_impl = impl
+
+
+def counted_network_flops(model: MoCEIR, size: int, expert: int | None = None) -> int:
+    """Forward FLOPs at size x size for one image, counted by running it (memory grows with size**2)."""
     x = torch.rand(1, model.config.inp_channels, size, size, device=next(model.parameters()).device)
     forced = None
     if expert is not None:
         forced = torch.full((model.num_moe_layers, 1, model.config.topk), expert, dtype=torch.long)
-    return count_flops(model, x, False, forced)
+    with _fft_products(model):
+        return count_flops(model, x, False, forced)
+
+
+def network_flops(model: MoCEIR, size: int = 256, expert: int | None = None) -> int:
+    """Forward FLOPs at size x size for one image; ``expert`` forces that expert in every MoE layer.
+
+    Every counted operation costs a constant (the routers' linears) or a multiple of its level's H*W (convolutions,
+    the channel attention's products), and each level's H*W is size**2 over a fixed power of 4, so the count is
+    ``a + b * size**2``. It is counted at three small sizes and extrapolated: exact, and ``moceir info --size 8192``
+    needs no 8192 x 8192 activations. Should the three not lie on one line, the network is run at ``size`` itself.
+    """
+    m = model.config.size_multiple
+    small = [m * k for k in (1, 2, 3)]
+    if size <= small[-1]:
+        return counted_network_flops(model, size, expert)
+    f = [counted_network_flops(model, s, expert) for s in small]
+    slope = Fraction(f[1] - f[0], small[1] ** 2 - small[0] ** 2)
+    if Fraction(f[2] - f[1], small[2] ** 2 - small[1] ** 2) != slope:
+        return counted_network_flops(model, size, expert)
+    total = f[0] + slope * (size**2 - small[0] ** 2)
+    return int(total) if total.denominator == 1 else counted_network_flops(model, size, expert)
 
 
 def expert_flops_per_pixel(model: MoCEIR) -> torch.Tensor:
     """[layers, experts] FLOPs per pixel of each expert at its MoE layer (linear in the pixel count)."""
     rows = []
-    for adapter in model.adapters:
-        c = adapter.proj_out.in_channels
-        x = torch.rand(1, c, 32, 32, device=adapter.proj_out.weight.device)
-        rows.append([count_flops(adapter.expert(i), x, x) / (32 * 32) for i in range(len(adapter.experts))])
+    with _fft_products(model):
+        for adapter in model.adapters:
+            c = adapter.proj_out.in_channels
+            x = torch.rand(1, c, 32, 32, device=adapter.proj_out.weight.device)
+            rows.append([count_flops(adapter.expert(i), x, x) / (32 * 32) for i in range(len(adapter.experts))])
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -42,6 +84,23 @@ def moe_layer_scales(model: MoCEIR) -> list[int]:
     """Downscaling factor of each MoE layer's features relative to the input (e.g. 4, 4, 2, 2, ..., 1)."""
     levels = model.config.levels
     return [2 ** (levels - 2 - i) for i in range(levels - 1) for _ in model.dec[i][2].layers]
+
+
+class ExpertCosts:
+    """What each expert of a network costs at each MoE layer, for any image size (one count, at 32 x 32)."""
+
+    def __init__(self, model: MoCEIR):
+        self.per_pixel = expert_flops_per_pixel(model).numpy()  # [layers, experts]
+        self.scales = np.array(moe_layer_scales(model), dtype=np.float64)  # [layers]
+
+    def at(self, h: int, w: int) -> np.ndarray:
+        """[layers, experts] FLOPs of each expert at its layer for an h x w image."""
+        return self.per_pixel * (h * w / self.scales**2)[:, None]
+
+    def spent(self, experts: list, h: int, w: int) -> float:
+        """FLOPs of the experts an h x w image ran, ``experts`` being its :func:`image_experts` entry."""
+        table = self.at(h, w)
+        return float(sum(table[layer, e] for layer, entry in enumerate(experts) for e in layer_picks(entry)))
 
 
 def image_experts(experts: torch.Tensor, b: int) -> list:
