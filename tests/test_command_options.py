@@ -93,6 +93,16 @@ def test_flag_values_past_their_limits_are_refused(argv, capsys):
     assert stop.value.code == 2
 
 
+@pytest.mark.parametrize("argv, prefix", [(["train", "--mode", "MoCE_IR"], "--mode"),
+                                          (["info", "x", "--siz", "64"], "--siz"),
+                                          (["restore", "a.png", "--out", "o"], "--out")])
+def test_a_prefix_of_a_flag_is_refused_not_taken_for_it(argv, prefix, capsys):
+    """argparse took `--mode MoCE_IR` as `--model MoCE_IR` (and would take another flag once one shares the prefix)."""
+    with pytest.raises(SystemExit) as stop:
+        _parse(*argv)
+    assert stop.value.code == 2 and f"unrecognized arguments: {prefix}" in capsys.readouterr().err
+
+
 def test_memory_sizes_use_decimal_and_binary_units_as_named():
     assert _bytes("4GB") == 4e9 and _bytes("512MB") == 512e6 and _bytes("1TB") == 1e12
     assert _bytes("2.5GiB") == 2.5 * 2**30 and _bytes("512MiB") == 512 * 2**20 and _bytes("3KiB") == 3 * 2**10

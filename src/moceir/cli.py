@@ -683,13 +683,14 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moceir", formatter_class=_HelpFormatter, description=(
+    # allow_abbrev=False: a prefix such as `--mode` or `--resume` is an error, never silently another flag
+    parser = argparse.ArgumentParser(prog="moceir", formatter_class=_HelpFormatter, allow_abbrev=False, description=(
         "MoCE-IR all-in-one image restoration: restore photos, train, test and inspect models. "
         "`moceir COMMAND --help` shows a command's options."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, allow_abbrev=False)
 
     p = command("info", "configuration, parameter count and FLOPs of a preset or checkpoint")
     p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
