@@ -6,6 +6,7 @@
 
 The layout is the one `moceir train` reads (denoising/BSD400, deraining/RainTrainL/{rainy,gt}); synthetic haze
 is made on BSD400 at training time. `.gpu/` is git-ignored; `scripts/gpu_session.sh` reads DATA=.gpu/data.
+--out must be new or empty: the pack never mixes with, nor deletes, what a folder already holds.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
                         "tree; prepare_gpu_window.sh works it out)")
     a = p.parse_args()
     out_root = Path(a.out)
+    if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+        # images of an earlier pack would stay beside this one's and be trained on
+        raise SystemExit(f"error: --out {out_root} is not an empty folder; remove it or name a new one")
     if a.synthetic:
         write_synthetic(out_root, a.synthetic)
         print(f"{3 * a.synthetic} synthetic images in {out_root}")

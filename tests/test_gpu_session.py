@@ -264,6 +264,12 @@ def test_the_pack_lowers_its_quality_until_it_fits_and_says_when_it_cannot(tmp_p
     none = pack(tmp_path / "none", 0.01)
     assert none.returncode == 1 and "at quality 70 is over --limit_mib 0.01" in none.stderr
     assert "Traceback" not in none.stderr and none.stderr.strip().splitlines()[-1].startswith("error: ")
+    # an earlier pack's images would be trained on beside the new one's: a folder that is not empty is refused
+    again = pack(tmp_path / "full", 100)
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"error: --out {tmp_path / 'full'} is not an empty folder; remove it or name a new one")
+    (tmp_path / "empty").mkdir()
+    assert pack(tmp_path / "empty", 100).returncode == 0
 
 
 def test_a_reference_measured_earlier_in_the_matrix_is_reused_down_its_chain():
