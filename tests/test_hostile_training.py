@@ -908,15 +908,27 @@ def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, s
            "derain=50", "--data_file_dir", str(data), "--batch_size", "2", "--patch_size", "16", "--num_workers",
            "0", "--ckpt_dir", str(tmp_path / "ck"), "--run_name", "r", "--num_gpus", "0", "--max_steps", "100000",
            "--save_every_n_epochs", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Files, not pipes: a pipe nobody reads while we wait fills with progress bars and stalls the run. Once (a full
+    # local run, 2026-12-07, on a loaded machine) a Ctrl-C'd run did not end in 120 s and could not be reproduced
+    # in 38 tries: on a timeout, SIGABRT makes faulthandler print where each of its threads was.
+    out_file, err_file = (tmp_path / "out.txt").open("w"), (tmp_path / "err.txt").open("w")
+    proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 240
         while not list(run.glob("epoch=*.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         proc.send_signal(getattr(signal, sig))
-        out, err = proc.communicate(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            pytest.fail(f"no exit 120 s after {sig}; its threads:\n{(tmp_path / 'err.txt').read_text()[-6000:]}")
     finally:
         proc.kill()
+        out_file.close()
+        err_file.close()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert proc.returncode == code, err[-2000:]
     line = err.splitlines()[-1]
     assert line.startswith(f"error: training stopped {how} at step ") and "--resume_from " in line
