@@ -11,7 +11,7 @@ import moceir
 from moceir import flops
 from moceir.cli import main
 from moceir.flops import counted_network_flops, expert_flops_per_pixel, moe_layer_scales, network_flops
-from moceir.models import fused
+from moceir.models import MoCEIR, fused, get_config
 from moceir.models.attention import FFTAttention
 
 
@@ -76,7 +76,7 @@ def test_extrapolated_counts_equal_the_counted_ones(impl):
     and are not multiples of the experts' patch sizes, whichever kernels compute the FFT products."""
     model = moceir.create_model("MoCE_IR_tiny").eval().set_fft_impl(impl)
     for size in (40, 136):  # 40: not a multiple of the 32 px patch; 136: of no patch above 8
-        for expert in (None, 0, 3):
+        for expert in (0, 3):
             assert network_flops(model, size, expert) == counted_network_flops(model, size, expert), (size, expert)
     assert torch.equal(expert_flops_per_pixel(model), expert_flops_per_pixel(moceir.create_model("MoCE_IR_tiny")))
     assert {m.fft_impl for m in model.modules() if isinstance(m, FFTAttention)} == {impl}  # restored after counting
@@ -93,8 +93,49 @@ def test_a_count_that_is_not_affine_is_run_at_its_own_size(monkeypatch):
 
     monkeypatch.setattr(flops, "counted_network_flops", quartic)
     model = moceir.create_model("MoCE_IR_tiny")
-    assert network_flops(model, 96) == 96**4
-    assert calls == [8, 16, 24, 96]
+    assert network_flops(model, 96, 0) == 96**4
+    assert calls == [16, 24, 32, 96]
+
+
+def _counted_sizes(monkeypatch) -> list[int]:
+    """The sizes network_flops runs the network at, from now on (refusing any above 1024)."""
+    calls, count = [], flops.counted_network_flops
+
+    def spy(model, size, expert=None):
+        calls.append(size)
+        assert size <= 1024, f"counted directly at {size} x {size}"
+        return count(model, size, expert)
+
+    monkeypatch.setattr(flops, "counted_network_flops", spy)
+    return calls
+
+
+@pytest.mark.parametrize("build", ["channels_first", "plain"])
+def test_a_channels_first_network_is_extrapolated_too(monkeypatch, build):
+    """Probe: at 8 px a channels-first network's 1 x 1 bottleneck took the channels-last path, so its three small
+    counts never lay on one line and every size was run for real: `moceir info x.onnx --size 16384` (whose network
+    is a plain MoCEIR) ran out of memory."""
+    model = (moceir.create_model("MoCE_IR_tiny", channels_last=False) if build == "channels_first"
+             else MoCEIR(get_config("MoCE_IR_tiny"))).eval()
+    exact = {e: counted_network_flops(model, 256, e) for e in (0, 3)}
+    calls = _counted_sizes(monkeypatch)
+    assert {e: network_flops(model, 256, e) for e in (0, 3)} == exact
+    assert 256 not in calls, calls
+
+
+def test_routing_left_to_the_routers_is_counted_at_its_own_size(monkeypatch):
+    """Probe: with expert=None the routing chosen at 16-32 px was scaled up to the size asked for."""
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    calls = _counted_sizes(monkeypatch)
+    network_flops(model, 136)
+    assert calls == [136]
+
+
+@pytest.mark.parametrize("size", [20, 100, 1001])
+def test_a_size_the_network_refuses_is_refused_by_the_count(size):
+    """Probe: extrapolation answered for 100 px, which a 4-level network (multiples of 8) cannot run."""
+    with pytest.raises(ValueError, match="multiple"):
+        network_flops(moceir.create_model("MoCE_IR_tiny").eval(), size, 0)
 
 
 def test_info_at_a_size_no_machine_could_run_stays_small(tmp_path):
@@ -111,3 +152,17 @@ def test_info_at_a_size_no_machine_could_run_stays_small(tmp_path):
         f64, f128 = counted_network_flops(model, 64, expert), counted_network_flops(model, 128, expert)
         expected = f64 + (f128 - f64) * (16384**2 - 64**2) / (128**2 - 64**2)
         assert printed == pytest.approx(expected / 1e9, abs=0.01)
+
+
+def test_info_of_an_onnx_file_at_a_huge_size_stays_small(monkeypatch):
+    """`moceir info x.onnx` counts a plain (channels-first) MoCEIR of the file's config: extrapolated too."""
+    import types
+
+    import moceir.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "is_onnx_file", lambda target: True)
+    monkeypatch.setattr(pipeline, "load_network", lambda target, device: types.SimpleNamespace(
+        config=get_config("MoCE_IR_tiny"), note=""))
+    calls = _counted_sizes(monkeypatch)
+    assert main(["info", "fake.onnx", "--size", "16384"]) == 0
+    assert max(calls) <= 32, calls

@@ -54,12 +54,15 @@ def network_flops(model: MoCEIR, size: int = 256, expert: int | None = None) -> 
 
     Every counted operation costs a constant (the routers' linears) or a multiple of its level's H*W (convolutions,
     the channel attention's products), and each level's H*W is size**2 over a fixed power of 4, so the count is
-    ``a + b * size**2``. It is counted at three small sizes and extrapolated: exact, and ``moceir info --size 8192``
-    needs no 8192 x 8192 activations. Should the three not lie on one line, the network is run at ``size`` itself.
+    ``a + b * size**2``. With ``expert`` given, it is counted at three small sizes and extrapolated: exact, and
+    ``moceir info --size 8192`` needs no 8192 x 8192 activations. Should the three not lie on one line, the network
+    is run at ``size`` itself; so is it with ``expert=None`` (the routers' choice for a random image depends on its
+    size) and at a size the network refuses (its error is the one raised).
     """
     m = model.config.size_multiple
-    small = [m * k for k in (1, 2, 3)]
-    if size <= small[-1]:
+    # from 2m: at m the deepest level is 1 x 1, which a channels-first network takes for channels-last (another path)
+    small = [m * k for k in (2, 3, 4)]
+    if expert is None or size <= small[-1] or size % m:
         return counted_network_flops(model, size, expert)
     f = [counted_network_flops(model, s, expert) for s in small]
     slope = Fraction(f[1] - f[0], small[1] ** 2 - small[0] ** 2)
