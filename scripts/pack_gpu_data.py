@@ -12,6 +12,7 @@ is made on BSD400 at training time. `.gpu/` is git-ignored; `scripts/gpu_session
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,12 @@ def pack(files: list[Path], src_root: Path, out_root: Path, quality: int, method
     return sum(f.stat().st_size for f in out_root.rglob("*.webp")) / 2**20
 
 
+def _positive(v: str) -> int:
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {v}")
+    return int(v)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_file_dir", default="../shared/datasets")
@@ -65,17 +72,21 @@ def main() -> None:
     p.add_argument("--quality", type=int, default=85,
                    help="WebP quality (85: with the working tree, under the 64 MiB the GPU run accepts)")
     p.add_argument("--limit", type=int, help="pack only the first N images of each folder (dry runs)")
-    p.add_argument("--synthetic", type=int, metavar="N", help="write N random images per folder instead")
+    p.add_argument("--synthetic", type=_positive, metavar="N", help="write N random images per folder instead")
     p.add_argument("--method", type=int, default=6, help="WebP effort 0-6 (6: smallest, slowest)")
     p.add_argument("--limit_mib", type=float, default=60.0,
                    help="lower the quality by 5 (down to 70) until the pack is not larger (64 MiB less the working "
                         "tree; prepare_gpu_window.sh works it out)")
     a = p.parse_args()
     out_root = Path(a.out)
-    if out_root.exists() and (not out_root.is_dir() or any(out_root.iterdir())):
+    if os.path.lexists(out_root) and (not out_root.is_dir() or any(out_root.iterdir())):
         # images of an earlier pack would stay beside this one's and be trained on
         raise SystemExit(f"error: --out {out_root} is not an empty folder; remove it or name a new one")
-    if a.synthetic:
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out_root}: cannot make this folder ({e.strerror}); name another") from None
+    if a.synthetic is not None:
         write_synthetic(out_root, a.synthetic)
         print(f"{3 * a.synthetic} synthetic images in {out_root}")
         return

@@ -272,6 +272,28 @@ def test_the_pack_lowers_its_quality_until_it_fits_and_says_when_it_cannot(tmp_p
     assert pack(tmp_path / "empty", 100).returncode == 0
 
 
+@pytest.mark.parametrize("out", ["dangling_link", "under_a_file", "synthetic_0", "synthetic_negative"])
+def test_the_pack_refuses_what_it_cannot_pack_into_in_one_line(tmp_path, out):
+    """Probes: a dangling link or a path under a file as --out was a traceback; --synthetic 0 packed the real
+    datasets instead, --synthetic -1 reported "-3 synthetic images"."""
+    target, count = tmp_path / "out", "1"
+    if out == "dangling_link":
+        target.symlink_to(tmp_path / "missing")
+    elif out == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "sub"
+    else:
+        count = "0" if out == "synthetic_0" else "-1"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_gpu_data.py"), "--synthetic", count, "--out",
+                           str(target), "--data_file_dir", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(("error: ", "usage: ", "pack_gpu_data.py: error: "))
+    assert not (tmp_path / "missing").exists() and not list(tmp_path.rglob("*.webp"))
+    if out.startswith("synthetic"):
+        assert "--synthetic" in done.stderr.strip().splitlines()[-1]
+
+
 def test_a_reference_measured_earlier_in_the_matrix_is_reused_down_its_chain():
     from train_throughput import GRAPHS, Config, _check_losses, _measured_reference
 
