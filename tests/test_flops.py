@@ -87,7 +87,7 @@ def test_a_count_that_is_not_affine_is_run_at_its_own_size(monkeypatch):
     size asked for, never extrapolated."""
     calls = []
 
-    def quartic(model, size, expert=None):  # the line through 8 and 16 gives an integer at 96: 2,932,736
+    def quartic(model, size, expert=None):  # the line through 16 and 24 gives an integer at 96: 7,520,256
         calls.append(size)
         return size**4
 

@@ -246,14 +246,16 @@ def test_a_captured_step_on_the_cpu_is_a_failed_row_not_a_crash(tmp_path):
     assert r["status"] == "failed" and "CUDA graphs need a CUDA device" in r["reason"]
 
 
+def _pack_gpu_data(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_gpu_data.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_the_pack_lowers_its_quality_until_it_fits_and_says_when_it_cannot(tmp_path, datasets_dir):
     # Window 3: the 64 MiB the device run accepts counts the working tree too; a quality-90 pack did not fit.
-    script = str(ROOT / "scripts" / "pack_gpu_data.py")
-
     def pack(out, limit_mib):
-        return subprocess.run([sys.executable, script, "--data_file_dir", str(datasets_dir), "--out", str(out),
-                               "--limit", "2", "--method", "0", "--limit_mib", str(limit_mib)],
-                              capture_output=True, text=True, timeout=300)
+        return _pack_gpu_data("--data_file_dir", str(datasets_dir), "--out", str(out), "--limit", "2", "--method",
+                              "0", "--limit_mib", str(limit_mib))
 
     full = pack(tmp_path / "full", 100)
     assert full.returncode == 0 and "at quality 85" in full.stdout, full.stderr[-2000:]
@@ -284,9 +286,7 @@ def test_the_pack_refuses_what_it_cannot_pack_into_in_one_line(tmp_path, out):
         target = tmp_path / "file" / "sub"
     else:
         count = "0" if out == "synthetic_0" else "-1"
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_gpu_data.py"), "--synthetic", count, "--out",
-                           str(target), "--data_file_dir", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120)
+    done = _pack_gpu_data("--synthetic", count, "--out", str(target), "--data_file_dir", str(tmp_path / "none"))
     assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(("error: ", "usage: ", "pack_gpu_data.py: error: "))
     assert not (tmp_path / "missing").exists() and not list(tmp_path.rglob("*.webp"))

@@ -220,7 +220,7 @@ class DemoSession:
                          " + ".join(f"{cfg.expert_ranks(width)[e]}" for e in picks) + f" of {width} ch",
                          " + ".join(f"{cfg.expert_patch_sizes()[e]}" for e in picks) + " px",
                          f"{cost / 1e9:.3f}", f"{100 * cost / flops.max():.0f}%"])
-        return rows, self.costs.spent(experts, h, w) / 1e9, float(table.sum()) / 1e9
+        return rows, self.costs.spent(table, experts) / 1e9, float(table.sum()) / 1e9
 
     def summary(self, r: Restoration) -> str:
         """Markdown: size, time, tiles, expert FLOPs against running all experts."""

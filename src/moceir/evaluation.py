@@ -322,8 +322,9 @@ def routing_flops(model: MoCEIR, results: list[BenchmarkResult]) -> list[dict]:
         spent = every = 0.0
         for row in r.rows:
             h, w = row.get("size", (256, 256))
-            spent += costs.spent(row["experts"], h, w)
-            every += float(costs.at(h, w).sum())
+            table = costs.at(h, w)
+            spent += costs.spent(table, row["experts"])
+            every += float(table.sum())
         rows.append({"benchmark": r.name, "expert_gflops_spent": spent / 1e9 / max(1, len(r.rows)),
                      "expert_gflops_all": every / 1e9 / max(1, len(r.rows)),
                      "share": spent / every if every else float("nan")})

@@ -100,9 +100,10 @@ class ExpertCosts:
         """[layers, experts] FLOPs of each expert at its layer for an h x w image."""
         return self.per_pixel * (h * w / self.scales**2)[:, None]
 
-    def spent(self, experts: list, h: int, w: int) -> float:
-        """FLOPs of the experts an h x w image ran, ``experts`` being its :func:`image_experts` entry."""
-        table = self.at(h, w)
+    @staticmethod
+    def spent(table: np.ndarray, experts: list) -> float:
+        """FLOPs of the experts an image ran: ``table`` is :meth:`at` for its size, ``experts`` its
+        :func:`image_experts` entry."""
         return float(sum(table[layer, e] for layer, entry in enumerate(experts) for e in layer_picks(entry)))
 
 
