@@ -12,7 +12,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads, or one in each of two parallel workers (pytest -n 2: the README's test command)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)) if "PYTEST_XDIST_WORKER" not in os.environ else 1)
 
 
 def fill_deterministic(model: torch.nn.Module, std: float) -> torch.nn.Module:
@@ -202,3 +203,23 @@ def onnx_cli_export(onnx_routed_tiny, tmp_path_factory):
     ckpt = moceir.save_model(onnx_routed_tiny, root / "tiny.safetensors")
     assert main(["export", str(ckpt), str(root / "tiny.onnx"), "--note", ONNX_NOTE, "--no-optimize"]) == 0
     return root, str(ckpt), str(root / "tiny.onnx")
+
+
+# Parallel runs (`pytest -n 2 --dist loadfile`, pytest-xdist): each test file runs whole on one worker, so that a
+# module-scoped fixture (the GPU window's dry run) is computed once, and the ONNX files share one worker and so the
+# session's one export (onnx_cli_export). (xdist 3.8's --dist loadgroup groups nothing under pytest 9.2.)
+_SAME_WORKER = {"tests/test_onnx_cli.py": "tests/test_onnx.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return _SAME_WORKER.get(scope, scope)
+
+    return FileScheduling(config, log)

@@ -908,11 +908,13 @@ def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, s
            "derain=50", "--data_file_dir", str(data), "--batch_size", "2", "--patch_size", "16", "--num_workers",
            "0", "--ckpt_dir", str(tmp_path / "ck"), "--run_name", "r", "--num_gpus", "0", "--max_steps", "100000",
            "--save_every_n_epochs", "1"]
-    # Files, not pipes: a pipe nobody reads while we wait fills with progress bars and stalls the run. Once (a full
-    # local run, 2026-12-07, on a loaded machine) a Ctrl-C'd run did not end in 120 s and could not be reproduced
-    # in 38 tries: on a timeout, SIGABRT makes faulthandler print where each of its threads was.
+    # Files, not pipes: a pipe nobody reads while we wait fills with progress bars and stalls the run.
+    # SIGINT set to its default in the child: pytest started in the background (`pytest &` from a script) ignores
+    # SIGINT, a child inherits that, and Python then installs no Ctrl-C handler; the run trained on for 120 s
+    # (seen twice, 2026-12-07). On a timeout, SIGABRT makes faulthandler print where each of its threads was.
     out_file, err_file = (tmp_path / "out.txt").open("w"), (tmp_path / "err.txt").open("w")
-    proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    proc = subprocess.Popen(cmd, stdout=out_file, stderr=err_file, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not list(run.glob("epoch=*.ckpt")) and time.monotonic() < deadline and proc.poll() is None:
