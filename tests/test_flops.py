@@ -34,7 +34,8 @@ def test_forcing_the_costliest_expert_adds_exactly_its_flops():
 
 def test_network_flops_count_the_fused_cpu_convolutions_too():
     """Bug found by a mutation audit: at 4096 px and up, the CPU's fused oneDNN convolutions were invisible to
-    FlopCounterMode, so `moceir info` said 60.2 GFLOPs for MoCE_IR_S at 256², not 91.4 (tiny: 1.77, not 2.35)."""
+    FlopCounterMode, so `moceir info` said 60.2 GFLOPs for MoCE_IR_S at 256², not 91.4 (tiny: 1.77, not 2.35; both
+    counted the channels-last attention then: 84.8 and 2.31 per head, below)."""
     if fused._OPS is None:
         pytest.skip("this torch build has no fused oneDNN convolutions: nothing to miss")
     model = moceir.create_model("MoCE_IR_tiny").eval()
@@ -42,6 +43,21 @@ def test_network_flops_count_the_fused_cpu_convolutions_too():
     assert fused._enabled  # the count leaves the fused path on for what runs next
     with fused.disabled():
         assert counted == network_flops(model, 256, 0)
+
+
+def test_the_count_is_the_architectures_whatever_the_memory_layout():
+    """Bug: `moceir info` of a checkpoint (loaded channels-last) said 2.35 GFLOPs for the tiny model at 256, of
+    the same model's .onnx (its config, built channels-first) 2.31. The channels-last attention multiplies the
+    whole C x C Gram matrix and masks the blocks between heads; upstream's attention, per head, does not."""
+    last = moceir.create_model("MoCE_IR_tiny").eval()
+    first = moceir.create_model("MoCE_IR_tiny", channels_last=False).eval()
+    assert counted_network_flops(last, 64, 0) > counted_network_flops(first, 64, 0)  # its levels of 2 heads
+    for expert in (0, 3):
+        assert network_flops(last, 64, expert) == network_flops(first, 64, expert) == counted_network_flops(
+            first, 64, expert)
+        assert network_flops(last, 256, expert) == counted_network_flops(first, 256, expert)
+    assert last.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)  # counted on a copy
+    assert not last.patch_embed.proj.weight.is_contiguous()
 
 
 def test_info_totals_and_per_expert_flops_agree(capsys):
@@ -74,7 +90,7 @@ def test_info_labels_each_expert_with_its_own_rank(tmp_path, capsys, rank_type):
 def test_extrapolated_counts_equal_the_counted_ones(impl):
     """network_flops extrapolates from three small sizes; it must give the count of a real run, at sizes that are
     and are not multiples of the experts' patch sizes, whichever kernels compute the FFT products."""
-    model = moceir.create_model("MoCE_IR_tiny").eval().set_fft_impl(impl)
+    model = moceir.create_model("MoCE_IR_tiny", channels_last=False).eval().set_fft_impl(impl)
     for size in (40, 136):  # 40: not a multiple of the 32 px patch; 136: of no patch above 8
         for expert in (0, 3):
             assert network_flops(model, size, expert) == counted_network_flops(model, size, expert), (size, expert)
@@ -147,7 +163,7 @@ def test_info_at_a_size_no_machine_could_run_stays_small(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lo, hi = map(float, re.search(r"total: ([\d.]+) GFLOPs \(expert 0 everywhere\) \.\. ([\d.]+) GFLOPs",
                                   done.stdout).groups())
-    model = moceir.create_model("MoCE_IR_tiny").eval()
+    model = moceir.create_model("MoCE_IR_tiny", channels_last=False).eval()  # per head, as network_flops counts
     for expert, printed in ((0, lo), (3, hi)):
         f64, f128 = counted_network_flops(model, 64, expert), counted_network_flops(model, 128, expert)
         expected = f64 + (f128 - f64) * (16384**2 - 64**2) / (128**2 - 64**2)

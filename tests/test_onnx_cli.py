@@ -49,6 +49,10 @@ def test_info_describes_an_onnx_model(exported, capsys):
     assert main(["info", exported[2], "--size", "64"]) == 0
     out = capsys.readouterr().out
     assert "ONNX" in out and "tiny test export" in out and "parameters:" in out
+    # the same counts as for the checkpoint it was exported from (2.31 against 2.35 GFLOPs at 256, until 2026-12-07)
+    assert main(["info", exported[1], "--size", "256"]) == 0 and main(["info", exported[2], "--size", "256"]) == 0
+    counts = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("  expert ", "  total: "))]
+    assert len(counts) == 10 and counts[:5] == counts[5:], counts
 
 
 def test_damaged_onnx_is_one_line(tmp_path, capsys):

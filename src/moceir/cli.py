@@ -198,7 +198,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n:,}")
     per_expert = ExpertCosts(model).at(size, size).sum(0)
-    print(f"FLOPs at {size}x{size} (2 x MACs; FFTs not counted):")
+    print(f"FLOPs at {size}x{size} (2 x MACs, attention per head as upstream computes it; FFTs not counted):")
     for i, f in enumerate(per_expert.tolist()):
         rank = f"C/{2 ** (cfg.num_exp_blocks - 1 - i)}" if cfg.rank_type == "spread" else cfg.expert_ranks(0)[i]
         print(f"  expert {i} (rank {rank}, patch {cfg.expert_patch_sizes()[i]}): "
