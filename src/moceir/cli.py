@@ -203,9 +203,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         rank = f"C/{2 ** (cfg.num_exp_blocks - 1 - i)}" if cfg.rank_type == "spread" else cfg.expert_ranks(0)[i]
         print(f"  expert {i} (rank {rank}, patch {cfg.expert_patch_sizes()[i]}): "
               f"{f / 1e9:.2f} GFLOPs over its {model.num_moe_layers} MoE layers")
-    lo, hi = network_flops(model, size, 0), network_flops(model, size, cfg.num_exp_blocks - 1)
-    print(f"  total: {lo / 1e9:.2f} GFLOPs (expert 0 everywhere) .. {hi / 1e9:.2f} GFLOPs (expert "
-          f"{cfg.num_exp_blocks - 1} everywhere)")
+    # the k cheapest and the k costliest experts in each layer (a top-k network runs k different ones)
+    k, n = cfg.topk, cfg.num_exp_blocks
+    lo, hi = network_flops(model, size, range(k)), network_flops(model, size, range(n - k, n))
+    what = "expert" if k == 1 else "experts"
+    print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(k)))} everywhere) .. {hi / 1e9:.2f} "
+          f"GFLOPs ({what} {'+'.join(map(str, range(n - k, n)))} everywhere)")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -40,19 +41,24 @@ def _fft_products(model: MoCEIR):
             m.fft_impl = impl
 
 
-def counted_network_flops(model: MoCEIR, size: int, expert: int | None = None) -> int:
+def counted_network_flops(model: MoCEIR, size: int, expert: int | Sequence[int] | None = None) -> int:
     """Forward FLOPs at size x size for one image, counted by running ``model`` as it is (its memory layout
     included: see :func:`network_flops`; memory grows with size**2)."""
     x = torch.rand(1, model.config.inp_channels, size, size, device=next(model.parameters()).device)
     forced = None
     if expert is not None:
-        forced = torch.full((model.num_moe_layers, 1, model.config.topk), expert, dtype=torch.long)
+        k = model.config.topk
+        picks = [expert] * k if isinstance(expert, int) else list(expert)
+        if len(picks) != k:
+            raise ValueError(f"{len(picks)} experts given for a network that runs {k} per MoE layer")
+        forced = torch.tensor(picks, dtype=torch.long).view(1, 1, k).repeat(model.num_moe_layers, 1, 1)
     with _fft_products(model):
         return count_flops(model, x, False, forced)
 
 
-def network_flops(model: MoCEIR, size: int = 256, expert: int | None = None) -> int:
-    """Forward FLOPs at size x size for one image; ``expert`` forces that expert in every MoE layer.
+def network_flops(model: MoCEIR, size: int = 256, expert: int | Sequence[int] | None = None) -> int:
+    """Forward FLOPs at size x size for one image; ``expert`` forces that expert in every MoE layer (top-k
+    networks: in each of the k slots, or a sequence of k experts, e.g. ``(0, 1)``).
 
     Every counted operation costs a constant (the routers' linears) or a multiple of its level's H*W (convolutions,
     the channel attention's products), and each level's H*W is size**2 over a fixed power of 4, so the count is
