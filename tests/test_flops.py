@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,36 @@ def test_a_top2_network_is_counted_with_two_different_experts(tmp_path, capsys):
     lo, hi = (network_flops(top2, 64, e) / 1e9 for e in ((0, 1), (2, 3)))
     assert f"total: {lo:.2f} GFLOPs (experts 0+1 everywhere) .. {hi:.2f} GFLOPs (experts 2+3 everywhere)" in (
         capsys.readouterr().out)
+
+
+def test_the_count_takes_any_integer_ids_and_any_model_and_refuses_what_is_no_expert():
+    """A hostile review (2026-12-07): numpy and 0-d tensor ids were refused; a model holding a lock or a hook could
+    not be copied; a generator was spent by the first small count; a half model and dense dispatch (all experts
+    run, "auto" on CUDA) gave an error and another count; 0.5 or True were taken as experts, 7 as torch's index
+    error."""
+    import threading
+
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    base = network_flops(model, 64, 0)
+    assert [network_flops(model, 64, e) for e in (np.int64(0), torch.tensor(0), [0], (e for e in [0]))] == [base] * 4
+    model.lock = threading.Lock()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    assert network_flops(model, 64, 0) == base and not calls
+    assert network_flops(moceir.create_model("MoCE_IR_tiny").eval().half(), 64, 0) == base
+    dense = moceir.create_model("MoCE_IR_tiny").eval().set_dispatch("dense")
+    assert network_flops(dense, 64, 0) == base < network_flops(dense, 64, 3)
+    for bad, error in ((True, TypeError), (0.5, TypeError), (1.0, TypeError), ("0", TypeError), ((7,), ValueError),
+                       ((-1,), ValueError)):
+        with pytest.raises(error, match="expert"):
+            network_flops(model, 64, bad)
+
+
+def test_info_of_a_network_that_runs_every_expert_prints_one_total(tmp_path, capsys):
+    model = moceir.create_model("MoCE_IR_tiny", topk=4)
+    assert main(["info", str(moceir.save_model(model, tmp_path / "all.safetensors")), "--size", "64"]) == 0
+    total = [line for line in capsys.readouterr().out.splitlines() if "total:" in line]
+    assert total == [f"  total: {network_flops(model, 64, range(4)) / 1e9:.2f} GFLOPs (experts 0+1+2+3 everywhere)"]
 
 
 def test_info_totals_and_per_expert_flops_agree(capsys):

@@ -207,8 +207,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     k, n = cfg.topk, cfg.num_exp_blocks
     lo, hi = network_flops(model, size, range(k)), network_flops(model, size, range(n - k, n))
     what = "expert" if k == 1 else "experts"
-    print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(k)))} everywhere) .. {hi / 1e9:.2f} "
-          f"GFLOPs ({what} {'+'.join(map(str, range(n - k, n)))} everywhere)")
+    if k == n:  # every expert runs in every layer: one figure
+        print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(n)))} everywhere)")
+    else:
+        print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(k)))} everywhere) .. "
+              f"{hi / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(n - k, n)))} everywhere)")
     return 0
 
 

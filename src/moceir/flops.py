@@ -8,7 +8,8 @@ computes them with (the "matmul" path would add its DFT products, which depend o
 from __future__ import annotations
 
 import contextlib
-import copy
+import numbers
+import operator
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -47,13 +48,28 @@ def counted_network_flops(model: MoCEIR, size: int, expert: int | Sequence[int] 
     x = torch.rand(1, model.config.inp_channels, size, size, device=next(model.parameters()).device)
     forced = None
     if expert is not None:
-        k = model.config.topk
-        picks = [expert] * k if isinstance(expert, int) else list(expert)
-        if len(picks) != k:
-            raise ValueError(f"{len(picks)} experts given for a network that runs {k} per MoE layer")
+        picks, k = _expert_picks(model, expert), model.config.topk
         forced = torch.tensor(picks, dtype=torch.long).view(1, 1, k).repeat(model.num_moe_layers, 1, 1)
     with _fft_products(model):
         return count_flops(model, x, False, forced)
+
+
+def _expert_picks(model: MoCEIR, expert: int | Sequence[int]) -> list[int]:
+    """``expert`` as the list of the k experts each MoE layer runs (an integer: in each of the k slots)."""
+    k, n = model.config.topk, model.config.num_exp_blocks
+    one = isinstance(expert, numbers.Integral) or isinstance(expert, (torch.Tensor, np.ndarray)) and expert.ndim == 0
+    try:
+        picks = [expert] * k if one else list(expert)
+        if any(isinstance(e, (bool, np.bool_)) for e in picks):
+            raise TypeError
+        picks = [operator.index(e) for e in picks]  # numpy and 0-d tensor integers too; 0.5 or 1.0 is refused
+    except TypeError:
+        raise TypeError(f"expert: an integer{'' if k == 1 else f' or {k} integers'}, got {expert!r}") from None
+    if len(picks) != k:
+        raise ValueError(f"{len(picks)} experts given for a network that runs {k} per MoE layer")
+    if not all(0 <= e < n for e in picks):
+        raise ValueError(f"expert {picks}: this network's experts are 0..{n - 1}")
+    return picks
 
 
 def network_flops(model: MoCEIR, size: int = 256, expert: int | Sequence[int] | None = None) -> int:
@@ -70,9 +86,15 @@ def network_flops(model: MoCEIR, size: int = 256, expert: int | Sequence[int] | 
     The count is the architecture's, as upstream computes it: the channel attention per head. A channels-last model
     (moceir's default) runs a form of the attention that multiplies the whole C x C Gram matrix and masks the
     blocks between heads, so :func:`counted_network_flops` of it counts more (MoCE_IR_S at 256, expert 0: 91.38
-    against 84.80 GFLOPs); here a channels-first copy is counted, whatever the layout of ``model``.
+    against 84.80 GFLOPs). Here a fresh channels-first network of ``model``'s config is counted on the CPU in
+    float32, with its weights (they route when ``expert`` is None), each expert run only where it is chosen
+    (sparse dispatch), no expert bypassed, no hook: the same count for every layout, dtype, device and dispatch.
     """
-    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    if expert is not None:
+        expert = _expert_picks(model, expert)  # once: a generator would be spent by the first count
+    fresh = MoCEIR(model.config)
+    fresh.load_state_dict(model.state_dict())
+    model = fresh.eval().set_dispatch("sparse")
     m = model.config.size_multiple
     # from 2m: at m the deepest level is 1 x 1, which a channels-first network takes for channels-last (another path)
     small = [m * k for k in (2, 3, 4)]
