@@ -92,6 +92,7 @@ def test_the_count_takes_any_integer_ids_and_any_model_and_refuses_what_is_no_ex
     model.register_forward_hook(lambda *a: calls.append(1))
     assert network_flops(model, 64, 0) == base and not calls
     assert network_flops(moceir.create_model("MoCE_IR_tiny").eval().half(), 64, 0) == base
+    assert network_flops(torch.compile(moceir.create_model("MoCE_IR_tiny").eval()), 64, 0) == base
     dense = moceir.create_model("MoCE_IR_tiny").eval().set_dispatch("dense")
     assert network_flops(dense, 64, 0) == base < network_flops(dense, 64, 3)
     for bad, error in ((True, TypeError), (0.5, TypeError), (1.0, TypeError), ("0", TypeError), ((7,), ValueError),
