@@ -205,13 +205,10 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{f / 1e9:.2f} GFLOPs over its {model.num_moe_layers} MoE layers")
     # the k cheapest and the k costliest experts in each layer (a top-k network runs k different ones)
     k, n = cfg.topk, cfg.num_exp_blocks
-    lo, hi = network_flops(model, size, range(k)), network_flops(model, size, range(n - k, n))
-    what = "expert" if k == 1 else "experts"
-    if k == n:  # every expert runs in every layer: one figure
-        print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(n)))} everywhere)")
-    else:
-        print(f"  total: {lo / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(k)))} everywhere) .. "
-              f"{hi / 1e9:.2f} GFLOPs ({what} {'+'.join(map(str, range(n - k, n)))} everywhere)")
+    extremes = [range(k)] if k == n else [range(k), range(n - k, n)]  # every expert runs: one figure
+    ends = [f"{network_flops(model, size, ex) / 1e9:.2f} GFLOPs (expert{'s' * (k > 1)} {'+'.join(map(str, ex))} "
+            "everywhere)" for ex in extremes]
+    print(f"  total: {' .. '.join(ends)}")
     return 0
 
 

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models import MoCEIR, fused
 from .models.attention import FFTAttention
+from .models.checkpoints import strip_wrappers
 
 
 def count_flops(fn, *args, **kwargs) -> int:
@@ -93,7 +94,7 @@ def network_flops(model: MoCEIR, size: int = 256, expert: int | Sequence[int] | 
     if expert is not None:
         expert = _expert_picks(model, expert)  # once: a generator would be spent by the first count
     fresh = MoCEIR(model.config)
-    fresh.load_state_dict(getattr(model, "_orig_mod", model).state_dict())  # torch.compile's wrapper: its network
+    fresh.load_state_dict(strip_wrappers(model.state_dict()))  # torch.compile's or DDP's: the network it wraps
     model = fresh.eval().set_dispatch("sparse")
     m = model.config.size_multiple
     # from 2m: at m the deepest level is 1 x 1, which a channels-first network takes for channels-last (another path)
