@@ -108,6 +108,26 @@ def test_info_of_a_network_that_runs_every_expert_prints_one_total(tmp_path, cap
     assert total == [f"  total: {network_flops(model, 64, range(4)) / 1e9:.2f} GFLOPs (experts 0+1+2+3 everywhere)"]
 
 
+def test_info_of_a_damaged_or_half_checkpoint(tmp_path, capsys):
+    """Probes of the count's fresh float32 network: NaN weights and a truncated file are one-line errors naming the
+    file (exit 2); an fp16 export counts as its float32 model."""
+    from conftest import save_damaged
+
+    model = moceir.create_model("MoCE_IR_tiny").eval()
+    half = moceir.save_model(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert main(["info", "MoCE_IR_tiny", "--size", "64"]) == 0 and main(["info", str(half), "--size", "64"]) == 0
+    counts = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("  expert ", "  total: "))]
+    assert len(counts) == 10 and counts[:5] == counts[5:], counts
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(half.read_bytes()[:1000])
+    with torch.no_grad():
+        model.output.weight.fill_(float("nan"))
+    for path in (save_damaged(model, tmp_path / "nan.safetensors"), truncated):
+        assert main(["info", str(path), "--size", "64"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and err.startswith("error: "), err
+
+
 def test_info_totals_and_per_expert_flops_agree(capsys):
     """The spread between "expert 0 everywhere" and "expert 3 everywhere" is expert 3's cost minus expert 0's."""
     assert main(["info", "MoCE_IR_tiny", "--size", "256"]) == 0
