@@ -251,3 +251,15 @@ def test_holdout_val_reaches_the_training_loader(tiny_layout):
 
     assert derain(False) == ["norain-1", "norain-10", "norain-2"]
     assert derain(True) == ["norain-1", "norain-2"]
+
+
+def test_a_dataset_folder_that_is_a_link_loop_or_a_file_is_called_so(tmp_path):
+    """Probe (2026-12-07): a benchmark folder that was a link loop was reported as a "missing folder"."""
+    from moceir.data.datasets import DatasetLayoutError, images_in
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("x")
+    for name, says in (("loop", "loop is a link loop, not a folder"), ("file", "file is a file, not a folder"),
+                       ("none", "missing folder")):
+        with pytest.raises(DatasetLayoutError, match=says):
+            images_in(tmp_path / name, "layout")

@@ -1068,3 +1068,125 @@ def test_a_resume_checkpoint_with_a_damaged_schedule_or_average_is_one_line(data
     assert line == (f"error: --resume_from: {bad}: its learning-rate schedule or weight average is not as Lightning "
                     "saves them (damaged or edited?); pass it to --fine_tune_from to start from its weights")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("step_text", "its global_step is 'abc', not a step count"),
+    ("step_negative", "its global_step is -5, not a step count"),
+    ("step_huge", f"its global_step is {10**30}, not a step count"),
+    ("no_groups", "its optimizer state is not one optimizer with one parameter group"),
+    ("last_epoch_text", "its learning-rate schedule is not one schedule with a step count (last_epoch)"),
+    ("moment_shape", "its optimizer state does not fit the network (state[0].exp_avg of shape (1,), its parameter ("),
+    ("fewer_params", "its optimizer state does not fit the network (1 parameters, the network ")])
+def test_a_resume_checkpoint_with_a_damaged_step_or_optimizer_is_one_line(data, runs, tmp_path, capsys, damage,
+                                                                         says):
+    """Probe (2026-12-07): a global_step of "abc" was a ValueError traceback, -5 and 10**30 were taken ("steps -5
+    to 4"); an optimizer with no parameter group, a moment of another shape and a last_epoch of "x" failed inside
+    Lightning or AdamW with a traceback, three of them after the run folder was made."""
+    ckpt = torch.load(runs["full"] / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["optimizer_states"][0]
+    if damage.startswith("step_"):
+        ckpt["global_step"] = {"step_text": "abc", "step_negative": -5, "step_huge": 10**30}[damage]
+    elif damage == "no_groups":
+        state["param_groups"] = []
+    elif damage == "last_epoch_text":
+        ckpt["lr_schedulers"][0]["last_epoch"] = "x"
+    elif damage == "moment_shape":
+        state["state"][0]["exp_avg"] = torch.zeros(1)
+    else:
+        state["param_groups"][0]["params"] = [0]
+    bad = tmp_path / f"{damage}.ckpt"
+    torch.save(ckpt, bad)
+    assert _train(data, tmp_path / "ck", "--max_steps", "6", "--run_name", "x", "--resume_from", str(bad)) == 2
+    line = _one_error_line(capsys)
+    assert str(bad) in line and says in line and "--fine_tune_from" in line, line
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_run_folder_that_is_a_folder_of_training_images_is_refused(data, tmp_path, capsys):
+    """Probe (2026-12-07): `--ckpt_dir data/denoising --run_name BSD400` trained into BSD400 (exit 0); the next
+    run trained on its training_curves.png as a clean image ("denoise_15: 15" patches, was 12)."""
+    before = sorted(p.name for p in (data / "denoising/BSD400").iterdir())
+    assert _train(data, data / "denoising", "--de_type", "denoise_15", "--max_steps", "1", "--run_name",
+                  "BSD400") == 2
+    line = _one_error_line(capsys)
+    assert f"run folder {data / 'denoising' / 'BSD400'} is a folder of training images" in line
+    assert sorted(p.name for p in (data / "denoising/BSD400").iterdir()) == before
+    (tmp_path / "linked").symlink_to(data / "deraining/RainTrainL")  # the same folder by another name
+    assert _train(data, tmp_path, "--max_steps", "1", "--run_name", "linked/gt") == 2
+    assert "is a folder of training images" in _one_error_line(capsys)
+
+
+def test_a_resume_keeps_a_metrics_log_it_cannot_read(data, runs, tmp_path, capsys):
+    """Probe (2026-12-07): one damaged byte in metrics.csv's header ("stap" for "step"), and a resume deleted the
+    whole log (70 rows became 2, exit 0, no word)."""
+    run = tmp_path / "ck" / "r"
+    shutil.copytree(runs["full"], run)
+    log = run / "logs" / "metrics.csv"
+    damaged = log.read_text().replace("step", "stap", 1)
+    log.write_text(damaged)
+    assert _train(data, tmp_path / "ck", "--max_steps", "6", "--run_name", "r", "--resume_from", "r") == 0
+    assert (run / "logs" / "metrics.unreadable.csv").read_text() == damaged
+    assert f"note: {log} could not be read" in capsys.readouterr().err
+    assert [s for _, s in _rows(run)] == [4, 5]  # the resumed steps (0-based) logged anew
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--repeat", "derain=99999999999999999999", "N is at most 10000"),
+    ("--repeat", "derain=1000000000", "N is at most 10000"),
+    ("--max_time", "99999999999999999999:00:00:00", "at most 99999 days"),
+    ("--warmup_epochs", "1e308", "--warmup_epochs is 1e+308; pass a number from 0 to 1e+06"),
+    ("--schedule_epochs", "1e-310", "--schedule_epochs is 1e-310; pass a number from 0.001 to 1e+06")])
+def test_huge_or_tiny_numbers_are_refused_in_one_line(data, tmp_path, capsys, flag, value, says):
+    """Probe (2026-12-07): --repeat derain=1e20 and --max_time of 1e20 days overflowed (tracebacks), derain=1e9
+    ran out of memory listing pairs, and --warmup_epochs 1e308 or --schedule_epochs 1e-310 made an infinite number
+    of warm-up steps (OverflowError), after the run folder was made."""
+    argv = [flag, value] if flag != "--repeat" else ["--de_type", "derain", flag, value]
+    try:
+        code = _train(data, tmp_path / "ck", "--max_steps", "2", *argv)
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_task_that_holding_out_leaves_empty_is_refused(data, tmp_path, capsys):
+    """Probe (2026-12-07): with only rain-10 in RainTrainL (the validation split), --holdout_val trained derain on
+    0 patches, exit 0."""
+    for folder, prefix in (("rainy", "rain"), ("gt", "norain")):
+        for i in (1, 2):
+            (data / "deraining/RainTrainL" / folder / f"{prefix}-{i}.png").unlink()
+    assert _train(data, tmp_path / "ck", "--de_type", "denoise_15", "derain", "--holdout_val", "--max_steps",
+                  "1") == 2
+    line = _one_error_line(capsys)
+    assert "derain: every pair in" in line and "--holdout_val" in line
+    assert not (tmp_path / "ck").exists()
+
+
+def test_resuming_an_earlier_checkpoint_in_place_keeps_steps_only_last_ckpt_holds(data, tmp_path, capsys):
+    """Probe (2026-12-07): --resume_from an epoch checkpoint of the run, in its own folder, replaced a last.ckpt
+    of later steps that no other checkpoint held (step 66 against the epoch checkpoint's 60), without a word."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "r") == 0  # epochs of 2 steps: last.ckpt at 3
+    run = ck / "r"
+    last = (run / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    assert _train(data, ck, "--max_steps", "5", "--run_name", "r", "--resume_from",
+                  str(run / "epoch=0-step=2.ckpt")) == 2
+    line = _one_error_line(capsys)
+    assert f"is at step 2, but {run / 'last.ckpt'} is at step 3, which no other checkpoint holds" in line
+    assert (run / "last.ckpt").read_bytes() == last
+    # into a new run folder, as the line says
+    assert _train(data, ck, "--max_steps", "5", "--run_name", "r2", "--resume_from",
+                  str(run / "epoch=0-step=2.ckpt")) == 0
+    assert (run / "last.ckpt").read_bytes() == last and (ck / "r2" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/../..", "/tmp/elsewhere", ""])
+def test_a_run_name_that_is_no_folder_under_ckpt_dir_is_refused(data, tmp_path, capsys, name):
+    """Probe (2026-12-07): --run_name . trained into the --ckpt_dir itself; '..' and an absolute name left it."""
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", name) == 2
+    assert f"--run_name {name!r} is not a folder name under --ckpt_dir" in _one_error_line(capsys)
+    assert not (tmp_path / "ck").exists()

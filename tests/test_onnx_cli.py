@@ -45,6 +45,35 @@ def test_experts_skip_with_an_onnx_model_is_one_line(exported, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_global_tile_routing_with_an_onnx_model_is_refused_before_any_image(exported, tmp_path, capsys):
+    """Probe (2026-12-07): the run restored the small images before a tiled one, then stopped the whole batch
+    (exit 2) at it: the images after it were never restored and the report was never written."""
+    root, ckpt, onnx = exported
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for name, side in (("a.png", 16), ("b.png", 200), ("c.png", 16)):
+        save_image(tmp_path / "in" / name, rng.random((side, side, 3)).astype(np.float32))
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", onnx, "--quiet",
+                 "--tile_routing", "global", "--tile", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tile_routing global needs a PyTorch checkpoint" in err and onnx in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_to_write_an_onnx_graph_under_another_name(exported, tmp_path, capsys):
+    """Probe (2026-12-07): `moceir export m photo.png --format onnx --overwrite` replaced the photo with a 94 MB
+    ONNX graph (exit 0); without --overwrite it left a .png that a later restore of the folder failed on."""
+    root, ckpt, onnx = exported
+    photo = tmp_path / "photo.png"
+    save_image(photo, np.zeros((16, 16, 3), np.float32))
+    before = photo.read_bytes()
+    for name, extra in (("photo.png", ["--overwrite"]), ("new.png", []), ("model", [])):
+        assert main(["export", ckpt, str(tmp_path / name), "--format", "onnx", "--no-optimize", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "must be named .onnx" in err and "\n" not in err, err
+    assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+
+
 def test_info_describes_an_onnx_model(exported, capsys):
     assert main(["info", exported[2], "--size", "64"]) == 0
     out = capsys.readouterr().out

@@ -96,3 +96,61 @@ def test_test_and_routing_score_only_the_cdd11_subset_asked_for(tmp_path, tiny_c
     assert main(["routing", *common, "--output_path", str(tmp_path / "r")]) == 0
     counts = np.array(json.loads((tmp_path / "r" / "routing.json").read_text())["counts"])
     assert counts.sum(axis=2).tolist() == [[1, 1, 1]]  # one image (haze), not two (haze, haze_rain)
+
+
+def test_an_output_that_appears_while_scoring_is_kept_and_the_scores_are_printed(tmp_path, tiny_ckpt, monkeypatch,
+                                                                                 capsys):
+    """Probe (2026-12-07): routing.md written by another program while routing scored: a traceback (exit 1),
+    routing_heatmap.png already moved into place (half a set), and the table never printed (the scores lost)."""
+    import moceir.evaluation as evaluation
+
+    rows = [{"name": f"{i}.png", "experts": [i % 4, 0, 3], "psnr": 30.0, "input_psnr": 10.0, "size": [32, 48]}
+            for i in range(3)]
+    saved = _results(tmp_path / "results.json", {"lolv1": rows})
+    out = tmp_path / "routing"
+    real = evaluation.routing_flops
+
+    def meanwhile(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "routing.md").write_text("my notes\n")
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluation, "routing_flops", meanwhile)
+    assert _routing(tiny_ckpt, out, "lolv1", extra=["--from_results", saved]) == 1
+    captured = capsys.readouterr()
+    assert "| lolv1 | 1/1/1/0 | 3/0/0/0 | 0/0/0/3 |" in captured.out
+    err = captured.err.strip()
+    assert err.startswith("error: output ") and "routing.md appeared meanwhile; nothing of this set was written" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["routing.md"] and (out / "routing.md").read_text() == "my notes\n"
+
+
+def test_an_output_folder_of_benchmark_images_is_refused(tmp_path, small_layout, tiny_ckpt, capsys):
+    """Probe (2026-12-07): --output_path data/denoising/cBSD68/original_png wrote routing_heatmap.png among the
+    benchmark's images (exit 0), and the next `moceir test` scored it as a cBSD68 image."""
+    folder = small_layout / "denoising/cBSD68/original_png"
+    before = sorted(p.name for p in folder.iterdir())
+    assert _routing(tiny_ckpt, folder, "denoise_15", extra=["--data_file_dir", str(small_layout)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--output_path {folder} is a folder of denoise_15's images" in err and "\n" not in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_from_results_that_is_not_a_file_is_refused(tmp_path, tiny_ckpt, kind):
+    """Probe (2026-12-07): --from_results of a FIFO waited forever, of /dev/zero grew the memory without end."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "f.json"
+    if kind == "fifo":
+        os.mkfifo(source)
+    else:
+        source = "/dev/zero"
+    run = subprocess.run([sys.executable, "-m", "moceir", "routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1",
+                          "--from_results", str(source), "--output_path", str(tmp_path / "r"), "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip() == (f"error: --from_results {source} is not a regular file (a pipe or device); pass "
+                                  "the results.json that `moceir test` wrote with this checkpoint")
+    assert not (tmp_path / "r").exists()

@@ -164,6 +164,12 @@ class _ResumedWriter(ExperimentWriter):
     def __init__(self, log_dir: str, history: Path | None, start_step: int):
         super().__init__(log_dir)
         rows, keys = _read_rows(history) if history else ([], [])
+        if history is not None and not rows and _has_lines(history) and os.path.isfile(self.metrics_file_path) \
+                and os.path.samefile(history, self.metrics_file_path):  # unreadable as a whole (its header)
+            kept = _free_name(Path(self.metrics_file_path).with_name("metrics.unreadable.csv"))
+            os.replace(self.metrics_file_path, kept)
+            print(f"note: {history} could not be read (no row of numbers under a header with a step column); "
+                  f"kept as {kept}, and the resumed run's log starts anew", file=sys.stderr)
         rows = [r for r in rows if float(r["step"]) < start_step]
         if rows:
             self.metrics_keys = sorted(keys)
@@ -184,6 +190,21 @@ class _ResumedWriter(ExperimentWriter):
         except OSError as e:  # a full disk, as file.write reports it: the file's name goes into the one-line error
             e.filename = e.filename or self.metrics_file_path
             raise
+
+
+def _has_lines(path: Path) -> bool:
+    """Whether ``path`` holds more than a header line (something a resume could lose)."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return len(f.read(1 << 16).strip().splitlines()) > 1
+    return False
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``<stem>.2<suffix>``, ``.3``, ... where that is taken."""
+    n, free = 2, path
+    while os.path.lexists(free):
+        free, n = path.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
+    return free
 
 
 def _read_rows(path: Path) -> tuple[list[dict], list[str]]:

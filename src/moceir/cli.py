@@ -45,6 +45,10 @@ def _max_steps(v: str) -> int:
     return x
 
 
+MAX_DAYS = 99_999  # --max_time
+MAX_REPEAT = 10_000  # --repeat TASK=N: N copies of the task's pairs are listed in memory
+
+
 def _duration(v: str) -> str:
     """DD:HH:MM:SS, as Lightning's Timer reads it, and longer than zero."""
     import re
@@ -55,6 +59,8 @@ def _duration(v: str) -> str:
                                          f"00:01:30:00), got {v!r}")
     if not any(int(p) for p in parts.groups()):
         raise argparse.ArgumentTypeError(f"must be longer than zero, got {v} (it would train nothing)")
+    if int(parts.group(1)) > MAX_DAYS:  # Python's timedelta, which Lightning makes of it, overflows
+        raise argparse.ArgumentTypeError(f"at most {MAX_DAYS} days, got {v}")
     return v
 
 
@@ -109,6 +115,9 @@ def _repeat(v: str) -> tuple[str, int]:
     task, _, n = v.partition("=")
     if task not in (*TASKS, "cdd11") or not n.isdigit():
         raise argparse.ArgumentTypeError(f"expected TASK=N with TASK in {', '.join(TASKS)}, cdd11; got {v!r}")
+    if int(n) > MAX_REPEAT:  # 1e9 ran out of memory listing the pairs; 1e20 overflowed
+        raise argparse.ArgumentTypeError(f"N is at most {MAX_REPEAT} (upstream repeats a task up to 120 times), "
+                                         f"got {v!r}")
     return task, int(n)
 
 
@@ -426,9 +435,27 @@ def cmd_routing(args: argparse.Namespace) -> int:
     existing = [str(p) for p in files.values() if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
+    if not args.from_results:  # the heatmap PNG would be scored as a benchmark image next time
+        from .evaluation import benchmark_dataset
+
+        subset = _cdd11_subset(args)
+        for b in args.benchmarks:
+            try:
+                pairs = benchmark_dataset(args.data_file_dir, b, subset).pairs
+            except (DatasetLayoutError, ValueError):  # scoring it says why, below
+                continue
+            folders = {os.path.realpath(p.parent) for pair in pairs for p in (pair.clean, pair.degraded) if p}
+            if os.path.realpath(out) in folders:
+                raise UsageError(f"--output_path {out} is a folder of {b}'s images: routing_heatmap.png would be "
+                                 "scored as one of them; choose an --output_path outside the data")
     model, device, path = _load_for_eval(args)
     failed = False
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
+        from .io import file_problem
+
+        if problem := file_problem(args.from_results):  # a FIFO would block, /dev/zero fill the memory
+            raise UsageError(f"--from_results {args.from_results} {problem}; pass the results.json that "
+                             "`moceir test` wrote with this checkpoint")
         try:
             results = results_from_json(json.loads(Path(args.from_results).read_text()), args.benchmarks,
                                         model.num_moe_layers, model.config.num_exp_blocks, model.config.topk)
@@ -437,7 +464,6 @@ def cmd_routing(args: argparse.Namespace) -> int:
             raise UsageError(f"--from_results {args.from_results}: {why}; pass the results.json that "
                              "`moceir test` wrote with this checkpoint") from None
     else:
-        subset = _cdd11_subset(args)
         results = []
         for b in args.benchmarks:
             try:
@@ -489,10 +515,10 @@ def cmd_routing(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     data = json.dumps(finite_or_null({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
                                       "psnr_experts_bypassed": bypassed}), indent=1, allow_nan=False)
+    print(table)  # first: should the files fail to be written, the scores are not lost
     write_files_atomically({png: lambda tmp: plot_routing_heatmap(counts, names, tmp, title, model.config.topk),
                             files["routing.md"]: lambda tmp: tmp.write_text(table),
                             files["routing.json"]: lambda tmp: tmp.write_text(data)}, args.overwrite)  # as one set
-    print(table)
     print(f"wrote {png}, {out / 'routing.md'}, {out / 'routing.json'}")
     return 1 if failed else 0
 
@@ -951,32 +977,75 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _catch_sigterm() -> Any:
+    """Make SIGTERM raise :class:`_Terminated`; returns the handler it replaced, or None where it was left alone
+    (ignored by the parent, as ``nohup`` arranges, or not the main thread: an in-process caller's)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return previous
+
+
 def _main(argv: list[str] | None) -> int:
     from .runtime import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
     if args.command != "demo":  # a long-lived server: keep glibc's defaults, which return memory after each photo
         tune_cpu_allocator()  # restore's memory model follows it (moceir.inference.bytes_per_pixel)
+    import warnings
+
+    from PIL import Image
+
     from .models.checkpoints import CheckpointError
     from .pipeline import UsageError
 
+    # SIGTERM (kill, timeout, SLURM) stops the command as Ctrl-C does, so that its half-written temporary files are
+    # removed; train has Lightning's handling, the demo its own
+    replaced = _catch_sigterm() if args.command not in ("train", "demo") else None
     try:
-        return int(args.fn(args) or 0)
+        with warnings.catch_warnings():
+            # PIL warns in two lines, naming its own source file, of images of 89 to 179 megapixels, which moceir
+            # restores tiled; above that, reading them is refused in one line (moceir.io.load_image)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return int(args.fn(args) or 0)
     except (CheckpointError, UsageError) as e:  # unusable checkpoint or options: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: not a bug; every file is written whole or not at all (atomic writes)
-        print(f"error: moceir {args.command} interrupted (Ctrl-C); files written before it are complete, the rest "
-              "was not done", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: not a bug; every file is written whole or not at all (atomic writes)
+        how = "stopped by SIGTERM" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
+        print(f"error: moceir {args.command} {how}; files written before it are complete, the rest was not done",
+              file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
         _to_devnull(sys.stdout.fileno())  # so that the exit's flush stays quiet
         return 1
     except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
-        from .io import write_error_advice
+        from .io import OutputAppeared, write_error_advice
 
+        if isinstance(e, OutputAppeared):  # another program wrote an output meanwhile: kept, not replaced
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         advice = write_error_advice(e.errno, "output path")
         if advice is None or not e.filename:
             raise
         print(f"error: {e.filename}: {e.strerror}; {advice}", file=sys.stderr)
         return 1
+    finally:
+        if replaced is not None:  # an in-process caller (tests, a notebook) gets its own SIGTERM back
+            import signal
+
+            signal.signal(signal.SIGTERM, replaced)

@@ -31,6 +31,17 @@ _ORIENT = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[:
            8: lambda a: np.rot90(a, 1)}
 
 
+class OutputAppeared(FileExistsError):
+    """An output that was free when the work was planned exists when it is to be written (another program wrote
+    it meanwhile); it is not replaced. The message is one line naming the file."""
+
+    def __init__(self, message: str, path: str | Path):
+        super().__init__(errno.EEXIST, message, str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class ImageReadError(RuntimeError):
     """An image file could not be read; the message names the file and what to do."""
 
@@ -115,8 +126,9 @@ def _load_16bit(path: Path, fmt: str) -> tuple[np.ndarray, bytes | None]:
         w, h, rows, info = png.Reader(filename=str(path)).asDirect()
         planes = info["planes"]
         arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
-    else:
-        arr, icc = _read_tiff_page(path)
+        # asDirect() shifts the samples down to an sBIT chunk's significant bits (e.g. 12) and says so here
+        return arr.astype(np.float32) / float(2 ** info["bitdepth"] - 1), icc
+    arr, icc = _read_tiff_page(path)
     return arr.astype(np.float32) / 65535.0, icc
 
 
@@ -216,7 +228,8 @@ def load_image(path: str | Path) -> LoadedImage:
                                      "to an 8- or 16-bit (unsigned) PNG or TIFF")
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            # "transparency" in P, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
                 return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
                                    frames, icc)
@@ -230,8 +243,10 @@ def load_image(path: str | Path) -> LoadedImage:
     except PermissionError:
         raise ImageReadError(f"{path}: permission denied; make the file readable") from None
     except Exception as e:
-        samples = _tiff_samples(path)
+        page = _tiff_first_page(path)
+        samples = page[0] if page else None
         if samples == np.uint16:  # e.g. 16-bit gray + alpha, which PIL cannot identify
+            _refuse_bomb(path, *page[1:])  # Image.open checks this for the files it opens
             try:
                 return _sixteen_bit(path, "TIFF", 1)
             except ImageReadError:
@@ -261,7 +276,8 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
                 orientation = im.getexif().get(0x0112, 1)
         return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
-        return None
+        page = _tiff_first_page(Path(path))  # a TIFF PIL cannot open (16-bit gray + alpha) is read unrotated
+        return page[1:] if page and page[0] == np.uint16 else None
 
 
 def _exif_orientation(data: bytes) -> int:
@@ -329,6 +345,13 @@ def exif_orientation(im: Image.Image) -> int:
 def _tiff_samples(path: Path) -> np.dtype | None:
     """The sample type of a TIFF's first page (tifffile reads what PIL cannot identify: 16-bit, planar, float),
     None if not a TIFF or unreadable by tifffile (decoding then reports the file)."""
+    page = _tiff_first_page(path)
+    return page[0] if page else None
+
+
+def _tiff_first_page(path: Path) -> tuple[np.dtype, int, int] | None:
+    """(sample type, height, width) of a TIFF's first page from its tags, without decoding it; None if not a
+    TIFF or unreadable by tifffile."""
     try:
         with open(path, "rb") as f:
             if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
@@ -336,9 +359,20 @@ def _tiff_samples(path: Path) -> np.dtype | None:
         import tifffile
 
         with tifffile.TiffFile(str(path)) as t:
-            return np.dtype(t.pages[0].dtype)
+            page = t.pages[0]
+            return np.dtype(page.dtype), int(page.imagelength), int(page.imagewidth)
     except Exception:  # noqa: BLE001 - the caller decodes with PIL, whose error names the file
         return None
+
+
+def _refuse_bomb(path: Path, height: int, width: int) -> None:
+    """PIL's decompression-bomb limit (more than twice ``Image.MAX_IMAGE_PIXELS``) for a file PIL cannot open,
+    read by tifffile: an ImageReadError as load_image gives for one PIL opens."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > 2 * limit:
+        raise ImageReadError(f"{path}: image too large ({height * width} pixels, {height} x {width}, is more than "
+                             f"twice the {limit} of PIL.Image.MAX_IMAGE_PIXELS); restore a downscaled copy, or "
+                             "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
 
 
 def format_size_problem(path: str | Path, height: int, width: int) -> str | None:
@@ -470,13 +504,23 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite
     if problem := not_a_bool("overwrite", overwrite):  # files replaced on a "no"
         raise TypeError(problem)
     temps: dict[Path, Path] = {}
+    placed: list[Path] = []
     try:
         for target, write in writes.items():
             with _named(target):
                 temps[target] = _written_temp(target, write)
+        if not overwrite and (there := [t for t in temps if os.path.lexists(t)]):
+            raise OutputAppeared(f"output {there[0]} appeared meanwhile; nothing of this set was written; pass "
+                                 "--overwrite to replace it", there[0])
         for target, tmp in temps.items():
             with _named(target):
                 _move_into_place(tmp, target, overwrite)
+            placed.append(target)
+    except BaseException:
+        if not overwrite:  # the files placed were new: take them back, so that none of the set is left
+            for target in placed:
+                target.unlink(missing_ok=True)
+        raise
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
@@ -521,7 +565,7 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, target, follow_symlinks=False)
     except FileExistsError:
-        raise OSError(f"output {target} appeared meanwhile; pass --overwrite to replace it") from None
+        raise OutputAppeared(f"output {target} appeared meanwhile; pass --overwrite to replace it", target) from None
     except OSError:  # a filesystem without hard links
         if os.path.lexists(target):
             raise

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from .models import MoCEConfig, MoCEIR, attention, fused
-from .models.checkpoints import (CONFIG_KEY, CheckpointError, check_output_path, config_from_dict,
-                                 printable_note, write_output)
+from .models.checkpoints import (CONFIG_KEY, CheckpointError, OutputPathError, check_output_path,
+                                 config_from_dict, printable_note, write_output)
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "image"
@@ -169,6 +169,9 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
     ``dispatch``: "conditional" puts each expert behind an ONNX ``If`` (some image of the batch chose it), so a
     single image runs one expert per MoE layer; "dense" runs all experts and gates them (docs/onnx-and-fft.md).
     """
+    if Path(path).suffix.lower() != ".onnx":  # moceir takes any other name for safetensors, an image or a pickle
+        raise OutputPathError(f"{path}: an ONNX graph must be named .onnx, which is how moceir and ONNX tools "
+                              "recognise it; name it e.g. model.onnx")
     path = check_output_path(path, overwrite)
     if opset < 18:
         raise ValueError(f"opset must be at least 18 (the patch product is written with opset-18 operators), "

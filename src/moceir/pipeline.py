@@ -44,8 +44,13 @@ class Job:
     output: Path
 
 
-def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files, folders (their images, not recursive) and globs -> (unique absolute files, [(spec, error line)])."""
+def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+    """Files, folders (their images, not recursive, hidden files left out) and globs -> (absolute files, [(spec,
+    error line)], notes).
+
+    A file is named as given (a link keeps its own name, which its output takes), and restored once: a second
+    name for it (a link to it, the folder it is in reached through a link) is dropped with a note.
+    """
     files, errors = [], []
     for spec in specs:
         try:
@@ -55,14 +60,22 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
             found, problems = [], [f"{spec}: {e.strerror or e}; {why}"]
         files += found
         errors += [(str(spec), line) for line in problems]
-    return list(dict.fromkeys(f.resolve() for f in files)), errors
+    first: dict[Path, Path] = {}  # the file itself -> the name it is restored under
+    notes = []
+    for f in map(Path, map(os.path.abspath, files)):
+        same = first.setdefault(f.resolve(), f)
+        note = f"{f} is the same file as {same}; restoring it once, under the name {same.name}"
+        if same != f and note not in notes:
+            notes.append(note)
+    return list(first.values()), errors, notes
 
 
 def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
     """The image files that one input names, and error lines for what it names that cannot be read."""
     p = Path(spec)
-    if p.is_dir():  # the benchmarks' formats and GIF, which restore reads too
-        found, problems = _files_and_problems(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS)
+    if p.is_dir():  # the benchmarks' formats and GIF, which restore reads too; not hidden files (as training)
+        found, problems = _files_and_problems(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS
+                                              and not f.name.startswith("."))
         if not found and not problems:
             problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
                         "restore there"]
@@ -266,14 +279,15 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     """
     out_dir = Path(output_dir)
     check_output_dir(out_dir)
-    files, errors = gather_inputs(inputs)
+    files, errors, same_files = gather_inputs(inputs)
     failures = [{"input": spec, "error": e} for spec, e in errors]
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
+    notes = same_files + notes
     for row in failures:
         log(f"error: {row['error']}")
     for n in notes:
         log(f"note: {n}")
-    input_set = set(files)
+    input_set = set(files) | {f.resolve() for f in files}  # the names given and the files they lead to
     report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite, out_dir)
                    if report is not None else None)
     by_size: dict[tuple[int, int] | int, list[int]] = {}
@@ -655,6 +669,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
     net = load_network(model, torch.device("cpu") if launch.world_size > 1 else device)
     if cuda_graphs and not isinstance(net, MoCEIR):
         raise UsageError(f"--cuda_graphs needs a MoCE-IR PyTorch network, got {type(net).__name__}")
+    if opts.tile_routing == "global" and isinstance(net, OnnxNetwork):  # before any image, not at the first tiled one
+        raise UsageError(f"--tile_routing global needs a PyTorch checkpoint; {model} is an ONNX graph, which routes "
+                         "each tile (--tile_routing tile)")
     budget = max_memory if max_memory is not None else memory_budget(device)
     plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)
     if plan.batches or (plan.report is not None and not plan.report.parent.exists()):  # the report may go in -o

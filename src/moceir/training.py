@@ -97,6 +97,7 @@ class NonFiniteLossError(TrainingSetupError):
 
 COMPILE_MODES = ("none", *TORCH_COMPILE_MODES)  # "none": eager
 MAX_SEED = 2**32 - 1  # numpy's limit, which pl.seed_everything enforces with a traceback
+MAX_EPOCHS = 1e6  # --warmup_epochs and --schedule_epochs: 1e308 made an infinite number of warm-up steps
 # What Lightning reads to resume, and the flags that give a network its shape (moceir train's names)
 LIGHTNING_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "global_step", "pytorch-lightning_version")
 ARCH_FLAGS = ("dim", "num_blocks", "num_dec_blocks", "heads", "num_refinement_blocks", "num_exp_blocks", "rank_type",
@@ -160,6 +161,10 @@ class TrainSettings:
         for flag, (value, zero_ok) in numbers.items():
             if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
                 raise TrainingSetupError(f"{flag} is {value}; pass a finite number {'>= 0' if zero_ok else '> 0'}")
+        for flag, value, low in (("--warmup_epochs", self.warmup_epochs, 0),
+                                 ("--schedule_epochs", self.schedule_epochs, 1e-3)):
+            if not low <= value <= MAX_EPOCHS:  # the warm-up's steps are total * warmup / schedule
+                raise TrainingSetupError(f"{flag} is {value}; pass a number from {low:g} to {MAX_EPOCHS:g}")
         if not 0 <= self.ema_decay < 1:
             raise TrainingSetupError(f"--ema_decay is {self.ema_decay}; pass 0 (off) or a number in (0, 1) "
                                      "such as 0.999")
@@ -171,6 +176,10 @@ class TrainSettings:
         if self.compile_scope != "network" and self.compile == "none":
             raise TrainingSetupError(f"--compile_scope {self.compile_scope} says what to compile; add --compile "
                                      "(or --compile MODE) to compile it")
+        if self.run_name is not None and (not Path(self.run_name).parts or Path(self.run_name).is_absolute()
+                                          or any(part in (".", "..") for part in Path(self.run_name).parts)):
+            raise TrainingSetupError(f"--run_name {self.run_name!r} is not a folder name under --ckpt_dir (it is "
+                                     "empty, '.', absolute or holds '..'); name the run, e.g. --run_name r1")
         if not 0 <= self.seed <= MAX_SEED:
             raise TrainingSetupError(f"--seed is {self.seed}; pass a whole number from 0 to {MAX_SEED}")
         if self.fft_impl not in (None, *FFT_IMPLS):
@@ -352,6 +361,7 @@ class ResumePoint:
     config: dict[str, Any] | None
     lr: float | None = None  # the run's base learning rate (its optimizer and schedule are resumed with it)
     ema_decay: float | None = None  # the decay of the run's weight average, where it kept one
+    optimizer_shapes: tuple[int, dict] = (0, {})  # AdamW's parameter count, {(param index, name): moment shape}
 
 
 def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
@@ -407,9 +417,38 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
             raise CheckpointError(f"{path}: its state_dict holds {len(outside)} entries outside the network "
                                   f"(e.g. {outside[0]}; a moceir run holds net.* only); pass it to --fine_tune_from")
         check_finite(_optimizer_tensors(ckpt["optimizer_states"]), f"{path} (optimizer state)")
-        return ResumePoint(path, int(ckpt["global_step"]), weights, config, *_rate_and_average(ckpt, path))
+        lr, decay = _rate_and_average(ckpt, path)
+        _check_training_state(ckpt, path)
+        state = ckpt["optimizer_states"][0]
+        shapes = {(i, name): tuple(t.shape) for i, moments in state["state"].items() if isinstance(moments, Mapping)
+                  for name, t in moments.items() if name != "step" and torch.is_tensor(t)}
+        return ResumePoint(path, ckpt["global_step"], weights, config, lr, decay,
+                           (len(state["param_groups"][0]["params"]), shapes))
     except CheckpointError as e:
         raise TrainingSetupError(f"{label}: {e}") from None
+
+
+MAX_STEP = 10**12
+
+
+def _check_training_state(ckpt: Mapping, path: Path) -> None:
+    """A CheckpointError where the step, the optimizer or the schedule is not as Lightning saves a moceir run's
+    (one AdamW with one parameter group, one LambdaLR): a damaged or edited file failed inside Lightning or torch
+    with a traceback, some after the run folder was made, and a negative step was taken."""
+    step, opts, scheds = ckpt["global_step"], ckpt["optimizer_states"], ckpt["lr_schedulers"]
+    problem = None
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        problem = f"its global_step is {step!r}, not a step count"
+    elif not (isinstance(opts, list) and len(opts) == 1 and isinstance(opts[0], Mapping)
+              and isinstance(opts[0].get("state"), Mapping) and isinstance(groups := opts[0].get("param_groups"), list)
+              and len(groups) == 1 and isinstance(groups[0], Mapping) and isinstance(groups[0].get("params"), list)):
+        problem = "its optimizer state is not one optimizer with one parameter group"
+    elif not (isinstance(scheds, list) and len(scheds) <= 1
+              and all(isinstance(x, Mapping) and type(x.get("last_epoch")) is int for x in scheds)):
+        problem = "its learning-rate schedule is not one schedule with a step count (last_epoch)"
+    if problem:
+        raise CheckpointError(f"{path}: {problem}, as Lightning saves a moceir run (damaged or edited?); pass it to "
+                              "--fine_tune_from to start from its weights")
 
 
 def _rate_and_average(ckpt: Mapping, path: Path) -> tuple[float | None, float | None]:
@@ -455,6 +494,7 @@ def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
         load_state_dict_strict(net, resume.weights, str(resume.path))
     except CheckpointError as e:
         raise TrainingSetupError(f"--resume_from: {e}{_trained_with(resume)}") from None
+    _check_optimizer_shapes(net, resume)
     trained = resume.config or {}
     weighted = trained.get("with_complexity") or net.config.with_complexity  # else complexity_scale is unused
     changed = [f for f in RUN_BEHAVIOUR_FIELDS if f in trained and trained[f] != getattr(net.config, f)
@@ -465,6 +505,24 @@ def check_resume_network(net: MoCEIR, resume: ResumePoint) -> None:
         raise TrainingSetupError(f"--resume_from {resume.path}: the run was trained with {was}, this call asks for "
                                  f"{now}; pass the run's values to continue it, or --fine_tune_from to start a new "
                                  "run from its weights")
+
+
+def _check_optimizer_shapes(net: MoCEIR, resume: ResumePoint) -> None:
+    """A TrainingSetupError where the checkpoint's optimizer state does not fit ``net``'s parameters (their
+    number, or a moment's shape): Lightning loaded it, and the first step failed inside AdamW."""
+    count, shapes = resume.optimizer_shapes
+    params = [tuple(p.shape) for p in net.parameters()]
+    wrong = f"{count} parameters, the network {len(params)}" if count != len(params) else next(
+        (f"state[{i}].{name} of shape {shape}, its parameter {params[i] if _index_in(i, params) else 'none'}"
+         for (i, name), shape in shapes.items() if not _index_in(i, params) or shape != params[i]), None)
+    if wrong:
+        raise TrainingSetupError(f"--resume_from {resume.path}: its optimizer state does not fit the network "
+                                 f"({wrong}; damaged or edited?); pass it to --fine_tune_from to start from its "
+                                 "weights")
+
+
+def _index_in(i: Any, items: list) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(items)
 
 
 def _resume_config(resume: ResumePoint) -> MoCEConfig | None:
@@ -511,6 +569,7 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
     if problem:
         raise TrainingSetupError(f"run folder {run_dir}: {problem}; choose another --ckpt_dir or --run_name")
     if resume is not None and resume.path.parent.resolve() == run_dir.resolve():
+        _refuse_going_back(run_dir, resume)
         return
     if resume is None and _requeued():  # its first attempt died before any checkpoint: it starts again
         return
@@ -527,6 +586,34 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
     todo = (f"pass --resume_from {target} to continue it or choose another --run_name" if target else
             "it has no checkpoint to continue from: choose another --run_name or move its files away")
     raise TrainingSetupError(f"{run_dir} holds an earlier run ({shown}); {todo}")
+
+
+def _refuse_going_back(run_dir: Path, resume: ResumePoint) -> None:
+    """A TrainingSetupError where an earlier checkpoint of the run is resumed in its own folder while last.ckpt
+    holds later steps that no epoch checkpoint holds: the resumed run would replace last.ckpt, their only copy.
+    (Branching from an earlier epoch is allowed where last.ckpt's step is kept in an epoch checkpoint.)"""
+    last = run_dir / "last.ckpt"
+    if not last.is_file() or last.resolve() == resume.path.resolve():
+        return
+    try:
+        step = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    except Exception:  # noqa: BLE001 - an unreadable last.ckpt holds nothing to keep
+        return
+    kept = {int(m.group(1)) for p in run_dir.glob("*.ckpt") if (m := re.search(r"step=(\d+)", p.name))}
+    if isinstance(step, int) and step > resume.step and step not in kept:
+        raise TrainingSetupError(f"--resume_from {resume.path} is at step {resume.step}, but {last} is at step "
+                                 f"{step}, which no other checkpoint holds: resuming in this run folder would "
+                                 "replace it; resume into a new one (add --run_name NEW; the checkpoint is read "
+                                 "where it is) or move last.ckpt away")
+
+
+def _refuse_data_folder(run_dir: Path, per_task: dict[str, list]) -> None:
+    """A TrainingSetupError where the run folder is a folder of training images: its training_curves.png would be
+    trained on as an image by the next run (and its files mixed with the data)."""
+    parents = {p.parent for pairs in per_task.values() for pair in pairs for p in (pair.clean, pair.degraded) if p}
+    if os.path.realpath(run_dir) in {os.path.realpath(folder) for folder in parents}:
+        raise TrainingSetupError(f"run folder {run_dir} is a folder of training images: the run's files (its "
+                                 "training_curves.png) would join the data; choose a --ckpt_dir outside the data")
 
 
 def _run_checkpoints(run_dir: Path) -> list[Path]:
@@ -794,6 +881,7 @@ def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings,
               per_task: dict[str, list]) -> Path:
     """:func:`train` once its run folder is chosen (and locked)."""
     resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
+    _refuse_data_folder(run_dir, per_task)
     _check_run_folder(run_dir, resume)
     if resume is None and _requeued():  # every rank, before any logs: the dead first attempt's rows go
         (run_dir / "logs" / "metrics.csv").unlink(missing_ok=True)

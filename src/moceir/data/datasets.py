@@ -61,7 +61,9 @@ class Pair:
 
 def images_in(folder: Path, layout: str) -> list[Path]:
     if not folder.is_dir():
-        raise DatasetLayoutError(f"missing folder {folder}; expected layout: {layout}")
+        what = (f"{folder} {file_problem(folder) or 'is a file'}, not a folder" if os.path.lexists(folder)
+                else f"missing folder {folder}")
+        raise DatasetLayoutError(f"{what}; expected layout: {layout}")  # a link loop was called "missing"
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS
                    and not p.name.startswith("."))  # hidden: macOS's ._x.png resource forks are not images
     if not files:
@@ -135,7 +137,12 @@ def _degraded_pairs(root: Path, task: str, dehaze_source: str, holdout: bool) ->
     """The pairs of a task with degraded files on disk (deraining, RESIDE dehazing, deblurring, low light)."""
     if task == "derain":
         pairs = folder_pairs(root / "deraining" / "RainTrainL", "rainy", "gt", task, _number, "rain-N / norain-N")
-        return [p for p in pairs if not (holdout and is_holdout(p))]
+        kept = [p for p in pairs if not (holdout and is_holdout(p))]
+        if pairs and not kept:  # the task would train on nothing, without a word
+            raise DatasetLayoutError(f"derain: every pair in {root / 'deraining' / 'RainTrainL'} is in the "
+                                     "validation split that --holdout_val holds out (ids divisible by 10); add "
+                                     "training pairs or leave out --holdout_val")
+        return kept
     if task == "dehaze":
         if dehaze_source not in DEHAZE_SOURCES:
             raise ValueError(f"dehaze_source must be one of {DEHAZE_SOURCES}, got {dehaze_source!r}")

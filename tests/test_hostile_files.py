@@ -1,0 +1,166 @@
+"""Image files and names that lost data or slipped past the guards (a hostile probe of restore, 2026-12-07)."""
+
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import moceir
+from moceir.cli import main
+from moceir.io import image_size, load_image, save_image
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_model):
+    return str(moceir.save_model(tiny_model, tmp_path / "tiny.safetensors"))
+
+
+def _png16(path, arr, sbit=None):
+    """arr: uint16 [H, W, 3] as a 16-bit RGB PNG, with an sBIT chunk of ``sbit`` significant bits if given."""
+    png = pytest.importorskip("png")
+    h, w, _ = arr.shape
+    with open(path, "wb") as f:
+        png.Writer(w, h, greyscale=False, bitdepth=16).write(f, arr.reshape(h, w * 3))
+    if sbit:
+        data, chunk = path.read_bytes(), b"sBIT" + bytes([sbit] * 3)
+        # after the signature (8 bytes) and IHDR (25): length, type + data, CRC
+        path.write_bytes(data[:33] + struct.pack(">I", 3) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:])
+
+
+def test_a_16_bit_png_with_an_sbit_chunk_is_read_at_full_range(tmp_path):
+    """Probe: pypng's asDirect() shifts the samples down to sBIT's 12 bits; they were still divided by 65535, so
+    the image came out 16 times too dark (the output's maximum 4231 of 65535), exit 0."""
+    arr = np.linspace(0, 65535, 16 * 16 * 3).round().astype(np.uint16).reshape(16, 16, 3)
+    _png16(tmp_path / "plain.png", arr)
+    _png16(tmp_path / "sbit.png", arr, sbit=12)
+    plain, sbit = load_image(tmp_path / "plain.png"), load_image(tmp_path / "sbit.png")
+    assert sbit.bit_depth == 16 and sbit.rgb.max() == 1.0
+    assert np.abs(plain.rgb - sbit.rgb).max() <= 1 / 4095  # the 4 bits sBIT calls insignificant
+    assert np.abs(np.asarray(Image.open(tmp_path / "sbit.png").convert("RGB")) / 255 - sbit.rgb).max() < 1 / 255
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_an_8_bit_png_colour_key_is_kept_as_alpha(tmp_path, tiny_ckpt, mode):
+    """Probe: the tRNS colour key of a gray or RGB PNG (PIL's info["transparency"]) was dropped without a word;
+    only palette images kept theirs (and 16-bit PNGs, through pypng)."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    key = 0 if mode == "L" else (0, 0, 0)
+    im = Image.fromarray(values if mode == "L" else np.stack([values] * 3, -1))
+    im.save(tmp_path / "k.png", transparency=key)
+    loaded = load_image(tmp_path / "k.png")
+    assert loaded.alpha is not None and loaded.alpha[0, 0] == 0 and (loaded.alpha.ravel()[1:] == 1).all()
+    assert loaded.grayscale == (mode == "L")
+    assert main(["restore", str(tmp_path / "k.png"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--quiet"]) == 0
+    out = Image.open(tmp_path / "out" / "k.png")
+    assert out.mode in ("LA", "RGBA") and np.asarray(out)[0, 0, -1] == 0 and np.asarray(out)[0, 1, -1] == 255
+
+
+def _gray_alpha_tiff(path, h, w):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(path, np.zeros((h, w, 2), np.uint16), photometric="minisblack", extrasamples=["unassalpha"],
+                     compression="zlib")
+
+
+def test_a_16_bit_gray_alpha_tiff_has_a_size_and_meets_the_pixel_limit(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """Probe: PIL cannot open this kind of TIFF, so image_size() said None (no tiling plan, no demo limit) and
+    load_image decoded it without PIL's decompression-bomb limit: a small zlib file of 250 megapixels would have
+    been decoded into many GB instead of refused in one line."""
+    _gray_alpha_tiff(tmp_path / "ga.tif", 60, 80)
+    assert image_size(tmp_path / "ga.tif") == (60, 80)
+    assert load_image(tmp_path / "ga.tif").alpha is not None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4,800 pixels: more than twice the limit, PIL's error
+    with pytest.raises(moceir.io.ImageReadError, match=r"ga.tif: image too large \(4800 pixels"):
+        load_image(tmp_path / "ga.tif")
+    save_image(tmp_path / "ok.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(tmp_path / "ga.tif"), str(tmp_path / "ok.png"), "-o", str(tmp_path / "out"),
+                 "--checkpoint", tiny_ckpt, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ga.tif: image too large" in err[0] and "Traceback" not in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
+
+
+def test_a_folder_input_leaves_hidden_files_out(tmp_path, tiny_ckpt, capsys):
+    """Probe: `restore folder` took macOS's `._a.png` resource forks (and a killed run's temporary files) for
+    images and failed on them (exit 1); training, and globs, leave hidden files out."""
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "a.png", np.zeros((16, 16, 3), np.float32))
+    (tmp_path / "in" / "._a.png").write_bytes(b"\0\5\26\7 Mac OS X resource fork")
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.png"]
+    # named by itself, a hidden file is an input like any other
+    assert main(["restore", str(tmp_path / "in" / "._a.png"), "-o", str(tmp_path / "o2"), "--checkpoint", tiny_ckpt,
+                 "--quiet"]) == 1
+    assert "._a.png: cannot read image" in capsys.readouterr().err
+
+
+def test_a_linked_input_is_named_as_given_and_a_second_name_of_a_file_is_said(tmp_path, tiny_ckpt, capsys):
+    """Probe: an input link album/holiday.png -> ../store/blob.bin was written as out/blob.png; a link
+    beach_copy.png -> beach.png in the same folder was dropped without a word ("restored 2" of 3 entries)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "album").mkdir()
+    Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "store" / "blob.bin", "PNG")
+    (tmp_path / "album" / "holiday.png").symlink_to(tmp_path / "store" / "blob.bin")
+    save_image(tmp_path / "album" / "beach.png", rng.random((16, 16, 3)).astype(np.float32))
+    (tmp_path / "album" / "beach_copy.png").symlink_to("beach.png")
+    assert main(["restore", str(tmp_path / "album"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--report", str(tmp_path / "r.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["beach.png", "holiday.png"]
+    err = capsys.readouterr().err
+    assert (f"note: {tmp_path / 'album' / 'beach_copy.png'} is the same file as {tmp_path / 'album' / 'beach.png'}; "
+            "restoring it once, under the name beach.png") in err
+    rows = json.loads((tmp_path / "r.json").read_text())["images"]
+    assert sorted(r["input"] for r in rows) == [str(tmp_path / "album" / n) for n in ("beach.png", "holiday.png")]
+    # an output folder that is a link to the input folder still never overwrites an input
+    (tmp_path / "same").symlink_to(tmp_path / "album")
+    before = (tmp_path / "album" / "beach.png").read_bytes()
+    assert main(["restore", str(tmp_path / "album" / "beach.png"), "-o", str(tmp_path / "same"), "--checkpoint",
+                 tiny_ckpt, "--quiet", "--overwrite"]) == 1
+    assert "would overwrite an input" in capsys.readouterr().err
+    assert (tmp_path / "album" / "beach.png").read_bytes() == before
+
+
+def test_sigterm_stops_a_restore_like_ctrl_c_and_leaves_no_temporary_file(tmp_path, tiny_ckpt):
+    """Probe: SIGTERM (kill, timeout, SLURM) in the middle of a restore killed it where it stood: a half-written
+    temporary file (.i03.plzyeaou.png) stayed in -o, and a later `restore` of that folder restored it."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(60):
+        save_image(tmp_path / "in" / f"i{i:02d}.png", rng.random((96, 96, 3)).astype(np.float32))
+    out = tmp_path / "out"
+    err_file = (tmp_path / "err.txt").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moceir", "restore", str(tmp_path / "in"), "-o", str(out),
+                             "--checkpoint", tiny_ckpt, "--quiet"], stdout=subprocess.DEVNULL, stderr=err_file,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and len(list(out.glob("*.png"))) < 3:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        err_file.close()
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: moceir restore stopped by SIGTERM; files written"), err
+    assert "Traceback" not in err
+    done = list(out.iterdir())
+    assert 3 <= len(done) < 60 and all(not p.name.startswith(".") for p in done), sorted(p.name for p in done)
+    assert all(load_image(p).rgb.shape == (96, 96, 3) for p in done)  # every file there is whole
+
+
+def test_sigterm_handler_is_given_back_to_an_in_process_caller(tmp_path):
+    """main() makes SIGTERM stop a command as Ctrl-C does; a caller's own handler is left as it was after it."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", "MoCE_IR_tiny", "--size", "32"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
