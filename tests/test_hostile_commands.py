@@ -13,6 +13,7 @@ import torch
 
 import moceir
 from moceir.cli import main
+from moceir.runtime import Terminated
 
 
 def _one_line(capsys) -> str:
@@ -464,11 +465,27 @@ def test_ctrl_c_across_processes_is_a_keyboard_interrupt_again():
         def predict(self, task, return_predictions):
             raise SystemExit(1)  # what Lightning does after "Detected KeyboardInterrupt"
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as caught:
+        _predict(Interrupted(), None)
+    assert not isinstance(caught.value, Terminated)
+    Interrupted.received_sigterm = True  # review (2026-12-07): SIGTERM across processes was reported as Ctrl-C
+    with pytest.raises(Terminated):
         _predict(Interrupted(), None)
     Interrupted.interrupted = False
     with pytest.raises(SystemExit):
         _predict(Interrupted(), None)
+
+
+def test_sigterm_in_any_command_is_one_line_and_exit_143(monkeypatch, capsys):
+    import moceir.cli as cli
+
+    def terminated(args):
+        raise Terminated
+
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    assert main(["info", "MoCE_IR_tiny"]) == 143
+    assert capsys.readouterr().err.splitlines() == ["error: moceir info stopped by SIGTERM; files written before "
+                                                    "it are complete, the rest was not done"]
 
 
 def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):

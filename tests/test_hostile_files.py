@@ -164,3 +164,51 @@ def test_sigterm_handler_is_given_back_to_an_in_process_caller(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["info", "MoCE_IR_tiny", "--size", "32"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_input_with_dots_after_a_linked_folder_is_the_file_the_system_finds(tmp_path, tiny_ckpt, monkeypatch):
+    """Review (2026-12-07): `link/../x.png`, link -> ../real/sub, was read as work/x.png (the link's own parent):
+    "does not exist", or another file of that name restored in its place."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    save_image(tmp_path / "real" / "x.png", np.zeros((16, 16, 3), np.float32))
+    save_image(tmp_path / "work" / "x.png", np.ones((16, 16, 3), np.float32))  # a decoy under the wrong reading
+    (tmp_path / "work" / "link").symlink_to("../real/sub")
+    monkeypatch.chdir(tmp_path / "work")
+    rows = moceir.restore_files(["link/../x.png"], tmp_path / "out", tiny_ckpt, progress=False, log=lambda s: None)
+    assert [r["input"] for r in rows] == [str(tmp_path / "real" / "x.png")]
+
+
+def test_a_1_bit_png_colour_key_is_kept_as_alpha(tmp_path):
+    """Review (2026-12-07): a 1-bit gray PNG with tRNS opens in PIL's mode "1", which the fix had left out."""
+    png = pytest.importorskip("png")
+    with open(tmp_path / "b.png", "wb") as f:
+        png.Writer(4, 4, greyscale=True, bitdepth=1, transparent=0).write(f, [[0, 1, 0, 1]] * 4)
+    loaded = load_image(tmp_path / "b.png")
+    assert loaded.alpha is not None and loaded.alpha[0].tolist() == [0, 1, 0, 1] and loaded.grayscale
+
+
+def test_a_folder_of_hidden_images_only_says_they_were_left_out(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "hid").mkdir()
+    save_image(tmp_path / "hid" / ".a.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(tmp_path / "hid"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "folder has no images" in err and "but 1 hidden file(s) (.a.png), left out" in err and "\n" not in err
+
+
+def test_a_folder_of_links_to_another_inputs_files_is_one_note_not_one_per_file(tmp_path, tiny_ckpt, capsys):
+    """Review (2026-12-07): each file's second name was its own note. A folder reached through a link is the same
+    folder (its files are the same names), restored once without a note, as a folder given twice."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "links").mkdir()
+    for i in range(3):
+        save_image(tmp_path / "in" / f"{i}.png", np.zeros((16, 16, 3), np.float32))
+        (tmp_path / "links" / f"{i}.png").symlink_to(f"../in/{i}.png")
+    (tmp_path / "again").symlink_to("in")
+    assert main(["restore", str(tmp_path / "in"), str(tmp_path / "again"), str(tmp_path / "links"), "-o",
+                 str(tmp_path / "out"), "--checkpoint", tiny_ckpt]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 3 files in {tmp_path / 'links'} are the same files as in {tmp_path / 'in'}; restoring "
+                     "each once, under its name there"], notes
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]

@@ -1190,3 +1190,21 @@ def test_a_run_name_that_is_no_folder_under_ckpt_dir_is_refused(data, tmp_path, 
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", name) == 2
     assert f"--run_name {name!r} is not a folder name under --ckpt_dir" in _one_error_line(capsys)
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_requeue_after_a_node_failure_resumes_last_ckpt_when_it_is_further_than_the_hpc_checkpoint(
+        data, tmp_path, monkeypatch, capsys):
+    """Review (2026-12-07): attempt 1 was preempted (hpc_ckpt_1 at step 3), attempt 2 reached last.ckpt at step 6
+    and its node died before any signal; attempt 3 took hpc_ckpt_1 (steps 4-6 were lost), and with the in-place
+    resume check it was refused outright."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "r") == 0
+    (ck / "r" / "last.ckpt").rename(ck / "r" / "hpc_ckpt_1.ckpt")
+    _slurm(monkeypatch, 1)
+    assert _train(data, ck, "--max_steps", "6", "--run_name", "r") == 0
+    assert torch.load(ck / "r" / "last.ckpt", weights_only=True)["global_step"] == 6
+    _slurm(monkeypatch, 2)
+    capsys.readouterr()
+    assert _train(data, ck, "--max_steps", "8", "--run_name", "r") == 0
+    assert torch.load(ck / "r" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert json.loads((ck / "r" / "settings.json").read_text())["start_step"] == 6

@@ -120,7 +120,8 @@ def test_an_output_that_appears_while_scoring_is_kept_and_the_scores_are_printed
     captured = capsys.readouterr()
     assert "| lolv1 | 1/1/1/0 | 3/0/0/0 | 0/0/0/3 |" in captured.out
     err = captured.err.strip()
-    assert err.startswith("error: output ") and "routing.md appeared meanwhile; nothing of this set was written" in err
+    assert err.startswith("error: output ")
+    assert "routing.md appeared meanwhile; nothing of this set of 3 files was written" in err
     assert "\n" not in err and "Traceback" not in err
     assert [p.name for p in out.iterdir()] == ["routing.md"] and (out / "routing.md").read_text() == "my notes\n"
 
@@ -154,3 +155,16 @@ def test_from_results_that_is_not_a_file_is_refused(tmp_path, tiny_ckpt, kind):
     assert run.stderr.strip() == (f"error: --from_results {source} is not a regular file (a pipe or device); pass "
                                   "the results.json that `moceir test` wrote with this checkpoint")
     assert not (tmp_path / "r").exists()
+
+
+def test_from_results_into_a_folder_of_benchmark_images_is_refused_too(tmp_path, small_layout, tiny_ckpt, capsys):
+    """Review (2026-12-07): with --from_results the benchmark-folder check was skipped, and the heatmap PNG still
+    went into the folder."""
+    rows = [{"name": "1.png", "experts": [0, 0, 3], "psnr": 30.0, "input_psnr": 10.0, "size": [24, 32]}]
+    saved = _results(tmp_path / "results.json", {"lolv1": rows})
+    folder = small_layout / "llie/LOLv1/Test/input"
+    before = sorted(p.name for p in folder.iterdir())
+    assert _routing(tiny_ckpt, folder, "lolv1", extra=["--from_results", saved, "--data_file_dir",
+                                                        str(small_layout)]) == 2
+    assert "is a folder of lolv1's images" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -31,8 +31,12 @@ def test_a_requeued_job_resumes_its_newest_hpc_checkpoint(tmp_path, monkeypatch)
         (tmp_path / f"hpc_ckpt_{n}.ckpt").write_bytes(b"x")
     (tmp_path / "last.ckpt").write_bytes(b"x")
     monkeypatch.setattr(training, "_requeued", lambda: True)
-    monkeypatch.setattr(training, "read_resume_point", lambda path, label="": path)
-    assert training._requeued_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
+    steps = {"hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 2, "hpc_ckpt_9.ckpt": 9, "hpc_ckpt_10.ckpt": 10, "last.ckpt": 5}
+    monkeypatch.setattr(training, "read_resume_point",
+                        lambda path, label="": types.SimpleNamespace(path=path, step=steps[path.name]))
+    assert training._requeued_checkpoint(tmp_path).path == tmp_path / "hpc_ckpt_10.ckpt"
+    steps["last.ckpt"] = 12  # a node failed after the last signal: last.ckpt is further on (review, 2026-12-07)
+    assert training._requeued_checkpoint(tmp_path).path == tmp_path / "last.ckpt"
 
 
 def test_a_run_without_last_ckpt_is_continued_from_its_newest_checkpoint(tmp_path):

@@ -416,6 +416,23 @@ def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- routing
+def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], subset: str) -> None:
+    """A UsageError where ``out`` is a folder of a benchmark's images (with or without --from_results, when the
+    benchmarks can be listed): routing_heatmap.png would be scored as one of them by the next run."""
+    from .data.datasets import DatasetLayoutError, data_folders
+    from .evaluation import benchmark_dataset
+    from .pipeline import UsageError
+
+    for b in benchmarks:
+        try:
+            folders = data_folders(benchmark_dataset(data_dir, b, subset).pairs)
+        except (DatasetLayoutError, ValueError):  # scoring it says why; with --from_results it is not read
+            continue
+        if os.path.realpath(out) in folders:
+            raise UsageError(f"--output_path {out} is a folder of {b}'s images: routing_heatmap.png would be scored "
+                             "as one of them; choose an --output_path outside the data")
+
+
 def cmd_routing(args: argparse.Namespace) -> int:
     from .data.datasets import DatasetLayoutError
     from .evaluation import evaluate_benchmark, finite_or_null, results_from_json, routing_counts, routing_flops
@@ -435,19 +452,8 @@ def cmd_routing(args: argparse.Namespace) -> int:
     existing = [str(p) for p in files.values() if os.path.lexists(p)]
     if existing and not args.overwrite:
         raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
-    if not args.from_results:  # the heatmap PNG would be scored as a benchmark image next time
-        from .evaluation import benchmark_dataset
-
-        subset = _cdd11_subset(args)
-        for b in args.benchmarks:
-            try:
-                pairs = benchmark_dataset(args.data_file_dir, b, subset).pairs
-            except (DatasetLayoutError, ValueError):  # scoring it says why, below
-                continue
-            folders = {os.path.realpath(p.parent) for pair in pairs for p in (pair.clean, pair.degraded) if p}
-            if os.path.realpath(out) in folders:
-                raise UsageError(f"--output_path {out} is a folder of {b}'s images: routing_heatmap.png would be "
-                                 "scored as one of them; choose an --output_path outside the data")
+    subset = None if args.from_results else _cdd11_subset(args)
+    _refuse_benchmark_folder(out, args.data_file_dir, args.benchmarks, subset or "all")
     model, device, path = _load_for_eval(args)
     failed = False
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
@@ -640,6 +646,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")
+    if fmt == "onnx" and out.suffix.lower() != ".onnx":  # before loading; export_onnx refuses it too
+        raise UsageError(f"{out}: an ONNX graph must be named .onnx, which is how moceir and ONNX tools recognise "
+                         "it; name it e.g. model.onnx")
     if out.exists() and os.path.samefile(out, resolve_path(args.checkpoint)):  # --overwrite never means the input
         raise UsageError(f"{out} is the checkpoint being exported; choose another output name")
     if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
@@ -861,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship) or ONNX")
     p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
     p.add_argument("output", help="the file to write: .safetensors or .onnx (the suffix picks the format)")
-    p.add_argument("--format", choices=["safetensors", "onnx"], help="override the format the suffix implies")
+    p.add_argument("--format", choices=["safetensors", "onnx"],
+                   help="the format, where the suffix does not say (safetensors under another name; ONNX needs .onnx)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="ONNX: run onnxscript's graph optimizer (about 2x the export time; ONNX Runtime ran 16%% "
                         "faster with it)")
@@ -977,17 +987,15 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs."""
-
-
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
+    from .runtime import Terminated
+
+    raise Terminated
 
 
 def _catch_sigterm() -> Any:
-    """Make SIGTERM raise :class:`_Terminated`; returns the handler it replaced, or None where it was left alone
-    (ignored by the parent, as ``nohup`` arranges, or not the main thread: an in-process caller's)."""
+    """Make SIGTERM raise :class:`moceir.runtime.Terminated`; returns the handler it replaced, or None where it
+    was left alone (a handler or SIG_IGN set by the caller, or not the main thread: an in-process caller's)."""
     import signal
     import threading
 
@@ -1026,10 +1034,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: not a bug; every file is written whole or not at all (atomic writes)
-        how = "stopped by SIGTERM" if isinstance(e, _Terminated) else "interrupted (Ctrl-C)"
-        print(f"error: moceir {args.command} {how}; files written before it are complete, the rest was not done",
-              file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+        from .runtime import Terminated
+
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        if is_rank_zero():  # once, not once per process
+            print(f"error: moceir {args.command} {how}; files written before it are complete, the rest was not "
+                  "done", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `moceir info ... | head` stopped reading: not a bug, and nothing more to print
         _to_devnull(sys.stdout.fileno())  # so that the exit's flush stays quiet
         return 1

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .checks import is_whole
 from .pipeline import ImageFiles, Plan, Restorer, RestoreOptions, UsageError, as_list
+from .runtime import Terminated
 
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 # The writer below finds each batch's images by its own plan, never by Lightning's batch indices
@@ -164,13 +165,13 @@ def restore_distributed(net: torch.nn.Module, plan: Plan, options: RestoreOption
 
 
 def _predict(trainer: pl.Trainer, task: pl.LightningModule) -> None:
-    """trainer.predict; a Ctrl-C, which Lightning turns into exit code 1, is a KeyboardInterrupt again (the
-    command line says so in one line, exit code 130, as for one process)."""
+    """trainer.predict; a Ctrl-C or SIGTERM, which Lightning turns into exit code 1, is a KeyboardInterrupt (or
+    Terminated) again: the command line says so in one line, exit code 130 (143), as for one process."""
     try:
         trainer.predict(task, return_predictions=False)
     except SystemExit:
         if trainer.interrupted:
-            raise KeyboardInterrupt from None
+            raise (Terminated if getattr(trainer, "received_sigterm", False) else KeyboardInterrupt) from None
         raise
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs
+from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs, data_folders
 from .flops import image_experts, layer_picks
 from .inference import restore_tensor
 from .io import ImageReadError, save_image, write_atomically, write_error_advice, write_files_atomically
@@ -86,7 +86,7 @@ def save_targets(ds: BenchmarkDataset, save_dir: Path) -> tuple[list[Path], list
 def _refuse_data_folders(ds: BenchmarkDataset, targets: list[Path]) -> None:
     """A UsageError where a restored image would go into a folder of the benchmark's own images (a link under
     images/, or --output_path inside the data): it could replace an input, and would be read as one next time."""
-    data_dirs = {os.path.realpath(p.parent) for pair in ds.pairs for p in (pair.clean, pair.degraded) if p}
+    data_dirs = data_folders(ds.pairs)
     for target in targets:
         if os.path.realpath(target.parent) in data_dirs:
             raise UsageError(f"{target.parent} is {os.path.realpath(target.parent)}, a folder of the benchmark's "

@@ -228,8 +228,8 @@ def load_image(path: str | Path) -> LoadedImage:
                                      "to an 8- or 16-bit (unsigned) PNG or TIFF")
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1")
-            # "transparency" in P, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+            # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "1", "L", "RGB") and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
                 return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
                                    frames, icc)
@@ -510,8 +510,8 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite
             with _named(target):
                 temps[target] = _written_temp(target, write)
         if not overwrite and (there := [t for t in temps if os.path.lexists(t)]):
-            raise OutputAppeared(f"output {there[0]} appeared meanwhile; nothing of this set was written; pass "
-                                 "--overwrite to replace it", there[0])
+            raise OutputAppeared(f"output {there[0]} appeared meanwhile; nothing of this set of {len(temps)} files "
+                                 "was written; pass --overwrite to replace it", there[0])
         for target, tmp in temps.items():
             with _named(target):
                 _move_into_place(tmp, target, overwrite)

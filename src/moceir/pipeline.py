@@ -26,8 +26,9 @@ from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, file_problem,
-                 format_size_problem, image_size, load_image, save_image, write_atomically, write_error_advice)
+from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, OutputAppeared,
+                 file_problem, format_size_problem, image_size, load_image, save_image, write_atomically,
+                 write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 from .runtime import is_rank_zero
@@ -61,12 +62,15 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
         files += found
         errors += [(str(spec), line) for line in problems]
     first: dict[Path, Path] = {}  # the file itself -> the name it is restored under
-    notes = []
-    for f in map(Path, map(os.path.abspath, files)):
+    again: dict[tuple[Path, Path], list[tuple[Path, Path]]] = {}  # (folder, its first folder) -> second names
+    for f in files:
+        f = Path(os.path.realpath(f.parent)) / f.name  # the folder resolved (link/.. is link's parent), not the name
         same = first.setdefault(f.resolve(), f)
-        note = f"{f} is the same file as {same}; restoring it once, under the name {same.name}"
-        if same != f and note not in notes:
-            notes.append(note)
+        if same != f and (f, same) not in again.get((f.parent, same.parent), []):
+            again.setdefault((f.parent, same.parent), []).append((f, same))
+    notes = [f"{pairs[0][0]} is the same file as {pairs[0][1]}; restoring it once, under the name {pairs[0][1].name}"
+             if len(pairs) == 1 else f"{len(pairs)} files in {folder} are the same files as in {kept}; restoring "
+             "each once, under its name there" for (folder, kept), pairs in again.items()]
     return list(first.values()), errors, notes
 
 
@@ -77,8 +81,11 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
         found, problems = _files_and_problems(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS
                                               and not f.name.startswith("."))
         if not found and not problems:
-            problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}); nothing to "
-                        "restore there"]
+            hidden = sorted(f.name for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS)
+            left_out = (f" but {len(hidden)} hidden file(s) ({', '.join(hidden[:3])}{', ...' * (len(hidden) > 3)}), "
+                        "left out as training leaves them out; name them to restore them" if hidden else
+                        "; nothing to restore there")
+            problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}){left_out}"]
         return found, problems
     if p.is_file():
         return [p], []
@@ -550,7 +557,7 @@ class Restorer:
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:
-            if e.errno is None:
+            if e.errno is None or isinstance(e, OutputAppeared):  # not the disk's doing: no write_errno
                 self.fail(i, e)
             else:
                 self.fail(i, _write_error_line(self.jobs[i], e), e.errno)

@@ -19,6 +19,11 @@ class UsageError(ValueError):
     """Options that cannot work (a report path that is an input, fp16 on a CPU, ...): one line, nothing done."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs
+    (the command line installs it: moceir.cli)."""
+
+
 def is_rank_zero() -> bool:
     """Whether this process is rank 0 of a distributed run (or there is none): the one that prints and reports.
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import time
 import warnings
@@ -44,7 +45,8 @@ from torch.utils.data import DataLoader
 from .callbacks import (AtomicCheckpointIO, PlotAtEnd, ResumableCSVLogger, RunCheckpoint, WeightEMA, WriteAtStart,
                         count_epoch_completed, epoch_complete, write_text)
 from .captured_step import Capture, CaptureError, CapturedTrainStep, portable_optimizer_state
-from .data.datasets import DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images
+from .data.datasets import (DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images,
+                            data_folders)
 from .io import ImageReadError, write_error_advice
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
@@ -392,14 +394,25 @@ def _requeued() -> bool:
 
 
 def _requeued_checkpoint(run_dir: Path) -> ResumePoint | None:
-    """In a requeued SLURM job, where its first attempt stopped: the newest ``hpc_ckpt_N.ckpt`` Lightning saved at
-    SLURM's warning signal, else ``last.ckpt`` (a node failed before the signal); None when there is neither."""
+    """In a requeued SLURM job, where its last attempt stopped: of the newest ``hpc_ckpt_N.ckpt`` Lightning saved
+    at SLURM's warning signal and ``last.ckpt`` (a node failed before the signal, maybe after an earlier
+    requeue's signal), the one at the later step; None when there is neither."""
     if not _requeued():
         return None
     saved = [(int(m.group(1)), p) for p in run_dir.glob("hpc_ckpt_*.ckpt")
              if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
-    path = max(saved)[1] if saved else run_dir / "last.ckpt"
-    return read_resume_point(path, "requeued SLURM job") if path.is_file() else None
+    last = run_dir / "last.ckpt"
+    hpc = read_resume_point(max(saved)[1], "requeued SLURM job") if saved else None
+    if not last.is_file():
+        return hpc
+    try:
+        at_last = read_resume_point(last, "requeued SLURM job")
+    except TrainingSetupError as e:
+        if hpc is None:
+            raise
+        rank_zero_only(print)(f"note: {e}; resuming {hpc.path} instead", file=sys.stderr)
+        return hpc
+    return at_last if hpc is None or at_last.step > hpc.step else hpc
 
 
 def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
@@ -428,7 +441,7 @@ def read_resume_point(path: Path, label: str = "--resume_from") -> ResumePoint:
         raise TrainingSetupError(f"{label}: {e}") from None
 
 
-MAX_STEP = 10**12
+MAX_STEP = 10**12  # a global_step beyond it is no run's (about 30 years of 1,000 steps a second)
 
 
 def _check_training_state(ckpt: Mapping, path: Path) -> None:
@@ -610,8 +623,7 @@ def _refuse_going_back(run_dir: Path, resume: ResumePoint) -> None:
 def _refuse_data_folder(run_dir: Path, per_task: dict[str, list]) -> None:
     """A TrainingSetupError where the run folder is a folder of training images: its training_curves.png would be
     trained on as an image by the next run (and its files mixed with the data)."""
-    parents = {p.parent for pairs in per_task.values() for pair in pairs for p in (pair.clean, pair.degraded) if p}
-    if os.path.realpath(run_dir) in {os.path.realpath(folder) for folder in parents}:
+    if os.path.realpath(run_dir) in data_folders(pair for pairs in per_task.values() for pair in pairs):
         raise TrainingSetupError(f"run folder {run_dir} is a folder of training images: the run's files (its "
                                  "training_curves.png) would join the data; choose a --ckpt_dir outside the data")
 

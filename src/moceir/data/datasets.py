@@ -13,7 +13,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -57,6 +57,13 @@ class Pair:
         """Unique within its benchmark: the file name, under its folder where it has one ("haze/001.png")."""
         file = (self.degraded or self.clean).name
         return f"{self.folder}/{file}" if self.folder else file
+
+
+def data_folders(pairs: Iterable[Pair]) -> set[str]:
+    """The real paths (links followed) of the folders that ``pairs``' images are in: a folder a command must not
+    write its own images into, where the next run would read them as data."""
+    return {os.path.realpath(folder) for folder in {p.parent for pair in pairs for p in (pair.clean, pair.degraded)
+                                                    if p}}
 
 
 def images_in(folder: Path, layout: str) -> list[Path]:
