@@ -476,29 +476,20 @@ def test_ctrl_c_across_processes_is_a_keyboard_interrupt_again():
         _predict(Interrupted(), None)
 
 
-def test_sigterm_in_any_command_is_one_line_and_exit_143(monkeypatch, capsys):
-    import moceir.cli as cli
-
-    def terminated(args):
-        raise Terminated
-
-    monkeypatch.setattr(cli, "cmd_info", terminated)
-    assert main(["info", "MoCE_IR_tiny"]) == 143
-    assert capsys.readouterr().err.splitlines() == ["error: moceir info stopped by SIGTERM; files written before "
-                                                    "it are complete, the rest was not done"]
-
-
-def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
-    """Probe: Ctrl-C during `moceir test` printed a KeyboardInterrupt traceback (here: in `info`, in-process)."""
+@pytest.mark.parametrize("signal,code,how", [(KeyboardInterrupt, 130, "interrupted (Ctrl-C)"),
+                                             (Terminated, 143, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_in_any_command_is_one_line_and_its_exit_code(monkeypatch, capsys, signal, code, how):
+    """Probe: Ctrl-C during `moceir test` printed a KeyboardInterrupt traceback (here: in `info`, in-process);
+    SIGTERM (2026-12-07) killed the command where it stood."""
     import moceir.cli as cli
 
     def interrupted(args):
-        raise KeyboardInterrupt
+        raise signal
 
     monkeypatch.setattr(cli, "cmd_info", interrupted)
-    assert main(["info", "MoCE_IR_tiny"]) == 130
-    assert capsys.readouterr().err.splitlines() == ["error: moceir info interrupted (Ctrl-C); files written before "
-                                                    "it are complete, the rest was not done"]
+    assert main(["info", "MoCE_IR_tiny"]) == code
+    assert capsys.readouterr().err.splitlines() == [f"error: moceir info {how}; files written before it are "
+                                                    "complete, the rest was not done"]
 
 
 def test_export_keeps_the_checkpoints_note_unless_replaced(tmp_path, tiny_ckpt, capsys):
