@@ -13,8 +13,8 @@ from typing import Any
 from .data.datasets import BENCHMARKS, DEHAZE_SOURCES, TASKS, TRAINSETS
 from .losses import LOSS_TYPES
 from .models.config import COMPLEXITY_SCALES, FFT_IMPLS, PRESETS, RANK_TYPES
-from .onnx import EXPORT_DISPATCHES
-from .runtime import COMPILE_MODES, COMPILE_SCOPES, is_rank_zero
+from .onnx import EXPORT_DISPATCHES, onnx_name_problem
+from .runtime import COMPILE_MODES, COMPILE_SCOPES, Terminated, is_rank_zero
 
 
 def _number(kind, v: str):
@@ -646,9 +646,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt is None:
         raise UsageError(f"cannot tell the format of {out} from its suffix; name it .safetensors or .onnx, "
                          "or pass --format")
-    if fmt == "onnx" and out.suffix.lower() != ".onnx":  # before loading; export_onnx refuses it too
-        raise UsageError(f"{out}: an ONNX graph must be named .onnx, which is how moceir and ONNX tools recognise "
-                         "it; name it e.g. model.onnx")
+    if fmt == "onnx" and (problem := onnx_name_problem(out)):  # before loading; export_onnx refuses it too
+        raise UsageError(problem)
     if out.exists() and os.path.samefile(out, resolve_path(args.checkpoint)):  # --overwrite never means the input
         raise UsageError(f"{out} is the checkpoint being exported; choose another output name")
     if out.exists() and not args.overwrite:  # before loading; a dangling link: save_model's own refusal (also 2)
@@ -988,8 +987,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    from .runtime import Terminated
-
     raise Terminated
 
 
@@ -1034,8 +1031,6 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: not a bug; every file is written whole or not at all (atomic writes)
-        from .runtime import Terminated
-
         how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
         if is_rank_zero():  # once, not once per process
             print(f"error: moceir {args.command} {how}; files written before it are complete, the rest was not "

@@ -236,8 +236,7 @@ def load_image(path: str | Path) -> LoadedImage:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
             return LoadedImage(rgb, None, 8, grayscale, fmt, frames, icc)
     except Image.DecompressionBombError as e:
-        raise ImageReadError(f"{path}: image too large ({e}); restore a downscaled copy, or raise "
-                             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+        raise _too_large(path, str(e)) from None
     except (ImageReadError, MemoryError):  # a MemoryError gets its own advice from the caller
         raise
     except PermissionError:
@@ -370,9 +369,13 @@ def _refuse_bomb(path: Path, height: int, width: int) -> None:
     read by tifffile: an ImageReadError as load_image gives for one PIL opens."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit and height * width > 2 * limit:
-        raise ImageReadError(f"{path}: image too large ({height * width} pixels, {height} x {width}, is more than "
-                             f"twice the {limit} of PIL.Image.MAX_IMAGE_PIXELS); restore a downscaled copy, or "
-                             "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+        raise _too_large(path, f"{height * width} pixels, {height} x {width}, is more than twice the {limit} of "
+                               "PIL.Image.MAX_IMAGE_PIXELS")
+
+
+def _too_large(path: Path, why: str) -> ImageReadError:
+    return ImageReadError(f"{path}: image too large ({why}); restore a downscaled copy, or raise "
+                          "PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
 
 
 def format_size_problem(path: str | Path, height: int, width: int) -> str | None:

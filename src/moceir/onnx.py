@@ -155,6 +155,15 @@ def _exportable_copy(model: MoCEIR, dispatch: str) -> MoCEIR:
 EXPORT_DISPATCHES = ("conditional", "dense")
 
 
+def onnx_name_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot name an ONNX graph, or None: moceir (and ONNX tools) tell one by its .onnx suffix, and
+    take any other name for safetensors, an image or a pickle."""
+    if Path(path).suffix.lower() == ".onnx":
+        return None
+    return f"{path}: an ONNX graph must be named .onnx, which is how moceir and ONNX tools recognise it; name it " \
+           "e.g. model.onnx"
+
+
 def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, note: str | None = None,
                 overwrite: bool = False, optimize: bool = True, dispatch: str = "conditional") -> Path:
     """Write ``model`` as an ONNX graph with dynamic batch, height and width (see the module docstring).
@@ -169,9 +178,8 @@ def export_onnx(model: MoCEIR, path: str | Path, opset: int = DEFAULT_OPSET, not
     ``dispatch``: "conditional" puts each expert behind an ONNX ``If`` (some image of the batch chose it), so a
     single image runs one expert per MoE layer; "dense" runs all experts and gates them (docs/onnx-and-fft.md).
     """
-    if Path(path).suffix.lower() != ".onnx":  # moceir takes any other name for safetensors, an image or a pickle
-        raise OutputPathError(f"{path}: an ONNX graph must be named .onnx, which is how moceir and ONNX tools "
-                              "recognise it; name it e.g. model.onnx")
+    if problem := onnx_name_problem(path):
+        raise OutputPathError(problem)
     path = check_output_path(path, overwrite)
     if opset < 18:
         raise ValueError(f"opset must be at least 18 (the patch product is written with opset-18 operators), "

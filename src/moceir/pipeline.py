@@ -63,10 +63,10 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
         errors += [(str(spec), line) for line in problems]
     first: dict[Path, Path] = {}  # the file itself -> the name it is restored under
     again: dict[tuple[Path, Path], list[tuple[Path, Path]]] = {}  # (folder, its first folder) -> second names
-    for f in files:
-        f = Path(os.path.realpath(f.parent)) / f.name  # the folder resolved (link/.. is link's parent), not the name
+    # the folder resolved (link/.. is the link's parent), not the name; a name given twice counts once
+    for f in dict.fromkeys(Path(os.path.realpath(f.parent)) / f.name for f in files):
         same = first.setdefault(f.resolve(), f)
-        if same != f and (f, same) not in again.get((f.parent, same.parent), []):
+        if same != f:
             again.setdefault((f.parent, same.parent), []).append((f, same))
     notes = [f"{pairs[0][0]} is the same file as {pairs[0][1]}; restoring it once, under the name {pairs[0][1].name}"
              if len(pairs) == 1 else f"{len(pairs)} files in {folder} are the same files as in {kept}; restoring "
