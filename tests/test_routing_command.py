@@ -134,6 +134,9 @@ def test_an_output_folder_of_benchmark_images_is_refused(tmp_path, small_layout,
     assert _routing(tiny_ckpt, folder, "denoise_15", extra=["--data_file_dir", str(small_layout)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"--output_path {folder} is a folder of denoise_15's images" in err and "\n" not in err
+    (tmp_path / "link").symlink_to(folder)  # the same folder by another name (probe of the review, 2026-12-07)
+    assert _routing(tiny_ckpt, tmp_path / "link", "denoise_15", extra=["--data_file_dir", str(small_layout)]) == 2
+    assert "is a folder of denoise_15's images" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
