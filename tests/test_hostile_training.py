@@ -1208,3 +1208,22 @@ def test_a_requeue_after_a_node_failure_resumes_last_ckpt_when_it_is_further_tha
     assert _train(data, ck, "--max_steps", "8", "--run_name", "r") == 0
     assert torch.load(ck / "r" / "last.ckpt", weights_only=True)["global_step"] == 8
     assert json.loads((ck / "r" / "settings.json").read_text())["start_step"] == 6
+
+
+def test_branching_from_an_earlier_epoch_keeps_the_first_branchs_log(data, tmp_path, capsys):
+    """Review: branching a run from an earlier epoch in its own folder cut the first branch's metrics.csv rows
+    after the branch point (its checkpoints were kept as -v1). They are now kept in a copy of the whole log."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--epochs", "3", "--run_name", "r") == 0
+    run = ck / "r"
+    first = (run / "logs" / "metrics.csv").read_bytes()
+    assert max(step for _, step in _rows(run)) >= 4
+    assert _train(data, ck, "--epochs", "3", "--run_name", "r", "--resume_from", str(run / "last.ckpt")) == 0
+    assert not list((run / "logs").glob("metrics.*-step-*.csv"))  # a resume of the newest step drops nothing
+    assert _train(data, ck, "--epochs", "2", "--run_name", "r", "--resume_from", str(run / "epoch=0-step=2.ckpt"),
+                  "--seed", "1") == 0
+    kept = run / "logs" / "metrics.before-resume-at-step-2.csv"
+    assert kept.read_bytes().startswith(first[:first.index(b"\n")])
+    assert max(int(r["step"]) for r in csv.DictReader(kept.open())) >= 4
+    assert f"note: {run / 'logs' / 'metrics.csv'} held rows from step 2 on" in capsys.readouterr().err
+    assert max(step for _, step in _rows(run)) < 4  # the new branch's own log: 2 epochs

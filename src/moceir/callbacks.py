@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import sys
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,13 @@ class _ResumedWriter(ExperimentWriter):
             os.replace(self.metrics_file_path, kept)
             print(f"note: {history} could not be read (no row of numbers under a header with a step column); "
                   f"kept as {kept}, and the resumed run's log starts anew", file=sys.stderr)
+        if any(float(r["step"]) >= start_step for r in rows) and os.path.isfile(self.metrics_file_path) \
+                and os.path.samefile(history, self.metrics_file_path):  # a branch, or a dead attempt's last rows
+            kept = Path(self.metrics_file_path).with_name(f"metrics.before-resume-at-step-{start_step}.csv")
+            kept = _free_name(kept)
+            shutil.copyfile(self.metrics_file_path, kept)
+            print(f"note: {history} held rows from step {start_step} on, where this run resumes; the whole "
+                  f"log is kept as {kept}", file=sys.stderr)
         rows = [r for r in rows if float(r["step"]) < start_step]
         if rows:
             self.metrics_keys = sorted(keys)
