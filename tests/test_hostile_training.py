@@ -828,6 +828,20 @@ def test_a_repeat_for_a_task_that_is_not_trained_is_refused(data, tmp_path, caps
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_task_repeated_in_de_type_or_repeat_is_told(data, tmp_path, capsys):
+    """Review: `--repeat derain=2 --repeat derain=5` kept the last factor without a word; `--de_type derain derain`
+    trained derain once without a word (as upstream) and wrote it twice into settings.json."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--repeat", "derain=5", "--max_steps", "1") == 2
+    assert _one_error_line(capsys) == "error: --repeat derain is given twice (2 and 5); give it once"
+    assert not ck.exists()
+    assert _train(data, ck, "--de_type", "derain", "derain", "--repeat", "derain=2", "--repeat", "derain=2",
+                  "--max_steps", "1", "--run_name", "d") == 0
+    assert ("note: --de_type names derain more than once; each task trains once (weigh a task with --repeat "
+            "TASK=N)") in capsys.readouterr().err
+    assert json.loads((ck / "d" / "settings.json").read_text())["settings"]["de_type"] == ["derain"]
+
+
 def test_a_resume_from_an_earlier_epoch_keeps_the_later_epoch_checkpoints(data, tmp_path):
     """Branching a run from an earlier epoch writes its epoch checkpoints beside the first branch's (-v1), never
     over them (a review of the moved-folder fix: without Lightning's version counter they were replaced)."""

@@ -231,6 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.batch_size < args.accum_grad:
         raise UsageError(f"--batch_size {args.batch_size} is below --accum_grad {args.accum_grad}: "
                          "each step takes batch_size // accum_grad images (as upstream)")
+    de_type, repeats = _task_lists(args.de_type or [], args.repeat or [])
     data_dir = Path(args.data_file_dir)
     if not data_dir.is_dir():
         what = "is not a folder" if os.path.lexists(data_dir) else "does not exist"
@@ -247,8 +248,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from_checkpoint = not args.model and bool(args.fine_tune_from or args.resume_from)
     config = None if from_checkpoint else _config_from_args(args)
     settings = TrainSettings(
-        de_type=tuple(args.de_type or ()), trainset=args.trainset, data_file_dir=str(data_dir),
-        dehaze_source=args.dehaze_source, repeats=dict(args.repeat or []), holdout_val=args.holdout_val,
+        de_type=de_type, trainset=args.trainset, data_file_dir=str(data_dir),
+        dehaze_source=args.dehaze_source, repeats=repeats, holdout_val=args.holdout_val,
         epochs=args.epochs, max_steps=args.max_steps, max_time=args.max_time, batch_size=args.batch_size,
         accum_grad=args.accum_grad, patch_size=args.patch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
         schedule_epochs=args.schedule_epochs, loss_type=args.loss_type, fft_loss_weight=args.fft_loss_weight,
@@ -268,6 +269,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_rank_zero():  # the process that wrote the final settings.json
         print(_training_summary(run_dir))
     return 0
+
+
+def _task_lists(de_type: list[str], repeat: list[tuple[str, int]]) -> tuple[tuple[str, ...], dict[str, int]]:
+    """--de_type without its repeated names (noted: each task trains once) and --repeat as a dict; a task given
+    two different --repeat factors is a UsageError (the last one won without a word)."""
+    from .pipeline import UsageError
+
+    repeats: dict[str, int] = {}
+    for task, n in repeat:
+        if repeats.setdefault(task, n) != n:
+            raise UsageError(f"--repeat {task} is given twice ({repeats[task]} and {n}); give it once")
+    twice = sorted({t for t in de_type if de_type.count(t) > 1})
+    if twice and is_rank_zero():
+        print(f"note: --de_type names {', '.join(twice)} more than once; each task trains once (weigh a task "
+              "with --repeat TASK=N)", file=sys.stderr)
+    return tuple(dict.fromkeys(de_type)), repeats
 
 
 def _training_summary(run_dir: Path) -> str:
