@@ -140,6 +140,19 @@ def test_a_run_name_is_looked_up_under_ckpt_dir_before_the_working_directory(tmp
     assert training.resolve_checkpoint("r", str(tmp_path / "elsewhere")) == Path("r") / "last.ckpt"
 
 
+def test_a_name_that_is_both_a_file_here_and_a_run_is_refused(tmp_path, monkeypatch, capsys):
+    """Review: `--checkpoint_id r` took a file ./r over the run ckpt_dir/r (upstream's only meaning) without a word."""
+    (tmp_path / "ck" / "r").mkdir(parents=True)
+    (tmp_path / "ck" / "r" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "r").write_bytes(b"y")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^r names both the file r and the run .*ck/r/last.ckpt; pass the "):
+        training.resolve_checkpoint("r", str(tmp_path / "ck"))
+    assert training.resolve_checkpoint("ck/r/last.ckpt", "ck") == Path("ck/r/last.ckpt")  # the same file: no doubt
+    assert main(["test", "--checkpoint_id", "r", "--ckpt_dir", "ck", "--benchmarks", "denoise_15"]) == 2
+    assert capsys.readouterr().err.startswith("error: --checkpoint_id: r names both the file r and the run ")
+
+
 def test_the_settings_json_written_at_the_start_of_a_resume_names_the_step_it_resumed_from(
         tmp_path, tiny_layout, monkeypatch):
     """settings.json is written when fitting starts (and kept if the run dies): a resumed run's start_step is the

@@ -343,14 +343,18 @@ def require_finite(net: torch.nn.Module, what: str) -> None:
 
 
 def resolve_checkpoint(ref: str, ckpt_dir: str) -> Path:
-    """A checkpoint path, or a run name under ckpt_dir (upstream: ``ckpt_dir/<id>/last.ckpt``)."""
-    p = Path(ref)
+    """A checkpoint path, or a run name under ckpt_dir (upstream: ``ckpt_dir/<id>/last.ckpt``); a ref that names
+    both (a file ``./NAME`` beside a run NAME) is a FileNotFoundError that asks for a path."""
+    p, run = Path(ref), Path(ckpt_dir) / ref / "last.ckpt"
     if p.is_file():
+        if run.is_file() and not os.path.samefile(p, run):
+            raise FileNotFoundError(f"{ref} names both the file {p} and the run {run}; pass the path of the one "
+                                    f"you mean (./{ref} or {run})")
         return p
-    for candidate in (Path(ckpt_dir) / ref / "last.ckpt", p / "last.ckpt"):
+    for candidate in (run, p / "last.ckpt"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no checkpoint at {ref} nor {Path(ckpt_dir) / ref / 'last.ckpt'}")
+    raise FileNotFoundError(f"no checkpoint at {ref} nor {run}")
 
 
 @dataclass(frozen=True)
