@@ -212,3 +212,15 @@ def test_a_folder_of_links_to_another_inputs_files_is_one_note_not_one_per_file(
     assert notes == [f"note: 3 files in {tmp_path / 'links'} are the same files as in {tmp_path / 'in'}; restoring "
                      "each once, under its name there"], notes
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_16_bit_input_written_as_jpeg_is_told_it_loses_bits(tmp_path, tiny_ckpt, capsys):
+    """Review: a 16-bit PNG restored with --ext jpg was written with 8 bits without a word (alpha had a note)."""
+    _png16(tmp_path / "a.png", np.full((16, 16, 3), 40000, np.uint16))
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--ext", "jpg",
+                 "--checkpoint", tiny_ckpt, "--device", "cpu"]) == 0
+    assert (f"note: {tmp_path / 'a.png'} has 16 bits per sample, which .jpg cannot hold; it is written with 8 "
+            "(--ext png or tif keeps 16)") in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--ext", "tif",
+                 "--checkpoint", tiny_ckpt, "--device", "cpu"]) == 0
+    assert "16 bits per sample" not in capsys.readouterr().err

@@ -23,6 +23,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
 WRITABLE_EXTS = IMAGE_EXTS + (".gif",)
 MAX_SIDE = {".gif": 65535, ".jpg": 65500, ".jpeg": 65500, ".webp": 16383}  # what these formats can store
+SIXTEEN_BIT_EXTS = (".png", ".tif", ".tiff")  # formats save_image writes with 16 bits per sample
 NO_ALPHA_EXTS = (".jpg", ".jpeg", ".bmp")  # formats save_image writes without an alpha channel (PIL's BMP drops it)
 ON_OFF_ALPHA_EXTS = (".gif",)  # formats that keep only opaque or transparent pixels
 # PIL's EXIF orientations (tag 0x0112) as array operations on [H, W, ...], as ImageOps.exif_transpose applies them.
@@ -425,7 +426,7 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     data = np.concatenate(planes, axis=2, dtype=np.float32) if len(planes) > 1 else planes[0].astype(np.float32)
     icc_profile = icc_profile if _profile_fits(icc_profile, data.shape[2]) else None
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
-    if bit_depth == 16 and suffix in (".png", ".tif", ".tiff"):
+    if bit_depth == 16 and suffix in SIXTEEN_BIT_EXTS:
         data *= 65535
         u16 = np.round(data, out=data).astype(np.uint16)
         if suffix == ".png":

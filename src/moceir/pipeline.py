@@ -26,8 +26,8 @@ from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage, OutputAppeared,
-                 file_problem, format_size_problem, image_size, load_image, save_image, write_atomically,
+from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage,
+                 OutputAppeared, file_problem, format_size_problem, image_size, load_image, save_image, write_atomically,
                  write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
@@ -488,6 +488,9 @@ class Restorer:
                 elif img.alpha is not None and out_ext in ON_OFF_ALPHA_EXTS and _partly_transparent(img.alpha):
                     self.log(f"note: {self.jobs[i].input} has partial transparency, which {out_ext} cannot hold; "
                              "pixels under half opacity become transparent, the others opaque (--ext png keeps it)")
+                if img.bit_depth == 16 and out_ext not in SIXTEEN_BIT_EXTS:
+                    self.log(f"note: {self.jobs[i].input} has 16 bits per sample, which {out_ext} cannot hold; it "
+                             "is written with 8 (--ext png or tif keeps 16)")
                 good.append((i, img))
         if len({img.rgb.shape for _, img in good}) <= 1:
             return [good] if good else []
