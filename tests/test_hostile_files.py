@@ -1,6 +1,7 @@
 """Image files and names that lost data or slipped past the guards (a hostile probe of restore, 2026-12-07)."""
 
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -224,3 +225,15 @@ def test_a_16_bit_input_written_as_jpeg_is_told_it_loses_bits(tmp_path, tiny_ckp
     assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--ext", "tif",
                  "--checkpoint", tiny_ckpt, "--device", "cpu"]) == 0
     assert "16 bits per sample" not in capsys.readouterr().err
+
+
+def test_a_name_that_is_not_utf_8_comes_back_from_the_report(tmp_path, tiny_ckpt):
+    """README: the report writes such a name with Python's escapes, which os.fsencode turns back into its bytes."""
+    folder = os.fsencode(tmp_path / "in")
+    os.mkdir(folder)
+    name = os.path.join(folder, b"caf\xe9.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.fsdecode(name), format="PNG")
+    assert main(["restore", os.fsdecode(folder), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--device", "cpu", "--report", str(tmp_path / "r.json")]) == 0
+    with open(tmp_path / "r.json") as f:
+        assert os.fsencode(json.load(f)["images"][0]["input"]) == name
