@@ -451,56 +451,19 @@ def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], su
 
 
 def cmd_routing(args: argparse.Namespace) -> int:
-    from .data.datasets import DatasetLayoutError
-    from .evaluation import evaluate_benchmark, finite_or_null, results_from_json, routing_counts, routing_flops
+    from .evaluation import evaluate_benchmark, finite_or_null, routing_counts, routing_flops
+    from .io import write_files_atomically
     from .plots import plot_routing_heatmap
 
-    from .io import write_files_atomically
-    from .pipeline import UsageError, folder_problem, one_line
-
     out = Path(args.output_path)
-    problem = folder_problem(out)
-    if problem:
-        raise UsageError(f"--output_path {out}: {problem}; choose another --output_path")
-    files = {name: out / name for name in ("routing_heatmap.png", "routing.md", "routing.json")}
-    folders = [str(p) for p in files.values() if p.is_dir()]
-    if folders:
-        raise UsageError(f"{folders[0]} is a folder; choose another --output_path")
-    existing = [str(p) for p in files.values() if os.path.lexists(p)]
-    if existing and not args.overwrite:
-        raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
+    files = _routing_files(out, args.overwrite)
     subset = None if args.from_results else _cdd11_subset(args)
     _refuse_benchmark_folder(out, args.data_file_dir, args.benchmarks, subset or "all")
     model, device, path = _load_for_eval(args)
-    failed = False
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
-        from .io import file_problem
-
-        if problem := file_problem(args.from_results):  # a FIFO would block, /dev/zero fill the memory
-            raise UsageError(f"--from_results {args.from_results} {problem}; pass the results.json that "
-                             "`moceir test` wrote with this checkpoint")
-        try:
-            results = results_from_json(json.loads(Path(args.from_results).read_text()), args.benchmarks,
-                                        model.num_moe_layers, model.config.num_exp_blocks, model.config.topk)
-        except (OSError, ValueError) as e:
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise UsageError(f"--from_results {args.from_results}: {why}; pass the results.json that "
-                             "`moceir test` wrote with this checkpoint") from None
+        results, failed = _routing_results_from_file(args.from_results, args.benchmarks, model), False
     else:
-        results = []
-        for b in args.benchmarks:
-            try:
-                r = evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset,
-                                       progress=not args.quiet)
-            except (DatasetLayoutError, ValueError) as e:
-                print(f"error: {b}: {e}", file=sys.stderr)
-                failed = True
-                continue
-            for line in r.errors:
-                print(one_line(f"error: {b}: {line} (skipped)"), file=sys.stderr)
-            failed = failed or bool(r.errors)
-            if r.rows:
-                results.append(r)
+        results, failed = _routing_results_scored(args, model, device, subset)
         if not results:
             print("error: no image of any benchmark could be scored; nothing written", file=sys.stderr)
             return 1
@@ -514,36 +477,97 @@ def cmd_routing(args: argparse.Namespace) -> int:
                                                   progress=not args.quiet).mean("psnr")
         set_expert_bypass(model, False)
     counts = routing_counts(results, model.num_moe_layers, model.config.num_exp_blocks)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [r.name for r in results]
-    title = f"experts picked per task and MoE layer ({Path(path).name})"
-    png = files["routing_heatmap.png"]
     flops = routing_flops(model, results)
-    lines = ["| benchmark | " + " | ".join(f"L{i}" for i in range(counts.shape[1])) + " |",
-             "|---|" + "---|" * counts.shape[1]]
-    for name, c in zip(names, counts):
-        lines.append(f"| {name} | " + " | ".join("/".join(str(v) for v in layer) for layer in c) + " |")
-    k = model.config.topk
-    top_k = "" if k == 1 else f" (top-{k}: an image counts for each of its {k} experts)"
-    lines += ["", f"Each cell: images per expert {'/'.join(f'E{i}' for i in range(counts.shape[2]))} in that MoE "
-              f"layer{top_k}.", "",
-              "| benchmark | expert GFLOPs spent / image | all experts / image | share | PSNR | PSNR, experts bypassed |",
-              "|---|---|---|---|---|---|"]
-    psnr = {r.name: r.mean("psnr") for r in results}
-    for f in flops:
-        name = f["benchmark"]
-        skipped = f"{bypassed[name]:.3f}" if name in bypassed else "-"
-        lines.append(f"| {name} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
-                     f"{100 * f['share']:.1f}% | {psnr[name]:.3f} | {skipped} |")
-    table = "\n".join(lines) + "\n"
+    names, psnr = [r.name for r in results], {r.name: r.mean("psnr") for r in results}
+    table = _routing_table(names, counts, flops, psnr, bypassed, model.config.topk)
     data = json.dumps(finite_or_null({"benchmarks": names, "counts": counts.tolist(), "flops": flops, "psnr": psnr,
                                       "psnr_experts_bypassed": bypassed}), indent=1, allow_nan=False)
     print(table)  # first: should the files fail to be written, the scores are not lost
+    out.mkdir(parents=True, exist_ok=True)
+    png, title = files["routing_heatmap.png"], f"experts picked per task and MoE layer ({Path(path).name})"
     write_files_atomically({png: lambda tmp: plot_routing_heatmap(counts, names, tmp, title, model.config.topk),
                             files["routing.md"]: lambda tmp: tmp.write_text(table),
                             files["routing.json"]: lambda tmp: tmp.write_text(data)}, args.overwrite)  # as one set
     print(f"wrote {png}, {out / 'routing.md'}, {out / 'routing.json'}")
     return 1 if failed else 0
+
+
+def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
+    """The three files `routing` writes into ``out``, checked before any work (a UsageError names the problem)."""
+    from .pipeline import UsageError, folder_problem
+
+    problem = folder_problem(out)
+    if problem:
+        raise UsageError(f"--output_path {out}: {problem}; choose another --output_path")
+    files = {name: out / name for name in ("routing_heatmap.png", "routing.md", "routing.json")}
+    folders = [str(p) for p in files.values() if p.is_dir()]
+    if folders:
+        raise UsageError(f"{folders[0]} is a folder; choose another --output_path")
+    existing = [str(p) for p in files.values() if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
+    return files
+
+
+def _routing_results_from_file(path: str, benchmarks: list[str], model) -> list:
+    """The per-image experts that `moceir test` recorded in ``path`` (its results.json) for ``benchmarks``, checked
+    against ``model``; an unusable file is a UsageError."""
+    from .evaluation import results_from_json
+    from .io import file_problem
+    from .pipeline import UsageError
+
+    advice = "pass the results.json that `moceir test` wrote with this checkpoint"
+    if problem := file_problem(path):  # a FIFO would block, /dev/zero fill the memory
+        raise UsageError(f"--from_results {path} {problem}; {advice}")
+    try:
+        return results_from_json(json.loads(Path(path).read_text()), benchmarks, model.num_moe_layers,
+                                 model.config.num_exp_blocks, model.config.topk)
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise UsageError(f"--from_results {path}: {why}; {advice}") from None
+
+
+def _routing_results_scored(args: argparse.Namespace, model, device, subset) -> tuple[list, bool]:
+    """Each benchmark scored with ``model`` -> (results with at least one image, whether anything failed); a
+    benchmark or an image that fails gets an error line and the others go on."""
+    from .data.datasets import DatasetLayoutError
+    from .evaluation import evaluate_benchmark
+    from .pipeline import one_line
+
+    results, failed = [], False
+    for b in args.benchmarks:
+        try:
+            r = evaluate_benchmark(model, args.data_file_dir, b, device, cdd11_subset=subset, progress=not args.quiet)
+        except (DatasetLayoutError, ValueError) as e:
+            print(f"error: {b}: {e}", file=sys.stderr)
+            failed = True
+            continue
+        for line in r.errors:
+            print(one_line(f"error: {b}: {line} (skipped)"), file=sys.stderr)
+        failed = failed or bool(r.errors)
+        if r.rows:
+            results.append(r)
+    return results, failed
+
+
+def _routing_table(names: list[str], counts, flops: list[dict], psnr: dict[str, float],
+                   bypassed: dict[str, float], topk: int) -> str:
+    """routing.md: images per expert ([benchmarks, layers, experts] ``counts``), then FLOPs and PSNR per task."""
+    lines = ["| benchmark | " + " | ".join(f"L{i}" for i in range(counts.shape[1])) + " |",
+             "|---|" + "---|" * counts.shape[1]]
+    for name, c in zip(names, counts):
+        lines.append(f"| {name} | " + " | ".join("/".join(str(v) for v in layer) for layer in c) + " |")
+    top_k = "" if topk == 1 else f" (top-{topk}: an image counts for each of its {topk} experts)"
+    lines += ["", f"Each cell: images per expert {'/'.join(f'E{i}' for i in range(counts.shape[2]))} in that MoE "
+              f"layer{top_k}.", "",
+              "| benchmark | expert GFLOPs spent / image | all experts / image | share | PSNR | PSNR, experts bypassed |",
+              "|---|---|---|---|---|---|"]
+    for f in flops:
+        name = f["benchmark"]
+        skipped = f"{bypassed[name]:.3f}" if name in bypassed else "-"
+        lines.append(f"| {name} | {f['expert_gflops_spent']:.2f} | {f['expert_gflops_all']:.2f} | "
+                     f"{100 * f['share']:.1f}% | {psnr[name]:.3f} | {skipped} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- restore
