@@ -829,12 +829,12 @@ def test_a_repeat_for_a_task_that_is_not_trained_is_refused(data, tmp_path, caps
 
 
 def test_a_task_repeated_in_de_type_or_repeat_is_told(data, tmp_path, capsys):
-    """Review: `--repeat derain=2 --repeat derain=5` kept the last factor without a word; `--de_type derain derain`
+    """Review: `--repeat derain=2 --repeat derain=1` kept the last factor without a word; `--de_type derain derain`
     trained derain once without a word (as upstream) and wrote it twice into settings.json."""
     ck = tmp_path / "ck"
-    assert _train(data, ck, "--repeat", "derain=5", "--max_steps", "1") == 2
-    assert _one_error_line(capsys) == "error: --repeat derain is given twice (2 and 5); give it once"
-    assert not ck.exists()
+    assert _train(data, ck, "--repeat", "derain=1", "--max_steps", "1", "--run_name", "r") == 0
+    assert "note: --repeat derain is given twice (2, then 1); the last one counts" in capsys.readouterr().err
+    assert json.loads((ck / "r" / "settings.json").read_text())["settings"]["repeats"] == {"derain": 1}
     assert _train(data, ck, "--de_type", "derain", "derain", "--repeat", "derain=2", "--repeat", "derain=2",
                   "--max_steps", "1", "--run_name", "d") == 0
     assert ("note: --de_type names derain more than once; each task trains once (weigh a task with --repeat "
@@ -1241,3 +1241,32 @@ def test_branching_from_an_earlier_epoch_keeps_the_first_branchs_log(data, tmp_p
     assert max(int(r["step"]) for r in csv.DictReader(kept.open())) >= 4
     assert f"note: {run / 'logs' / 'metrics.csv'} held rows from step 2 on" in capsys.readouterr().err
     assert max(step for _, step in _rows(run)) < 4  # the new branch's own log: 2 epochs
+
+
+def test_a_run_whose_log_is_a_fifo_is_refused_instead_of_hanging(data, tmp_path, capsys):
+    """Probe: resuming a run whose logs/metrics.csv is a FIFO blocked forever (in _has_lines, then in the logger);
+    resuming it into a new run read the FIFO too."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    log = ck / "r" / "logs" / "metrics.csv"
+    log.unlink()
+    os.mkfifo(log)
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "r", "--resume_from", "r") == 2
+    assert _one_error_line(capsys) == (f"error: {log} is not a regular file (a pipe or device), where the run "
+                                       "writes its log; move it away")
+    assert _train(data, ck, "--max_steps", "3", "--run_name", "s", "--resume_from", "r") == 0  # read as no log
+
+
+def test_a_plot_that_fails_does_not_cost_the_model(data, tmp_path, monkeypatch, capsys):
+    """Probe: a kept log row of 1.7e308 made matplotlib fail in PlotAtEnd, which let the error through: exit 1,
+    and model.safetensors and settings.json were not written."""
+    import moceir.plots
+
+    def fail(run_dir, *a, **k):
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(moceir.plots, "plot_training_logs", fail)
+    assert _train(data, tmp_path / "ck", "--max_steps", "2", "--run_name", "r") == 0
+    assert (tmp_path / "ck" / "r" / "model.safetensors").is_file()
+    assert ("note: training_curves.png not drawn (OverflowError: cannot convert float infinity to integer); "
+            f"moceir plot-logs {tmp_path / 'ck' / 'r'} draws it again") in capsys.readouterr().err

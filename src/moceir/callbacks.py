@@ -202,6 +202,8 @@ class _ResumedWriter(ExperimentWriter):
 
 def _has_lines(path: Path) -> bool:
     """Whether ``path`` holds more than a header line (something a resume could lose)."""
+    if not path.is_file():  # a FIFO would block the open
+        return False
     with contextlib.suppress(OSError), open(path, "rb") as f:
         return len(f.read(1 << 16).strip().splitlines()) > 1
     return False
@@ -302,6 +304,9 @@ class PlotAtEnd(Callback):
                 print(f"no logged steps yet; no plots written to {self.run_dir}")
             except MetricsError as e:  # a damaged log must not cost the model that is written next
                 print(f"note: training_curves.png not drawn: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - nor may a plot that fails (matplotlib): the model is written next
+                print(f"note: training_curves.png not drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"moceir plot-logs {self.run_dir} draws it again", file=sys.stderr)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """A run that stops on an error still gets curves up to that step (a resumed one: not the earlier call's)."""

@@ -272,14 +272,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _task_lists(de_type: list[str], repeat: list[tuple[str, int]]) -> tuple[tuple[str, ...], dict[str, int]]:
-    """--de_type without its repeated names (noted: each task trains once) and --repeat as a dict; a task given
-    two different --repeat factors is a UsageError (the last one won without a word)."""
-    from .pipeline import UsageError
-
+    """--de_type without its repeated names (noted: each task trains once) and --repeat as a dict, where the last
+    factor given for a task counts, as for any repeated flag (noted where they differ)."""
     repeats: dict[str, int] = {}
     for task, n in repeat:
-        if repeats.setdefault(task, n) != n:
-            raise UsageError(f"--repeat {task} is given twice ({repeats[task]} and {n}); give it once")
+        if task in repeats and repeats[task] != n and is_rank_zero():
+            print(f"note: --repeat {task} is given twice ({repeats[task]}, then {n}); the last one counts",
+                  file=sys.stderr)
+        repeats[task] = n
     twice = sorted({t for t in de_type if de_type.count(t) > 1})
     if twice and is_rank_zero():
         print(f"note: --de_type names {', '.join(twice)} more than once; each task trains once (weigh a task "

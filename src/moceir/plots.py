@@ -24,8 +24,12 @@ def metrics_reader(path: Path) -> csv.DictReader:
     return csv.DictReader(lines, quoting=csv.QUOTE_NONE)
 
 
+PLOTTABLE = 1e100
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each logged series of a run's logs/metrics.csv: name -> (steps, values), finite points only.
+    """Each logged series of a run's logs/metrics.csv: name -> (steps, values), finite points (at most
+    :data:`PLOTTABLE` in magnitude) only.
 
     FileNotFoundError when nothing is logged yet (no file, or no finite value); MetricsError naming the line
     where the file is not a metrics.csv.
@@ -49,7 +53,9 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
         raise MetricsError(f"{path}: line {reader.line_num}: {str(e).splitlines()[0][:200]}; not a metrics.csv "
                            "written by `moceir train`") from None
     points = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in series.items()}
-    finite = {k: np.isfinite(s) & np.isfinite(v) for k, (s, v) in points.items()}
+    # beyond PLOTTABLE, matplotlib's axis ranges overflow (1.7e308 failed in tight_layout): such a point is no
+    # more plottable than inf, and no loss, balance or learning rate of a run that still trains is near it
+    finite = {k: (np.abs(s) <= PLOTTABLE) & (np.abs(v) <= PLOTTABLE) for k, (s, v) in points.items()}
     return {k: (s[finite[k]], v[finite[k]]) for k, (s, v) in points.items() if finite[k].any()}
 
 

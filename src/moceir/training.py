@@ -47,7 +47,7 @@ from .callbacks import (AtomicCheckpointIO, PlotAtEnd, ResumableCSVLogger, RunCh
 from .captured_step import Capture, CaptureError, CapturedTrainStep, portable_optimizer_state
 from .data.datasets import (DatasetLayoutError, PairedPatchDataset, build_train_pairs, check_training_images,
                             data_folders)
-from .io import ImageReadError, write_error_advice
+from .io import ImageReadError, file_problem, write_error_advice
 from .losses import restoration_loss
 from .models import MoCEConfig, MoCEIR
 from .models.checkpoints import (CONFIG_KEY, CheckpointError, architecture_differences, check_finite,
@@ -585,6 +585,9 @@ def _check_run_folder(run_dir: Path, resume: ResumePoint | None) -> None:
     problem = folder_problem(run_dir)
     if problem:
         raise TrainingSetupError(f"run folder {run_dir}: {problem}; choose another --ckpt_dir or --run_name")
+    log = run_dir / "logs" / "metrics.csv"  # written in place by Lightning's logger: a FIFO there blocked the run
+    if os.path.lexists(log) and (problem := file_problem(log)):
+        raise TrainingSetupError(f"{log} {problem}, where the run writes its log; move it away")
     if resume is not None and resume.path.parent.resolve() == run_dir.resolve():
         _refuse_going_back(run_dir, resume)
         return
