@@ -519,3 +519,23 @@ def test_benchmark_scores_compare_the_restored_image_with_the_clean_one(tiny_lay
         assert row["psnr"] == pytest.approx(psnr(gt, out), abs=1e-6)
         assert row["input_psnr"] == pytest.approx(psnr(gt, lq), abs=1e-6)
         assert abs(psnr(gt, out) - psnr(lq, out)) > 0.1  # the reference matters here
+
+
+def test_a_results_set_with_a_fifo_is_refused_before_scoring_and_never_left_mixed(tmp_path):
+    """Probe: `test --overwrite` into a folder whose results.json was a FIFO replaced results.md, then failed on
+    the FIFO: a mixed set (the rollback ran only without --overwrite), after all the scoring."""
+    import os
+
+    from moceir.evaluation import check_results_folder
+    from moceir.io import write_files_atomically
+    from moceir.pipeline import UsageError
+
+    (tmp_path / "results.md").write_text("earlier")
+    os.mkfifo(tmp_path / "results.json")
+    with pytest.raises(UsageError, match=r"results.json is a device, pipe or socket \(or a link to one\)"):
+        check_results_folder(tmp_path, ["denoise_15"], overwrite=True)
+    with pytest.raises(OSError, match="is a device, pipe or socket"):
+        write_files_atomically({tmp_path / "results.md": lambda tmp: tmp.write_text("new"),
+                                tmp_path / "results.json": lambda tmp: tmp.write_text("{}")}, overwrite=True)
+    assert (tmp_path / "results.md").read_text() == "earlier" and (tmp_path / "results.json").is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left

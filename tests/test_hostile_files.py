@@ -237,3 +237,35 @@ def test_a_name_that_is_not_utf_8_comes_back_from_the_report(tmp_path, tiny_ckpt
                  "--device", "cpu", "--report", str(tmp_path / "r.json")]) == 0
     with open(tmp_path / "r.json") as f:
         assert os.fsencode(json.load(f)["images"][0]["input"]) == name
+
+
+def test_a_report_or_export_through_a_link_into_proc_is_refused_before_any_image(tmp_path, tiny_ckpt, capsys):
+    """Probe: `--report /dev/stdout --overwrite` with stdout in a file (as root) replaced the system's /dev/stdout
+    link with the report (/dev/stdout -> /proc/self/fd/1 -> the file: regular, so "replaceable"); export did the
+    same. A report to a pipe was refused only after every image was restored."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    (tmp_path / "stdout").symlink_to("/proc/self/fd/1")
+    (tmp_path / "chain").symlink_to(tmp_path / "stdout")
+    for link in ("stdout", "chain"):
+        assert main(["restore", str(img), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt, "--device", "cpu",
+                     "--report", str(tmp_path / link), "--overwrite"]) == 2
+        assert f"error: --report {tmp_path / link} is a device, pipe or socket (or a link to one)" in \
+            capsys.readouterr().err
+        assert os.readlink(tmp_path / "stdout") == "/proc/self/fd/1" and not (tmp_path / "out").exists()
+    assert main(["export", tiny_ckpt, str(tmp_path / "chain"), "--format", "safetensors", "--overwrite"]) == 2
+    assert "is a device, pipe or socket" in capsys.readouterr().err
+    assert os.readlink(tmp_path / "stdout") == "/proc/self/fd/1" and os.path.islink(tmp_path / "chain")
+
+
+def test_a_report_named_as_the_checkpoint_is_refused(tmp_path, tiny_ckpt, capsys):
+    """Probe: `--report model.safetensors --overwrite` with `--checkpoint model.safetensors` replaced the model by
+    the report (exit 0); export already refused to write over what it exports."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    before = open(tiny_ckpt, "rb").read()
+    assert main(["restore", str(img), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt, "--device", "cpu",
+                 "--report", tiny_ckpt, "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --report {tiny_ckpt} is one of the inputs (an image or the "
+                                              "checkpoint)")
+    assert open(tiny_ckpt, "rb").read() == before

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs, data_folders
 from .flops import image_experts, layer_picks
 from .inference import restore_tensor
-from .io import ImageReadError, save_image, write_atomically, write_error_advice, write_files_atomically
+from .io import (SPECIAL_FILE, ImageReadError, save_image, special_file, write_atomically, write_error_advice,
+                 write_files_atomically)
 from .metrics import psnr, ssim
 from .models import MoCEIR
 from .pipeline import UsageError, folder_problem, plan_outputs
@@ -210,6 +211,8 @@ def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), sa
     for path in files:
         if path.is_dir():
             raise UsageError(f"--output_path {out_dir}: {path} is a folder; choose another --output_path")
+        if special_file(path):  # found only when the results were written, after all the scoring
+            raise UsageError(f"--output_path {out_dir}: {path} {SPECIAL_FILE}")
     earlier = [str(p) for p in files + folders[1:] if os.path.lexists(p)]
     if earlier and not overwrite:
         raise UsageError(f"{', '.join(earlier)} exist(s) from an earlier run; pass --overwrite or choose another "

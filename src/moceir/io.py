@@ -501,6 +501,9 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     write_files_atomically({target: write}, overwrite)
 
 
+SPECIAL_FILE = "is a device, pipe or socket (or a link to one), which moceir does not replace; name a regular file"
+
+
 def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite: bool) -> None:
     """:func:`write_atomically` for files that belong together: each is written to its temporary file first, and
     all are moved into place only once every one was written, so a failure (a full disk) leaves the earlier set
@@ -513,6 +516,8 @@ def write_files_atomically(writes: dict[Path, Callable[[Path], None]], overwrite
         for target, write in writes.items():
             with _named(target):
                 temps[target] = _written_temp(target, write)
+        if overwrite and (special := [t for t in temps if special_file(t)]):  # before any is moved: no mixed set
+            raise OSError(errno.EINVAL, SPECIAL_FILE, str(special[0]))
         if not overwrite and (there := [t for t in temps if os.path.lexists(t)]):
             raise OutputAppeared(f"output {there[0]} appeared meanwhile; nothing of this set of {len(temps)} files "
                                  "was written; pass --overwrite to replace it", there[0])
@@ -561,9 +566,8 @@ def _written_temp(target: Path, write: Callable[[Path], None]) -> Path:
 
 def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     if overwrite:
-        if _special_file(target):  # `--report /dev/stdout --overwrite` as root would replace the system's link
-            raise OSError(errno.EINVAL, "is a device, pipe or socket (or a link to one), which moceir does not "
-                          "replace; name a regular file", str(target))
+        if special_file(target):  # `--report /dev/stdout --overwrite` as root would replace the system's link
+            raise OSError(errno.EINVAL, SPECIAL_FILE, str(target))
         os.replace(tmp, target)
         return
     try:
@@ -576,10 +580,24 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
         os.replace(tmp, target)
 
 
-def _special_file(path: Path) -> bool:
-    """Whether ``path`` is, or links to, something other than a regular file or folder (/dev/null, a FIFO)."""
+def special_file(path: str | Path) -> bool:
+    """Whether ``path`` is, or links to, something other than a regular file or folder (/dev/null, a FIFO), or is a
+    link through /dev or /proc: /dev/stdout leads, through /proc/self/fd/1, to whatever file stdout is, and
+    replacing it replaced the system's link."""
     try:
         mode = os.stat(path).st_mode
     except OSError:  # nothing there, or a dangling link: replaced as documented
         return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or _links_through_system(Path(path))
+
+
+def _links_through_system(path: Path) -> bool:
+    """Whether ``path`` (absolute or not) is in /dev or /proc, or a chain of links from it passes through them."""
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if p.startswith(("/dev/", "/proc/")):
+            return True
+        if not os.path.islink(p):
+            return False
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return True

@@ -26,9 +26,9 @@ from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
-from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, WRITABLE_EXTS, ImageReadError, LoadedImage,
-                 OutputAppeared, file_problem, format_size_problem, image_size, load_image, save_image, write_atomically,
-                 write_error_advice)
+from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, SPECIAL_FILE, WRITABLE_EXTS, ImageReadError,
+                 LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image, save_image,
+                 special_file, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 from .runtime import is_rank_zero
@@ -214,7 +214,8 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
     """
     path = Path(os.path.abspath(report))
     if path in inputs or (path.exists() and path.resolve() in inputs):
-        raise UsageError(f"--report {report} is one of the inputs; choose another path")
+        raise UsageError(f"--report {report} is one of the inputs (an image or the checkpoint); choose another "
+                         "path")
 
     def real(p: Path) -> Path:  # through linked folders, without following a link at the name itself
         return Path(os.path.realpath(p.parent)) / p.name
@@ -233,9 +234,22 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
         raise UsageError(f"--report {report}: {problem}; choose another path")
     if path.is_dir():
         raise UsageError(f"--report {report} is a folder; give a file name such as report.json")
+    if special_file(path):  # found only when the report was written, after every image
+        raise UsageError(f"--report {report} {SPECIAL_FILE}")
     if os.path.lexists(path) and not overwrite:
         raise UsageError(f"--report {report} exists; pass --overwrite to replace it")
     return path
+
+
+def _checkpoint_files(model: Any) -> set[Path]:
+    """The file ``model`` names ("default": the bundled weights), by its name and its real path; none for a
+    loaded network."""
+    if not isinstance(model, (str, Path)):
+        return set()
+    from .models.checkpoints import DEFAULT_WEIGHTS
+
+    path = DEFAULT_WEIGHTS if str(model) == "default" else Path(os.path.abspath(model))
+    return {path, path.resolve()}
 
 
 @dataclass(frozen=True)
@@ -279,8 +293,11 @@ class Plan:
 
 def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, options: RestoreOptions,
                  ext: str | None = None, suffix: str = "", report: str | Path | None = None,
-                 budget: float | None = None, log: Callable[[str], None] = print) -> Plan:
+                 budget: float | None = None, log: Callable[[str], None] = print,
+                 checkpoint_files: set[Path] = frozenset()) -> Plan:
     """Gather inputs, name and check outputs, check the report path, group same-size images into batches.
+
+    ``checkpoint_files``: the model's file (see :func:`_checkpoint_files`), which the report must not replace.
 
     Raises UsageError for options that cannot work (nothing has been written then).
     """
@@ -295,6 +312,7 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     for n in notes:
         log(f"note: {n}")
     input_set = set(files) | {f.resolve() for f in files}  # the names given and the files they lead to
+    input_set |= checkpoint_files  # `--report` naming the checkpoint replaced the model
     report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite, out_dir)
                    if report is not None else None)
     by_size: dict[tuple[int, int] | int, list[int]] = {}
@@ -683,7 +701,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         raise UsageError(f"--tile_routing global needs a PyTorch checkpoint; {model} is an ONNX graph, which routes "
                          "each tile (--tile_routing tile)")
     budget = max_memory if max_memory is not None else memory_budget(device)
-    plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log)
+    plan = plan_restore(specs, output_dir, net, opts, ext, suffix, report, budget, plan_log, _checkpoint_files(model))
     if plan.batches or (plan.report is not None and not plan.report.parent.exists()):  # the report may go in -o
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     if launch.world_size > 1:
