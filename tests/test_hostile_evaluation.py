@@ -539,3 +539,22 @@ def test_a_results_set_with_a_fifo_is_refused_before_scoring_and_never_left_mixe
                                 tmp_path / "results.json": lambda tmp: tmp.write_text("{}")}, overwrite=True)
     assert (tmp_path / "results.md").read_text() == "earlier" and (tmp_path / "results.json").is_fifo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]  # no temporary file left
+
+
+def test_benchmark_images_named_in_bytes_that_are_not_utf_8_are_scored_and_reported(tiny_ckpt, small_layout, tmp_path):
+    """Probe: such a name in cBSD68 failed in the noise seed (a traceback, no results; `routing` dropped the whole
+    benchmark), and in a paired benchmark in per_image.csv, after all the scoring."""
+    import os
+    import shutil
+
+    for folder, name in (("denoising/cBSD68/original_png", "0001.png"), ("llie/LOLv1/Test/target", "1.png"),
+                         ("llie/LOLv1/Test/input", "1.png")):
+        src = os.fsencode(small_layout / folder / name)
+        shutil.move(src, src.replace(os.fsencode(name), b"bad\xff.png"))
+    out = tmp_path / "out"
+    assert _test(tiny_ckpt, small_layout, out, "denoise_15", "lolv1", extra=["--save_results"]) == 0
+    assert (out / "per_image.csv").read_text().count("bad\\udcff.png") == 4  # as results.json writes it
+    rows = json.loads((out / "results.json").read_text())["per_image"]
+    assert sorted(r["name"] for r in rows["denoise_15"]) == ["0002.png", "bad\udcff.png"]
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_15", "--data_file_dir", str(small_layout),
+                 "--output_path", str(tmp_path / "routing"), "--quiet"]) == 0

@@ -269,3 +269,16 @@ def test_a_report_named_as_the_checkpoint_is_refused(tmp_path, tiny_ckpt, capsys
     assert capsys.readouterr().err.startswith(f"error: --report {tiny_ckpt} is one of the inputs (an image or the "
                                               "checkpoint)")
     assert open(tiny_ckpt, "rb").read() == before
+
+
+def test_a_name_that_is_not_utf_8_is_printed_where_stdout_is_strict(tmp_path, tiny_ckpt):
+    """Probe: with PYTHONIOENCODING=utf-8 (strict, as some locales make it), `restore -o $'o\\xff'` wrote the image,
+    then failed with a traceback printing the output's name (exit 1)."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    out = os.path.join(os.fsencode(tmp_path), b"o\xff")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "moceir", "restore", str(img), "-o", out, "--checkpoint", tiny_ckpt,
+                           "--device", "cpu"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert b"Traceback" not in done.stderr and os.path.isfile(os.path.join(out, b"a.png"))

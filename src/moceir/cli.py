@@ -985,6 +985,10 @@ def _guard(name: str) -> _ReaderMayLeave | None:
     stream = getattr(sys, name)
     if stream is None or stream is not getattr(sys, f"__{name}__"):
         return None
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        # a file name that is not UTF-8 (its bytes as surrogates) failed in print with a traceback after the work
+        # was done, where the locale (or PYTHONIOENCODING) makes stdout strict; it is printed as \udcff instead
+        stream.reconfigure(errors="backslashreplace")
     guarded = _ReaderMayLeave(stream)
     setattr(sys, name, guarded)
     return guarded

@@ -220,7 +220,7 @@ def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), sa
 
 
 def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # a name's odd bytes: \xff
         keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts", "saved"]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -245,8 +245,8 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
                                       "per_image": {r.name: r.rows for r in results},
                                       "errors": {r.name: r.errors for r in results if r.errors}}),
                       indent=1, allow_nan=False)
-    writers = {"md": lambda tmp: tmp.write_text(table), "json": lambda tmp: tmp.write_text(data),
-               "csv": lambda tmp: _write_csv(tmp, results)}
+    writers = {"md": lambda tmp: tmp.write_text(table, "utf-8", "backslashreplace"),
+               "json": lambda tmp: tmp.write_text(data), "csv": lambda tmp: _write_csv(tmp, results)}
     try:
         write_files_atomically({paths[key]: write for key, write in writers.items()}, overwrite)
     except OSError as e:  # none of the three replaced: an earlier run's set stays whole

@@ -46,7 +46,8 @@ def add_gaussian_noise(clean: np.ndarray, sigma: float, rng: np.random.Generator
 
 def seeded_rng(name: str, sigma: float) -> np.random.Generator:
     """Noise generator for evaluation, fixed by the image's name and sigma (independent of run order)."""
-    return np.random.default_rng(zlib.crc32(f"{name}:{sigma}".encode()))
+    # surrogateescape: a file name that is not UTF-8 keeps its own bytes (the same seed as before for UTF-8 ones)
+    return np.random.default_rng(zlib.crc32(f"{name}:{sigma}".encode("utf-8", "surrogateescape")))
 
 
 def pseudo_depth(h: int, w: int, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
