@@ -45,6 +45,16 @@ def test_chosen_tile_and_batch_stay_within_the_budget(model, monkeypatch, tuned)
     assert batch_that_fits(model, 353, 513, 1.0, at_most=4) == 1  # never zero
 
 
+def test_a_huge_batch_size_is_cut_to_what_fits_at_once(model):
+    """Probe: `restore --batch_size 1000000000` hung: the batch was lowered one at a time (minutes, days for 1e12)."""
+    import time
+
+    start = time.perf_counter()
+    n = batch_that_fits(model, 8, 8, 2.5e9, at_most=10**12)
+    assert time.perf_counter() - start < 1  # bisection: about 40 estimates
+    assert estimate_peak_bytes(model, 8, 8, batch=n) <= 2.5e9 < estimate_peak_bytes(model, 8, 8, batch=n + 1)
+
+
 def test_tiles_of_a_batch_are_sized_for_the_whole_batch(model, monkeypatch):
     monkeypatch.setattr(runtime, "_tuned", False)
     one, four = auto_tile(model, 2000, 2000, 2.5e9), auto_tile(model, 2000, 2000, 2.5e9, batch=4)

@@ -156,10 +156,14 @@ def estimate_peak_bytes(model: MoCEIR, h: int, w: int, tile: int | None = None, 
 
 def batch_that_fits(model: MoCEIR, h: int, w: int, budget_bytes: float, at_most: int) -> int:
     """How many untiled h x w images (1 to ``at_most``) can be restored together within ``budget_bytes``."""
-    n = at_most
-    while n > 1 and estimate_peak_bytes(model, h, w, batch=n) > budget_bytes:
-        n -= 1
-    return n
+    low, high = 1, max(1, at_most)  # the estimate grows with the batch: bisection (one step down per try took
+    while low < high:               # minutes for --batch_size 10**9)
+        mid = (low + high + 1) // 2
+        if estimate_peak_bytes(model, h, w, batch=mid) > budget_bytes:
+            high = mid - 1
+        else:
+            low = mid
+    return low
 
 
 def memory_budget(device: torch.device) -> float:
