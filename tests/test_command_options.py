@@ -121,3 +121,17 @@ def test_no_with_complexity_without_model_is_refused(tmp_path, tiny_ckpt, small_
     assert main(["test", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(small_layout),
                  "--output_path", str(tmp_path / "r"), "--no-with_complexity"]) == 2
     assert "--with_complexity takes effect only with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--de_type", "derain", "--resume_from", ""], ["train", "--de_type", "derain", "--fine_tune_from", ""],
+    ["test", "--benchmarks", "denoise_15", "--ckpt", ""], ["test", "--benchmarks", "denoise_15", "--checkpoint_id", ""],
+    ["info", ""], ["restore", "a.png", "--checkpoint", ""], ["restore", "a.png", "-o", ""], ["export", "", "x.pt"],
+    ["routing", "--benchmarks", "denoise_15", "--from_results", ""], ["plot-logs", ""],
+])
+def test_an_empty_path_is_refused_not_taken_for_none(argv, capsys):
+    """Probe: `--resume_from "$RUN"` with RUN unset trained from scratch (exit 0), `test --ckpt ""` scored the
+    bundled model, and `info ""` spoke of the checkpoint "."."""
+    with pytest.raises(SystemExit) as stop:
+        _parse(*argv)
+    assert stop.value.code == 2 and "is empty (an unset shell variable?)" in capsys.readouterr().err

@@ -111,6 +111,13 @@ def _port(v: str) -> int:
     return x
 
 
+def _path(v: str) -> str:
+    """A path or name that is not empty: an unset shell variable (`--resume_from "$RUN"`) silently meant "none"."""
+    if not v:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path or leave the flag out")
+    return v
+
+
 def _repeat(v: str) -> tuple[str, int]:
     task, _, n = v.partition("=")
     if task not in (*TASKS, "cdd11") or not n.isdigit():
@@ -746,15 +753,16 @@ def _add_scale_flags(p: argparse.ArgumentParser, training: bool = False) -> None
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(PRESETS), help="preset; optional when the checkpoint describes itself")
-    p.add_argument("--ckpt", help="checkpoint path (any format moceir.load_model reads); default: the bundled "
+    p.add_argument("--ckpt", type=_path,
+                   help="checkpoint path (any format moceir.load_model reads); default: the bundled "
                                   "model unless --checkpoint_id is given")
-    p.add_argument("--checkpoint_id", help="run name under --ckpt_dir (uses its last.ckpt)")
-    p.add_argument("--ckpt_dir", default="checkpoints", help="folder of training runs")
+    p.add_argument("--checkpoint_id", type=_path, help="run name under --ckpt_dir (uses its last.ckpt)")
+    p.add_argument("--ckpt_dir", type=_path, default="checkpoints", help="folder of training runs")
     p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS, action=_NoRepeats,
                    help="test sets to evaluate")
     p.add_argument("--trainset", default="standard", help="CDD11_<subset> selects the cdd11 test subset")
     p.add_argument("--de_type", nargs="*", help="accepted for upstream compatibility; not needed")
-    p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
+    p.add_argument("--data_file_dir", type=_path, default="datasets", help="folder holding denoising/, deraining/, ...")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_arch_flags(p)
@@ -771,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, allow_abbrev=False)
 
     p = command("info", "configuration, parameter count and FLOPs of a preset or checkpoint")
-    p.add_argument("target", help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
+    p.add_argument("target", type=_path, help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
     p.add_argument("--size", type=_patch, default=256, help="side of the square image the FLOPs are counted for")
     p.set_defaults(fn=cmd_info)
 
@@ -803,10 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training crop side (every training image must be at least this large)")
     p.add_argument("--num_workers", type=_non_negative, default=4, help="data loader processes")
     p.add_argument("--accum_grad", type=_positive(), default=1, help="gradient accumulation steps")
-    p.add_argument("--resume_from", help="run name under --ckpt_dir or a checkpoint path: restores optimizer and step")
-    p.add_argument("--fine_tune_from", help="any checkpoint moceir.load_model reads: weights only, fresh optimizer")
-    p.add_argument("--data_file_dir", default="datasets", help="folder holding denoising/, deraining/, ...")
-    p.add_argument("--ckpt_dir", default="checkpoints", help="where run folders are made")
+    p.add_argument("--resume_from", type=_path,
+                   help="run name under --ckpt_dir or a checkpoint path: restores optimizer and step")
+    p.add_argument("--fine_tune_from", type=_path,
+                   help="any checkpoint moceir.load_model reads: weights only, fresh optimizer")
+    p.add_argument("--data_file_dir", type=_path, default="datasets", help="folder holding denoising/, deraining/, ...")
+    p.add_argument("--ckpt_dir", type=_path, default="checkpoints", help="where run folders are made")
     p.add_argument("--run_name", help="run folder name (default: a timestamp)")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
                    help="Lightning precision")
@@ -839,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("test", "PSNR/SSIM on the benchmarks (upstream's protocol)")
     _add_eval_flags(p)
-    p.add_argument("--output_path", default="output/", help="where results.md/json/csv are written")
+    p.add_argument("--output_path", type=_path, default="output/", help="where results.md/json/csv are written")
     p.add_argument("--save_results", action="store_true", help="write the restored PNGs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output_path (results.md/json, per_image.csv, "
@@ -854,8 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("routing", "which expert each task picks per MoE layer: heatmap, table, FLOPs")
     _add_eval_flags(p)
-    p.add_argument("--output_path", default="routing", help="folder for routing_heatmap.png, routing.md/json")
-    p.add_argument("--from_results", help="results.json of `moceir test` with the same checkpoint: no re-run")
+    p.add_argument("--output_path", type=_path,
+                   default="routing", help="folder for routing_heatmap.png, routing.md/json")
+    p.add_argument("--from_results", type=_path,
+                   help="results.json of `moceir test` with the same checkpoint: no re-run")
     p.add_argument("--overwrite", action="store_true", help="replace existing routing files")
     p.add_argument("--bypass_column", action=argparse.BooleanOptionalAction, default=True,
                    help="also score every benchmark with the experts bypassed (twice the time; not with "
@@ -864,8 +876,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("restore", "restore images (files, folders, globs) with the bundled or a given model")
     p.add_argument("inputs", nargs="+", help="image files, folders (not recursive) or globs")
-    p.add_argument("-o", "--output", default="restored", help="folder for the restored images")
-    p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
+    p.add_argument("-o", "--output", type=_path, default="restored", help="folder for the restored images")
+    p.add_argument("--checkpoint", type=_path,
+                   default="default", help="checkpoint path; 'default' is the bundled model")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision (CUDA)")
     p.add_argument("--batch_size", type=_positive(), help="same-size images restored together (default: 1 on CPU, "
@@ -890,13 +903,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "moceir does not write the input's format)")
     p.add_argument("--suffix", default="", help="appended to output names")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and report (never inputs)")
-    p.add_argument("--report", help="write a JSON report: size, time and experts per image")
+    p.add_argument("--report", type=_path, help="write a JSON report: size, time and experts per image")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; errors only")
     p.set_defaults(fn=cmd_restore)
 
     p = command("demo", "a web page on this machine: restore a photo, compare before/after, see which experts ran "
                         "(needs pip install -e '.[demo]')")
-    p.add_argument("--checkpoint", default="default", help="checkpoint path; 'default' is the bundled model")
+    p.add_argument("--checkpoint", type=_path,
+                   default="default", help="checkpoint path; 'default' is the bundled model")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on; 0.0.0.0 opens the page to your network (it has no login)")
     p.add_argument("--port", type=_port, default=7860, help="port to serve on (1-65535)")
@@ -908,8 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship) or ONNX")
-    p.add_argument("checkpoint", help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
-    p.add_argument("output", help="the file to write: .safetensors or .onnx (the suffix picks the format)")
+    p.add_argument("checkpoint", type=_path,
+                   help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
+    p.add_argument("output", type=_path, help="the file to write: .safetensors or .onnx (the suffix picks the format)")
     p.add_argument("--format", choices=["safetensors", "onnx"],
                    help="the format, where the suffix does not say (safetensors under another name; ONNX needs .onnx)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
@@ -924,8 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = command("plot-logs", "PNG plots of loss, balance loss and LR of a training run")
-    p.add_argument("run_dir", help="a training run folder (holding logs/metrics.csv)")
-    p.add_argument("--out", help="PNG path (default: <run_dir>/training_curves.png, which training also writes and "
+    p.add_argument("run_dir", type=_path, help="a training run folder (holding logs/metrics.csv)")
+    p.add_argument("--out", type=_path,
+                   help="PNG path (default: <run_dir>/training_curves.png, which training also writes and "
                                  "this redraws)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_plot_logs)
