@@ -135,3 +135,11 @@ def test_an_empty_path_is_refused_not_taken_for_none(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         _parse(*argv)
     assert stop.value.code == 2 and "is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
+def test_a_note_that_is_not_utf_8_is_refused_before_the_export(capsys):
+    """Probe: `export m n.safetensors --note $'bad\\xffbyte'` failed with a traceback (after 66 s of ONNX export)."""
+    with pytest.raises(SystemExit) as stop:
+        _parse("export", "m.safetensors", "n.safetensors", "--note", "bad\udcffbyte")
+    assert stop.value.code == 2 and "holds bytes that are not UTF-8 text" in capsys.readouterr().err
+    assert _parse("export", "m.safetensors", "n.safetensors", "--note", "café ☕").note == "café ☕"

@@ -118,6 +118,15 @@ def _path(v: str) -> str:
     return v
 
 
+def _text(v: str) -> str:
+    """Text stored in a file as UTF-8: bytes that are not UTF-8 (a shell's $'\\xff') failed at the end of an export."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("holds bytes that are not UTF-8 text; give the note as UTF-8") from None
+    return v
+
+
 def _repeat(v: str) -> tuple[str, int]:
     task, _, n = v.partition("=")
     if task not in (*TASKS, "cdd11") or not n.isdigit():
@@ -933,8 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dispatch", choices=EXPORT_DISPATCHES, default="conditional",
                    help="ONNX: run only the experts some image chose (an If per expert), or all of them, gated")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="dtype of the stored weights")
-    p.add_argument("--note", help="text stored in the file and printed when the model is used (default: the "
-                   "checkpoint's own note; \"\" for none)")
+    p.add_argument("--note", type=_text, help="text stored in the file and printed when the model is used "
+                   "(default: the checkpoint's own note; \"\" for none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(fn=cmd_export)
 
