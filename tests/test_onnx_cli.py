@@ -105,3 +105,11 @@ def test_export_hides_torch_internal_notices(caplog, recwarn):
     assert not caplog.records and not [w for w in recwarn if "LeafSpec" in str(w.message)]
     log.warning("after the export, notices show again")
     assert caplog.records
+
+
+def test_restore_with_an_onnx_model_prints_its_note(exported, tmp_path, capsys):
+    """Probe: `restore --checkpoint noted.onnx` printed no note (info did): an export of the bundled model lost
+    its "early, weak model" warning."""
+    save_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--checkpoint", exported[2]]) == 0
+    assert "model: tiny test export" in capsys.readouterr().out

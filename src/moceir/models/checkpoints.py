@@ -79,9 +79,15 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def checkpoint_note(path: str | Path) -> str:
-    """The 'note' a safetensors checkpoint carries (e.g. that the bundled model is early and weak); "" if none."""
+    """The 'note' a safetensors checkpoint or an ONNX export carries (e.g. that the bundled model is early and
+    weak); "" if none."""
     try:
         p = resolve_path(path)
+        if p.suffix.lower() == ".onnx":  # restore printed no note for an export of the bundled model
+            import onnx
+
+            props = onnx.load(str(p), load_external_data=False).metadata_props
+            return printable_note(next((x.value for x in props if x.key == "note"), ""))
         if not _is_safetensors(p):
             return ""
         from safetensors import safe_open
