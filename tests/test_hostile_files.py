@@ -282,3 +282,16 @@ def test_a_name_that_is_not_utf_8_is_printed_where_stdout_is_strict(tmp_path, ti
                            "--device", "cpu"], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"Traceback" not in done.stderr and os.path.isfile(os.path.join(out, b"a.png"))
+
+
+def test_an_output_folder_named_through_a_link_and_dots_is_the_one_the_kernel_means(tmp_path, tiny_ckpt):
+    """Probe: `-o lnk/../outx` (lnk -> deep/inner) made deep/outx (the kernel's meaning) but wrote into ./outx
+    (os.path.abspath's): every image failed with "No such file or directory", and an empty folder was left."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
+    (tmp_path / "lnk").symlink_to(tmp_path / "deep" / "inner")
+    assert main(["restore", str(img), "-o", str(tmp_path / "lnk" / ".." / "outx"), "--checkpoint", tiny_ckpt,
+                 "--device", "cpu", "--report", str(tmp_path / "lnk" / ".." / "outx" / "r.json")]) == 0
+    assert (tmp_path / "deep" / "outx" / "a.png").is_file() and (tmp_path / "deep" / "outx" / "r.json").is_file()
+    assert not (tmp_path / "outx").exists()

@@ -241,6 +241,18 @@ def check_report_path(report: str | Path, inputs: set[Path], outputs: set[Path],
     return path
 
 
+def _through_links(path: str | os.PathLike) -> str | os.PathLike:
+    """``path`` with its folders resolved where it names ``..``: the kernel takes ``link/..`` as the parent of the
+    link's target, and ``os.path.abspath`` as the folder the link is in, so `-o link/../out` was made in one
+    place and written in the other (every image failed)."""
+    if ".." not in Path(path).parts:
+        return path
+    parent, name = os.path.split(os.fspath(path))
+    if name in ("", "..", "."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(parent or "."), name)
+
+
 def _checkpoint_files(model: Any) -> set[Path]:
     """The file ``model`` names ("default": the bundled weights), by its name and its real path; none for a
     loaded network."""
@@ -679,6 +691,8 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         raise UsageError(f"inputs must be non-empty paths or globs; got {bad[0]!r}")
     if report is not None and (not isinstance(report, (str, os.PathLike)) or not str(report)):
         raise UsageError(f"report must be a file path (a non-empty str or Path) or None, not {report!r}")
+    output_dir = _through_links(output_dir)
+    report = _through_links(report) if report is not None else None
     if not isinstance(suffix, str) or (ext is not None and not isinstance(ext, str)):
         raise UsageError(f"suffix and ext must be strings, got {suffix!r} and {ext!r}")
     opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
