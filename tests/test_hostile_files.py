@@ -295,3 +295,24 @@ def test_an_output_folder_named_through_a_link_and_dots_is_the_one_the_kernel_me
                  "--device", "cpu", "--report", str(tmp_path / "lnk" / ".." / "outx" / "r.json")]) == 0
     assert (tmp_path / "deep" / "outx" / "a.png").is_file() and (tmp_path / "deep" / "outx" / "r.json").is_file()
     assert not (tmp_path / "outx").exists()
+
+
+def test_too_few_open_files_for_loader_workers_decodes_in_the_process(tmp_path, tiny_ckpt):
+    """Probe: under `ulimit -n 15`, `restore --num_workers 2` failed in os.pipe() with a traceback; where one
+    worker had started, its end printed a second (our SIGTERM handler, inherited by the fork)."""
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((16, 16 + 8 * i, 3), i, np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    code = ("import resource, sys; from moceir.cli import main; n = int(sys.argv[1]); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); sys.exit(main(sys.argv[2:]))")
+    notes = 0
+    for limit in (10, 12, 13):  # where the limit is met depends on what torch has opened (12: one worker started)
+        argv = ["restore", str(tmp_path / "in"), "-o", str(tmp_path / f"out{limit}"), "--checkpoint", tiny_ckpt,
+                "--device", "cpu", "--num_workers", "2"]
+        done = subprocess.run([sys.executable, "-c", code, str(limit), *argv], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, \
+            (limit, done.stderr[-3000:])
+        assert len(list((tmp_path / f"out{limit}").iterdir())) == 6
+        notes += "note: too many open files to start 2 loader worker(s)" in done.stderr
+    assert notes, "no limit was low enough to matter"

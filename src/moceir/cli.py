@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -1056,7 +1057,16 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+_SIGTERM_PID: list[int] = []  # the process that installed _raise_terminated
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    if _SIGTERM_PID and os.getpid() != _SIGTERM_PID[-1]:  # a forked loader worker, ended by its parent: it dies
+        import signal                                      # as SIGTERM's default does, without a traceback
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated
 
 
@@ -1071,6 +1081,7 @@ def _catch_sigterm() -> Any:
     previous = signal.getsignal(signal.SIGTERM)
     if previous is not signal.SIG_DFL:
         return None
+    _SIGTERM_PID[:] = [os.getpid()]
     signal.signal(signal.SIGTERM, _raise_terminated)
     return previous
 
@@ -1114,6 +1125,10 @@ def _main(argv: list[str] | None) -> int:
 
         if isinstance(e, OutputAppeared):  # another program wrote an output meanwhile: kept, not replaced
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # a loader's worker pipes under a low `ulimit -n`
+            print(f"error: too many open files ({e.strerror}); raise the limit (ulimit -n) or pass a lower "
+                  "--num_workers", file=sys.stderr)
             return 1
         advice = write_error_advice(e.errno, "output path")
         if advice is None or not e.filename:

@@ -8,6 +8,8 @@ each output atomically; every failure is one line naming the file, and the rest 
 
 from __future__ import annotations
 
+import errno
+import gc
 import glob
 import json
 import os
@@ -17,7 +19,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -723,19 +725,40 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         ordered = plan.failures + [rows[i] for i in sorted(rows)]
         return _finish(plan.report if is_rank_zero() else None, model, ordered, overwrite, writer_error)
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
-    loader = torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=num_workers,
-                                         collate_fn=as_list)
+    batches = _decoded_batches(plan, min(num_workers, len(plan.batches)), say)  # a worker per batch at most
     todo = sum(len(b) for b in plan.batches)
     try:
         with tqdm(total=len(plan.jobs), initial=len(plan.jobs) - todo, desc="restoring", unit="img",
                   disable=not progress or not todo) as bar:
-            for items in loader:
+            for items in batches:
                 restorer.process(items)
                 bar.update(len(items))
     finally:
         rows = restorer.close()
     ordered = plan.failures + [rows[i] for i in sorted(rows)]
     return _finish(plan.report, model, ordered, overwrite, restorer.writer_error)
+
+
+def _decoded_batches(plan: Plan, workers: int, log: Callable[[str], None]) -> Iterator[list]:
+    """The planned batches, decoded by ``workers`` loader processes, or in this one where the open-file limit
+    (``ulimit -n``) leaves no room for their pipes (os.pipe failed with a traceback)."""
+    def loader(n: int) -> Iterator[list]:
+        return iter(torch.utils.data.DataLoader(ImageFiles(plan.jobs), batch_sampler=plan.batches, num_workers=n,
+                                                collate_fn=as_list))
+    try:
+        return loader(workers)
+    except OSError as e:
+        if e.errno not in (errno.EMFILE, errno.ENFILE) or not workers:
+            raise
+        hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
+        try:  # torch's half-made iterator fails in __del__ ("no attribute '_workers_status'"): a page of noise
+            e.__traceback__ = None
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
+        log(f"note: too many open files to start {workers} loader worker(s) ({e.strerror}; see ulimit -n); "
+            "decoding in this process")
+    return loader(0)
 
 
 def _finish(report: Path | None, model: Any, rows: list[dict], overwrite: bool,
