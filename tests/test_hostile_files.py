@@ -316,3 +316,26 @@ def test_too_few_open_files_for_loader_workers_decodes_in_the_process(tmp_path, 
         assert len(list((tmp_path / f"out{limit}").iterdir())) == 6
         notes += "note: too many open files to start 2 loader worker(s)" in done.stderr
     assert notes, "no limit was low enough to matter"
+
+
+@pytest.mark.parametrize("kind", ["gray_alpha_16", "rgb_16", "rgb_8"])
+def test_a_tiff_with_an_orientation_tag_is_turned_and_sized_as_it_is_shown(tmp_path, tiny_ckpt, kind):
+    """Probe: a 16-bit gray + alpha TIFF (read by tifffile, not PIL) with Orientation 6 was restored unturned (exit
+    0), while RGB ones were turned; and image_size turned RGB TIFFs twice (PIL reports their size turned)."""
+    tifffile = pytest.importorskip("tifffile")
+    tags = [(274, "H", 1, 6, True)]
+    if kind == "gray_alpha_16":
+        arr = np.zeros((16, 32, 2), np.uint16)
+        arr[:4, :, 0], arr[..., 1] = 65535, 65535
+        tifffile.imwrite(tmp_path / "a.tif", arr, photometric="minisblack", extrasamples=["unassalpha"], extratags=tags)
+    else:
+        dtype = np.uint16 if kind == "rgb_16" else np.uint8
+        arr = np.zeros((16, 32, 3), dtype)
+        arr[:4] = np.iinfo(dtype).max
+        tifffile.imwrite(tmp_path / "a.tif", arr, photometric="rgb", extratags=tags)
+    img = load_image(tmp_path / "a.tif")
+    assert img.rgb.shape == (32, 16, 3) and image_size(tmp_path / "a.tif") == (32, 16)
+    assert img.rgb[:, -4:].min() == 1.0 and img.rgb[:, :-4].max() == 0.0  # the top rows, shown on the right (6)
+    assert main(["restore", str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+                 "--device", "cpu", "--quiet"]) == 0
+    assert load_image(tmp_path / "out" / "a.tif").rgb.shape == (32, 16, 3)

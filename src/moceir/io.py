@@ -246,9 +246,9 @@ def load_image(path: str | Path) -> LoadedImage:
         page = _tiff_first_page(path)
         samples = page[0] if page else None
         if samples == np.uint16:  # e.g. 16-bit gray + alpha, which PIL cannot identify
-            _refuse_bomb(path, *page[1:])  # Image.open checks this for the files it opens
+            _refuse_bomb(path, *page[1:3])  # Image.open checks this for the files it opens
             try:
-                return _sixteen_bit(path, "TIFF", 1)
+                return _sixteen_bit(path, "TIFF", 1, page[3])
             except ImageReadError:
                 raise
             except Exception:  # noqa: BLE001 - the generic line below names the file
@@ -270,14 +270,18 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if im.format == "PNG" and "exif" not in im.info:  # PIL's getexif() would decode the whole image
+            if im.format == "TIFF" and (page := _tiff_first_page(Path(path))):
+                _, h, w, orientation = page  # from the tags: PIL (12) reports a TIFF's size already turned
+            elif im.format == "PNG" and "exif" not in im.info:  # PIL's getexif() would decode the whole image
                 orientation = _png_exif_orientation(Path(path))
             else:
                 orientation = im.getexif().get(0x0112, 1)
         return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
-        page = _tiff_first_page(Path(path))  # a TIFF PIL cannot open (16-bit gray + alpha) is read unrotated
-        return page[1:] if page and page[0] == np.uint16 else None
+        page = _tiff_first_page(Path(path))  # a TIFF PIL cannot open (16-bit gray + alpha)
+        if not page or page[0] != np.uint16:
+            return None
+        return (page[2], page[1]) if page[3] in (5, 6, 7, 8) else (page[1], page[2])
 
 
 def _exif_orientation(data: bytes) -> int:
@@ -349,9 +353,9 @@ def _tiff_samples(path: Path) -> np.dtype | None:
     return page[0] if page else None
 
 
-def _tiff_first_page(path: Path) -> tuple[np.dtype, int, int] | None:
-    """(sample type, height, width) of a TIFF's first page from its tags, without decoding it; None if not a
-    TIFF or unreadable by tifffile."""
+def _tiff_first_page(path: Path) -> tuple[np.dtype, int, int, int] | None:
+    """(sample type, height, width, orientation tag) of a TIFF's first page from its tags, without decoding it;
+    None if not a TIFF or unreadable by tifffile."""
     try:
         with open(path, "rb") as f:
             if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
@@ -360,7 +364,9 @@ def _tiff_first_page(path: Path) -> tuple[np.dtype, int, int] | None:
 
         with tifffile.TiffFile(str(path)) as t:
             page = t.pages[0]
-            return np.dtype(page.dtype), int(page.imagelength), int(page.imagewidth)
+            orientation = page.tags.get(274)  # Orientation, as EXIF numbers it
+            orientation = int(orientation.value) if orientation is not None else 1
+            return np.dtype(page.dtype), int(page.imagelength), int(page.imagewidth), orientation
     except Exception:  # noqa: BLE001 - the caller decodes with PIL, whose error names the file
         return None
 
