@@ -558,3 +558,21 @@ def test_benchmark_images_named_in_bytes_that_are_not_utf_8_are_scored_and_repor
     assert sorted(r["name"] for r in rows["denoise_15"]) == ["0002.png", "bad\udcff.png"]
     assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "denoise_15", "--data_file_dir", str(small_layout),
                  "--output_path", str(tmp_path / "routing"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("holdout", [False, True])
+def test_a_validation_score_of_a_run_that_trained_on_the_split_is_called_so(tiny_ckpt, tiny_layout, tmp_path, capsys,
+                                                                            holdout):
+    """Probe: `test --benchmarks raintrainl_val` of a run trained on derain without --holdout_val scored its own
+    training images and called it validation, without a word."""
+    import shutil
+
+    run = tmp_path / "ck" / "run"
+    run.mkdir(parents=True)
+    shutil.copy(tiny_ckpt, run / "model.safetensors")
+    (run / "settings.json").write_text(json.dumps({"settings": {"de_type": ["derain"], "holdout_val": holdout}}))
+    assert main(["test", "--ckpt", str(run / "model.safetensors"), "--benchmarks", "raintrainl_val",
+                 "--data_file_dir", str(tiny_layout), "--output_path", str(tmp_path / "out"), "--quiet"]) == 0
+    said = (f"note: raintrainl_val: {run / 'model.safetensors'} comes from a run that trained derain without "
+            "--holdout_val") in capsys.readouterr().err
+    assert said == (not holdout)

@@ -352,6 +352,8 @@ def _load_for_eval(args: argparse.Namespace, cpu: bool = False):
     note = checkpoint_note(path)
     if note and not args.quiet and is_rank_zero():
         print(f"model note: {note}")
+    if "raintrainl_val" in args.benchmarks and is_rank_zero() and (trained := _trained_on_validation(path)):
+        print(f"note: raintrainl_val: {trained}", file=sys.stderr)
     return model, device, path
 
 
@@ -437,6 +439,20 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"error: no image of {', '.join(b for b, _ in entries) or 'any benchmark'} could be scored; no results "
               "written", file=sys.stderr)
     return 1 if failed or not results else 0
+
+
+def _trained_on_validation(checkpoint: str | Path) -> str:
+    """Why a score on the RainTrainL validation split is not one, where the run beside ``checkpoint`` (its
+    settings.json) trained derain without --holdout_val, on those very images; "" otherwise or unknown."""
+    if str(checkpoint) == "default":  # the bundled model's runs held the split out (docs/model-card.md)
+        return ""
+    try:
+        settings = json.loads((Path(checkpoint).parent / "settings.json").read_text())["settings"]
+        trained = "derain" in settings["de_type"] and not settings["holdout_val"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return (f"{checkpoint} comes from a run that trained derain without --holdout_val (its settings.json), so these "
+            "images were among its training images: the score is not a validation score" if trained else "")
 
 
 def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
