@@ -1270,3 +1270,19 @@ def test_a_plot_that_fails_does_not_cost_the_model(data, tmp_path, monkeypatch, 
     assert (tmp_path / "ck" / "r" / "model.safetensors").is_file()
     assert ("note: training_curves.png not drawn (OverflowError: cannot convert float infinity to integer); "
             f"moceir plot-logs {tmp_path / 'ck' / 'r'} draws it again") in capsys.readouterr().err
+
+
+def test_a_torch_compile_failure_is_one_line_with_what_trains(data, tmp_path, monkeypatch, capsys):
+    """Probe: `train --compile` on the CPU with the sparse dispatch failed in Inductor ("cannot determine truth
+    value of Relational") with a page of traceback; --dispatch dense compiles."""
+    def compile_network(net, mode, scope):
+        def fail(*a, **k):
+            raise torch._dynamo.exc.TorchDynamoException("cannot determine truth value of Relational: 16*s0 < 16")
+        net.forward = fail
+
+    monkeypatch.setattr(training, "compile_network", compile_network)
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r", "--compile") == 1
+    assert _one_error_line(capsys) == (
+        "error: torch.compile failed (TorchDynamoException: cannot determine truth value of Relational: 16*s0 < 16); "
+        "train without --compile, or with --dispatch dense (static shapes, which compile), then train again under "
+        "another --run_name")

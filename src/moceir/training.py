@@ -85,6 +85,13 @@ class TrainingPeerError(TrainingSetupError):
     exit_code = 1
 
 
+class TrainingCompileError(TrainingSetupError):
+    """torch.compile failed on the network (a limit of Inductor, e.g. the sparse dispatch's dynamic shapes on the
+    CPU): exit code 1, with the options that train instead."""
+
+    exit_code = 1
+
+
 class TrainingStopped(TrainingSetupError):
     """Training was stopped from outside (SIGTERM: exit code 143; Ctrl-C: 130), as a shell reports a signal."""
 
@@ -979,6 +986,11 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
             if advice is not None:
                 raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "
                                           f"then {then}") from None
+            if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                raise TrainingCompileError(f"torch.compile failed ({type(e).__name__}: {what}); train without "
+                                           "--compile, or with --dispatch dense (static shapes, which compile), "
+                                           f"then {then}") from None
             problem = _data_problem(e)
             if problem is None:
                 raise
