@@ -171,3 +171,14 @@ def test_from_results_into_a_folder_of_benchmark_images_is_refused_too(tmp_path,
                                                         str(small_layout)]) == 2
     assert "is a folder of lolv1's images" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_routing_refuses_an_output_folder_of_training_images(tmp_path, tiny_ckpt, tiny_layout, capsys):
+    """Probe: `routing --output_path data/denoising/BSD400` wrote its heatmap there (exit 0), and the next
+    `moceir train` trained on routing_heatmap.png as a clean image."""
+    before = sorted(p.name for p in (tiny_layout / "denoising/BSD400").iterdir())
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(tiny_layout / "denoising/BSD400"), "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output_path {tiny_layout / 'denoising/BSD400'} is a "
+                                              "folder of denoise_15's training images")
+    assert sorted(p.name for p in (tiny_layout / "denoising/BSD400").iterdir()) == before

@@ -468,8 +468,9 @@ def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------- routing
 def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], subset: str) -> None:
     """A UsageError where ``out`` is a folder of a benchmark's images (with or without --from_results, when the
-    benchmarks can be listed): routing_heatmap.png would be scored as one of them by the next run."""
-    from .data.datasets import DatasetLayoutError, data_folders
+    benchmarks can be listed) or of a task's training images: routing_heatmap.png would be read as one of them by
+    the next run."""
+    from .data.datasets import DatasetLayoutError, data_folders, train_pairs
     from .evaluation import benchmark_dataset
     from .pipeline import UsageError
 
@@ -481,6 +482,14 @@ def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], su
         if os.path.realpath(out) in folders:
             raise UsageError(f"--output_path {out} is a folder of {b}'s images: routing_heatmap.png would be scored "
                              "as one of them; choose an --output_path outside the data")
+    for task in TASKS:  # a training folder (BSD400): the next `moceir train` trained on the heatmap
+        try:
+            folders = data_folders(train_pairs(data_dir, task))
+        except (DatasetLayoutError, ValueError, OSError):
+            continue
+        if os.path.realpath(out) in folders:
+            raise UsageError(f"--output_path {out} is a folder of {task}'s training images: routing_heatmap.png "
+                             "would be trained on as one of them; choose an --output_path outside the data")
 
 
 def cmd_routing(args: argparse.Namespace) -> int:
