@@ -576,3 +576,26 @@ def test_a_validation_score_of_a_run_that_trained_on_the_split_is_called_so(tiny
     said = (f"note: raintrainl_val: {run / 'model.safetensors'} comes from a run that trained derain without "
             "--holdout_val") in capsys.readouterr().err
     assert said == (not holdout)
+
+
+def test_results_that_appear_while_scoring_are_called_so_not_an_earlier_run(tiny_ckpt, small_layout, tmp_path, capsys,
+                                                                            monkeypatch):
+    """Probe: of two `moceir test` runs into one --output_path, the second scored everything, then said the first's
+    files "exist(s) from an earlier run" (exit 2, as for bad options)."""
+    import moceir.evaluation as evaluation
+
+    out, real = tmp_path / "out", evaluation.score_image
+
+    def score_image(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "results.md").write_text("the other run's")
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluation, "score_image", score_image)
+    assert _test(tiny_ckpt, small_layout, out, "lolv1") == 1
+    captured = capsys.readouterr()
+    assert "| lolv1 | 2 |" in captured.out  # the scores are printed
+    assert captured.err.strip() == (f"error: {out / 'results.md'} appeared while this run scored (another run writing "
+                                     "to the same --output_path?); no result file was written, the table above holds "
+                                     "the scores; choose another --output_path or pass --overwrite")
+    assert (out / "results.md").read_text() == "the other run's" and not (out / "results.json").exists()

@@ -431,7 +431,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     if results and is_rank_zero():
         title = f"moceir test: {path}{' (experts bypassed: --experts skip)' if args.experts == 'skip' else ''}"
         try:  # written before the table is printed: a reader that left (| head) does not cost the files
-            paths = write_reports(results, out_dir, title, overwrite=args.overwrite, experts=args.experts)
+            paths = write_reports(results, out_dir, title, overwrite=args.overwrite, experts=args.experts,
+                                  checked=True)
         finally:  # and printed when they cannot be written (a full disk), so that the scores are not lost
             print(markdown_table(results, title))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")

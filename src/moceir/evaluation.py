@@ -17,8 +17,8 @@ from tqdm import tqdm
 from .data.datasets import BenchmarkDataset, DatasetLayoutError, benchmark_pairs, data_folders
 from .flops import image_experts, layer_picks
 from .inference import restore_tensor
-from .io import (SPECIAL_FILE, ImageReadError, save_image, special_file, write_atomically, write_error_advice,
-                 write_files_atomically)
+from .io import (SPECIAL_FILE, ImageReadError, OutputAppeared, save_image, special_file, write_atomically,
+                 write_error_advice, write_files_atomically)
 from .metrics import psnr, ssim
 from .models import MoCEIR
 from .pipeline import UsageError, folder_problem, plan_outputs
@@ -231,12 +231,18 @@ def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
 
 
 def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
-                  overwrite: bool = True, experts: str = "run") -> dict[str, Path]:
+                  overwrite: bool = True, experts: str = "run", checked: bool = False) -> dict[str, Path]:
     """results.md (table), results.json (summaries + per-image rows), per_image.csv, written as one set.
     ``experts``: "skip" where the scores were made with the experts bypassed (recorded in results.json).
 
-    A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError.
+    A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError; where the
+    folder was ``checked`` before scoring, a result file found now appeared meanwhile: an OutputAppeared.
     """
+    appeared = [p for p in (out_dir / name for name in REPORT_FILES) if os.path.lexists(p)]
+    if checked and appeared and not overwrite:  # not "an earlier run": another run writing the same folder
+        raise OutputAppeared(f"{appeared[0]} appeared while this run scored (another run writing to the same "
+                             "--output_path?); no result file was written, the table above holds the scores; "
+                             "choose another --output_path or pass --overwrite", appeared[0])
     check_results_folder(out_dir, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
