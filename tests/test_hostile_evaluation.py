@@ -599,3 +599,12 @@ def test_results_that_appear_while_scoring_are_called_so_not_an_earlier_run(tiny
                                      "to the same --output_path?); no result file was written, the table above holds "
                                      "the scores; choose another --output_path or pass --overwrite")
     assert (out / "results.md").read_text() == "the other run's" and not (out / "results.json").exists()
+
+
+def test_an_output_path_that_is_a_device_is_not_called_a_file(tiny_ckpt, small_layout, tmp_path, capsys):
+    """Probe: `test --output_path /dev/null` was refused as "/dev/null is a file, not a folder"."""
+    assert _test(tiny_ckpt, small_layout, "/dev/null", "lolv1") == 2
+    assert "/dev/null is a device, pipe or socket, not a folder" in capsys.readouterr().err
+    assert main(["restore", str(small_layout / "llie/LOLv1/Test/input"), "-o", "/dev/null", "--checkpoint",
+                 tiny_ckpt]) == 2
+    assert "-o /dev/null is a device, pipe or socket; give a folder" in capsys.readouterr().err

@@ -175,7 +175,7 @@ def folder_problem(folder: Path) -> str | None:
     if existing.is_symlink() and not existing.exists():  # a link loop, or a link to nothing
         return f"{existing} {file_problem(existing)}, not a folder"
     if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
+        return f"{existing} is {'a file' if existing.is_file() else 'a device, pipe or socket'}, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         return f"folder {existing} is {'on a read-only file system' if read_only else 'not writable'}"
@@ -185,8 +185,10 @@ def folder_problem(folder: Path) -> str | None:
 def check_output_dir(out_dir: Path) -> None:
     """A UsageError, before any work, where the output folder cannot be made or written."""
     out_dir = Path(os.path.abspath(out_dir))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"-o {out_dir} is a file; give a folder for the restored images")
+    # os.path, not Path.exists, which raised in a folder without search permission: folder_problem names that
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        what = "a file" if os.path.isfile(out_dir) else "a device, pipe or socket"
+        raise UsageError(f"-o {out_dir} is {what}; give a folder for the restored images")
     problem = folder_problem(out_dir)
     if problem:
         raise UsageError(f"-o {out_dir}: {problem}; choose another -o")
