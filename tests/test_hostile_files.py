@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,17 +246,20 @@ def test_a_report_or_export_through_a_link_into_proc_is_refused_before_any_image
     same. A report to a pipe was refused only after every image was restored."""
     img = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
-    (tmp_path / "stdout").symlink_to("/proc/self/fd/1")
+    stream = open(tmp_path / "stream.txt", "w")  # a regular file behind /proc/self/fd/N, as stdout in a file is
+    (tmp_path / "stdout").symlink_to(f"/proc/self/fd/{stream.fileno()}")
     (tmp_path / "chain").symlink_to(tmp_path / "stdout")
     for link in ("stdout", "chain"):
         assert main(["restore", str(img), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt, "--device", "cpu",
                      "--report", str(tmp_path / link), "--overwrite"]) == 2
         assert f"error: --report {tmp_path / link} is a device, pipe or socket (or a link to one)" in \
             capsys.readouterr().err
-        assert os.readlink(tmp_path / "stdout") == "/proc/self/fd/1" and not (tmp_path / "out").exists()
+        assert os.readlink(tmp_path / "stdout") == f"/proc/self/fd/{stream.fileno()}"
+        assert not (tmp_path / "out").exists()
     assert main(["export", tiny_ckpt, str(tmp_path / "chain"), "--format", "safetensors", "--overwrite"]) == 2
     assert "is a device, pipe or socket" in capsys.readouterr().err
-    assert os.readlink(tmp_path / "stdout") == "/proc/self/fd/1" and os.path.islink(tmp_path / "chain")
+    assert os.readlink(tmp_path / "stdout") == f"/proc/self/fd/{stream.fileno()}" and os.path.islink(tmp_path / "chain")
+    stream.close()
 
 
 def test_a_report_named_as_the_checkpoint_is_refused(tmp_path, tiny_ckpt, capsys):
@@ -339,3 +343,29 @@ def test_a_tiff_with_an_orientation_tag_is_turned_and_sized_as_it_is_shown(tmp_p
     assert main(["restore", str(tmp_path / "a.tif"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
                  "--device", "cpu", "--quiet"]) == 0
     assert load_image(tmp_path / "out" / "a.tif").rgb.shape == (32, 16, 3)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="this machine has no /dev/shm")
+def test_regular_files_in_dev_shm_are_replaced_as_anywhere(tmp_path, tiny_ckpt):
+    """Review: the /dev check refused a regular file on /dev/shm (a tmpfs) as a device: a second restore with
+    --overwrite failed, and training there failed at its second checkpoint."""
+    import shutil
+    import tempfile
+
+    from moceir.io import special_file, write_atomically
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        write_atomically(shm / "a.json", lambda tmp: tmp.write_text("1"), overwrite=True)
+        assert not special_file(shm / "a.json")
+        write_atomically(shm / "a.json", lambda tmp: tmp.write_text("2"), overwrite=True)
+        assert (shm / "a.json").read_text() == "2"
+        img = tmp_path / "a.png"
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+        for extra in ([], ["--overwrite"]):
+            assert main(["restore", str(img), "-o", str(shm / "out"), "--checkpoint", tiny_ckpt, "--device", "cpu",
+                         "--quiet", *extra]) == 0
+        (shm / "link").symlink_to(shm / "a.json")
+        assert not special_file(shm / "link")  # only a chain through /proc is (/dev/stdout -> /proc/self/fd/1)
+    finally:
+        shutil.rmtree(shm)

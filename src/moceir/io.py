@@ -588,8 +588,8 @@ def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
 
 def special_file(path: str | Path) -> bool:
     """Whether ``path`` is, or links to, something other than a regular file or folder (/dev/null, a FIFO), or is a
-    link through /dev or /proc: /dev/stdout leads, through /proc/self/fd/1, to whatever file stdout is, and
-    replacing it replaced the system's link."""
+    link through /proc: /dev/stdout leads, through /proc/self/fd/1, to whatever file stdout is, and replacing it
+    replaced the system's link."""
     try:
         mode = os.stat(path).st_mode
     except OSError:  # nothing there, or a dangling link: replaced as documented
@@ -598,10 +598,13 @@ def special_file(path: str | Path) -> bool:
 
 
 def _links_through_system(path: Path) -> bool:
-    """Whether ``path`` (absolute or not) is in /dev or /proc, or a chain of links from it passes through them."""
+    """Whether ``path`` is a link whose chain of links reaches /proc (/dev/stdout -> /proc/self/fd/1, whose
+    "target" is whatever file the stream is)."""
     p = os.path.abspath(path)
+    if not os.path.islink(p):
+        return False
     for _ in range(40):  # the kernel's own limit on a chain of links
-        if p.startswith(("/dev/", "/proc/")):
+        if p.startswith("/proc/"):
             return True
         if not os.path.islink(p):
             return False
