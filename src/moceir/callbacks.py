@@ -12,8 +12,8 @@ import contextlib
 import csv
 import io
 import os
-import sys
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .io import write_atomically
 from .models import MoCEIR
+from .runtime import first_line
 
 
 def epoch_complete(trainer: pl.Trainer) -> bool:
@@ -305,7 +306,7 @@ class PlotAtEnd(Callback):
             except MetricsError as e:  # a damaged log must not cost the model that is written next
                 print(f"note: training_curves.png not drawn: {e}", file=sys.stderr)
             except Exception as e:  # noqa: BLE001 - nor may a plot that fails (matplotlib): the model is written next
-                print(f"note: training_curves.png not drawn ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                print(f"note: training_curves.png not drawn ({type(e).__name__}: {first_line(e)}); "
                       f"moceir plot-logs {self.run_dir} draws it again", file=sys.stderr)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -24,6 +24,12 @@ class Terminated(KeyboardInterrupt):
     (the command line installs it: moceir.cli)."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(error)``, cut to ``limit`` characters; "" for an empty message (a MemoryError())."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 def is_rank_zero() -> bool:
     """Whether this process is rank 0 of a distributed run (or there is none): the one that prints and reports.
 

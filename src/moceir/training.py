@@ -55,7 +55,7 @@ from .models.checkpoints import (CONFIG_KEY, CheckpointError, architecture_diffe
                                  read_checkpoint_file, save_model)
 from .models.config import FFT_IMPLS, PRESETS
 from .runtime import COMPILE_MODES as TORCH_COMPILE_MODES
-from .runtime import COMPILE_SCOPES, compile_network, is_rank_zero
+from .runtime import COMPILE_SCOPES, compile_network, first_line, is_rank_zero
 
 
 class TrainingSetupError(ValueError):
@@ -978,7 +978,7 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
         except Exception as e:
             then = _how_to_go_on(run_dir)
             if trainer.world_size > 1 and _lost_a_peer(e) and _data_problem(e) is None:
-                what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                what = first_line(e)
                 raise TrainingPeerError(f"rank {trainer.global_rank}: a collective failed ({type(e).__name__}: "
                                         f"{what}); if another process of this run stopped, its own error says why "
                                         f"(above, or in its node's log); fix that, then {then}") from None
@@ -987,10 +987,11 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
                 raise TrainingOutputError(f"cannot write {e.filename or f'into {run_dir}'}: {e.strerror}; {advice}, "
                                           f"then {then}") from None
             if isinstance(e, torch._dynamo.exc.TorchDynamoException):
-                what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                what = first_line(e)
+                dense = "" if module.settings.dispatch == "dense" else (", or with --dispatch dense (static shapes, "
+                                                                         "which compile)")
                 raise TrainingCompileError(f"torch.compile failed ({type(e).__name__}: {what}); train without "
-                                           "--compile, or with --dispatch dense (static shapes, which compile), "
-                                           f"then {then}") from None
+                                           f"--compile{dense}, then {then}") from None
             problem = _data_problem(e)
             if problem is None:
                 raise
