@@ -180,5 +180,18 @@ def test_routing_refuses_an_output_folder_of_training_images(tmp_path, tiny_ckpt
     assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(tiny_layout),
                  "--output_path", str(tiny_layout / "denoising/BSD400"), "--device", "cpu", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --output_path {tiny_layout / 'denoising/BSD400'} is a "
-                                              "folder of denoise_15's training images")
+                                              f"folder of training images ({tiny_layout / 'denoising/BSD400'})")
     assert sorted(p.name for p in (tiny_layout / "denoising/BSD400").iterdir()) == before
+
+
+def test_routing_refuses_a_fifo_among_its_files_before_scoring(tmp_path, tiny_ckpt, tiny_layout, capsys, monkeypatch):
+    """Review: `routing --overwrite` into a folder whose routing.json was a FIFO scored everything, then failed
+    with a traceback (`test` refused it up front)."""
+    import moceir.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_benchmark", lambda *a, **k: pytest.fail("scored before refusing"))
+    (tmp_path / "r").mkdir()
+    os.mkfifo(tmp_path / "r" / "routing.json")
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--data_file_dir", str(tiny_layout),
+                 "--output_path", str(tmp_path / "r"), "--device", "cpu", "--quiet", "--overwrite"]) == 2
+    assert "routing.json is a device, pipe or socket (or a link to one)" in capsys.readouterr().err

@@ -211,10 +211,10 @@ def _has_lines(path: Path) -> bool:
 
 
 def _free_name(path: Path) -> Path:
-    """``path``, or ``<stem>.2<suffix>``, ``.3``, ... where that is taken."""
+    """``path``, or ``<stem>-2<suffix>``, ``-3``, ... where that is taken."""
     n, free = 2, path
     while os.path.lexists(free):
-        free, n = path.with_name(f"{path.stem}.{n}{path.suffix}"), n + 1
+        free, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
     return free
 
 

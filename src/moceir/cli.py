@@ -471,7 +471,7 @@ def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], su
     """A UsageError where ``out`` is a folder of a benchmark's images (with or without --from_results, when the
     benchmarks can be listed) or of a task's training images: routing_heatmap.png would be read as one of them by
     the next run."""
-    from .data.datasets import DatasetLayoutError, data_folders, train_pairs
+    from .data.datasets import DatasetLayoutError, data_folders, training_folders
     from .evaluation import benchmark_dataset
     from .pipeline import UsageError
 
@@ -483,14 +483,10 @@ def _refuse_benchmark_folder(out: Path, data_dir: str, benchmarks: list[str], su
         if os.path.realpath(out) in folders:
             raise UsageError(f"--output_path {out} is a folder of {b}'s images: routing_heatmap.png would be scored "
                              "as one of them; choose an --output_path outside the data")
-    for task in TASKS:  # a training folder (BSD400): the next `moceir train` trained on the heatmap
-        try:
-            folders = data_folders(train_pairs(data_dir, task))
-        except (DatasetLayoutError, ValueError, OSError):
-            continue
-        if os.path.realpath(out) in folders:
-            raise UsageError(f"--output_path {out} is a folder of {task}'s training images: routing_heatmap.png "
-                             "would be trained on as one of them; choose an --output_path outside the data")
+    training = [f for f in training_folders(data_dir) if os.path.realpath(f) == os.path.realpath(out)]
+    if training:  # BSD400: the next `moceir train` trained on the heatmap
+        raise UsageError(f"--output_path {out} is a folder of training images ({training[0]}): routing_heatmap.png "
+                         "would be trained on as one of them; choose an --output_path outside the data")
 
 
 def cmd_routing(args: argparse.Namespace) -> int:
@@ -537,6 +533,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
 def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
     """The three files `routing` writes into ``out``, checked before any work (a UsageError names the problem)."""
+    from .io import SPECIAL_FILE, special_file
     from .pipeline import UsageError, folder_problem
 
     problem = folder_problem(out)
@@ -546,6 +543,8 @@ def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
     folders = [str(p) for p in files.values() if p.is_dir()]
     if folders:
         raise UsageError(f"{folders[0]} is a folder; choose another --output_path")
+    if special := [p for p in files.values() if special_file(p)]:  # else found after all the scoring
+        raise UsageError(f"--output_path {out}: {special[0]} {SPECIAL_FILE}")
     existing = [str(p) for p in files.values() if os.path.lexists(p)]
     if existing and not overwrite:
         raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
@@ -1147,10 +1146,13 @@ def _main(argv: list[str] | None) -> int:
         _to_devnull(sys.stdout.fileno())  # so that the exit's flush stays quiet
         return 1
     except OSError as e:  # a full disk, a read-only folder: one line naming the file; anything else is a bug
-        from .io import OutputAppeared, write_error_advice
+        from .io import SPECIAL_FILE, OutputAppeared, write_error_advice
 
         if isinstance(e, OutputAppeared):  # another program wrote an output meanwhile: kept, not replaced
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        if e.filename and e.strerror == SPECIAL_FILE:  # one that appeared after the checks
+            print(f"error: {e.filename} {SPECIAL_FILE}", file=sys.stderr)
             return 1
         if e.errno in (errno.EMFILE, errno.ENFILE):  # a loader's worker pipes under a low `ulimit -n`
             print(f"error: too many open files ({e.strerror}); raise the limit (ulimit -n) or pass a lower "

@@ -168,6 +168,20 @@ def _degraded_pairs(root: Path, task: str, dehaze_source: str, holdout: bool) ->
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
 
+def training_folders(root: str | Path) -> list[Path]:
+    """The folders under ``root`` that :func:`train_pairs` and the CDD11 training set read images from, whether
+    they exist or not (not listed: a command can refuse to write into one without reading RESIDE's 300k names)."""
+    root = Path(root)
+    reside = root / "dehazing" / "RESIDE"
+    cdd11 = root / "cdd11" / "train"
+    return [root / "denoising" / "BSD400", root / "denoising" / "WaterlooED",
+            *(root / "deraining" / "RainTrainL" / d for d in ("rainy", "gt")),
+            *(reside / d for d in ("part1", "part2", "part3", "part4", "clear")),
+            *(root / "deblurring" / "GoPro" / "crop" / "train" / d for d in ("input_crops", "target_crops")),
+            *(root / "llie" / "LOLv1" / "Train" / d for d in ("input", "target")),
+            *(sorted(d for d in cdd11.iterdir() if d.is_dir()) if cdd11.is_dir() else [])]
+
+
 def cdd11_pairs(root: str | Path, split: str, subset: str) -> list[Pair]:
     """CDD11: ``cdd11/<split>/<degradation>/`` + ``clear/``; subset all|single|double|triple or a folder name."""
     base = Path(root) / "cdd11" / split
