@@ -448,7 +448,7 @@ def _trained_on_validation(checkpoint: str | Path) -> str:
     if str(checkpoint) == "default":  # the bundled model's runs held the split out (docs/model-card.md)
         return ""
     try:
-        settings = json.loads((Path(checkpoint).parent / "settings.json").read_text())["settings"]
+        settings = json.loads((Path(checkpoint).resolve().parent / "settings.json").read_text())["settings"]
         trained = "derain" in settings["de_type"] and not settings["holdout_val"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""

@@ -220,7 +220,7 @@ def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), sa
 
 
 def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
-    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # a name's odd bytes: \xff
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:  # odd bytes: \udcff
         keys = ["benchmark", "name", "psnr", "ssim", "psnr_y", "ssim_y", "input_psnr", "seconds", "experts", "saved"]
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()

@@ -727,9 +727,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         ordered = plan.failures + [rows[i] for i in sorted(rows)]
         return _finish(plan.report if is_rank_zero() else None, model, ordered, overwrite, writer_error)
     restorer = Restorer(net, device, plan.jobs, opts, budget, say, progress, on_tile)
-    batches = _decoded_batches(plan, min(num_workers, len(plan.batches)), say)  # a worker per batch at most
     todo = sum(len(b) for b in plan.batches)
     try:
+        batches = _decoded_batches(plan, min(num_workers, len(plan.batches)), say)  # a worker per batch at most
         with tqdm(total=len(plan.jobs), initial=len(plan.jobs) - todo, desc="restoring", unit="img",
                   disable=not progress or not todo) as bar:
             for items in batches:

@@ -86,8 +86,10 @@ def checkpoint_note(path: str | Path) -> str:
         if p.suffix.lower() == ".onnx":  # restore printed no note for an export of the bundled model
             import onnx
 
-            props = onnx.load(str(p), load_external_data=False).metadata_props
-            return printable_note(next((x.value for x in props if x.key == "note"), ""))
+            from ..onnx import NOTE_KEY
+
+            props = onnx.load(str(p), load_external_data=False).metadata_props  # parses the weights too (~the size)
+            return printable_note(next((x.value for x in props if x.key == NOTE_KEY), ""))
         if not _is_safetensors(p):
             return ""
         from safetensors import safe_open
