@@ -166,14 +166,14 @@ class _ResumedWriter(ExperimentWriter):
     def __init__(self, log_dir: str, history: Path | None, start_step: int):
         super().__init__(log_dir)
         rows, keys = _read_rows(history) if history else ([], [])
-        if history is not None and not rows and _has_lines(history) and os.path.isfile(self.metrics_file_path) \
-                and os.path.samefile(history, self.metrics_file_path):  # unreadable as a whole (its header)
+        in_place = history is not None and os.path.isfile(self.metrics_file_path) \
+            and os.path.samefile(history, self.metrics_file_path)  # the resumed run's own log, rewritten below
+        if in_place and not rows and _has_lines(history):  # unreadable as a whole (its header)
             kept = _free_name(Path(self.metrics_file_path).with_name("metrics.unreadable.csv"))
             os.replace(self.metrics_file_path, kept)
             print(f"note: {history} could not be read (no row of numbers under a header with a step column); "
                   f"kept as {kept}, and the resumed run's log starts anew", file=sys.stderr)
-        if any(float(r["step"]) >= start_step for r in rows) and os.path.isfile(self.metrics_file_path) \
-                and os.path.samefile(history, self.metrics_file_path):  # a branch, or a dead attempt's last rows
+        if in_place and any(float(r["step"]) >= start_step for r in rows):  # a branch, or a dead attempt's rows
             kept = Path(self.metrics_file_path).with_name(f"metrics.before-resume-at-step-{start_step}.csv")
             kept = _free_name(kept)
             shutil.copyfile(self.metrics_file_path, kept)

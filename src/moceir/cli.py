@@ -532,23 +532,13 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
 
 def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
-    """The three files `routing` writes into ``out``, checked before any work (a UsageError names the problem)."""
-    from .io import SPECIAL_FILE, special_file
-    from .pipeline import UsageError, folder_problem
+    """The three files `routing` writes into ``out``, checked before any work as `moceir test` checks its own
+    (a UsageError names the problem)."""
+    from .evaluation import check_results_folder
 
-    problem = folder_problem(out)
-    if problem:
-        raise UsageError(f"--output_path {out}: {problem}; choose another --output_path")
-    files = {name: out / name for name in ("routing_heatmap.png", "routing.md", "routing.json")}
-    folders = [str(p) for p in files.values() if p.is_dir()]
-    if folders:
-        raise UsageError(f"{folders[0]} is a folder; choose another --output_path")
-    if special := [p for p in files.values() if special_file(p)]:  # else found after all the scoring
-        raise UsageError(f"--output_path {out}: {special[0]} {SPECIAL_FILE}")
-    existing = [str(p) for p in files.values() if os.path.lexists(p)]
-    if existing and not overwrite:
-        raise UsageError(f"{', '.join(existing)} exist(s); pass --overwrite or choose another --output_path")
-    return files
+    names = ("routing_heatmap.png", "routing.md", "routing.json")
+    check_results_folder(out, overwrite=overwrite, names=names)
+    return {name: out / name for name in names}
 
 
 def _routing_results_from_file(path: str, benchmarks: list[str], model) -> list:
@@ -788,9 +778,8 @@ def _add_scale_flags(p: argparse.ArgumentParser, training: bool = False) -> None
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list(PRESETS), help="preset; optional when the checkpoint describes itself")
-    p.add_argument("--ckpt", type=_path,
-                   help="checkpoint path (any format moceir.load_model reads); default: the bundled "
-                                  "model unless --checkpoint_id is given")
+    p.add_argument("--ckpt", type=_path, help="checkpoint path (any format moceir.load_model reads); default: "
+                   "the bundled model unless --checkpoint_id is given")
     p.add_argument("--checkpoint_id", type=_path, help="run name under --ckpt_dir (uses its last.ckpt)")
     p.add_argument("--ckpt_dir", type=_path, default="checkpoints", help="folder of training runs")
     p.add_argument("--benchmarks", nargs="+", required=True, choices=BENCHMARKS, action=_NoRepeats,

@@ -198,16 +198,17 @@ def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:
 
 
 def check_results_folder(out_dir: str | Path, benchmarks: Sequence[str] = (), save_results: bool = False,
-                      overwrite: bool = True) -> None:
+                         overwrite: bool = True, names: Sequence[str] = REPORT_FILES) -> None:
     """A UsageError, before any scoring, where ``out_dir`` (and ``images/<benchmark>`` with ``save_results``)
-    cannot be made or written, or, without ``overwrite``, where it holds results of an earlier run."""
+    cannot be made or written, where one of the files ``names`` (``moceir test``'s, or routing's) cannot be
+    replaced, or, without ``overwrite``, where it holds results of an earlier run."""
     out_dir = Path(os.path.abspath(out_dir))
     folders = [out_dir] + [out_dir / "images" / b for b in benchmarks if save_results]
     for folder in folders:
         problem = folder_problem(folder)
         if problem:
             raise UsageError(f"--output_path {out_dir}: {problem}; choose another --output_path")
-    files = [out_dir / name for name in REPORT_FILES]
+    files = [out_dir / name for name in names]
     for path in files:
         if path.is_dir():
             raise UsageError(f"--output_path {out_dir}: {path} is a folder; choose another --output_path")
@@ -238,8 +239,8 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError; where the
     folder was ``checked`` before scoring, a result file found now appeared meanwhile: an OutputAppeared.
     """
-    appeared = [p for p in (out_dir / name for name in REPORT_FILES) if os.path.lexists(p)]
-    if checked and appeared and not overwrite:  # not "an earlier run": another run writing the same folder
+    if checked and not overwrite and (appeared := [p for p in (out_dir / n for n in REPORT_FILES)
+                                                   if os.path.lexists(p)]):  # not "an earlier run": another run's
         raise OutputAppeared(f"{appeared[0]} appeared while this run scored (another run writing to the same "
                              "--output_path?); no result file was written, the table above holds the scores; "
                              "choose another --output_path or pass --overwrite", appeared[0])

@@ -276,12 +276,12 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
                 orientation = _png_exif_orientation(Path(path))
             else:
                 orientation = im.getexif().get(0x0112, 1)
-        return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
         page = _tiff_first_page(Path(path))  # a TIFF PIL cannot open (16-bit gray + alpha)
         if not page or page[0] != np.uint16:
             return None
-        return (page[2], page[1]) if page[3] in (5, 6, 7, 8) else (page[1], page[2])
+        _, h, w, orientation = page
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
 
 
 def _exif_orientation(data: bytes) -> int:

@@ -175,11 +175,16 @@ def folder_problem(folder: Path) -> str | None:
     if existing.is_symlink() and not existing.exists():  # a link loop, or a link to nothing
         return f"{existing} {file_problem(existing)}, not a folder"
     if not existing.is_dir():
-        return f"{existing} is {'a file' if existing.is_file() else 'a device, pipe or socket'}, not a folder"
+        return f"{existing} is {_not_a_folder(existing)}, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
         return f"folder {existing} is {'on a read-only file system' if read_only else 'not writable'}"
     return None
+
+
+def _not_a_folder(path: Path) -> str:
+    """What ``path``, which exists and is no folder, is: "a file" or "a device, pipe or socket"."""
+    return "a file" if os.path.isfile(path) else "a device, pipe or socket"
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -187,8 +192,7 @@ def check_output_dir(out_dir: Path) -> None:
     out_dir = Path(os.path.abspath(out_dir))
     # os.path, not Path.exists, which raised in a folder without search permission: folder_problem names that
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        what = "a file" if os.path.isfile(out_dir) else "a device, pipe or socket"
-        raise UsageError(f"-o {out_dir} is {what}; give a folder for the restored images")
+        raise UsageError(f"-o {out_dir} is {_not_a_folder(out_dir)}; give a folder for the restored images")
     problem = folder_problem(out_dir)
     if problem:
         raise UsageError(f"-o {out_dir}: {problem}; choose another -o")
