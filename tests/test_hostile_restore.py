@@ -690,6 +690,43 @@ def test_colour_profiles_are_kept_and_16_bit_files_are_read_by_content(tmp_path,
         assert img.icc_profile == icc and img.bit_depth == (16 if out.stem.startswith("p16") else 8), out.name
 
 
+def test_png_colour_chunks_are_kept(tmp_path, tiny_ckpt):
+    """Probe: a PNG's gAMA and cHRM were dropped without a note (ICC was kept): a linear-light PNG (gAMA 1.0), shown
+    through it by a viewer before, came out as if sRGB, far darker."""
+    import png
+    from PIL import ImageCms, PngImagePlugin
+
+    gamma, chrm = (100000).to_bytes(4, "big"), bytes(range(32))
+    cicp = bytes([9, 16, 0, 1])
+    colour = ((b"gAMA", gamma), (b"cHRM", chrm), (b"sRGB", b"\0"), (b"cICP", cicp))
+    rgb = np.random.default_rng(0).random((16, 24, 3)).astype(np.float32)
+    src = tmp_path / "in"
+    src.mkdir()
+    save_image(src / "plain16.png", rgb, bit_depth=16)
+    chunks = list(png.Reader(filename=str(src / "plain16.png")).chunks())
+    with open(src / "p16.png", "wb") as f:
+        png.write_chunks(f, chunks[:1] + list(colour) + chunks[1:])
+    (src / "plain16.png").unlink()
+    info = PngImagePlugin.PngInfo()
+    for kind, data in colour:
+        info.add(kind, data)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(src / "p8.png", pnginfo=info)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(src / "icc.png", pnginfo=info, icc_profile=icc)
+    assert _restore(src, "-o", tmp_path / "out", "--checkpoint", tiny_ckpt) == 0
+    for name in ("p16.png", "p8.png", "icc.png"):
+        out = tmp_path / "out" / name
+        kept = [(kind, data) for kind, data in png.Reader(filename=str(out)).chunks()  # checks every CRC
+                if kind not in (b"IHDR", b"IDAT", b"IEND")]
+        with_profile = name == "icc.png"
+        assert [k for k, _ in kept if k == b"iCCP"] == [b"iCCP"] * with_profile, name
+        assert [c for c in kept if c[0] != b"iCCP"] == [c for c in colour if not (with_profile and c[0] == b"sRGB")]
+        with Image.open(out) as im:
+            assert im.info["gamma"] == 1.0 and im.size == (24, 16)
+    assert load_image(tmp_path / "out" / "icc.png").icc_profile == icc
+    assert load_image(src / "p8.png").png_colour == colour
+
+
 def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_file(tmp_path, tiny_ckpt, capsys):
     """Probe: a dangling link or a link loop named *.png in an input folder was skipped without a word (exit 0),
     and a loop given by name was "no such file"; `--report o/r.png` wrote JSON under an image's name into the output

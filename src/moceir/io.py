@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import io
 import os
@@ -12,7 +13,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -109,6 +110,7 @@ class LoadedImage:
     format: str
     frames: int = 1  # frames or pages in the file; only the first is read
     icc_profile: bytes | None = None  # the file's colour profile, written into the output where its format can
+    png_colour: tuple[tuple[bytes, bytes], ...] = ()  # a PNG's gAMA, cHRM, sRGB and cICP chunks: (type, data)
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -212,6 +214,38 @@ def load_image(path: str | Path) -> LoadedImage:
     path = Path(path)
     if problem := file_problem(path):
         raise ImageReadError(f"{path}: {problem}; pass an image file")
+    img = _load_image(path)
+    if img.format != "PNG":
+        return img
+    try:
+        return dataclasses.replace(img, png_colour=_png_colour_chunks(path))
+    except OSError:  # gone or changed since it was decoded: the pixels read stand
+        return img
+
+
+_PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"cICP")  # how a viewer maps the samples to colours
+
+
+def _png_colour_chunks(path: Path) -> tuple[tuple[bytes, bytes], ...]:
+    """A PNG's colour chunks before its image data, as (type, data); a viewer that honours gAMA 1.0 shows the
+    samples far brighter than one that assumes sRGB, so the restored file keeps them."""
+    found = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(8)  # the signature
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND") or length > size - f.tell():
+                break
+            if kind in _PNG_COLOUR_CHUNKS and length <= 64 and kind not in dict(found):  # one each, of 4-32 bytes
+                found.append((kind, f.read(length)))
+                f.seek(4, os.SEEK_CUR)
+            else:
+                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return tuple(found)
+
+
+def _load_image(path: Path) -> LoadedImage:
     try:
         with Image.open(path) as im:
             frames = int(getattr(im, "n_frames", 1) or 1)
@@ -396,12 +430,14 @@ def format_size_problem(path: str | Path, height: int, width: int) -> str | None
 
 
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
-               grayscale: bool = False, icc_profile: bytes | None = None) -> None:
+               grayscale: bool = False, icc_profile: bytes | None = None,
+               png_colour: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
 
     16 bits are kept for PNG and TIFF; other formats are written with 8. ``icc_profile`` (the input's colour
     profile, :attr:`LoadedImage.icc_profile`) is embedded in PNG, JPEG, TIFF and WebP (GIF and BMP cannot hold
-    one). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through
+    one); ``png_colour`` (:attr:`LoadedImage.png_colour`) in PNG only, without sRGB where a profile is written (the
+    standard allows one of the two). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through
     :func:`write_atomically`, which never follows a link).
     Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
@@ -431,6 +467,11 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     # float32: float16 would overflow at x 65535
     data = np.concatenate(planes, axis=2, dtype=np.float32) if len(planes) > 1 else planes[0].astype(np.float32)
     icc_profile = icc_profile if _profile_fits(icc_profile, data.shape[2]) else None
+    chunks = []  # a PNG's colour chunks: the profile, then the others, without sRGB beside a profile
+    if suffix == ".png":
+        if icc_profile:
+            chunks.append((b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile)))
+        chunks += [(kind, data) for kind, data in png_colour if not (kind == b"sRGB" and icc_profile)]
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
     if bit_depth == 16 and suffix in SIXTEEN_BIT_EXTS:
         data *= 65535
@@ -443,7 +484,7 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
             encoded = io.BytesIO()
             writer.write(encoded, u16.reshape(h, w * c))
             with open(path, "wb") as f:
-                f.write(_with_iccp(encoded.getvalue(), icc_profile))
+                f.write(_with_chunks(encoded.getvalue(), chunks))
         else:
             import tifffile
 
@@ -459,8 +500,14 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         _save_gif_with_alpha(path, u8)
         return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
+    if suffix == ".png" and chunks:
+        encoded = io.BytesIO()
+        im.save(encoded, format="PNG")
+        with open(path, "wb") as f:
+            f.write(_with_chunks(encoded.getvalue(), chunks))
+        return
     kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-    if icc_profile and suffix in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
+    if icc_profile and suffix in (".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
         kwargs["icc_profile"] = icc_profile
     im.save(path, **kwargs)
 
@@ -472,14 +519,13 @@ def _profile_fits(icc_profile: bytes | None, channels: int) -> bool:
     return space == (b"GRAY" if channels <= 2 else b"RGB ")
 
 
-def _with_iccp(png_bytes: bytes, icc_profile: bytes | None) -> bytes:
-    """A PNG with an iCCP chunk (the colour profile, deflated) after its IHDR; pypng cannot write one."""
-    if not icc_profile:
-        return png_bytes
-    data = b"ICC profile\0\0" + zlib.compress(icc_profile)
-    chunk = struct.pack(">I", len(data)) + b"iCCP" + data + struct.pack(">I", zlib.crc32(b"iCCP" + data))
+def _with_chunks(png_bytes: bytes, chunks: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A PNG with ``chunks`` ((type, data): colour chunks, which come before the image data) after its IHDR, as
+    neither pypng nor PIL writes them all."""
     end_of_ihdr = 8 + 8 + 13 + 4  # signature, then IHDR's length, type, 13 bytes and CRC
-    return png_bytes[:end_of_ihdr] + chunk + png_bytes[end_of_ihdr:]
+    added = b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+                     for kind, data in chunks)
+    return png_bytes[:end_of_ihdr] + added + png_bytes[end_of_ihdr:]
 
 
 def _save_gif_with_alpha(path: Path, u8: np.ndarray) -> None:

@@ -594,7 +594,8 @@ class Restorer:
     def _write(self, i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
         try:
             write_atomically(self.jobs[i].output,
-                             lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale, img.icc_profile),
+                             lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale, img.icc_profile,
+                                                  img.png_colour),
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:
