@@ -293,3 +293,15 @@ def test_an_embedded_config_that_contradicts_the_weights_is_refused_before_build
         moceir.load_model(tmp_path / "edited.safetensors")
     assert main(["info", str(tmp_path / "edited.safetensors")]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_name_is_not_utf8_loads(tmp_path, tiny_model, capsys):
+    """Probe: a safetensors file named with a byte that is not UTF-8 (a Latin-1 name from an old archive) was
+    refused by every command as "not valid UTF-8 (is the file complete ...?)", blaming the file."""
+    import os
+
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.safetensors")
+    moceir.save_model(tiny_model, path, note="latin-1 name")
+    assert checkpoints.checkpoint_note(path) == "latin-1 name"
+    assert moceir.load_model(path).config == tiny_model.config
+    assert main(["export", path, str(tmp_path / "out.safetensors")]) == 0

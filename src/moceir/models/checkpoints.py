@@ -7,6 +7,7 @@ Files are read with ``weights_only=True``: a checkpoint never runs code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import re
 import unicodedata
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -92,9 +93,7 @@ def checkpoint_note(path: str | Path) -> str:
             return printable_note(next((x.value for x in props if x.key == NOTE_KEY), ""))
         if not _is_safetensors(p):
             return ""
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
+        with _safe_open(p) as f:
             return printable_note(str((f.metadata() or {}).get("note", "")))
     except Exception:  # noqa: BLE001 - an unreadable file is reported by load_model with the real reason
         return ""
@@ -104,6 +103,26 @@ def printable_note(note: str) -> str:
     """A model file's note as one line for a terminal: control characters (line breaks, ANSI escapes a hostile
     file could use to fake output or recolour the terminal) become spaces, runs of spaces one."""
     return " ".join("".join(" " if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in note).split())
+
+
+@contextlib.contextmanager
+def _safe_open(p: Path) -> Iterator[Any]:
+    """safetensors' ``safe_open`` of ``p``; a name that is not UTF-8 (which safetensors refuses as "not valid
+    UTF-8", blaming the file) is opened by the operating system and passed on as /dev/fd/N."""
+    from safetensors import safe_open
+
+    try:
+        str(p).encode()
+    except UnicodeEncodeError:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            with safe_open(f"/dev/fd/{fd}", framework="pt") as f:
+                yield f
+        finally:
+            os.close(fd)
+        return
+    with safe_open(str(p), framework="pt") as f:
+        yield f
 
 
 def _head(p: Path, n: int = 16) -> bytes:
@@ -157,9 +176,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     obj: Mapping = {}
     try:
         if _is_safetensors(p):
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
+            with _safe_open(p) as f:
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
             config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
