@@ -727,6 +727,26 @@ def test_png_colour_chunks_are_kept(tmp_path, tiny_ckpt):
     assert load_image(src / "p8.png").png_colour == colour
 
 
+def test_a_decoder_warning_is_a_note_naming_the_file_and_quiet_silences_it(tmp_path, tiny_ckpt, capfd):
+    """Probe: a JPEG whose EXIF block claims more bytes than it holds printed PIL's warning as two lines naming
+    PIL's own source file ("TiffImagePlugin.py:950: UserWarning: Truncated File Read"), not the image, twice, and
+    --quiet ("errors only") let it through."""
+    import struct
+
+    ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x010E, 2, 500, 100) + struct.pack("<I", 0)  # 500 bytes at 100
+    exif = b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / "bad_exif.jpg", exif=exif)
+    assert main(["restore", str(src), "-o", str(tmp_path / "a"), "--checkpoint", tiny_ckpt]) == 0
+    err = capfd.readouterr().err
+    assert "Warning" not in err and "PIL" not in err, err
+    notes = [line for line in err.splitlines() if "warned" in line]
+    assert notes == [f"note: {src / 'bad_exif.jpg'}: its decoder warned: Truncated File Read"], err
+    assert _restore(src, "-o", tmp_path / "b", "--checkpoint", tiny_ckpt) == 0
+    assert capfd.readouterr().err == ""
+
+
 def test_links_that_lead_nowhere_a_report_named_as_an_image_and_plot_logs_of_a_file(tmp_path, tiny_ckpt, capsys):
     """Probe: a dangling link or a link loop named *.png in an input folder was skipped without a word (exit 0),
     and a loop given by name was "no such file"; `--report o/r.png` wrote JSON under an image's name into the output

@@ -10,6 +10,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,7 @@ class LoadedImage:
     frames: int = 1  # frames or pages in the file; only the first is read
     icc_profile: bytes | None = None  # the file's colour profile, written into the output where its format can
     png_colour: tuple[tuple[bytes, bytes], ...] = ()  # a PNG's gAMA, cHRM, sRGB and cICP chunks: (type, data)
+    decoder_warnings: tuple[str, ...] = ()  # what PIL or tifffile warned while decoding, with load_image_noting
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -223,6 +225,43 @@ def load_image(path: str | Path) -> LoadedImage:
         return img
 
 
+_WARNINGS_LOCK = threading.RLock()  # the warnings filters and the tifffile logger are global state
+
+
+@contextlib.contextmanager
+def _decoder_warnings() -> Iterator[list[str]]:
+    """Collects what PIL warns and tifffile logs (a warning or worse) meanwhile, instead of printing it."""
+    import logging
+    import warnings
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    caught: list[str] = []
+    tifffile_log, handler = logging.getLogger("tifffile"), Collect(logging.WARNING)
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # tiled or refused, which moceir says
+        propagate, tifffile_log.propagate = tifffile_log.propagate, False
+        tifffile_log.addHandler(handler)
+        try:
+            yield caught
+        finally:
+            tifffile_log.removeHandler(handler)
+            tifffile_log.propagate = propagate
+            caught[:0] = [str(w.message) for w in said]
+
+
+def load_image_noting(path: str | Path) -> LoadedImage:
+    """:func:`load_image`, with what the decoders warned (PIL's "Truncated File Read" of a damaged EXIF block,
+    tifffile's log of a bad tag) in :attr:`LoadedImage.decoder_warnings` instead of on stderr, where they came as
+    two lines naming PIL's own source file, not the image, and --quiet did not silence them."""
+    with _decoder_warnings() as caught:
+        img = load_image(path)
+    return dataclasses.replace(img, decoder_warnings=tuple(dict.fromkeys(caught))) if caught else img
+
+
 _PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"cICP")  # how a viewer maps the samples to colours
 
 
@@ -302,7 +341,7 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     if not Path(path).is_file():  # a FIFO would block; decoding reports missing files with their names
         return None
     try:
-        with Image.open(path) as im:
+        with _decoder_warnings(), Image.open(path) as im:  # decoding warns of the same, naming the file
             w, h = im.size
             if im.format == "TIFF" and (page := _tiff_first_page(Path(path))):
                 _, h, w, orientation = page  # from the tags: PIL (12) reports a TIFF's size already turned

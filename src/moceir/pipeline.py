@@ -29,7 +29,7 @@ from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, SPECIAL_FILE, WRITABLE_EXTS, ImageReadError,
-                 LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image, save_image,
+                 LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image_noting, save_image,
                  special_file, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
@@ -382,7 +382,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, LoadedImage | None, str | None]:
         try:
-            return i, load_image(self.jobs[i].input), None
+            return i, load_image_noting(self.jobs[i].input), None
         except ImageReadError as e:
             return i, None, str(e)
         except MemoryError:
@@ -517,6 +517,8 @@ class Restorer:
             if err is not None:
                 self.fail(i, err)
             else:
+                for said in img.decoder_warnings:
+                    self.log(f"note: {self.jobs[i].input}: its decoder warned: {one_line(said)}")
                 if img.frames > 1:
                     self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
                 out_ext = self.jobs[i].output.suffix.lower()
