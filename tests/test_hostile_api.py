@@ -948,3 +948,42 @@ def test_a_bool_is_not_a_device_index(flag):
 
     with pytest.raises(moceir.UsageError, match="device must be"):
         resolve_device(flag)
+
+
+def test_a_child_forked_while_another_thread_reads_an_image_can_read_images(tmp_path):
+    """Review: decoding holds a lock (warnings are global state); a loader worker forked while another thread of
+    the program (a server's) held it would have waited forever on its first image."""
+    import threading
+    import time
+
+    import moceir.io as mio
+
+    path = tmp_path / "a.png"
+    mio.save_image(path, np.zeros((8, 8, 3), np.float32))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with mio._WARNINGS_LOCK:
+            held.set()
+            release.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it decodes
+        code = 0
+        try:
+            mio.load_image_noting(path)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        os._exit(code)
+    try:
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the forked child hung or failed"
+    finally:
+        release.set()

@@ -228,6 +228,14 @@ def load_image(path: str | Path) -> LoadedImage:
 _WARNINGS_LOCK = threading.RLock()  # the warnings filters and the tifffile logger are global state
 
 
+def _new_warnings_lock() -> None:  # a loader worker forked while another thread held it would wait forever
+    global _WARNINGS_LOCK
+    _WARNINGS_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_warnings_lock)
+
+
 @contextlib.contextmanager
 def _decoder_warnings() -> Iterator[list[str]]:
     """Collects what PIL warns and tifffile logs (a warning or worse) meanwhile, instead of printing it."""
