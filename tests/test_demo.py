@@ -255,3 +255,39 @@ def test_preview_keeps_the_aspect_ratio(shape, expected):
     from moceir.demo import _preview
 
     assert _preview(np.zeros(shape, np.float32)).shape == expected
+
+
+def test_a_request_naming_an_upload_folder_does_not_stop_the_cache_cleanup(tiny_ckpt, tmp_path, monkeypatch):
+    """Probe: a request whose FileData "path" was an upload's folder was refused by the page, but Gradio had
+    recorded the folder as a cached file; its hourly delete_cache then failed in os.remove (IsADirectoryError) and
+    never deleted anything again (results and uploads piled up until the disk filled), and shutdown ended in that
+    traceback."""
+    require("the demo extra", modules=("gradio", "gradio_client", "httpx"))
+    import time
+
+    import httpx
+
+    from moceir import demo
+
+    monkeypatch.setattr(demo, "CACHE_CLEANUP", (1, 2))  # every second, files older than 2 s
+    app = demo.launch(tiny_ckpt, port=_free_port(), device="cpu", max_pixels=MAX_PIXELS, block=False)
+    api = app.local_url.rstrip("/") + "/gradio_api"
+
+    def upload(name: str) -> str:  # each its own pixels: Gradio keeps one file of equal uploads
+        Image.fromarray(np.full((24, 32, 3), ord(name[0]), np.uint8)).save(tmp_path / name)
+        with open(tmp_path / name, "rb") as f:
+            return httpx.post(f"{api}/upload", files=[("files", (name, f.read()))], timeout=60).json()[0]
+
+    try:
+        folder = os.path.dirname(upload("a.png"))
+        event = httpx.post(f"{api}/call/restore", json={"data": [{"path": folder, "meta": {"_type":
+                           "gradio.FileData"}}]}, timeout=60).json()["event_id"]
+        assert "upload it again" in httpx.get(f"{api}/call/restore/{event}", timeout=120).text
+        time.sleep(4)  # the folder is old enough to be deleted: Gradio's cleanup failed on it here
+        later = upload("c.png")
+        deadline = time.monotonic() + 20
+        while os.path.exists(later) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not os.path.exists(later), "the cache cleanup stopped: an upload older than its age was kept"
+    finally:
+        demo.close_app(app)

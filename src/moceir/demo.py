@@ -7,8 +7,8 @@ never needs it. Every restore goes through :func:`moceir.restore_files`, the pip
 upload needs (a pixel cap read from the header, messages instead of tracebacks) and the display.
 
 Files: each app owns one temporary folder ``moceir-demo-*``. Gradio's uploads and cache live in it
-(``GRADIO_TEMP_DIR`` points there unless you set it yourself; ``delete_cache`` empties it hourly and at
-shutdown), and each request works in a ``TemporaryDirectory`` inside it. :func:`close_app` (called by
+(``GRADIO_TEMP_DIR`` points there unless you set it yourself; :func:`delete_cached_files` empties it hourly and
+at shutdown), and each request works in a ``TemporaryDirectory`` inside it. :func:`close_app` (called by
 :func:`launch` on exit) removes the whole folder; a finalizer does the same at interpreter exit.
 """
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +41,7 @@ from .runtime import UsageError
 INSTALL_HINT = "moceir demo needs Gradio, an optional extra: pip install -e '.[demo]'"
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"  # the repository's examples (a source checkout)
 PREVIEW_MAX_SIDE = 2048  # the page shows at most this; the download is always full resolution
-CACHE_CLEANUP = (3600, 3600)  # Gradio's delete_cache: every hour, files older than an hour (and all at shutdown)
+CACHE_CLEANUP = (3600, 3600)  # every hour, the cached files older than an hour (and all at close_app)
 
 
 class GradioMissing(ImportError):
@@ -372,7 +374,55 @@ def build_app(checkpoint: str = "default", device: str = "auto", max_pixels: flo
         workspace.cleanup()
         raise
     _WORKSPACES[app] = (workspace, weakref.finalize(app, workspace.cleanup))
+    stop = threading.Event()
+    _CLEANERS[app] = stop
+    threading.Thread(target=_clean_hourly, args=(weakref.ref(app), stop), daemon=True,
+                     name="moceir-demo-cache-cleanup").start()
     return app
+
+
+_CLEANERS: "weakref.WeakKeyDictionary[Any, threading.Event]" = weakref.WeakKeyDictionary()
+
+
+def delete_cached_files(app, age: float | None) -> None:
+    """Remove the files Gradio cached for ``app`` (uploads, results) older than ``age`` seconds (None: all).
+
+    Gradio's own ``delete_cache`` stopped for good when a request had named a folder (a FileData "path" of an
+    upload's folder, which Gradio records as a cached file before the page refuses it): ``os.remove`` failed on
+    it in the scheduled task, and nothing was deleted again until the disk filled. Here only regular files and
+    links are removed; anything else is forgotten, and one file that cannot be removed stops nothing.
+    """
+    keep = set().union(*(getattr(block, "keep_in_cache", set()) for block in list(app.blocks.values())))
+    now = time.time()
+    for files in list(app.temp_file_sets):
+        for name in list(files):  # a copy: requests add files meanwhile
+            if name in keep:
+                continue
+            try:
+                info = os.lstat(name)
+                if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                    files.discard(name)
+                elif age is None or now - info.st_ctime > age:
+                    os.remove(name)
+                    files.discard(name)
+            except FileNotFoundError:
+                files.discard(name)
+            except OSError:  # left for the next round
+                continue
+
+
+def _clean_hourly(app_ref: "weakref.ref", stop: threading.Event) -> None:
+    every, age = CACHE_CLEANUP
+    while not stop.wait(every):
+        app = app_ref()
+        if app is None:
+            return
+        try:
+            delete_cached_files(app, age)
+        except Exception as e:  # noqa: BLE001 - a bug, said in one line: it must not end the cleanup for good
+            print(f"moceir demo: the cache cleanup failed ({type(e).__name__}: {e}); it tries again in {every} s",
+                  file=sys.stderr, flush=True)
+        del app
 
 
 def _build_blocks(gr, session: DemoSession, concurrency: int):
@@ -416,7 +466,7 @@ def _build_blocks(gr, session: DemoSession, concurrency: int):
 
     examples = _examples()
     clean_examples = _examples("clean_")
-    with gr.Blocks(title="MoCE-IR demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP) as app:
+    with gr.Blocks(title="MoCE-IR demo", analytics_enabled=False) as app:  # its cache: delete_cached_files
         gr.Markdown("# MoCE-IR: restore a photo\nOne network for noise, rain and haze: in each of its "
                     f"{session.model.num_moe_layers} MoE layers a router picks "
                     f"{'one' if session.model.config.topk == 1 else session.model.config.topk} of "
@@ -470,6 +520,10 @@ def _build_blocks(gr, session: DemoSession, concurrency: int):
 def close_app(app) -> None:
     """Stop the app's server (if running) and remove its temporary folder (uploads, Gradio's cache, results)."""
     app.close(verbose=False)
+    stop = _CLEANERS.pop(app, None)
+    if stop is not None:
+        stop.set()
+    delete_cached_files(app, None)  # where GRADIO_TEMP_DIR is the user's own, the workspace does not hold them
     entry = _WORKSPACES.pop(app, None)
     if entry is not None:
         entry[1]()  # the finalizer: runs workspace.cleanup once
