@@ -291,3 +291,17 @@ def test_a_request_naming_an_upload_folder_does_not_stop_the_cache_cleanup(tiny_
         assert not os.path.exists(later), "the cache cleanup stopped: an upload older than its age was kept"
     finally:
         demo.close_app(app)
+
+
+def test_an_upload_named_as_a_hidden_file_is_restored_and_served(client, tmp_path):
+    """Probe: an upload named ".photo.png" (or "...") was restored into ".photo_restored.png", which Gradio refused
+    to serve ("Dotfiles ... cannot be moved to the cache"): the page showed a bare "Error" and the server log a
+    traceback."""
+    from gradio_client import handle_file
+
+    from moceir.demo import _display_name
+
+    _, noisy = noisy_crop(tmp_path, ".photo.png", 32, 48)
+    restored = client.predict(handle_file(str(noisy)), api_name="/restore")[0]
+    assert Path(restored).name == "photo_restored.png" and Image.open(restored).size == (48, 32)
+    assert [_display_name(n) for n in ("...", "..png", ".a.b.png")] == ["image", "png", "a.b.png"]

@@ -279,9 +279,9 @@ MAX_NAME_BYTES = 120  # of an upload's name as shown and used for result files (
 
 def _display_name(name: str) -> str:
     """An upload's name without control characters or lone surrogates (a NUL cannot be in a path, a surrogate
-    cannot be encoded), cut to MAX_NAME_BYTES (UTF-8)
-    with its extension kept: result files are named after it."""
-    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs")) or "image"
+    cannot be encoded) or leading dots, cut to MAX_NAME_BYTES (UTF-8) with its extension kept: result files are
+    named after it, and Gradio refuses to serve a hidden one ("Dotfiles ... cannot be moved to the cache")."""
+    name = "".join(c for c in name if unicodedata.category(c) not in ("Cc", "Cs")).lstrip(".") or "image"
     if len(name.encode()) <= MAX_NAME_BYTES:
         return name
     suffix = Path(name).suffix if len(Path(name).suffix.encode()) <= 10 else ""
