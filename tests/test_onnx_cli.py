@@ -113,3 +113,49 @@ def test_restore_with_an_onnx_model_prints_its_note(exported, tmp_path, capsys):
     save_image(tmp_path / "a.png", np.zeros((16, 16, 3), np.float32))
     assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--checkpoint", exported[2]]) == 0
     assert "model: tiny test export" in capsys.readouterr().out
+
+
+def test_a_graph_with_moceir_metadata_but_another_signature_is_one_line(tmp_path, capsys):
+    """Probe: an ONNX graph carrying moceir's metadata but taking another input (or returning a cut image) ended
+    in a traceback (ONNX Runtime's "Required inputs (['x']) are missing"), or in an error about a [0, 64, 3] array
+    that named no cause."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    import moceir
+    from moceir.models.checkpoints import CONFIG_KEY
+
+    config = json.dumps(moceir.get_config("MoCE_IR_tiny").to_dict())
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, "h", "w"])
+    restored = helper.make_tensor_value_info("restored", TensorProto.FLOAT, ["b", 3, None, "w"])
+    experts = helper.make_tensor_value_info("experts", TensorProto.INT64, [3, 1, 1])
+
+    def write(name: str, nodes: list, inputs: list, outputs: list, initializers: list = ()) -> str:
+        model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, list(initializers)),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        helper.set_model_props(model, {CONFIG_KEY: config, "format": "moceir"})
+        onnx.save(model, tmp_path / name)
+        return str(tmp_path / name)
+
+    constant = helper.make_node("Constant", [], ["experts"], value=helper.make_tensor("e", TensorProto.INT64,
+                                                                                      [3, 1, 1], [0, 0, 0]))
+    other_input = write("x.onnx", [helper.make_node("Identity", ["x"], ["restored"]), constant],
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                        [restored, experts])
+    cut = write("cut.onnx", [helper.make_node("Slice", ["image", "starts", "ends", "axes"], ["restored"]), constant],
+                [image], [restored, experts],
+                [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("starts", 0), ("ends", 1),
+                                                                                  ("axes", 2))])
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "a.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "o1"), "--checkpoint", other_input]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {other_input}: its graph takes x ")
+    assert main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "o2"), "--checkpoint", cut]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {cut}: its graph returned restored "
+                                                                      "[1, 3, 1, 48] and experts [3, 1, 1] for an "
+                                                                      "input of [1, 3, 48, 48]")

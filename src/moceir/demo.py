@@ -36,6 +36,7 @@ from .data.degradations import add_gaussian_noise, crop_to_multiple, random_haze
 from .flops import layer_picks
 from .io import ImageReadError, image_size, load_image, save_image
 from .metrics import psnr, ssim
+from .models.checkpoints import CheckpointError
 from .runtime import UsageError
 
 INSTALL_HINT = "moceir demo needs Gradio, an optional extra: pip install -e '.[demo]'"
@@ -160,6 +161,8 @@ class DemoSession:
                                          on_tile=on_tile)
                 except UsageError as e:
                     raise DemoError(_named(str(e), path, name)) from None
+                except CheckpointError as e:  # a model whose graph returns the wrong shapes: the server's to fix
+                    raise DemoError(f"the server's model cannot restore images: {str(e).split(': ', 1)[-1]}") from None
                 row = rows[0]
                 if "write_errno" in row:  # "choose another -o" is not the page user's to do
                     raise OSError(row["write_errno"], os.strerror(row["write_errno"]))

@@ -226,10 +226,11 @@ class OnnxModel:
     x: float32 torch tensor [B, 3, H, W] in [0, 1], H and W multiples of ``config.size_multiple``.
     """
 
-    def __init__(self, session: Any, config: MoCEConfig, note: str | None):
+    def __init__(self, session: Any, config: MoCEConfig, note: str | None, path: str | Path = "the ONNX file"):
         self.session = session
         self.config = config
         self.note = note
+        self.path = path
 
     @property
     def num_moe_layers(self) -> int:
@@ -244,6 +245,10 @@ class OnnxModel:
                              "use moceir.inference.pad_to_multiple")
         feed = {INPUT_NAME: x.detach().to("cpu", torch.float32).contiguous().numpy()}
         image, experts = self.session.run(list(OUTPUT_NAMES), feed)
+        if image.shape != tuple(x.shape) or experts.ndim != 3 or experts.shape[1] != x.shape[0]:
+            raise CheckpointError(f"{self.path}: its graph returned {OUTPUT_NAMES[0]} {list(image.shape)} and "
+                                  f"{OUTPUT_NAMES[1]} {list(experts.shape)} for an input of {list(x.shape)}, not what "
+                                  "moceir export writes; export the model again")
         return torch.from_numpy(image), torch.from_numpy(experts)
 
 
@@ -272,5 +277,19 @@ def load_onnx(path: str | Path, providers: Sequence[str] | None = None, threads:
         config = json.loads(meta[CONFIG_KEY])
     except ValueError:
         raise CheckpointError(f"{path}: its {CONFIG_KEY!r} metadata is not JSON; export the model again") from None
+    _check_signature(session, path)
     note = meta.get(NOTE_KEY)
-    return OnnxModel(session, config_from_dict(config, str(path)), printable_note(note) if note else None)
+    return OnnxModel(session, config_from_dict(config, str(path)), printable_note(note) if note else None, path)
+
+
+def _check_signature(session: Any, path: Path) -> None:
+    """Refuse a graph that does not take ``image`` [B, 3, H, W] float and return ``restored`` [B, 3, H, W] and
+    ``experts`` [layers, B, k] (its moceir metadata copied onto another graph): ONNX Runtime's error came as a traceback at the first image."""
+    inputs = [(i.name, i.type, len(i.shape)) for i in session.get_inputs()]
+    outputs = {o.name: len(o.shape) for o in session.get_outputs()}
+    if inputs != [(INPUT_NAME, "tensor(float)", 4)] or outputs.get(OUTPUT_NAMES[0]) != 4 or \
+            outputs.get(OUTPUT_NAMES[1]) != 3:
+        takes = ", ".join(f"{name} ({kind}, {rank}-D)" for name, kind, rank in inputs) or "nothing"
+        raise CheckpointError(f"{path}: its graph takes {takes} and returns {', '.join(outputs) or 'nothing'}, not "
+                              f"{INPUT_NAME} [B, 3, H, W] -> {', '.join(OUTPUT_NAMES)} as moceir export writes them; "
+                              "export the model again")

@@ -32,6 +32,7 @@ from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, SPECIAL_FIL
                  LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image_noting, save_image,
                  special_file, write_atomically, write_error_advice)
 from .models import MoCEIR
+from .models.checkpoints import CheckpointError
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here
 from .runtime import is_rank_zero
 
@@ -451,7 +452,7 @@ def load_network(model: Any, device: torch.device) -> Any:
     ``.onnx`` files run in ONNX Runtime (:class:`OnnxNetwork`) on the CPU, or on CUDA where its GPU package is
     installed and ``device`` is a GPU.
     """
-    from .models.checkpoints import CheckpointError, load_model
+    from .models.checkpoints import load_model
 
     if is_onnx_file(model):
         from .onnx import load_onnx
@@ -569,6 +570,8 @@ class Restorer:
             del x
             finite = torch.isfinite(y).flatten(1).all(1).tolist()
             y = y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        except CheckpointError:  # the model, not this image: every image would fail alike
+            raise
         except (RuntimeError, MemoryError) as e:
             for i, _ in group:
                 self.fail(i, e)
