@@ -305,3 +305,41 @@ def test_a_checkpoint_whose_name_is_not_utf8_loads(tmp_path, tiny_model, capsys)
     assert checkpoints.checkpoint_note(path) == "latin-1 name"
     assert moceir.load_model(path).config == tiny_model.config
     assert main(["export", path, str(tmp_path / "out.safetensors")]) == 0
+
+
+def test_running_out_of_memory_reading_a_checkpoint_is_not_called_a_damaged_file(tmp_path, tiny_model, monkeypatch,
+                                                                                   capsys):
+    """Probe: a safetensors file whose header claims an 8 GiB extra tensor, under `ulimit -v`, ended in
+    "MemoryError: Cannot allocate memory (os error 12) (is the file complete and a PyTorch/safetensors
+    checkpoint?)", which sent the user to check a file that was whole."""
+    import safetensors
+
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    opened = safetensors.safe_open(str(path), framework="pt")
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _NoMemory(opened))
+    assert main(["info", str(path)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: cannot read checkpoint {path}: out of memory loading its tensors") and \
+        "is the file complete" not in line, line
+
+
+class _NoMemory:
+    """safetensors' open file, but reading a tensor runs out of memory."""
+
+    def __init__(self, opened):
+        self.opened = opened
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def metadata(self):
+        return self.opened.metadata()
+
+    def keys(self):
+        return self.opened.keys()
+
+    def get_tensor(self, name):
+        raise MemoryError("Cannot allocate memory (os error 12)")

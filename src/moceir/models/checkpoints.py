@@ -197,6 +197,10 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         raise CheckpointError(f"cannot read checkpoint {p}: it holds pickled Python objects besides tensors, which "
                               "moceir never loads (they can run code); re-save it as a state_dict or safetensors"
                               ) from None
+    except MemoryError:  # "(is the file complete ...?)" sent the user the wrong way
+        raise CheckpointError(f"cannot read checkpoint {p}: out of memory loading its tensors (the file is "
+                              f"{p.stat().st_size / 2**30:.2f} GiB); free memory, or check that this is the model "
+                              "you meant") from None
     except Exception as e:  # empty or truncated file, wrong format
         if p.stat().st_size == 0:
             raise CheckpointError(f"cannot read checkpoint {p}: the file is empty; check the path") from None
