@@ -134,7 +134,17 @@ def test_an_empty_path_is_refused_not_taken_for_none(argv, capsys):
     bundled model, and `info ""` spoke of the checkpoint "."."""
     with pytest.raises(SystemExit) as stop:
         _parse(*argv)
-    assert stop.value.code == 2 and "is empty (an unset shell variable?)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "is empty (an unset shell variable?)" in err
+    positional = "" in (argv[1], argv[-1]) and not argv[-2].startswith("-")
+    assert ("leave the flag out" in err) != positional, err  # a positional argument has no flag to leave out
+
+
+def test_a_count_given_as_a_float_is_asked_for_as_a_whole_number(capsys):
+    """Probe: `demo --concurrency 1e9` said "expected a number, got '1e9'"."""
+    with pytest.raises(SystemExit):
+        _parse("demo", "--concurrency", "1e9")
+    assert "--concurrency: expected a whole number, got '1e9'" in capsys.readouterr().err
 
 
 def test_a_note_that_is_not_utf_8_is_refused_before_the_export(capsys):

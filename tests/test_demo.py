@@ -305,3 +305,13 @@ def test_an_upload_named_as_a_hidden_file_is_restored_and_served(client, tmp_pat
     restored = client.predict(handle_file(str(noisy)), api_name="/restore")[0]
     assert Path(restored).name == "photo_restored.png" and Image.open(restored).size == (48, 32)
     assert [_display_name(n) for n in ("...", "..png", ".a.b.png")] == ["image", "png", "a.b.png"]
+
+
+def test_an_unknown_degradation_is_not_echoed_whole(session, tmp_path):
+    """Probe: a 100 kB string sent as the degradation came back whole in the page's error."""
+    from moceir.demo import DemoError
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(DemoError) as refused:
+        session.degrade(tmp_path / "a.png", "a.png", "x" * 100_000)
+    assert len(str(refused.value)) < 300 and "choose one of Gaussian noise" in str(refused.value)

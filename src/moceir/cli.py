@@ -22,7 +22,7 @@ def _number(kind, v: str):
     try:
         x = kind(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {'a whole' if kind is int else 'a'} number, got {v!r}") from None
     if kind is float and not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {v}")
     return x
@@ -112,11 +112,16 @@ def _port(v: str) -> int:
     return x
 
 
-def _path(v: str) -> str:
+def _path(v: str, advice: str = "give a path or leave the flag out") -> str:
     """A path or name that is not empty: an unset shell variable (`--resume_from "$RUN"`) silently meant "none"."""
     if not v:
-        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path or leave the flag out")
+        raise argparse.ArgumentTypeError(f"is empty (an unset shell variable?); {advice}")
     return v
+
+
+def _given_path(v: str) -> str:
+    """:func:`_path` of an argument that must be there (a positional one)."""
+    return _path(v, "give a path")
 
 
 def _text(v: str) -> str:
@@ -803,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, allow_abbrev=False)
 
     p = command("info", "configuration, parameter count and FLOPs of a preset or checkpoint")
-    p.add_argument("target", type=_path, help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
+    p.add_argument("target", type=_given_path, help=f"a preset ({', '.join(PRESETS)}), a checkpoint path or 'default'")
     p.add_argument("--size", type=_patch, default=256, help="side of the square image the FLOPs are counted for")
     p.set_defaults(fn=cmd_info)
 
@@ -946,9 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_demo)
 
     p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship) or ONNX")
-    p.add_argument("checkpoint", type=_path,
+    p.add_argument("checkpoint", type=_given_path,
                    help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
-    p.add_argument("output", type=_path, help="the file to write: .safetensors or .onnx (the suffix picks the format)")
+    p.add_argument("output", type=_given_path, help="the file to write: .safetensors or .onnx (the suffix picks the format)")
     p.add_argument("--format", choices=["safetensors", "onnx"],
                    help="the format, where the suffix does not say (safetensors under another name; ONNX needs .onnx)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
@@ -963,7 +968,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = command("plot-logs", "PNG plots of loss, balance loss and LR of a training run")
-    p.add_argument("run_dir", type=_path, help="a training run folder (holding logs/metrics.csv)")
+    p.add_argument("run_dir", type=_given_path, help="a training run folder (holding logs/metrics.csv)")
     p.add_argument("--out", type=_path,
                    help="PNG path (default: <run_dir>/training_curves.png, which training also writes and "
                                  "this redraws)")

@@ -187,7 +187,8 @@ class DemoSession:
         """(clean, degraded, degraded PNG): uint8 images, centre-cropped to multiples of 16 as the benchmarks
         are; the PNG lies in a fresh folder of the work dir, which the caller removes."""
         if not isinstance(degradation, str) or degradation not in DEGRADATIONS:
-            raise DemoError(f"unknown degradation {degradation!r}; choose one of {', '.join(DEGRADATIONS)}")
+            shown = repr(degradation) if len(repr(degradation)) <= 80 else repr(degradation)[:77] + "..."
+            raise DemoError(f"unknown degradation {shown}; choose one of {', '.join(DEGRADATIONS)}")
         name = _display_name(name)
         self.check_size(path, name)
         try:
