@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--dispatch", default="auto", choices=["auto", "dense", "sparse"])
     p.add_argument("--layout", default="channels_last", choices=["channels_last", "nchw"])
     p.add_argument("--experts", default="run", choices=["run", "skip"], help="skip: every expert bypassed")
-    p.add_argument("--out", default="profile.md")
+    p.add_argument("--out", help="also write the report here (Markdown); it is printed in any case")
     p.add_argument("--jsonl", help="also append the figures and the top operators to these JSON lines")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -85,7 +85,8 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     lines += ["", "```", events.table(sort_by=sort_key, row_limit=25, max_name_column_width=50), "```"]
     text = "\n".join(lines) + "\n"
-    Path(a.out).write_text(text)
+    if a.out:
+        Path(a.out).write_text(text)
     print(text)
 
 

@@ -71,3 +71,18 @@ def test_values_too_large_to_plot_are_left_out_as_inf_is(tmp_path, capsys, rows,
         assert (run / "training_curves.png").read_bytes().startswith(b"\x89PNG")
     else:
         assert "holds no finite train/loss" in capsys.readouterr().err
+
+
+def test_plot_logs_draws_a_metrics_csv_kept_on_its_own(tmp_path, capsys):
+    """Audit: the model card's curves were "plotted with `moceir plot-logs`", but docs/runs/<run> keeps the log as
+    metrics.csv beside settings.json, and plot-logs said "no training log at docs/runs/cpu-run8/logs/metrics.csv"."""
+    import shutil
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "docs" / "runs" / "gpu-run1"
+    shutil.copytree(run, tmp_path / "run")
+    assert main(["plot-logs", str(tmp_path / "run"), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    (tmp_path / "run" / "logs").mkdir()  # a run's own logs/ folder comes first, even empty
+    assert main(["plot-logs", str(tmp_path / "run"), "--out", str(tmp_path / "again.png")]) == 1
+    assert "no training log at" in capsys.readouterr().err

@@ -968,7 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_export)
 
     p = command("plot-logs", "PNG plots of loss, balance loss and LR of a training run")
-    p.add_argument("run_dir", type=_given_path, help="a training run folder (holding logs/metrics.csv)")
+    p.add_argument("run_dir", type=_given_path, help="a training run folder (holding logs/metrics.csv), or a folder "
+                   "holding a metrics.csv kept on its own")
     p.add_argument("--out", type=_path,
                    help="PNG path (default: <run_dir>/training_curves.png, which training also writes and "
                                  "this redraws)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,22 @@ def metrics_reader(path: Path) -> csv.DictReader:
 PLOTTABLE = 1e100
 
 
+def metrics_path(run_dir: str | Path) -> Path:
+    """A run's log: ``logs/metrics.csv``, or, in a folder without ``logs``, its own ``metrics.csv`` (a log kept on
+    its own, as in docs/runs)."""
+    alone = Path(run_dir) / "metrics.csv"
+    return alone if not os.path.lexists(Path(run_dir) / "logs") and alone.is_file() else Path(run_dir) / "logs" / \
+        "metrics.csv"
+
+
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each logged series of a run's logs/metrics.csv: name -> (steps, values), finite points (at most
+    """Each logged series of a run's log (:func:`metrics_path`): name -> (steps, values), finite points (at most
     :data:`PLOTTABLE` in magnitude) only.
 
     FileNotFoundError when nothing is logged yet (no file, or no finite value); MetricsError naming the line
     where the file is not a metrics.csv.
     """
-    path = Path(run_dir) / "logs" / "metrics.csv"
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
     series: dict[str, tuple[list[float], list[float]]] = {}  # name -> (steps, values)
@@ -101,7 +110,7 @@ def plot_training_logs(run_dir: str | Path, out: str | Path | None = None, loss:
               ("train/balance", "balance loss (per MoE layer, mean)", False), ("train/lr", "learning rate", False)]
     panels = [p for p in panels if p[0] in m]
     if not panels:
-        raise FileNotFoundError(f"{run_dir / 'logs' / 'metrics.csv'} holds no finite train/loss, train/l1, "
+        raise FileNotFoundError(f"{metrics_path(run_dir)} holds no finite train/loss, train/l1, "
                                 "train/balance or train/lr value yet; plot again after more steps")
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, title, log) in zip(axes[0], panels):
