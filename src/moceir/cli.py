@@ -953,7 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "write any checkpoint as self-describing safetensors (e.g. fp16 to ship) or ONNX")
     p.add_argument("checkpoint", type=_given_path,
                    help="any checkpoint moceir.load_model reads (upstream last.ckpt included)")
-    p.add_argument("output", type=_given_path, help="the file to write: .safetensors or .onnx (the suffix picks the format)")
+    p.add_argument("output", type=_given_path,
+                   help="the file to write: .safetensors or .onnx (the suffix picks the format)")
     p.add_argument("--format", choices=["safetensors", "onnx"],
                    help="the format, where the suffix does not say (safetensors under another name; ONNX needs .onnx)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,

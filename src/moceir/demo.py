@@ -388,14 +388,11 @@ def build_app(checkpoint: str = "default", device: str = "auto", max_pixels: flo
 _CLEANERS: "weakref.WeakKeyDictionary[Any, threading.Event]" = weakref.WeakKeyDictionary()
 
 
-def delete_cached_files(app, age: float | None) -> None:
-    """Remove the files Gradio cached for ``app`` (uploads, results) older than ``age`` seconds (None: all).
-
-    Gradio's own ``delete_cache`` stopped for good when a request had named a folder (a FileData "path" of an
-    upload's folder, which Gradio records as a cached file before the page refuses it): ``os.remove`` failed on
-    it in the scheduled task, and nothing was deleted again until the disk filled. Here only regular files and
-    links are removed; anything else is forgotten, and one file that cannot be removed stops nothing.
-    """
+def delete_cached_files(app: Any, age: float | None) -> None:
+    """Remove the files Gradio cached for ``app`` (a ``gr.Blocks``: uploads, results) older than ``age`` seconds
+    (None: all). Only regular files and links are removed; anything else is forgotten (a request can make Gradio
+    record a folder, on which its own ``delete_cache`` failed and stopped for good), and a file that cannot be
+    removed is left for the next round."""
     keep = set().union(*(getattr(block, "keep_in_cache", set()) for block in list(app.blocks.values())))
     now = time.time()
     for files in list(app.temp_file_sets):

@@ -128,9 +128,10 @@ def _load_16bit(path: Path, fmt: str) -> tuple[np.ndarray, bytes | None]:
     if fmt == "PNG":
         import png
 
-        w, h, rows, info = png.Reader(filename=str(path)).asDirect()
-        planes = info["planes"]
-        arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+        with open(path, "rb") as f:  # png.Reader(filename=...) leaves its file to the garbage collector
+            w, h, rows, info = png.Reader(file=f).asDirect()
+            planes = info["planes"]
+            arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
         # asDirect() shifts the samples down to an sBIT chunk's significant bits (e.g. 12) and says so here
         return arr.astype(np.float32) / float(2 ** info["bitdepth"] - 1), icc
     arr, icc = _read_tiff_page(path)
@@ -226,45 +227,82 @@ def load_image(path: str | Path) -> LoadedImage:
 
 
 _WARNINGS_LOCK = threading.RLock()  # the warnings filters and the tifffile logger are global state
+_CAPTURES: list[Callable[[], None]] = []  # how to undo each capture under way (for a forked child)
 
 
-def _new_warnings_lock() -> None:  # a loader worker forked while another thread held it would wait forever
+def _in_forked_child() -> None:
+    """A loader worker forked while another thread captured warnings: it gets a free lock, and its warnings and
+    tifffile's log as they were before the capture (else they would go to a list nobody reads)."""
     global _WARNINGS_LOCK
     _WARNINGS_LOCK = threading.RLock()
+    while _CAPTURES:
+        _CAPTURES.pop()()
 
 
-os.register_at_fork(after_in_child=_new_warnings_lock)
+os.register_at_fork(after_in_child=_in_forked_child)
+
+
+def _decoder_sources() -> tuple[str, ...]:
+    """The folders and files of the decoders' own code (PIL, tifffile, pypng): warnings raised there are theirs."""
+    import importlib.util
+
+    found = []
+    for name in ("PIL", "tifffile", "png"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            found.append(os.path.dirname(spec.origin) + os.sep if spec.submodule_search_locations else spec.origin)
+    return tuple(found)
 
 
 @contextlib.contextmanager
 def _decoder_warnings() -> Iterator[list[str]]:
-    """Collects what PIL warns and tifffile logs (a warning or worse) meanwhile, instead of printing it."""
+    """Collects what PIL, tifffile and pypng warn, and tifffile logs (a warning or worse), in this thread meanwhile,
+    instead of printing it; other warnings go on as they would have."""
     import logging
     import warnings
 
+    me, others = threading.get_ident(), []
+
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            caught.append(record.getMessage())
+            (caught.append(record.getMessage()) if record.thread == me else others.append(record))
 
     caught: list[str] = []
     tifffile_log, handler = logging.getLogger("tifffile"), Collect(logging.WARNING)
-    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as said:
+    with _WARNINGS_LOCK:
+        capture = warnings.catch_warnings(record=True)
+        said = capture.__enter__()
         warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # tiled or refused, which moceir says
         propagate, tifffile_log.propagate = tifffile_log.propagate, False
         tifffile_log.addHandler(handler)
+
+        def undo() -> None:
+            tifffile_log.removeHandler(handler)
+            tifffile_log.propagate = propagate
+            capture.__exit__(None, None, None)
+
+        _CAPTURES.append(undo)
         try:
             yield caught
         finally:
-            tifffile_log.removeHandler(handler)
-            tifffile_log.propagate = propagate
-            caught[:0] = [str(w.message) for w in said]
+            _CAPTURES.remove(undo)
+            undo()
+    sources, theirs = _decoder_sources(), []
+    for w in said:
+        if w.filename.startswith(sources) and not issubclass(w.category, (ResourceWarning, DeprecationWarning)):
+            theirs.append(str(w.message))
+        else:  # another thread's, or not the decoder's: as it would have been shown
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    caught[:0] = theirs
+    for record in others:
+        tifffile_log.handle(record)
 
 
 def load_image_noting(path: str | Path) -> LoadedImage:
     """:func:`load_image`, with what the decoders warned (PIL's "Truncated File Read" of a damaged EXIF block,
-    tifffile's log of a bad tag) in :attr:`LoadedImage.decoder_warnings` instead of on stderr, where they came as
-    two lines naming PIL's own source file, not the image, and --quiet did not silence them."""
+    tifffile's log of a bad tag) in :attr:`LoadedImage.decoder_warnings`, for a note naming the image, instead
+    of on stderr."""
     with _decoder_warnings() as caught:
         img = load_image(path)
     return dataclasses.replace(img, decoder_warnings=tuple(dict.fromkeys(caught))) if caught else img
@@ -484,8 +522,8 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
     16 bits are kept for PNG and TIFF; other formats are written with 8. ``icc_profile`` (the input's colour
     profile, :attr:`LoadedImage.icc_profile`) is embedded in PNG, JPEG, TIFF and WebP (GIF and BMP cannot hold
     one); ``png_colour`` (:attr:`LoadedImage.png_colour`) in PNG only, without sRGB where a profile is written (the
-    standard allows one of the two). An existing file is replaced, as PIL's ``save`` does (moceir's commands write through
-    :func:`write_atomically`, which never follows a link).
+    standard allows one of the two). An existing file is replaced, as PIL's ``save`` does (moceir's commands
+    write through :func:`write_atomically`, which never follows a link).
     Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
     path = Path(path)

@@ -284,12 +284,13 @@ def load_onnx(path: str | Path, providers: Sequence[str] | None = None, threads:
 
 def _check_signature(session: Any, path: Path) -> None:
     """Refuse a graph that does not take ``image`` [B, 3, H, W] float and return ``restored`` [B, 3, H, W] and
-    ``experts`` [layers, B, k] (its moceir metadata copied onto another graph): ONNX Runtime's error came as a traceback at the first image."""
+    ``experts`` [layers, B, k]: moceir's metadata on another graph (ONNX Runtime fails at the first image)."""
     inputs = [(i.name, i.type, len(i.shape)) for i in session.get_inputs()]
     outputs = {o.name: len(o.shape) for o in session.get_outputs()}
     if inputs != [(INPUT_NAME, "tensor(float)", 4)] or outputs.get(OUTPUT_NAMES[0]) != 4 or \
             outputs.get(OUTPUT_NAMES[1]) != 3:
         takes = ", ".join(f"{name} ({kind}, {rank}-D)" for name, kind, rank in inputs) or "nothing"
-        raise CheckpointError(f"{path}: its graph takes {takes} and returns {', '.join(outputs) or 'nothing'}, not "
-                              f"{INPUT_NAME} [B, 3, H, W] -> {', '.join(OUTPUT_NAMES)} as moceir export writes them; "
+        returns = ", ".join(f"{name} ({rank}-D)" for name, rank in outputs.items()) or "nothing"
+        raise CheckpointError(f"{path}: its graph takes {takes} and returns {returns}, not {INPUT_NAME} (4-D) -> "
+                              f"{OUTPUT_NAMES[0]} (4-D), {OUTPUT_NAMES[1]} (3-D) as moceir export writes them; "
                               "export the model again")

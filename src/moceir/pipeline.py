@@ -29,8 +29,8 @@ from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
 from .inference import auto_tile, batch_that_fits, check_restore_options, memory_budget, restore_tensor
 from .io import (NO_ALPHA_EXTS, ON_OFF_ALPHA_EXTS, SIXTEEN_BIT_EXTS, SPECIAL_FILE, WRITABLE_EXTS, ImageReadError,
-                 LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image_noting, save_image,
-                 special_file, write_atomically, write_error_advice)
+                 LoadedImage, OutputAppeared, file_problem, format_size_problem, image_size, load_image_noting,
+                 save_image, special_file, write_atomically, write_error_advice)
 from .models import MoCEIR
 from .models.checkpoints import CheckpointError
 from .runtime import UsageError, resolve_device  # noqa: F401 - both long lived here; callers import them from here

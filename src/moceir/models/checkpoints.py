@@ -114,6 +114,9 @@ def _safe_open(p: Path) -> Iterator[Any]:
     try:
         str(p).encode()
     except UnicodeEncodeError:
+        if not os.path.isdir("/dev/fd"):
+            raise CheckpointError(f"cannot read checkpoint {p}: its name is not UTF-8, which safetensors cannot open "
+                                  "on this system; rename the file") from None
         fd = os.open(p, os.O_RDONLY)
         try:
             with safe_open(f"/dev/fd/{fd}", framework="pt") as f:
