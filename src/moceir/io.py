@@ -265,7 +265,10 @@ def _decoder_warnings() -> Iterator[list[str]]:
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            (caught.append(record.getMessage()) if record.thread == me else others.append(record))
+            if record.thread == me:
+                caught.append(record.getMessage())
+            else:  # handled as usual once the capture ends
+                others.append(record)
 
     caught: list[str] = []
     tifffile_log, handler = logging.getLogger("tifffile"), Collect(logging.WARNING)
