@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import os
 import stat
@@ -14,7 +15,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -242,6 +243,7 @@ def _in_forked_child() -> None:
 os.register_at_fork(after_in_child=_in_forked_child)
 
 
+@functools.cache  # asked at every decode; the answer does not change
 def _decoder_sources() -> tuple[str, ...]:
     """The folders and files of the decoders' own code (PIL, tifffile, pypng): warnings raised there are theirs."""
     import importlib.util
@@ -314,23 +316,30 @@ def load_image_noting(path: str | Path) -> LoadedImage:
 _PNG_COLOUR_CHUNKS = (b"gAMA", b"cHRM", b"sRGB", b"cICP")  # how a viewer maps the samples to colours
 
 
+def _png_chunks(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(type, data length) of each chunk of the PNG open as ``f``, by its headers alone (a seek per chunk), with
+    ``f`` at the chunk's data while the caller has it; it ends at IEND or where the file is cut short."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(8)  # the signature
+    while len(head := f.read(8)) == 8:
+        length, kind, start = int.from_bytes(head[:4], "big"), head[4:], f.tell()
+        if length > size - start or kind == b"IEND":  # truncated or damaged: decoding says so
+            return
+        yield kind, length
+        f.seek(start + length + 4)  # past the data and its CRC
+
+
 def _png_colour_chunks(path: Path) -> tuple[tuple[bytes, bytes], ...]:
     """A PNG's colour chunks before its image data, as (type, data); a viewer that honours gAMA 1.0 shows the
     samples far brighter than one that assumes sRGB, so the restored file keeps them."""
-    found = []
+    found: dict[bytes, bytes] = {}
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(8)  # the signature
-        while len(head := f.read(8)) == 8:
-            length, kind = int.from_bytes(head[:4], "big"), head[4:]
-            if kind in (b"IDAT", b"IEND") or length > size - f.tell():
+        for kind, length in _png_chunks(f):
+            if kind == b"IDAT":
                 break
-            if kind in _PNG_COLOUR_CHUNKS and length <= 64 and kind not in dict(found):  # one each, of 4-32 bytes
-                found.append((kind, f.read(length)))
-                f.seek(4, os.SEEK_CUR)
-            else:
-                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-    return tuple(found)
+            if kind in _PNG_COLOUR_CHUNKS and length <= 64 and kind not in found:  # one each, of 4-32 bytes
+                found[kind] = f.read(length)
+    return tuple(found.items())
 
 
 def _load_image(path: Path) -> LoadedImage:
@@ -436,27 +445,18 @@ def _png_exif_orientation(path: Path) -> int:
     data, or ImageMagick's "Raw profile type exif" text chunk anywhere (eXIf wins, as in PIL). Found by walking
     the chunk headers (a seek per chunk) up to where PIL stops reading (IEND, or an animation's second frame);
     1 where there is none."""
-    raw = None
+    raw, after_image = None, False
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(8)  # the signature
-        after_image = False
-        while len(head := f.read(8)) == 8:
-            length, kind = int.from_bytes(head[:4], "big"), head[4:]
-            if length > size - f.tell():  # truncated or damaged: decoding will say so
-                break
+        for kind, length in _png_chunks(f):
             if kind == b"eXIf":
                 return _exif_orientation(f.read(length))
-            if kind == b"IEND" or (kind == b"fcTL" and after_image):
+            if kind == b"fcTL" and after_image:
                 break
             after_image = after_image or kind == b"IDAT"
             if kind in (b"tEXt", b"zTXt", b"iTXt") and length <= _TEXT_CHUNK_LIMIT:
                 data = f.read(length)
                 if data.startswith(_RAW_EXIF_KEY):
                     raw = _raw_profile_text(kind, data)  # the last one wins, as in PIL's info
-                f.seek(4, os.SEEK_CUR)
-            else:
-                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
     return _exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw else 1
 
 
