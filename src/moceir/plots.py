@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import write_atomically
+from .runtime import first_line
 
 
 class MetricsError(ValueError):
@@ -31,9 +32,10 @@ PLOTTABLE = 1e100
 def metrics_path(run_dir: str | Path) -> Path:
     """A run's log: ``logs/metrics.csv``, or, in a folder without ``logs``, its own ``metrics.csv`` (a log kept on
     its own, as in docs/runs)."""
-    alone = Path(run_dir) / "metrics.csv"
-    return alone if not os.path.lexists(Path(run_dir) / "logs") and alone.is_file() else Path(run_dir) / "logs" / \
-        "metrics.csv"
+    logs, alone = Path(run_dir) / "logs", Path(run_dir) / "metrics.csv"
+    if not os.path.lexists(logs) and alone.is_file():
+        return alone
+    return logs / "metrics.csv"
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -59,7 +61,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
                     steps.append(step)
                     values.append(float(v))
     except (ValueError, csv.Error) as e:
-        raise MetricsError(f"{path}: line {reader.line_num}: {str(e).splitlines()[0][:200]}; not a metrics.csv "
+        raise MetricsError(f"{path}: line {reader.line_num}: {first_line(e)}; not a metrics.csv "
                            "written by `moceir train`") from None
     points = {k: (np.asarray(s), np.asarray(v)) for k, (s, v) in series.items()}
     # beyond PLOTTABLE, matplotlib's axis ranges overflow (1.7e308 failed in tight_layout): such a point is no
