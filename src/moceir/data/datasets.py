@@ -37,6 +37,12 @@ UPSTREAM_REPEATS = {"denoise_15": 3, "denoise_25": 3, "denoise_50": 3, "derain":
 # smooth sky included) is to be left alone. Off unless named in --de_type.
 IDENTITY_REPEAT = 3
 CROP_BASE = 16  # training images are centre-cropped to multiples of this before patches are cut
+# Upstream's training layout under --data_file_dir, read by train_pairs and named by training_folders
+CLEAN_FOLDERS = ("denoising/BSD400", "denoising/WaterlooED")  # noise, identity and synthetic haze: clean images
+PAIRED_TRAIN = {"derain": ("deraining/RainTrainL", "rainy", "gt"),  # task: (folder, degraded, clean)
+                "deblur": ("deblurring/GoPro/crop/train", "input_crops", "target_crops"),
+                "synllie": ("llie/LOLv1/Train", "input", "target")}
+RESIDE, RESIDE_HAZY = "dehazing/RESIDE", ("part1", "part2", "part3", "part4")  # and RESIDE/clear
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -129,11 +135,11 @@ def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", hold
     """The pairs of one training task in upstream's layout under ``root`` (un-repeated)."""
     root = Path(root)
     if task in DENOISE_SIGMAS or task == "identity" or (task == "dehaze" and dehaze_source == "synthetic"):
-        den = root / "denoising"
-        layout = f"{den}/BSD400/*.jpg and optionally {den}/WaterlooED/*.bmp (clean images)"
-        clean = images_in(den / "BSD400", layout)
-        if (den / "WaterlooED").is_dir():
-            clean += images_in(den / "WaterlooED", layout)
+        bsd, waterloo = (root / f for f in CLEAN_FOLDERS)
+        layout = f"{bsd}/*.jpg and optionally {waterloo}/*.bmp (clean images)"
+        clean = images_in(bsd, layout)
+        if waterloo.is_dir():
+            clean += images_in(waterloo, layout)
         return [Pair(None, p, task) for p in unique_stems(clean)]
     pairs = _degraded_pairs(root, task, dehaze_source, holdout)
     unique_stems([p.degraded for p in pairs if p.degraded])
@@ -143,28 +149,28 @@ def train_pairs(root: str | Path, task: str, dehaze_source: str = "reside", hold
 def _degraded_pairs(root: Path, task: str, dehaze_source: str, holdout: bool) -> list[Pair]:
     """The pairs of a task with degraded files on disk (deraining, RESIDE dehazing, deblurring, low light)."""
     if task == "derain":
-        pairs = folder_pairs(root / "deraining" / "RainTrainL", "rainy", "gt", task, _number, "rain-N / norain-N")
+        base, degraded, clean = PAIRED_TRAIN[task]
+        pairs = folder_pairs(root / base, degraded, clean, task, _number, "rain-N / norain-N")
         kept = [p for p in pairs if not (holdout and is_holdout(p))]
         if pairs and not kept:  # the task would train on nothing, without a word
-            raise DatasetLayoutError(f"derain: every pair in {root / 'deraining' / 'RainTrainL'} is in the "
+            raise DatasetLayoutError(f"derain: every pair in {root / base} is in the "
                                      "validation split that --holdout_val holds out (ids divisible by 10); add "
                                      "training pairs or leave out --holdout_val")
         return kept
     if task == "dehaze":
         if dehaze_source not in DEHAZE_SOURCES:
             raise ValueError(f"dehaze_source must be one of {DEHAZE_SOURCES}, got {dehaze_source!r}")
-        base = root / "dehazing" / "RESIDE"
+        base = root / RESIDE
         layout = (f"{base}/part1..part4/NNNN_A_beta.jpg and {base}/clear/NNNN.jpg (RESIDE OTS); "
                   "without OTS use --dehaze_source synthetic")
-        hazy = [p for part in ("part1", "part2", "part3", "part4") if (base / part).is_dir()
+        hazy = [p for part in RESIDE_HAZY if (base / part).is_dir()
                 for p in images_in(base / part, layout)]
         if not hazy:
             raise DatasetLayoutError(f"no RESIDE OTS images in {base}/part1..4; expected layout: {layout}")
         return pair_by_name(hazy, images_in(base / "clear", layout), task, lambda s: s.split("_")[0])
-    if task == "deblur":
-        return folder_pairs(root / "deblurring" / "GoPro" / "crop" / "train", "input_crops", "target_crops", task)
-    if task == "synllie":
-        return folder_pairs(root / "llie" / "LOLv1" / "Train", "input", "target", task)
+    if task in PAIRED_TRAIN:  # deblur, synllie
+        base, degraded, clean = PAIRED_TRAIN[task]
+        return folder_pairs(root / base, degraded, clean, task)
     raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
 
 
@@ -172,13 +178,10 @@ def training_folders(root: str | Path) -> list[Path]:
     """The folders under ``root`` that :func:`train_pairs` and the CDD11 training set read images from, whether
     they exist or not (not listed: a command can refuse to write into one without reading RESIDE's 300k names)."""
     root = Path(root)
-    reside = root / "dehazing" / "RESIDE"
     cdd11 = root / "cdd11" / "train"
-    return [root / "denoising" / "BSD400", root / "denoising" / "WaterlooED",
-            *(root / "deraining" / "RainTrainL" / d for d in ("rainy", "gt")),
-            *(reside / d for d in ("part1", "part2", "part3", "part4", "clear")),
-            *(root / "deblurring" / "GoPro" / "crop" / "train" / d for d in ("input_crops", "target_crops")),
-            *(root / "llie" / "LOLv1" / "Train" / d for d in ("input", "target")),
+    return [*(root / f for f in CLEAN_FOLDERS),
+            *(root / base / d for base, *folders in PAIRED_TRAIN.values() for d in folders),
+            *(root / RESIDE / d for d in (*RESIDE_HAZY, "clear")),
             *(sorted(d for d in cdd11.iterdir() if d.is_dir()) if cdd11.is_dir() else [])]
 
 
