@@ -341,5 +341,37 @@ class _NoMemory:
     def keys(self):
         return self.opened.keys()
 
+    def get_slice(self, name):
+        return self.opened.get_slice(name)
+
     def get_tensor(self, name):
         raise MemoryError("Cannot allocate memory (os error 12)")
+
+
+def test_tensors_no_network_has_are_refused_before_they_are_read(tmp_path, tiny_model, monkeypatch, capsys):
+    """Probe: a safetensors file padded with a 2 GiB tensor named "junk" was read whole (6.0 GB resident) before
+    the strict check refused it. Its header is enough: no tensor data is read."""
+    import safetensors
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in tiny_model.state_dict().items()}
+    path = tmp_path / "padded.safetensors"
+    save_file({**sd, "junk": torch.zeros(1000)}, str(path),
+              metadata={checkpoints.CONFIG_KEY: json.dumps(tiny_model.config.to_dict())})
+    opened = safetensors.safe_open(str(path), framework="pt")
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: _NoMemory(opened))  # reading any tensor fails
+    for with_config in (True, False):
+        if not with_config:  # the header alone also infers the network of an upstream-like file
+            save_file({**sd, "junk": torch.zeros(1000)}, str(path))
+            opened = safetensors.safe_open(str(path), framework="pt")
+        with pytest.raises(checkpoints.CheckpointError, match=r"does not match the network .*1 unexpected: \[junk\]"):
+            moceir.load_model(path)
+    assert main(["info", str(path)]) == 2
+    assert "1 unexpected: [junk]" in capsys.readouterr().err
+
+
+def test_an_overrides_error_raised_while_checking_a_header_keeps_its_type(tmp_path, tiny_model):
+    """The header check builds the network; a bad override is the caller's error, not a damaged file."""
+    path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
+    with pytest.raises(TypeError):
+        moceir.load_model(path, no_such_field=1)

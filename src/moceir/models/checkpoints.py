@@ -160,16 +160,36 @@ def check_finite(sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
         raise NonFiniteWeights(f"{source}: {len(bad)} tensor(s) hold NaN or inf values ({names}); {advice}")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+# check_header(tensors, config): the network's tensors as meta tensors (names and shapes, no data) and the
+# embedded config, to refuse a file before its data is read
+HeaderCheck = Callable[[dict[str, torch.Tensor], "dict[str, Any] | None"], None]
+
+
+def read_checkpoint(path: str | Path, check_header: HeaderCheck | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Read any supported file -> (network state_dict with upstream names, embedded config dict or None).
 
     Refuses files that are not checkpoints, pickles of anything but tensors, and non-finite weights.
+    ``check_header`` is called on a safetensors file's header before any tensor is read, so that a file padded
+    with tensors no network has is refused without loading them (a torch file is read whole first).
     """
-    sd, config, _ = read_checkpoint_file(path)
+    sd, config, _ = read_checkpoint_file(path, check_header)
     return sd, config
 
 
-def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Mapping]:
+class _FromCheck(Exception):
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _embedded_config(p: Path, config: Any) -> dict[str, Any] | None:
+    if config is not None and not isinstance(config, Mapping):
+        raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
+    return dict(config) if config is not None else None
+
+
+def read_checkpoint_file(path: str | Path, check_header: HeaderCheck | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Mapping]:
     """:func:`read_checkpoint`, plus the file's top level as loaded (a Lightning checkpoint's ``global_step``,
     ``optimizer_states``, ...; {} for safetensors), so that a caller needing both reads the file once."""
     p = resolve_path(path)
@@ -181,8 +201,15 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
         if _is_safetensors(p):
             with _safe_open(p) as f:
                 meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-            config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+                config = _embedded_config(p, json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None)
+                names = strip_wrappers({k: k for k in f.keys()})  # network name -> name in the file
+                if check_header is not None:
+                    header = {k: torch.empty(f.get_slice(n).get_shape(), device="meta") for k, n in names.items()}
+                    try:
+                        check_header(header, config)
+                    except Exception as e:  # the caller's own error, not a sign of a damaged file
+                        raise _FromCheck(e) from e
+                sd = {k: f.get_tensor(n) for k, n in names.items()}
         else:
             with warnings.catch_warnings():  # torch's note on pickle protocols would break the one-line error
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -193,6 +220,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
             sd = obj.get("state_dict", obj.get("model", obj))
     except CheckpointError:
         raise
+    except _FromCheck as e:
+        raise e.error from None
     except pickle.UnpicklingError:  # weights_only refused it; torch's advice to disable that is wrong here
         if not _is_torch_file(p):
             raise CheckpointError(f"cannot read checkpoint {p}: not a checkpoint (neither safetensors nor a PyTorch "
@@ -214,8 +243,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                               "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{p}: its state_dict is a {type(sd).__name__}, not a mapping of names to tensors")
-    if config is not None and not isinstance(config, Mapping):
-        raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
+    config = _embedded_config(p, config)
     sd = strip_wrappers({k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)})
     odd = [(k, v.dtype) for k, v in sd.items() if v.dtype not in WEIGHT_DTYPES]
     if odd:  # int8 or bool were cast silently on loading (int8: a network that returns its input); float8: traceback
@@ -224,7 +252,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                               "the floating-point weights of a network (float32, float16, bfloat16 or float64); check "
                               "the path, or re-save the weights in one of those types")
     check_finite(sd, str(p))
-    return sd, (dict(config) if config is not None else None), obj
+    return sd, config, obj
 
 
 def _first_line(e: BaseException) -> str:
@@ -266,7 +294,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> 
     n_exp = _count(sd, rf"{re.escape(prefix)}\.experts\.(\d+)\.")
     ranks = [shape(f"{prefix}.experts.{i}.0.proj.0.weight")[0] for i in range(n_exp)]
     shape(f"{prefix}.routing.complexity")
-    complexity = float(sd[f"{prefix}.routing.complexity"].max())
+    complexity = sd[f"{prefix}.routing.complexity"]
+    # a header's meta tensor has no values: the scale then stays "max", which shapes no tensor
+    complexity = float(complexity.max()) if not complexity.is_meta else 1.0
     base = dict(dim=dim, inp_channels=inp, out_channels=shape("output.weight", 4)[0],
                 num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
                 num_refinement_blocks=_count(sd, r"refinement\.layers\.(\d+)\."),
@@ -343,6 +373,13 @@ def check_config_matches(config: MoCEConfig, sd: Mapping[str, torch.Tensor], sou
 
 def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load ``sd`` into ``model``; on any mismatch raise CheckpointError naming the keys."""
+    check_state_dict_matches(model, sd, source)
+    model.load_state_dict(sd, strict=True)
+
+
+def check_state_dict_matches(model: MoCEIR, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the missing, unexpected and mis-shaped keys of ``sd`` (shapes only: meta
+    tensors do)."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -354,7 +391,6 @@ def load_state_dict_strict(model: MoCEIR, sd: Mapping[str, torch.Tensor], source
             return f"{len(items)} {name}: [{head}]"
         parts = [show(n, i) for n, i in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if i]
         raise CheckpointError(f"{source} does not match the network ({model.config.dim=}): " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
 
 
 def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
@@ -374,21 +410,33 @@ def load_model(path: str | Path = "default", device: str | torch.device = "cpu",
                         f"{type(config).__name__}")
     if problem := not_a_bool("channels_last", channels_last):
         raise TypeError(problem)
-    sd, embedded = read_checkpoint(path)
-    if config is None:
-        if embedded:
-            config = config_from_dict(embedded, str(path))
-            check_config_matches(config, sd, str(path))
-        else:
-            config = infer_config(sd, str(path))
-    if overrides:
-        config = config.replace(**overrides)
     # before building: a CUDA request on a CPU machine is one line, not a traceback
     device = resolve_device("cpu" if device is None else device)
-    model = MoCEIR(config)
+    built: list[MoCEIR] = []
+
+    def check_header(tensors: dict[str, torch.Tensor], embedded: dict[str, Any] | None) -> None:
+        built.append(MoCEIR(_network_config(tensors, embedded, config, overrides, str(path))))
+        check_state_dict_matches(built[0], tensors, str(path))
+
+    sd, embedded = read_checkpoint(path, check_header)
+    final = _network_config(sd, embedded, config, overrides, str(path))
+    model = built[0] if built and built[0].config == final else MoCEIR(final)  # a header cannot tell the scale
     load_state_dict_strict(model, sd, source=str(path))
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _network_config(sd: Mapping[str, torch.Tensor], embedded: dict[str, Any] | None, config: MoCEConfig | None,
+                    overrides: Mapping[str, Any], source: str) -> MoCEConfig:
+    """The config to build: ``config`` if given, else the embedded one (checked against the weights' shapes),
+    else one inferred from the weights; then ``overrides``."""
+    if config is None:
+        if embedded:
+            config = config_from_dict(embedded, source)
+            check_config_matches(config, sd, source)
+        else:
+            config = infer_config(sd, source)
+    return config.replace(**overrides) if overrides else config
 
 
 def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
