@@ -248,6 +248,23 @@ def test_the_pixel_cap_is_inclusive(session, tmp_path):
         session.check_size(tmp_path / "over.png", "over.png")
 
 
+def test_an_image_pil_calls_a_decompression_bomb_meets_the_pages_limit(session, tmp_path, monkeypatch):
+    """Probe: a 182 MP PNG (above twice PIL's MAX_IMAGE_PIXELS, where PIL will not say its size) passed the
+    page's size check and was refused while decoding, with advice to raise PIL.Image.MAX_IMAGE_PIXELS: not the
+    page user's to do. Here PIL's limit is lowered so that a 65 x 64 image is such a bomb."""
+    from PIL import Image as PILImage
+
+    from moceir.demo import DemoError
+
+    Image.fromarray(np.zeros((64, 65, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    for attempt in (lambda: session.restore(tmp_path / "big.png", "big.png"),
+                    lambda: session.degrade(tmp_path / "big.png", "big.png", "Gaussian noise σ=25")):
+        with pytest.raises(DemoError, match=r"^big.png is 0.0 MP, above this page's limit of 0.004096 MP; "
+                                            r"downscale it or use `moceir restore`"):
+            attempt()
+
+
 @pytest.mark.parametrize("shape, expected", [((3000, 1000, 3), (2048, 683, 3)), ((1000, 3000, 3), (683, 2048, 3)),
                                              ((100, 60, 3), (100, 60, 3))])
 def test_preview_keeps_the_aspect_ratio(shape, expected):

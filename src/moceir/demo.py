@@ -34,7 +34,7 @@ import numpy as np
 
 from .data.degradations import add_gaussian_noise, crop_to_multiple, random_haze, seeded_rng
 from .flops import layer_picks
-from .io import ImageReadError, image_size, load_image, save_image
+from .io import ImageReadError, bomb_pixels, image_size, load_image, save_image
 from .metrics import psnr, ssim
 from .models.checkpoints import CheckpointError
 from .runtime import UsageError
@@ -138,9 +138,10 @@ class DemoSession:
     def check_size(self, path: Path, name: str) -> None:
         """Refuse an image above ``max_pixels`` from its header, before anything decodes it."""
         size = image_size(path)
-        if size is not None and size[0] * size[1] > self.max_pixels:
-            h, w = size
-            raise DemoError(f"{name} is {w}x{h} = {h * w / 1e6:.1f} MP, above this page's limit of "
+        pixels = size[0] * size[1] if size is not None else bomb_pixels(path)  # PIL refuses to say a bomb's size
+        if pixels is not None and pixels > self.max_pixels:
+            shown = f"{size[1]}x{size[0]} = " if size is not None else ""
+            raise DemoError(f"{name} is {shown}{pixels / 1e6:.1f} MP, above this page's limit of "
                             f"{self.max_pixels / 1e6:g} MP; downscale it or use `moceir restore`, which tiles "
                             "any size")
 

@@ -8,6 +8,7 @@ import errno
 import functools
 import io
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -413,6 +414,21 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
             return None
         _, h, w, orientation = page
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
+
+
+def bomb_pixels(path: str | Path) -> int | None:
+    """The pixel count of an image that PIL refuses to open as a decompression bomb (above twice
+    ``Image.MAX_IMAGE_PIXELS``), where :func:`image_size` says None; None for any other file."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with _decoder_warnings(), Image.open(path):
+            return None
+    except Image.DecompressionBombError as e:  # "Image size (182000000 pixels) exceeds limit of ..."
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return int(found.group(1)) if found else None
+    except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
+        return None
 
 
 def _exif_orientation(data: bytes) -> int:
