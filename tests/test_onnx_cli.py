@@ -159,3 +159,19 @@ def test_a_graph_with_moceir_metadata_but_another_signature_is_one_line(tmp_path
     assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: {cut}: its graph returned restored "
                                                                       "[1, 3, 1, 48] and experts [3, 1, 1] for an "
                                                                       "input of [1, 3, 48, 48]")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", ""])
+def test_an_onnx_graph_under_another_name_is_called_one(exported, tmp_path, suffix, capsys):
+    """Probe: an exported graph renamed model.safetensors was "SafetensorError: Error while deserializing header:
+    header too large (is the file complete ...?)", blaming a whole file; as .ckpt it was "not a checkpoint"."""
+    import shutil
+
+    root, ckpt, onnx = exported
+    renamed = tmp_path / f"model{suffix}"
+    shutil.copyfile(onnx, renamed)
+    for command in (["info", str(renamed)], ["restore", str(root), "-o", str(tmp_path / "out"), "--checkpoint",
+                                            str(renamed)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {renamed} is an ONNX graph named ") and "rename it to model.onnx" in err, err

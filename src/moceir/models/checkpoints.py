@@ -22,7 +22,7 @@ import torch
 
 from ..checks import not_a_bool
 from ..io import WRITABLE_EXTS, write_atomically, write_error_advice
-from ..runtime import resolve_device
+from ..runtime import first_line, resolve_device
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
 
@@ -141,6 +141,14 @@ def _is_safetensors(p: Path) -> bool:
     return p.suffix.lower() == ".safetensors" or _head(p, 9)[8:] == b"{"
 
 
+def _is_onnx(p: Path) -> bool:
+    """By content: an ONNX ModelProto opens with its ir_version (protobuf field 1, 3 to 15 so far), then
+    another of its fields (producer, domain, graph, opsets, ...)."""
+    head = _head(p, 3)
+    return len(head) == 3 and head[0] == 0x08 and 3 <= head[1] <= 15 and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32,
+                                                                                     0x3A, 0x42, 0x72)
+
+
 def _is_torch_file(p: Path) -> bool:
     """What torch.save writes: a zip archive, or (legacy) a pickle that opens with a protocol 2-5 marker."""
     head = _head(p, 4)
@@ -196,6 +204,10 @@ def read_checkpoint_file(path: str | Path, check_header: HeaderCheck | None = No
     if p.suffix.lower() == ".onnx" and p.is_file() and not _is_safetensors(p) and not _is_torch_file(p):
         raise CheckpointError(f"{p} is an ONNX graph, which `moceir restore` and `moceir info` run; here the PyTorch "
                               "checkpoint (.safetensors or .ckpt) it was exported from is needed")
+    if p.is_file() and _is_onnx(p) and _head(p, 9)[8:] != b"{" and not _is_torch_file(p):
+        raise CheckpointError(f"{p} is an ONNX graph named {p.suffix or 'without .onnx'}: rename it to "
+                              f"{p.stem}.onnx for `moceir restore` and `moceir info`, which run ONNX graphs; other "
+                              "commands need the PyTorch checkpoint (.safetensors or .ckpt) it was exported from")
     obj: Mapping = {}
     try:
         if _is_safetensors(p):
@@ -239,7 +251,8 @@ def read_checkpoint_file(path: str | Path, check_header: HeaderCheck | None = No
         if not _is_safetensors(p) and not _is_torch_file(p):  # torch's own error (KeyError: 101) says nothing
             raise CheckpointError(f"cannot read checkpoint {p}: not a checkpoint (neither safetensors nor a PyTorch "
                                   "file); check the path") from None
-        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}{_first_line(e)} "
+        detail = f": {first_line(e)}" if first_line(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {p}: {type(e).__name__}{detail} "
                               "(is the file complete and a PyTorch/safetensors checkpoint?)") from None
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{p}: its state_dict is a {type(sd).__name__}, not a mapping of names to tensors")
@@ -253,12 +266,6 @@ def read_checkpoint_file(path: str | Path, check_header: HeaderCheck | None = No
                               "the path, or re-save the weights in one of those types")
     check_finite(sd, str(p))
     return sd, config, obj
-
-
-def _first_line(e: BaseException) -> str:
-    """': <first line of the message>' or '' for an exception with an empty message."""
-    lines = str(e).strip().splitlines()
-    return f": {lines[0]}" if lines else ""
 
 
 def _count(sd: Mapping[str, Any], pattern: str) -> int:
@@ -306,7 +313,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> 
         MoCEConfig(**base)
     except ValueError as e:
         raise CheckpointError(f"{source}: not a MoCE-IR state_dict: its tensor shapes describe no network "
-                              f"({_first_line(e)[2:]})") from None
+                              f"({first_line(e)})") from None
     for rank_type in RANK_TYPES:
         for latent in range(1, 65) if rank_type != "spread" else (2,):
             try:
@@ -332,7 +339,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = "checkpoint") -> MoCECo
         config = MoCEConfig.from_dict(dict(d))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: its embedded {CONFIG_KEY} is not a valid configuration "
-                              f"({_first_line(e)[2:]}); re-export the checkpoint, or name its architecture "
+                              f"({first_line(e)}); re-export the checkpoint, or name its architecture "
                               "(--model in test and routing, config= in load_model)") from None
     lim = CONFIG_LIMITS
     too_big = [name for name, bad in (
