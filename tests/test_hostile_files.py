@@ -369,3 +369,17 @@ def test_regular_files_in_dev_shm_are_replaced_as_anywhere(tmp_path, tiny_ckpt):
         assert not special_file(shm / "link")  # only a chain through /proc is (/dev/stdout -> /proc/self/fd/1)
     finally:
         shutil.rmtree(shm)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_a_low_bit_gray_png_keeps_its_transparent_colour_key(tmp_path, depth):
+    """Probe: a 4-bit gray PNG with tRNS key 15 lost all 192 transparent pixels (exit 0, no note): PIL scales the
+    samples to 8 bits (15 -> 255) but leaves the key at 15, which then matched no pixel."""
+    png = pytest.importorskip("png")
+    top = 2 ** depth - 1
+    rows = np.arange(6 * 8).reshape(6, 8) % (top + 1)
+    with open(tmp_path / "key.png", "wb") as f:
+        png.Writer(8, 6, greyscale=True, bitdepth=depth, transparent=top).write(f, rows.tolist())
+    got = load_image(tmp_path / "key.png")
+    assert got.alpha is not None and np.array_equal(got.alpha == 0, rows == top)
+    np.testing.assert_allclose(got.rgb[..., 0], rows / top, atol=1e-6)

@@ -359,6 +359,9 @@ def _load_image(path: Path) -> LoadedImage:
                         else "32-bit or signed integer")
                 raise ImageReadError(f"{path}: {kind} samples (PIL mode {im.mode}) are not supported; convert it "
                                      "to an 8- or 16-bit (unsigned) PNG or TIFF")
+            if fmt == "PNG" and im.mode == "L" and isinstance(im.info.get("transparency"), int) and \
+                    (depth := _png_bit_depth(path)) < 8:  # PIL scales a 2- or 4-bit gray PNG's samples, not its key
+                im.info["transparency"] = im.info["transparency"] * 255 // (2 ** depth - 1)
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1")
             # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
