@@ -383,3 +383,22 @@ def test_a_low_bit_gray_png_keeps_its_transparent_colour_key(tmp_path, depth):
     got = load_image(tmp_path / "key.png")
     assert got.alpha is not None and np.array_equal(got.alpha == 0, rows == top)
     np.testing.assert_allclose(got.rgb[..., 0], rows / top, atol=1e-6)
+
+
+@pytest.mark.parametrize("magic, channels, maxval", [(b"P6", 3, 65535), (b"P5", 1, 65535), (b"P6", 3, 1023)])
+def test_a_pgm_or_ppm_of_more_than_8_bits_keeps_them(tmp_path, magic, channels, maxval, capsys):
+    """Probe: a 16-bit PPM was written as an 8-bit PNG without a word (PIL reads it as 8 bits), and a 16-bit PGM
+    was refused as "32-bit or signed integer samples (PIL mode I)", which it does not hold."""
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, maxval + 1, (5, 7, channels)).astype(">u2")
+    path = tmp_path / "deep.pnm"
+    path.write_bytes(magic + b"\n# a comment\n7 5\n" + str(maxval).encode() + b"\n" + samples.tobytes())
+    got = load_image(path)
+    assert got.bit_depth == 16 and got.grayscale == (channels == 1)
+    np.testing.assert_allclose(got.rgb, np.broadcast_to(samples / maxval, (5, 7, 3)), atol=1e-6)
+    from moceir.io import read_rgb
+
+    np.testing.assert_array_equal(read_rgb(path), np.round(got.rgb * 255).astype(np.uint8))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(moceir.io.ImageReadError, match="deep.pnm: .* the file is truncated"):
+        load_image(path)

@@ -78,8 +78,34 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 def _more_than_8_bits(path: Path, fmt: str | None) -> bool:
-    """A 16-bit PNG or TIFF, which PIL opens as 8-bit RGB by dropping the low byte (load_image rounds instead)."""
-    return (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "TIFF" and _tiff_samples(path) == np.uint16)
+    """A 16-bit PNG or TIFF, which PIL opens as 8-bit RGB by dropping the low byte (load_image rounds instead), or
+    a PGM/PPM of more than 8 bits (PIL reads a PPM's as 8 bits and a PGM's as 32-bit integers)."""
+    return ((fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "TIFF" and _tiff_samples(path) == np.uint16)
+            or (fmt == "PPM" and (pnm := _pnm_header(path)) is not None and pnm[3] > 255))
+
+
+def _pnm_header(path: Path) -> tuple[int, int, int, int, int] | None:
+    """(channels, height, width, maxval, offset of the samples) of a binary PGM (P5) or PPM (P6), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] not in (b"P5", b"P6"):
+        return None
+    numbers, i = [], 2
+    while len(numbers) < 3:
+        while i < len(head) and (head[i:i + 1].isspace() or head[i:i + 1] == b"#"):
+            if head[i:i + 1] == b"#":  # a comment runs to the line's end
+                i = head.find(b"\n", i)
+                if i < 0:
+                    return None
+            i += 1
+        start = i
+        while i < len(head) and head[i:i + 1].isdigit():
+            i += 1
+        if i == start or i >= len(head):
+            return None
+        numbers.append(int(head[start:i]))
+    width, height, maxval = numbers
+    return (1 if head[:2] == b"P5" else 3), height, width, maxval, i + 1  # one whitespace byte ends the header
 
 
 def write_error_advice(code: int | None, where: str) -> str | None:
@@ -124,8 +150,9 @@ def _png_bit_depth(path: Path) -> int:
 
 
 def _load_16bit(path: Path, fmt: str) -> tuple[np.ndarray, bytes | None]:
-    """16-bit PNG (pypng) or TIFF (tifffile) -> (float32 [H, W, C] in [0, 1], a TIFF's ICC profile); PIL would
-    reduce RGB to 8 bits. ``fmt`` is what the file holds ("PNG" or "TIFF"), whatever its name says."""
+    """16-bit PNG (pypng), TIFF (tifffile) or PGM/PPM -> (float32 [H, W, C] in [0, 1], a TIFF's ICC profile); PIL
+    would reduce RGB to 8 bits. ``fmt`` is what the file holds ("PNG", "TIFF" or "PPM", a PGM or PPM of more than
+    8 bits), whatever its name says."""
     icc = None
     if fmt == "PNG":
         import png
@@ -136,6 +163,14 @@ def _load_16bit(path: Path, fmt: str) -> tuple[np.ndarray, bytes | None]:
             arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
         # asDirect() shifts the samples down to an sBIT chunk's significant bits (e.g. 12) and says so here
         return arr.astype(np.float32) / float(2 ** info["bitdepth"] - 1), icc
+    if fmt == "PPM":
+        channels, h, w, maxval, offset = _pnm_header(path)
+        samples = np.fromfile(path, dtype=">u2", count=h * w * channels, offset=offset)
+        if samples.size < h * w * channels or not 0 < maxval < 65536:
+            raise ImageReadError(f"{path}: a {'PGM' if channels == 1 else 'PPM'} of {w}x{h} with maxval {maxval} "
+                                 f"but {samples.size} of its {h * w * channels} samples; the file is truncated or "
+                                 "damaged")
+        return np.minimum(samples.reshape(h, w, channels), maxval).astype(np.float32) / float(maxval), icc
     arr, icc = _read_tiff_page(path)
     return arr.astype(np.float32) / 65535.0, icc
 
@@ -352,7 +387,7 @@ def _load_image(path: Path) -> LoadedImage:
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
                 return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
-            if fmt == "PNG" and _png_bit_depth(path) == 16:
+            if (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "PPM" and _more_than_8_bits(path, fmt)):
                 return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
                 kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
