@@ -402,3 +402,25 @@ def test_a_pgm_or_ppm_of_more_than_8_bits_keeps_them(tmp_path, magic, channels, 
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(moceir.io.ImageReadError, match="deep.pnm: .* the file is truncated"):
         load_image(path)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_a_16_bit_lzw_tiff_is_read(tmp_path, samples):
+    """Probe: a 16-bit LZW TIFF (common from photo editors) was refused as "truncated, empty, not an image, or in
+    a variant moceir does not read": tifffile decodes LZW only with imagecodecs, which is now a dependency."""
+    tifffile = pytest.importorskip("tifffile")
+    arr = np.random.default_rng(0).integers(0, 65536, (5, 7, samples)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "lzw.tif", arr[..., 0] if samples == 1 else arr, compression="lzw")
+    got = load_image(tmp_path / "lzw.tif")
+    assert got.bit_depth == 16
+    np.testing.assert_array_equal(np.round(got.rgb * 65535), np.broadcast_to(arr, (5, 7, 3)))
+
+
+def test_without_imagecodecs_an_lzw_tiff_says_what_to_install(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "lzw.tif", np.zeros((5, 7, 3), np.uint16), compression="lzw")
+    code = ("import sys; sys.modules['imagecodecs'] = None\nfrom moceir.io import load_image\n"
+            f"load_image({str(tmp_path / 'lzw.tif')!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].endswith(
+        "lzw.tif: its compression needs the imagecodecs package, which moceir depends on; pip install imagecodecs")

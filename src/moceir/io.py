@@ -427,6 +427,9 @@ def _load_image(path: Path) -> LoadedImage:
             kind = f"floating-point ({samples.name})" if samples.kind == "f" else samples.name
             raise ImageReadError(f"{path}: a TIFF of {kind} samples is not supported; convert it "
                                  "to an 8- or 16-bit (unsigned) PNG or TIFF") from None
+        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
+            raise ImageReadError(f"{path}: its compression needs the imagecodecs package, which moceir depends on; "
+                                 "pip install imagecodecs") from None
         detail = str(e).splitlines()[0] if str(e) else ""
         raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {detail}); the file is truncated, "
                              "empty, not an image, or in a variant moceir does not read (8- and 16-bit PNG, "
