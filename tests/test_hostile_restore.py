@@ -862,3 +862,20 @@ def test_a_benchmark_file_name_with_a_line_break_cannot_forge_a_line(tmp_path, t
     assert [line for line in err.splitlines() if "error" in line] == [
         line for line in err.splitlines() if line.startswith("error: denoise_25: ") and "x\\x0aerror: none" in line]
     assert "error: none" in err and len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_a_quoted_glob_that_matches_folders_restores_their_images(tmp_path):
+    """Probe: restore 'gl/*' restored only gl/top.png, skipping the folders the glob matched without a word, and
+    'gl/shoot*' (two folders) was "no such file, folder or matching glob"; the shell's expansion restored all."""
+    from moceir.pipeline import gather_inputs
+
+    for rel in ("top.png", "shoot1/a.png", "shoot2/b.png", "shoot2/.hidden.png"):
+        (tmp_path / "gl" / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_image(tmp_path / "gl" / rel, np.zeros((4, 4, 3), np.float32))
+    (tmp_path / "gl" / "empty").mkdir()
+    files, errors, _ = gather_inputs([str(tmp_path / "gl" / "*")])
+    assert [f.relative_to(tmp_path / "gl").as_posix() for f in files] == ["top.png", "shoot1/a.png", "shoot2/b.png"]
+    assert [e for _, e in errors] == [f"{tmp_path / 'gl' / 'empty'}: folder has no images "
+                                      "(png, jpg, jpeg, bmp, tif, tiff, webp, gif); nothing to restore there"]
+    files, errors, _ = gather_inputs([str(tmp_path / "gl" / "shoot*")])
+    assert [f.name for f in files] == ["a.png", "b.png"] and not errors

@@ -94,7 +94,11 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
         return [p], []
     if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"]
-    found, problems = _files_and_problems(Path(m) for m in glob.glob(str(spec)))
+    matches = [Path(m) for m in glob.glob(str(spec))]
+    found, problems = _files_and_problems(m for m in matches if not m.is_dir())
+    for folder in sorted(m for m in matches if m.is_dir()):  # as the shell's expansion of the glob would give
+        in_folder, trouble = _gather(folder)
+        found, problems = found + in_folder, problems + trouble
     return found, problems if found or problems else [f"{spec}: no such file, folder or matching glob"]
 
 
