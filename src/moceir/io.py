@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .checks import not_a_bool
+from .metadata import PhotoInfo, pil_save_options, png_chunks, read_photo_info
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
@@ -141,6 +142,8 @@ class LoadedImage:
     icc_profile: bytes | None = None  # the file's colour profile, written into the output where its format can
     png_colour: tuple[tuple[bytes, bytes], ...] = ()  # a PNG's gAMA, cHRM, sRGB and cICP chunks: (type, data)
     decoder_warnings: tuple[str, ...] = ()  # what PIL or tifffile warned while decoding, with load_image_noting
+    photo: PhotoInfo = PhotoInfo()  # EXIF, resolution, XMP and compression, kept in the output where it can be
+    conversions: tuple[str, ...] = ()  # what reading changed that a user should know of, for a note
 
 
 def _png_bit_depth(path: Path) -> int:
@@ -221,7 +224,8 @@ def _read_tiff_page(path: Path) -> tuple[np.ndarray, bytes | None]:
     return arr, icc
 
 
-def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: bytes | None = None) -> LoadedImage:
+def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: bytes | None = None,
+                 photo: PhotoInfo = PhotoInfo()) -> LoadedImage:
     """``icc``: the profile PIL found, else the TIFF's own (PIL cannot open 16-bit gray + alpha)."""
     arr, file_icc = _load_16bit(path, fmt)
     icc = icc or file_icc
@@ -230,7 +234,7 @@ def _sixteen_bit(path: Path, fmt: str, frames: int, orientation: int = 1, icc: b
     gray = arr.shape[2] in (1, 2)
     alpha = arr[..., -1] if arr.shape[2] in (2, 4) else None
     rgb = arr[..., :1].repeat(3, axis=2) if gray else arr[..., :3]
-    return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames, icc)
+    return LoadedImage(np.ascontiguousarray(rgb), alpha, 16, gray, fmt, frames, icc, photo=photo)
 
 
 def file_problem(path: str | Path) -> str | None:
@@ -385,10 +389,11 @@ def _load_image(path: Path) -> LoadedImage:
             fmt = im.format or path.suffix.lstrip(".").upper()
             icc = im.info.get("icc_profile") or None
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc, read_photo_info(im, path, fmt))
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
+            photo = read_photo_info(im, path, fmt)  # after load(): a PNG's eXIf may follow its image data
             if (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "PPM" and _more_than_8_bits(path, fmt)):
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc)
+                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc, photo)
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
                 kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
                         else "32-bit or signed integer")
@@ -397,15 +402,20 @@ def _load_image(path: Path) -> LoadedImage:
             if fmt == "PNG" and im.mode == "L" and isinstance(im.info.get("transparency"), int) and \
                     (depth := _png_bit_depth(path)) < 8:  # PIL scales a 2- or 4-bit gray PNG's samples, not its key
                 im.info["transparency"] = im.info["transparency"] * 255 // (2 ** depth - 1)
+            conversions = ()
+            if im.mode == "CMYK":  # PIL's formula ignores the printing conditions a CMYK profile describes
+                profile = " without its CMYK colour profile" if icc and icc[16:20] == b"CMYK" else ""
+                conversions = (f"its CMYK pixels were converted to RGB by a simple formula{profile}, so colours may "
+                               "be off; for exact colours convert it to RGB in a colour-managed editor first",)
             im = ImageOps.exif_transpose(im)
             grayscale = im.mode in ("L", "LA", "1")
             # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
             if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "1", "L", "RGB") and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
                 return LoadedImage(np.ascontiguousarray(rgba[..., :3]), rgba[..., 3].copy(), 8, grayscale, fmt,
-                                   frames, icc)
+                                   frames, icc, photo=photo, conversions=conversions)
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-            return LoadedImage(rgb, None, 8, grayscale, fmt, frames, icc)
+            return LoadedImage(rgb, None, 8, grayscale, fmt, frames, icc, photo=photo, conversions=conversions)
     except Image.DecompressionBombError as e:
         raise _too_large(path, str(e)) from None
     except (ImageReadError, MemoryError):  # a MemoryError gets its own advice from the caller
@@ -576,13 +586,15 @@ def format_size_problem(path: str | Path, height: int, width: int) -> str | None
 
 def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8,
                grayscale: bool = False, icc_profile: bytes | None = None,
-               png_colour: Sequence[tuple[bytes, bytes]] = ()) -> None:
+               png_colour: Sequence[tuple[bytes, bytes]] = (), photo: PhotoInfo | None = None) -> None:
     """Write float [H, W, 3] in [0, 1] (clipped) as 8- or 16-bit gray/RGB(+alpha); the format follows the suffix.
 
     16 bits are kept for PNG and TIFF; other formats are written with 8. ``icc_profile`` (the input's colour
     profile, :attr:`LoadedImage.icc_profile`) is embedded in PNG, JPEG, TIFF and WebP (GIF and BMP cannot hold
     one); ``png_colour`` (:attr:`LoadedImage.png_colour`) in PNG only, without sRGB where a profile is written (the
-    standard allows one of the two). An existing file is replaced, as PIL's ``save`` does (moceir's commands
+    standard allows one of the two). ``photo`` (:attr:`LoadedImage.photo`: EXIF, resolution, XMP, a WebP's
+    losslessness, a JPEG's chroma subsampling) is kept where the format holds it (:data:`moceir.metadata.HOLDS`).
+    An existing file is replaced, as PIL's ``save`` does (moceir's commands
     write through :func:`write_atomically`, which never follows a link).
     Integer arrays, NaN pixels, other layouts and bit depths raise ValueError: they were written as 0/255 or black.
     """
@@ -617,6 +629,7 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         if icc_profile:
             chunks.append((b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile)))
         chunks += [(kind, data) for kind, data in png_colour if not (kind == b"sRGB" and icc_profile)]
+        chunks += png_chunks(photo, with_exif_and_dpi=bit_depth == 16)  # PIL writes an 8-bit PNG's EXIF and dpi
     np.clip(data, 0.0, 1.0, out=data)  # in place: a 12-megapixel image costs one float copy here, not four
     if bit_depth == 16 and suffix in SIXTEEN_BIT_EXTS:
         data *= 65535
@@ -633,11 +646,15 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         else:
             import tifffile
 
-            icc = {"iccprofile": icc_profile} if icc_profile else {}
+            options: dict = {"iccprofile": icc_profile} if icc_profile else {}
+            if photo and photo.dpi:
+                options.update(resolution=photo.dpi, resolutionunit="INCH")
+            if photo and photo.xmp:
+                options["extratags"] = [(700, "B", len(photo.xmp), photo.xmp, True)]  # XMLPacket
             if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
-                tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **icc)
+                tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **options)
             else:
-                tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16, **icc)
+                tifffile.imwrite(str(path), u16[..., 0] if u16.shape[2] == 1 else u16, **options)
         return
     data *= 255
     u8 = np.round(data, out=data).astype(np.uint8)
@@ -645,13 +662,13 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         _save_gif_with_alpha(path, u8)
         return
     im = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
+    kwargs = pil_save_options(photo, suffix)
     if suffix == ".png" and chunks:
         encoded = io.BytesIO()
-        im.save(encoded, format="PNG")
+        im.save(encoded, format="PNG", **kwargs)
         with open(path, "wb") as f:
             f.write(_with_chunks(encoded.getvalue(), chunks))
         return
-    kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
     if icc_profile and suffix in (".jpg", ".jpeg", ".tif", ".tiff", ".webp"):
         kwargs["icc_profile"] = icc_profile
     im.save(path, **kwargs)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import metadata
 from .checks import is_whole, not_a_bool
 from .cuda_graphs import GraphedNetwork
 from .flops import image_experts
@@ -524,6 +525,8 @@ class Restorer:
             else:
                 for said in img.decoder_warnings:
                     self.log(f"note: {self.jobs[i].input}: its decoder warned: {one_line(said)}")
+                for said in img.conversions:
+                    self.log(f"note: {self.jobs[i].input}: {said}")
                 if img.frames > 1:
                     self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
                 out_ext = self.jobs[i].output.suffix.lower()
@@ -533,6 +536,11 @@ class Restorer:
                 elif img.alpha is not None and out_ext in ON_OFF_ALPHA_EXTS and _partly_transparent(img.alpha):
                     self.log(f"note: {self.jobs[i].input} has partial transparency, which {out_ext} cannot hold; "
                              "pixels under half opacity become transparent, the others opaque (--ext png keeps it)")
+                if lost := metadata.dropped(img.photo, out_ext, img.bit_depth):
+                    limit = " (a JPEG holds at most 64 kB of each)" if out_ext in (".jpg", ".jpeg") else ""
+                    self.log(f"note: {self.jobs[i].input}: its {' and '.join(lost)} cannot be kept in a {out_ext} "
+                             f"file{limit}; {'they are' if len(lost) > 1 else 'it is'} dropped (--ext png keeps "
+                             f"{'them' if len(lost) > 1 else 'it'})")
                 if img.bit_depth == 16 and out_ext not in SIXTEEN_BIT_EXTS:
                     self.log(f"note: {self.jobs[i].input} has 16 bits per sample, which {out_ext} cannot hold; it "
                              "is written with 8 (--ext png or tif keeps 16)")
@@ -604,7 +612,7 @@ class Restorer:
         try:
             write_atomically(self.jobs[i].output,
                              lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale, img.icc_profile,
-                                                  img.png_colour),
+                                                  img.png_colour, img.photo),
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:
