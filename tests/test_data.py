@@ -263,3 +263,26 @@ def test_a_dataset_folder_that_is_a_link_loop_or_a_file_is_called_so(tmp_path):
                        ("none", "missing folder")):
         with pytest.raises(DatasetLayoutError, match=says):
             images_in(tmp_path / name, "layout")
+
+
+def test_a_cdd11_training_folder_with_two_files_of_one_name_is_refused(tmp_path):
+    """Probe: haze/001.png and haze/001.jpg were both trained on (the standard layout refuses the same)."""
+    img = np.zeros((20, 20, 3), np.uint8)
+    for rel in ("clear/001.png", "haze/001.png", "haze/001.jpg"):
+        _write(tmp_path / "cdd11/train" / rel, img)
+    with pytest.raises(DatasetLayoutError, match=r"haze/001.jpg and 001.png share the name '001'"):
+        build_train_pairs(tmp_path, [], trainset="CDD11_single")
+
+
+def test_a_link_to_a_benchmark_image_beside_it_is_refused(tiny_layout):
+    """Probe: cBSD68 with zz_link.png -> 0001.png beside it scored 0001 twice, which moved the mean PSNR (21.36 dB
+    against 21.43 for the real images); `restore` restores such a file once."""
+    import os
+
+    folder = tiny_layout / "denoising/cBSD68/original_png"
+    os.symlink("0001.png", folder / "zz_link.png")
+    os.symlink(tiny_layout / "denoising/BSD400/1.jpg", folder / "zz_elsewhere.png")  # another folder's: counted
+    with pytest.raises(DatasetLayoutError, match=r"zz_link.png is a link to .*0001.png, also in .*counted twice"):
+        benchmark_pairs(tiny_layout, "denoise_15")
+    (folder / "zz_link.png").unlink()
+    assert len(benchmark_pairs(tiny_layout, "denoise_15")) == 4

@@ -77,11 +77,29 @@ def images_in(folder: Path, layout: str) -> list[Path]:
         what = (f"{folder} {file_problem(folder) or 'is a file'}, not a folder" if os.path.lexists(folder)
                 else f"missing folder {folder}")
         raise DatasetLayoutError(f"{what}; expected layout: {layout}")  # a link loop was called "missing"
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS
-                   and not p.name.startswith("."))  # hidden: macOS's ._x.png resource forks are not images
-    if not files:
+    with os.scandir(folder) as entries:  # hidden: macOS's ._x.png resource forks are not images
+        found = sorted((Path(e.path), e.is_symlink()) for e in entries
+                       if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS and not e.name.startswith("."))
+    if not found:
         raise DatasetLayoutError(f"no images ({'/'.join(IMAGE_EXTS)}) in {folder}; expected layout: {layout}")
-    return files
+    _refuse_second_names(folder, found)
+    return [p for p, _ in found]
+
+
+def _refuse_second_names(folder: Path, found: list[tuple[Path, bool]]) -> None:
+    """A DatasetLayoutError where a link in ``folder`` names an image listed there under another name: it would be
+    trained on or scored twice. Only links are resolved (a folder of 70,000 RESIDE images lists in one pass)."""
+    if not any(link for _, link in found):
+        return
+    real = os.path.realpath(folder)
+    seen = {os.path.join(real, p.name): p for p, link in found if not link}
+    for p, link in found:
+        if link:
+            target = os.path.realpath(p)
+            if target in seen:
+                raise DatasetLayoutError(f"{p} is a link to {seen[target]}, also in {folder}: that image would be "
+                                         "counted twice; remove the link")
+            seen[target] = p
 
 
 def _number(stem: str) -> str:
@@ -302,7 +320,9 @@ def build_train_pairs(root: str | Path, de_type: list[str], trainset: str = "sta
         raise ValueError(f"--repeat {unused[0]}: that task is not trained here (training: {', '.join(trained)}); "
                          f"{todo}")
     if trainset.startswith("CDD11"):
-        per_task = {"cdd11": cdd11_pairs(root, "train", trainset.split("_", 1)[1]) * factors["cdd11"]}
+        pairs = cdd11_pairs(root, "train", trainset.split("_", 1)[1])
+        unique_stems([p.degraded for p in pairs if p.degraded])  # 001.png and 001.jpg: both would be trained on
+        per_task = {"cdd11": pairs * factors["cdd11"]}
     else:
         unknown = [t for t in de_type if t not in TASKS]
         if unknown or not de_type:
