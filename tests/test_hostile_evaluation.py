@@ -608,3 +608,23 @@ def test_an_output_path_that_is_a_device_is_not_called_a_file(tiny_ckpt, small_l
     assert main(["restore", str(small_layout / "llie/LOLv1/Test/input"), "-o", "/dev/null", "--checkpoint",
                  tiny_ckpt]) == 2
     assert "-o /dev/null is a device, pipe or socket; give a folder" in capsys.readouterr().err
+
+
+def test_context_pad_and_the_checkpoint_are_recorded_and_routing_checks_the_checkpoint(tmp_path, small_layout,
+                                                                                      tiny_ckpt, tiny_model, capsys):
+    """Probe: `test --context_pad 16` changed the scores (18.56 vs 18.58 dB) but its results had the very title and
+    keys of upstream's protocol; `routing --from_results` showed results made by another checkpoint as this one's."""
+    import moceir
+
+    assert _test(tiny_ckpt, small_layout, tmp_path / "pad", "lolv1", extra=["--context_pad", "16"]) == 0
+    data = json.loads((tmp_path / "pad" / "results.json").read_text())
+    assert data["context_pad"] == 16 and data["checkpoint"] == tiny_ckpt
+    assert data["title"] == f"moceir test: {tiny_ckpt} (--context_pad 16, not upstream's protocol)"
+    assert "(--context_pad 16, not upstream's protocol)" in (tmp_path / "pad" / "results.md").read_text()
+    other = str(moceir.save_model(tiny_model, tmp_path / "other.safetensors"))
+    capsys.readouterr()
+    assert main(["routing", "--ckpt", other, "--benchmarks", "lolv1", "--from_results",
+                 str(tmp_path / "pad" / "results.json"), "--output_path", str(tmp_path / "routing")]) == 2
+    assert f"its scores were made with the checkpoint {tiny_ckpt}, not {other}" in capsys.readouterr().err
+    assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results",
+                 str(tmp_path / "pad" / "results.json"), "--output_path", str(tmp_path / "routing")]) == 0

@@ -1294,3 +1294,29 @@ def test_a_torch_compile_failure_is_one_line_with_what_trains(data, tmp_path, mo
         "another --run_name")
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "d", "--compile", "--dispatch", "dense") == 1
     assert "; train without --compile, then train again" in _one_error_line(capsys)  # dense already: no such advice
+
+
+def test_a_resume_with_other_data_settings_is_noted_and_the_runs_history_kept(data, tmp_path, capsys):
+    """Probe: a resume from a run that trained derain on the RainTrainL validation split, with --holdout_val and
+    other tasks, replaced settings.json without a word; `test --benchmarks raintrainl_val` then called the score a
+    validation score, although the weights had trained on those images."""
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "r") == 0
+    capsys.readouterr()
+    assert _train(data, ck, "--de_type", "derain", "denoise_15", "--holdout_val", "--max_steps", "3",
+                  "--run_name", "r", "--resume_from", "r") == 0
+    err = capsys.readouterr().err
+    assert (f"note: --resume_from {ck / 'r' / 'last.ckpt'}: this call changes de_type ['derain'] -> ['derain', "
+            "'denoise_15'], repeats {'derain': 2} -> {}, holdout_val False -> True, max_steps 2 -> 3; the run's "
+            "settings.json keeps each earlier call's settings under \"earlier\". The learning-rate schedule") in err
+    settings = json.loads((ck / "r" / "settings.json").read_text())
+    assert [e["settings"]["holdout_val"] for e in settings["earlier"]] == [False]
+    assert settings["earlier"][0]["global_step"] == 2 and settings["settings"]["holdout_val"] is True
+    assert main(["test", "--ckpt", str(ck / "r" / "last.ckpt"), "--benchmarks", "raintrainl_val", "--data_file_dir",
+                 str(data), "--output_path", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (f"{ck / 'r' / 'last.ckpt'} comes from a run that trained derain without --holdout_val in an earlier call "
+            "of train it continued or was fine-tuned from, so these images") in capsys.readouterr().err
+    assert _train(data, ck, "--max_steps", "1", "--run_name", "tuned", "--holdout_val",
+                  "--fine_tune_from", str(ck / "r" / "last.ckpt")) == 0
+    tuned = json.loads((ck / "tuned" / "settings.json").read_text())
+    assert [e["settings"]["holdout_val"] for e in tuned["earlier"]] == [False, True]

@@ -434,10 +434,13 @@ def cmd_test(args: argparse.Namespace) -> int:
         if args.save_results and is_rank_zero():
             _note_earlier_images(out_dir / "images" / bench, result.rows)
     if results and is_rank_zero():
-        title = f"moceir test: {path}{' (experts bypassed: --experts skip)' if args.experts == 'skip' else ''}"
+        unlike = [what for what, differs in (("experts bypassed: --experts skip", args.experts == "skip"),
+                                             (f"--context_pad {args.context_pad}, not upstream's protocol",
+                                              args.context_pad != 0)) if differs]
+        title = f"moceir test: {path}" + (f" ({'; '.join(unlike)})" if unlike else "")
         try:  # written before the table is printed: a reader that left (| head) does not cost the files
             paths = write_reports(results, out_dir, title, overwrite=args.overwrite, experts=args.experts,
-                                  checked=True)
+                                  checked=True, checkpoint=str(path), context_pad=args.context_pad)
         finally:  # and printed when they cannot be written (a full disk), so that the scores are not lost
             print(markdown_table(results, title))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
@@ -448,17 +451,24 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _trained_on_validation(checkpoint: str | Path) -> str:
-    """Why a score on the RainTrainL validation split is not one, where the run beside ``checkpoint`` (its
-    settings.json) trained derain without --holdout_val, on those very images; "" otherwise or unknown."""
+    """Why a score on the RainTrainL validation split is not one, where a call of train that made ``checkpoint``
+    (its run's settings.json, with the earlier calls it continued or was fine-tuned from) trained derain without
+    --holdout_val, on those very images; "" otherwise or unknown."""
+    from .training import run_history
+
     if str(checkpoint) == "default":  # the bundled model's runs held the split out (docs/model-card.md)
         return ""
+    history = run_history(checkpoint)
     try:
-        settings = json.loads((Path(checkpoint).resolve().parent / "settings.json").read_text())["settings"]
-        trained = "derain" in settings["de_type"] and not settings["holdout_val"]
-    except (OSError, ValueError, KeyError, TypeError):
+        trained = [i for i, call in enumerate(history)
+                   if "derain" in call["settings"]["de_type"] and not call["settings"]["holdout_val"]]
+    except (KeyError, TypeError):
         return ""
-    return (f"{checkpoint} comes from a run that trained derain without --holdout_val (its settings.json), so these "
-            "images were among its training images: the score is not a validation score" if trained else "")
+    if not trained:
+        return ""
+    when = "" if trained[-1] == len(history) - 1 else " in an earlier call of train it continued or was fine-tuned from"
+    return (f"{checkpoint} comes from a run that trained derain without --holdout_val{when}, so these images were "
+            "among its training images: the score is not a validation score")
 
 
 def _note_earlier_images(folder: Path, rows: list[dict]) -> None:
@@ -505,7 +515,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     _refuse_benchmark_folder(out, args.data_file_dir, args.benchmarks, subset or "all")
     model, device, path = _load_for_eval(args)
     if args.from_results:  # reuse the per-image experts that `moceir test` recorded with this checkpoint
-        results, failed = _routing_results_from_file(args.from_results, args.benchmarks, model), False
+        results, failed = _routing_results_from_file(args.from_results, args.benchmarks, model, str(path)), False
     else:
         results, failed = _routing_results_scored(args, model, device, subset)
         if not results:
@@ -546,9 +556,9 @@ def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
     return {name: out / name for name in names}
 
 
-def _routing_results_from_file(path: str, benchmarks: list[str], model) -> list:
+def _routing_results_from_file(path: str, benchmarks: list[str], model, checkpoint: str) -> list:
     """The per-image experts that `moceir test` recorded in ``path`` (its results.json) for ``benchmarks``, checked
-    against ``model``; an unusable file is a UsageError."""
+    against ``model`` and the ``checkpoint`` it was loaded from; an unusable file is a UsageError."""
     from .evaluation import results_from_json
     from .io import file_problem
     from .pipeline import UsageError
@@ -558,7 +568,7 @@ def _routing_results_from_file(path: str, benchmarks: list[str], model) -> list:
         raise UsageError(f"--from_results {path} {problem}; {advice}")
     try:
         return results_from_json(json.loads(Path(path).read_text()), benchmarks, model.num_moe_layers,
-                                 model.config.num_exp_blocks, model.config.topk)
+                                 model.config.num_exp_blocks, model.config.topk, checkpoint)
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise UsageError(f"--from_results {path}: {why}; {advice}") from None

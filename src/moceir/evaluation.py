@@ -232,9 +232,12 @@ def _write_csv(path: Path, results: list[BenchmarkResult]) -> None:
 
 
 def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = "",
-                  overwrite: bool = True, experts: str = "run", checked: bool = False) -> dict[str, Path]:
+                  overwrite: bool = True, experts: str = "run", checked: bool = False,
+                  checkpoint: str | None = None, context_pad: int = 0) -> dict[str, Path]:
     """results.md (table), results.json (summaries + per-image rows), per_image.csv, written as one set.
-    ``experts``: "skip" where the scores were made with the experts bypassed (recorded in results.json).
+    ``experts``: "skip" where the scores were made with the experts bypassed; ``checkpoint``: the model scored
+    ("default": the bundled one); ``context_pad``: the reflected context added around each image (0: upstream's
+    protocol). All three are recorded in results.json.
 
     A folder that cannot be written, or (without ``overwrite``) an earlier result, is a UsageError; where the
     folder was ``checked`` before scoring, a result file found now appeared meanwhile: an OutputAppeared.
@@ -248,7 +251,8 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {key: out_dir / name for key, name in zip(("md", "json", "csv"), REPORT_FILES)}
     table = markdown_table(results, title)
-    data = json.dumps(finite_or_null({"title": title, "experts": experts, "summary": [r.summary() for r in results],
+    data = json.dumps(finite_or_null({"title": title, "checkpoint": checkpoint, "experts": experts,
+                                      "context_pad": context_pad, "summary": [r.summary() for r in results],
                                       "per_image": {r.name: r.rows for r in results},
                                       "errors": {r.name: r.errors for r in results if r.errors}}),
                       indent=1, allow_nan=False)
@@ -263,6 +267,16 @@ def write_reports(results: list[BenchmarkResult], out_dir: Path, title: str = ""
     return paths
 
 
+def _same_model(a: str, b: str) -> bool | None:
+    """Whether checkpoint names ``a`` and ``b`` are one model: the same file (links followed), or both the bundled
+    "default"; None where a file is gone and that cannot be told."""
+    if "default" in (a, b):
+        return a == b
+    if not (os.path.exists(a) and os.path.exists(b)):
+        return None
+    return os.path.samefile(a, b)
+
+
 def finite_or_null(obj: object) -> object:
     """``obj`` with inf and NaN floats as None: standard JSON has no Infinity (the PSNR of identical images)."""
     if isinstance(obj, float):
@@ -275,16 +289,20 @@ def finite_or_null(obj: object) -> object:
 
 
 def results_from_json(data: object, benchmarks: Sequence[str], layers: int, experts: int,
-                      topk: int = 1) -> list[BenchmarkResult]:
+                      topk: int = 1, checkpoint: str | None = None) -> list[BenchmarkResult]:
     """The ``per_image`` rows of a ``moceir test`` results.json for ``benchmarks``, checked against a model with
-    ``layers`` MoE layers of ``experts`` experts, ``topk`` of them per layer; a ValueError names the first row that
-    does not fit."""
+    ``layers`` MoE layers of ``experts`` experts, ``topk`` of them per layer, and, where both are known, against
+    the ``checkpoint`` that made them; a ValueError names the first row that does not fit."""
     saved = data.get("per_image") if isinstance(data, dict) else None
     if not isinstance(saved, dict):
         raise ValueError("no 'per_image' table: not a results.json of `moceir test`")
     if data.get("experts") == "skip":
         raise ValueError("its scores were made with the experts bypassed (--experts skip), not by the network "
                          "whose routing they would show")
+    made_by = data.get("checkpoint")
+    if isinstance(made_by, str) and checkpoint is not None and _same_model(made_by, checkpoint) is False:
+        raise ValueError(f"its scores were made with the checkpoint {made_by}, not {checkpoint}, whose routing "
+                         "they would be shown as")
     missing = [b for b in benchmarks if b not in saved]
     if missing:
         raise ValueError(f"no results for {', '.join(missing)}")

@@ -375,6 +375,7 @@ class ResumePoint:
     lr: float | None = None  # the run's base learning rate (its optimizer and schedule are resumed with it)
     ema_decay: float | None = None  # the decay of the run's weight average, where it kept one
     optimizer_shapes: tuple[int, dict] = (0, {})  # AdamW's parameter count, {(param index, name): moment shape}
+    history: list[dict[str, Any]] = field(default_factory=list)  # the calls of train that made it: run_history
 
 
 def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
@@ -396,6 +397,8 @@ def _checkpoint_to_resume(settings: TrainSettings) -> ResumePoint | None:
         raise TrainingSetupError(f"--resume_from {path}: the run keeps an average of its weights (--ema_decay "
                                  f"{resume.ema_decay!r}), which a resume without --ema_decay would drop; pass "
                                  f"--ema_decay {resume.ema_decay!r}, {fresh}")
+    resume = dataclasses.replace(resume, history=run_history(path))
+    _note_changed_settings(path, settings, resume.history)
     return resume
 
 
@@ -672,9 +675,11 @@ def _foreign_files(run_dir: Path) -> list[str]:
     return [f for f in WRITTEN_FILES if os.path.lexists(run_dir / f)]
 
 
-def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
+def _fine_tune_source(settings: TrainSettings) -> tuple[MoCEIR | None, list[dict[str, Any]]]:
+    """The network ``--fine_tune_from`` names (None without it) and the calls of train that made it
+    (:func:`run_history`)."""
     if not settings.fine_tune_from:
-        return None
+        return None, []
     ref = settings.fine_tune_from
     try:
         try:
@@ -683,9 +688,47 @@ def _fine_tune_source(settings: TrainSettings) -> MoCEIR | None:
             if ref != "default":
                 raise
             path = "default"  # the bundled model, when no file or run has that name
-        return load_model(path)
+        return load_model(path), (run_history(path) if path != "default" else [])
     except (FileNotFoundError, CheckpointError) as e:
         raise TrainingSetupError(f"--fine_tune_from: {e}") from None
+
+
+def run_history(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The calls of ``moceir train`` that made ``checkpoint``, oldest first, from the settings.json beside it: each
+    {"settings", "start_step", "global_step"}, the last one that file's own; [] where there is none (upstream's
+    checkpoints, a file kept on its own)."""
+    try:
+        d = json.loads((Path(checkpoint).resolve().parent / "settings.json").read_text())
+        record = {"settings": d["settings"], "start_step": d.get("start_step"), "global_step": d.get("global_step")}
+        earlier = d.get("earlier", [])
+        if not isinstance(record["settings"], dict) or not isinstance(earlier, list):
+            return []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [*(e for e in earlier if isinstance(e, dict) and isinstance(e.get("settings"), dict)), record]
+
+
+# What a run trains on and toward: a resume that changes them is noted, and settings.json keeps each earlier
+# call's settings ("earlier"), so that the run's whole history stays known (e.g. which images it trained on)
+DATA_SETTINGS = ("de_type", "trainset", "dehaze_source", "repeats", "holdout_val", "patch_size", "batch_size",
+                 "accum_grad", "loss_type", "fft_loss_weight", "balance_loss_weight")
+SCHEDULE_SETTINGS = ("epochs", "max_steps", "schedule_epochs", "warmup_epochs")
+
+
+def _note_changed_settings(path: Path, settings: TrainSettings, history: list[dict[str, Any]]) -> None:
+    """A note where this resume trains with other data, loss or schedule settings than the call it continues."""
+    if not history:
+        return
+    before, now = history[-1]["settings"], dataclasses.asdict(settings)
+    now["de_type"] = list(settings.de_type)
+    changed = [k for k in DATA_SETTINGS + SCHEDULE_SETTINGS if k in before and before[k] != now[k]]
+    if not changed:
+        return
+    shown = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
+    schedule = (" The learning-rate schedule is laid out again for the new length from the resumed step (see the "
+                "lr column of metrics.csv)." if set(changed) & set(SCHEDULE_SETTINGS) else "")
+    rank_zero_only(print)(f"note: --resume_from {path}: this call changes {shown}; the run's settings.json keeps "
+                          f"each earlier call's settings under \"earlier\".{schedule}", file=sys.stderr)
 
 
 def _hardware(settings: TrainSettings, capture_stand_in: bool = False) -> tuple[str, int, Any]:
@@ -870,7 +913,7 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     pl.seed_everything(settings.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     resume = _checkpoint_to_resume(settings)
-    source = _fine_tune_source(settings)
+    source, source_history = _fine_tune_source(settings)
     if source is None and config is None and resume is not None:  # a resumed run keeps its own architecture
         config = _resume_config(resume)
         if config is None:
@@ -890,7 +933,8 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
     run_dir, made = _run_folder(settings)
     lock, made_here = _lock_run_folder(run_dir) if is_rank_zero() else (None, [])
     try:
-        return _train_in(run_dir, config, settings, capture, resume, source, loader, per_task)
+        return _train_in(run_dir, config, settings, capture, resume, source, loader, per_task,
+                         resume.history if resume else source_history)
     except BaseException:  # a refused or interrupted run leaves no empty folder behind (rmdir: empty ones only)
         for folder in reversed(made + made_here):
             with contextlib.suppress(OSError):
@@ -904,7 +948,7 @@ def train(config: MoCEConfig | None, settings: TrainSettings, capture: Capture |
 
 def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings, capture: Capture | None,
               resume: ResumePoint | None, source: MoCEIR | None, loader: DataLoader,
-              per_task: dict[str, list]) -> Path:
+              per_task: dict[str, list], history: list[dict[str, Any]]) -> Path:
     """:func:`train` once its run folder is chosen (and locked)."""
     resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
     _refuse_data_folder(run_dir, per_task)
@@ -915,7 +959,8 @@ def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings,
     resume = dataclasses.replace(resume, weights={}) if resume else None  # checked; Lightning reads the file
     ema = WeightEMA(settings.ema_decay) if settings.ema_decay > 0 else None
     start_step = resume.step if resume else 0
-    at_start = WriteAtStart(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step))
+    at_start = WriteAtStart(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step,
+                                                                      history=history))
     trainer = _trainer(settings, run_dir, resume, (at_start, ema) if ema else (at_start,), capture is not None)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -930,7 +975,8 @@ def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings,
             save_model(module.net, run_dir / "model.safetensors", overwrite=True)
             if ema is not None:
                 _save_ema(ema, module.net, run_dir / "model_ema.safetensors")
-            write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer))
+            write_text(run_dir / "settings.json", _settings_json(module.net.config, settings, start_step, trainer,
+                                                                 history))
         except OSError as e:  # save_model passes a full disk or read-only folder on as the OSError it is
             advice = write_error_advice(e.errno, "--ckpt_dir")
             if advice is None:
@@ -1052,10 +1098,12 @@ def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:
 
 
 def _settings_json(config: MoCEConfig, settings: TrainSettings, start_step: int,
-                   trainer: pl.Trainer | None = None) -> str:
+                   trainer: pl.Trainer | None = None, history: list[dict[str, Any]] = ()) -> str:
     """The run's model config and settings, the step it started from (0, or the resumed checkpoint's); global_step
-    and epoch once training has ended (global_step == start_step: this call trained nothing)."""
+    and epoch once training has ended (global_step == start_step: this call trained nothing); ``earlier``: the
+    calls of train that made the checkpoint resumed or fine-tuned from (:func:`run_history`)."""
     d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "start_step": start_step,
-         "global_step": trainer.global_step if trainer else None, "epoch": trainer.current_epoch if trainer else None}
+         "global_step": trainer.global_step if trainer else None, "epoch": trainer.current_epoch if trainer else None,
+         "earlier": list(history)}
     d["settings"]["de_type"] = list(settings.de_type)
     return json.dumps(d, indent=1)
