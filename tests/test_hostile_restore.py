@@ -879,3 +879,20 @@ def test_a_quoted_glob_that_matches_folders_restores_their_images(tmp_path):
                                       "(png, jpg, jpeg, bmp, tif, tiff, webp, gif); nothing to restore there"]
     files, errors, _ = gather_inputs([str(tmp_path / "gl" / "shoot*")])
     assert [f.name for f in files] == ["a.png", "b.png"] and not errors
+
+
+def test_a_rerun_into_the_input_folder_does_not_restore_the_earlier_outputs(tmp_path, tiny_ckpt, capsys):
+    """Probe: `restore photos -o photos --suffix _r` run twice restored a_r.png into a_r_r.png and said a.png's output
+    "would overwrite an input"; with --overwrite a third run made a_r_r_r.png."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_image(photos / "a.png", np.zeros((16, 16, 3), np.float32))
+    argv = ["restore", str(photos), "-o", str(photos), "--suffix", "_r", "--checkpoint", tiny_ckpt]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 1  # a_r.png exists: refused without --overwrite, as any existing output
+    err = capsys.readouterr().err
+    assert f"note: {photos / 'a_r.png'} is what this command writes for {photos / 'a.png'} (an earlier run's " \
+           "output); it is not restored again" in err and "would overwrite an input" not in err
+    assert main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_r.png"]

@@ -332,6 +332,12 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     files, errors, same_files = gather_inputs(inputs)
     failures = [{"input": spec, "error": e} for spec, e in errors]
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
+    made_here = {Path(os.path.realpath(job.output.parent)) / job.output.name: job.input for job in jobs}
+    if earlier := [f for f in files if made_here.get(f, f) != f]:  # -o is an input folder: a rerun would restore them
+        files = [f for f in files if f not in earlier]
+        jobs, notes = plan_outputs(files, out_dir, ext, suffix)
+        notes = [f"{f} is what this command writes for {made_here[f]} (an earlier run's output); it is not restored "
+                 "again (name it on its own to restore it)" for f in earlier] + notes
     notes = same_files + notes
     for row in failures:
         log(f"error: {row['error']}")
