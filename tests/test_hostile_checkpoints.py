@@ -375,3 +375,13 @@ def test_an_overrides_error_raised_while_checking_a_header_keeps_its_type(tmp_pa
     path = moceir.save_model(tiny_model, tmp_path / "m.safetensors")
     with pytest.raises(TypeError):
         moceir.load_model(path, no_such_field=1)
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_files_in_it(tmp_path, tiny_model, capsys):
+    """Probe: `test --ckpt runs/r1` said "does not exist or is not a file", of a folder that holds the run's model."""
+    assert main(["info", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path} is a folder; pass a checkpoint file"
+    moceir.save_model(tiny_model, tmp_path / "model.safetensors")
+    assert main(["info", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path} is a folder; pass a checkpoint file in "
+                                               f"it, e.g. {tmp_path / 'model.safetensors'}")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..checks import not_a_bool
-from ..io import WRITABLE_EXTS, write_atomically, write_error_advice
+from ..io import WRITABLE_EXTS, file_problem, write_atomically, write_error_advice
 from ..runtime import first_line, resolve_device
 from .config import RANK_TYPES, MoCEConfig
 from .network import MoCEIR
@@ -74,8 +74,12 @@ def resolve_path(path: str | Path) -> Path:
                 "or train one with `moceir train` (see README)")
         return DEFAULT_WEIGHTS
     p = Path(path)
+    if p.is_dir():  # a run folder: name the files in it that load
+        inside = [p / n for n in ("model.safetensors", "model_ema.safetensors", "last.ckpt") if (p / n).is_file()]
+        raise CheckpointError(f"checkpoint {p} is a folder; pass a checkpoint file"
+                              + (f" in it, e.g. {inside[0]}" if inside else ""))
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {p} does not exist or is not a file; check the path")
+        raise CheckpointError(f"checkpoint {p} {file_problem(p) or 'is not a regular file'}; check the path")
     return p
 
 
