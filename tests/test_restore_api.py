@@ -201,3 +201,18 @@ def test_a_model_in_training_mode_restores_as_in_eval_mode():
     out = moceir.restore(model, x)
     assert model.training
     np.testing.assert_array_equal(out, reference)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16", "CMYK"])
+def test_a_pil_image_keeps_its_profile_resolution_exif_and_xmp(identity, mode):
+    """Probe: moceir.restore of a PIL image returned one with an empty .info: colour profile, dpi and EXIF gone."""
+    from PIL import ImageCms
+
+    image = Image.new(mode, (16, 8))
+    exif = Image.Exif()
+    exif[0x010F] = "MakerCo"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image.info.update(icc_profile=icc, dpi=(300, 300), exif=exif.tobytes(), xmp=b"<x:xmpmeta/>")
+    out = moceir.restore(identity, image)
+    assert out.info["dpi"] == (300, 300) and out.info["exif"] == exif.tobytes() and out.info["xmp"] == b"<x:xmpmeta/>"
+    assert out.info.get("icc_profile") == (None if mode == "CMYK" else icc)  # CMYK comes back RGB

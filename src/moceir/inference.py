@@ -302,7 +302,7 @@ def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_
     if image.mode.startswith(("I;16", "F")):  # 16-bit or float gray: convert("RGB") would clip to 0..255
         arr = np.asarray(image)
         out = run(arr) if image.mode == "F" else run(arr.astype(np.uint16)).astype(arr.dtype)
-        return Image.fromarray(out)  # uint16 -> I;16 (>u2 -> I;16B), float32 -> F
+        return _with_info(Image.fromarray(out), image)  # uint16 -> I;16 (>u2 -> I;16B), float32 -> F
     if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these to their plain form only
         image = image.convert(image.mode.upper())
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
@@ -311,6 +311,14 @@ def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_
     out = Image.fromarray(run(np.asarray(image.convert("L" if gray else "RGB"))))
     if alpha is not None:
         out.putalpha(alpha)
+    return _with_info(out, image)
+
+
+def _with_info(out, image):
+    """``out`` with what ``image.info`` says of the picture rather than of its encoding: its colour profile,
+    resolution, EXIF and XMP (the pixels are restored as stored, so the EXIF orientation still holds)."""
+    keep = ("icc_profile", "dpi", "exif", "xmp") if image.mode != "CMYK" else ("dpi", "exif", "xmp")
+    out.info.update({k: image.info[k] for k in keep if k in image.info})
     return out
 
 
