@@ -246,7 +246,8 @@ def restore(model: MoCEIR, image, device: str | torch.device | None = None, tile
         channel is passed through; 16-bit gray (I;16) stays 16-bit and F (float gray, in [0, 1]) float. Mode I
         (32-bit integers) has no fixed white level and is refused: convert it to L or I;16 first. Its pixels are
         taken as stored: EXIF orientation is not applied (``PIL.ImageOps.exif_transpose`` does; files read by
-        :func:`moceir.io.load_image` have it applied).
+        :func:`moceir.io.load_image` have it applied). The result's ``info`` keeps the input's ``icc_profile``
+        (not a CMYK one), ``dpi``, ``exif`` and ``xmp``, for ``result.save(path, **result.info)``-style use.
     A gray image (any kind) comes back as the mean of the three channels that the network restores.
     NaN or infinite pixels, floats outside [0, 1], other pixel types and other shapes raise ValueError; other
     kinds TypeError.
