@@ -424,3 +424,21 @@ def test_without_imagecodecs_an_lzw_tiff_says_what_to_install(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].endswith(
         "lzw.tif: its compression needs the imagecodecs package, which moceir depends on; pip install imagecodecs")
+
+
+def test_an_image_above_pils_limit_can_be_allowed_from_the_command_line(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """Probe: an image above twice PIL.Image.MAX_IMAGE_PIXELS was refused with advice to raise that Python
+    variable, which no command-line user can do. Here the limit is 1000 pixels, so a 64 x 64 image is above it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    save_image(tmp_path / "big.png", np.zeros((64, 64, 3), np.float32))
+    argv = ["restore", str(tmp_path / "big.png"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt, "--quiet"]
+    monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", "1000")
+    assert main(argv) == 1
+    assert "raise the limit (MOCEIR_MAX_IMAGE_PIXELS=2049 for moceir's commands, PIL.Image.MAX_IMAGE_PIXELS in " \
+           "Python)" in capsys.readouterr().err
+    monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", "2049")
+    assert main(argv) == 0 and (tmp_path / "out" / "big.png").is_file()
+    monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", "lots")
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("error: MOCEIR_MAX_IMAGE_PIXELS='lots': give a whole number of pixels "
+                                               "(images above twice it are refused), or unset it")

@@ -1117,6 +1117,23 @@ def _catch_sigterm() -> Any:
     return previous
 
 
+def _apply_pixel_limit() -> None:
+    """PIL's decompression-bomb limit (it refuses images above twice it) from MOCEIR_MAX_IMAGE_PIXELS, for a
+    trusted image above the default's 179 megapixels."""
+    from PIL import Image
+
+    from .io import PIXEL_LIMIT_VARIABLE
+    from .pipeline import UsageError
+
+    value = os.environ.get(PIXEL_LIMIT_VARIABLE)
+    if value is None:
+        return
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: give a whole number of pixels (images above twice it "
+                         "are refused), or unset it")
+    Image.MAX_IMAGE_PIXELS = int(value)
+
+
 def _main(argv: list[str] | None) -> int:
     from .runtime import tune_cpu_allocator
 
@@ -1134,6 +1151,7 @@ def _main(argv: list[str] | None) -> int:
     # removed; train has Lightning's handling, the demo its own
     replaced = _catch_sigterm() if args.command not in ("train", "demo") else None
     try:
+        _apply_pixel_limit()
         with warnings.catch_warnings():
             # PIL warns in two lines, naming its own source file, of images of 89 to 179 megapixels, which moceir
             # restores tiled; above that, reading them is refused in one line (moceir.io.load_image)

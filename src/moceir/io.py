@@ -417,7 +417,7 @@ def _load_image(path: Path) -> LoadedImage:
             rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
             return LoadedImage(rgb, None, 8, grayscale, fmt, frames, icc, photo=photo, conversions=conversions)
     except Image.DecompressionBombError as e:
-        raise _too_large(path, str(e)) from None
+        raise _too_large(path, str(e), _bomb_size(e)) from None
     except (ImageReadError, MemoryError):  # a MemoryError gets its own advice from the caller
         raise
     except PermissionError:
@@ -467,6 +467,12 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF orientations that swap the sides
 
 
+def _bomb_size(e: Exception) -> int | None:
+    """The pixel count in PIL's "Image size (182000000 pixels) exceeds limit of ..."."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    return int(found.group(1)) if found else None
+
+
 def bomb_pixels(path: str | Path) -> int | None:
     """The pixel count of an image that PIL refuses to open as a decompression bomb (above twice
     ``Image.MAX_IMAGE_PIXELS``), where :func:`image_size` says None; None for any other file."""
@@ -475,9 +481,8 @@ def bomb_pixels(path: str | Path) -> int | None:
     try:
         with _decoder_warnings(), Image.open(path):
             return None
-    except Image.DecompressionBombError as e:  # "Image size (182000000 pixels) exceeds limit of ..."
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        return int(found.group(1)) if found else None
+    except Image.DecompressionBombError as e:
+        return _bomb_size(e)
     except Exception:  # noqa: BLE001 - decoding reports the real reason, with the file's name
         return None
 
@@ -566,12 +571,17 @@ def _refuse_bomb(path: Path, height: int, width: int) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and height * width > 2 * limit:
         raise _too_large(path, f"{height * width} pixels, {height} x {width}, is more than twice the {limit} of "
-                               "PIL.Image.MAX_IMAGE_PIXELS")
+                               "PIL.Image.MAX_IMAGE_PIXELS", height * width)
 
 
-def _too_large(path: Path, why: str) -> ImageReadError:
-    return ImageReadError(f"{path}: image too large ({why}); restore a downscaled copy, or raise "
-                          "PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+PIXEL_LIMIT_VARIABLE = "MOCEIR_MAX_IMAGE_PIXELS"  # PIL.Image.MAX_IMAGE_PIXELS for moceir's commands
+
+
+def _too_large(path: Path, why: str, pixels: int | None) -> ImageReadError:
+    limit = f"={pixels // 2 + 1}" if pixels else ""
+    return ImageReadError(f"{path}: image too large ({why}); restore a downscaled copy, or, if you trust the file, "
+                          f"raise the limit ({PIXEL_LIMIT_VARIABLE}{limit} for moceir's commands, "
+                          "PIL.Image.MAX_IMAGE_PIXELS in Python)")
 
 
 def format_size_problem(path: str | Path, height: int, width: int) -> str | None:
