@@ -102,7 +102,8 @@ def test_two_process_cpu_ddp_runs_an_epoch(tmp_path, tiny_layout):
 
 def test_fine_tune_from_default_is_the_bundled_model(tmp_path):
     from moceir.training import TrainSettings, _fine_tune_source
-    model = _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path)))
+    model, history = _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path)))
+    assert history == []  # the bundled model has no run folder
     bundled = moceir.load_model("default")
     torch.testing.assert_close(model.state_dict()["output.weight"], bundled.state_dict()["output.weight"])
 
@@ -113,7 +114,7 @@ def test_fine_tune_from_default_prefers_a_run_of_that_name(tmp_path):
     from moceir.training import TrainSettings, _fine_tune_source
     (tmp_path / "default").mkdir()
     shutil.copy(GOLDEN / "upstream_tiny_last.ckpt", tmp_path / "default" / "last.ckpt")
-    assert _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path))).config.dim == 8
+    assert _fine_tune_source(TrainSettings(fine_tune_from="default", ckpt_dir=str(tmp_path)))[0].config.dim == 8
 
 
 def test_the_logged_loss_uses_the_loss_weights_set(tiny_layout, tmp_path):
