@@ -950,7 +950,7 @@ def test_a_run_stopped_by_a_signal_says_so_and_does_not_exit_0(data, tmp_path, s
     # On a loaded machine the wait can end before the first checkpoint; the hint then rightly says "train again"
     # (seen once, under helpers' load, 2026-12-07). Which one is right is what the run folder holds at the end.
     has_checkpoint = bool(list(run.glob("*.ckpt")))
-    hint = "resume with --resume_from " if has_checkpoint else "train again under another --run_name"
+    hint = "resume with --resume_from " if has_checkpoint else "train again"
     assert line.startswith(f"error: training stopped {how} at step ") and hint in line, line
     assert "done:" not in out and not (run / "model.safetensors").exists()
 
@@ -1290,8 +1290,9 @@ def test_a_torch_compile_failure_is_one_line_with_what_trains(data, tmp_path, mo
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r", "--compile") == 1
     assert _one_error_line(capsys) == (
         "error: torch.compile failed (TorchDynamoException: cannot determine truth value of Relational: 16*s0 < 16); "
-        "train without --compile, or with --dispatch dense (static shapes, which compile), then train again under "
-        "another --run_name")
+        "train without --compile, or with --dispatch dense (static shapes, which compile), then train again (the "
+        "same --run_name: the run left no checkpoint, model or log)")
+    assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "r") == 0  # as the hint says
     assert _train(data, tmp_path / "ck", "--max_steps", "1", "--run_name", "d", "--compile", "--dispatch", "dense") == 1
     assert "; train without --compile, then train again" in _one_error_line(capsys)  # dense already: no such advice
 
@@ -1320,3 +1321,13 @@ def test_a_resume_with_other_data_settings_is_noted_and_the_runs_history_kept(da
                   "--fine_tune_from", str(ck / "r" / "last.ckpt")) == 0
     tuned = json.loads((ck / "tuned" / "settings.json").read_text())
     assert [e["settings"]["holdout_val"] for e in tuned["earlier"]] == [False, True]
+
+
+def test_the_hint_after_a_stop_without_checkpoint_says_whether_the_run_name_can_be_reused(tmp_path):
+    """Probe: after SIGTERM before the first checkpoint the hint said "train again under another --run_name",
+    though the same name worked (the folder held no run's files)."""
+    assert training._how_to_go_on(tmp_path) == ("train again (the same --run_name: the run left no checkpoint, "
+                                                "model or log)")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,step\n0,1\n")  # a new run here would be refused
+    assert training._how_to_go_on(tmp_path).startswith("train again under another --run_name")

@@ -1047,7 +1047,11 @@ def _fit(trainer: pl.Trainer, module: MoCEModule, loader: DataLoader, resume: Re
 def _how_to_go_on(run_dir: Path) -> str:
     """What to do after a stopped run: resume from its newest checkpoint, else train again."""
     target = _resume_target(run_dir, _run_checkpoints(run_dir))
-    return f"resume with --resume_from {target}" if target else "train again under another --run_name"
+    if target:
+        return f"resume with --resume_from {target}"
+    if any((run_dir / f).is_file() for f in RUN_FILES):  # a new run into the folder would be refused
+        return "train again under another --run_name (or move this run's files away)"
+    return "train again (the same --run_name: the run left no checkpoint, model or log)"
 
 
 def _lost_a_peer(error: BaseException) -> bool:
