@@ -628,3 +628,24 @@ def test_context_pad_and_the_checkpoint_are_recorded_and_routing_checks_the_chec
     assert f"its scores were made with the checkpoint {tiny_ckpt}, not {other}" in capsys.readouterr().err
     assert main(["routing", "--ckpt", tiny_ckpt, "--benchmarks", "lolv1", "--from_results",
                  str(tmp_path / "pad" / "results.json"), "--output_path", str(tmp_path / "routing")]) == 0
+
+
+def test_a_benchmark_file_without_its_counterpart_is_skipped_with_a_line_and_the_rest_scored(tmp_path, tiny_ckpt,
+                                                                                            capsys):
+    """Probe: one hazy SOTS image without its clean one dropped the whole benchmark (exit 1, "no image ... could be
+    scored"); a clean image without its hazy one was left out without a word, the benchmark silently smaller."""
+    import shutil
+
+    from conftest import make_tiny_layout
+
+    data = make_tiny_layout(tmp_path / "data", n=3)
+    sots = data / "dehazing/SOTS/outdoor"
+    shutil.copy(sots / "hazy/0001_0.8_0.2.jpg", sots / "hazy/0009_0.8_0.2.jpg")  # no gt/0009.png
+    (sots / "hazy/0002_0.8_0.2.jpg").unlink()  # gt/0002.png alone
+    assert _test(tiny_ckpt, data, tmp_path / "r", "dehaze") == 1
+    err = capsys.readouterr().err
+    assert (f"error: dehaze: {sots / 'hazy/0009_0.8_0.2.jpg'}: no clean counterpart in {sots / 'gt'}; add its clean "
+            "image or move it out (skipped)") in err
+    assert (f"error: dehaze: {sots / 'gt/0002.png'}: no degraded counterpart in {sots / 'hazy'}; add it or move this "
+            "clean image out (skipped)") in err
+    assert _rows(tmp_path / "r") == [("dehaze", "0001_0.8_0.2.jpg"), ("dehaze", "0010_0.8_0.2.jpg")]

@@ -421,8 +421,8 @@ def cmd_test(args: argparse.Namespace) -> int:
                                                                  disable=args.quiet)]
                   for (bench, _), entry in zip(entries, saves)]
     results = []
-    for (bench, _), rows in zip(entries, scored):
-        result = collect(bench, rows)
+    for (bench, ds), rows in zip(entries, scored):
+        result = collect(bench, rows, ds.unmatched)
         if is_rank_zero():
             for line in result.errors:
                 print(one_line(f"error: {bench}: {line} (skipped)"), file=sys.stderr)

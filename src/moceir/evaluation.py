@@ -143,8 +143,10 @@ def score_image(model: MoCEIR, entry: tuple[BenchmarkDataset, list[Path] | None]
 
 
 def benchmark_dataset(data_dir: str | Path, benchmark: str, cdd11_subset: str = "all") -> BenchmarkDataset:
-    """The benchmark's test pairs; raises DatasetLayoutError naming a missing folder."""
-    return BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset))
+    """The benchmark's test pairs; raises DatasetLayoutError naming a missing folder. A file without its
+    counterpart is left out, with a line in the dataset's ``unmatched``."""
+    unmatched: list[str] = []
+    return BenchmarkDataset(benchmark_pairs(data_dir, benchmark, cdd11_subset, unmatched), unmatched=unmatched)
 
 
 def scored_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
@@ -162,12 +164,12 @@ def scored_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device
     return result
 
 
-def collect(name: str, scored: list[dict | str]) -> BenchmarkResult:
-    """Rows and error lines of one benchmark, in image order (a row whose PNG could not be saved is kept, and its
-    line goes to ``not_saved``)."""
+def collect(name: str, scored: list[dict | str], unmatched: Sequence[str] = ()) -> BenchmarkResult:
+    """Rows and error lines of one benchmark, in image order after the ``unmatched`` files' lines (a row whose PNG
+    could not be saved is kept, and its line goes to ``not_saved``)."""
     rows = [r for r in scored if isinstance(r, dict)]
     not_saved = [r.pop("not_saved") for r in rows if "not_saved" in r]
-    return BenchmarkResult(name, rows, [r for r in scored if isinstance(r, str)], not_saved)
+    return BenchmarkResult(name, rows, [*unmatched, *(r for r in scored if isinstance(r, str))], not_saved)
 
 
 def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, device: torch.device,
@@ -182,7 +184,7 @@ def evaluate_benchmark(model: MoCEIR, data_dir: str | Path, benchmark: str, devi
     targets = save_targets(ds, save_dir)[0] if save_dir is not None else None
     scored = [score_image(model, (ds, targets), i, device, y_channel, context_pad)
               for i in tqdm(range(len(ds)), desc=benchmark, disable=not progress, leave=False)]
-    return collect(benchmark, scored)
+    return collect(benchmark, scored, ds.unmatched)
 
 
 def markdown_table(results: list[BenchmarkResult], title: str = "") -> str:

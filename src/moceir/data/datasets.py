@@ -13,7 +13,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -108,9 +108,12 @@ def _number(stem: str) -> str:
 
 
 def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
-                 key: Callable[[str], str] = lambda s: s) -> list[Pair]:
+                 key: Callable[[str], str] = lambda s: s, unmatched: list[str] | None = None,
+                 clean_unmatched: bool = True) -> list[Pair]:
     """Match files by ``key(stem)``, not by sorted order; an unmatched degraded file, or two clean files with one
-    key (``a.png`` and ``a.jpg``: which one is the reference?), is an error."""
+    key (``a.png`` and ``a.jpg``: which one is the reference?), is an error. Given an ``unmatched`` list (a
+    benchmark, scored without them), a line for each file without its counterpart goes there instead: degraded
+    ones, and, with ``clean_unmatched``, clean ones."""
     by_key: dict[str, Path] = {}
     for p in clean:
         if key(p.stem) in by_key:
@@ -118,18 +121,25 @@ def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
                                      f"'{key(p.stem)}'; keep one of them in {p.parent}")
         by_key[key(p.stem)] = p
     missing = [p for p in degraded if key(p.stem) not in by_key]
-    if missing:
+    if missing and unmatched is None:
         raise DatasetLayoutError(f"{len(missing)} file(s) in {missing[0].parent} have no clean counterpart in "
                                  f"{clean[0].parent}, e.g. {missing[0].name}; add their clean images or move them "
                                  "out")
-    return [Pair(p, by_key[key(p.stem)], task) for p in degraded]
+    if unmatched is not None:
+        unmatched += [f"{p}: no clean counterpart in {clean[0].parent}; add its clean image or move it out"
+                      for p in missing]
+        paired = {key(p.stem) for p in degraded}
+        unmatched += [f"{p}: no degraded counterpart in {degraded[0].parent}; add it or move this clean image out"
+                      for p in clean if clean_unmatched and key(p.stem) not in paired]
+    return [Pair(p, by_key[key(p.stem)], task) for p in degraded if key(p.stem) in by_key]
 
 
-def folder_pairs(base: Path, degraded: str, clean: str, task: str,
-                 key: Callable[[str], str] = lambda s: s, pattern: str = "same names") -> list[Pair]:
-    """Pairs of ``base/degraded`` and ``base/clean`` images matched by ``key`` of their names."""
+def folder_pairs(base: Path, degraded: str, clean: str, task: str, key: Callable[[str], str] = lambda s: s,
+                 pattern: str = "same names", unmatched: list[str] | None = None) -> list[Pair]:
+    """Pairs of ``base/degraded`` and ``base/clean`` images matched by ``key`` of their names (see
+    :func:`pair_by_name` for ``unmatched``)."""
     layout = f"{base}/{degraded}/* and {base}/{clean}/* ({pattern})"
-    return pair_by_name(images_in(base / degraded, layout), images_in(base / clean, layout), task, key)
+    return pair_by_name(images_in(base / degraded, layout), images_in(base / clean, layout), task, key, unmatched)
 
 
 def unique_stems(files: list[Path]) -> list[Path]:
@@ -203,8 +213,9 @@ def training_folders(root: str | Path) -> list[Path]:
             *(sorted(d for d in cdd11.iterdir() if d.is_dir()) if cdd11.is_dir() else [])]
 
 
-def cdd11_pairs(root: str | Path, split: str, subset: str) -> list[Pair]:
-    """CDD11: ``cdd11/<split>/<degradation>/`` + ``clear/``; subset all|single|double|triple or a folder name."""
+def cdd11_pairs(root: str | Path, split: str, subset: str, unmatched: list[str] | None = None) -> list[Pair]:
+    """CDD11: ``cdd11/<split>/<degradation>/`` + ``clear/``; subset all|single|double|triple or a folder name.
+    ``unmatched``: see :func:`pair_by_name` (of ``clear/``, shared by the folders, only degraded files count)."""
     base = Path(root) / "cdd11" / split
     layout = f"{base}/<degradation, e.g. haze_rain>/*.png and {base}/clear/*.png (same names)"
     clean = images_in(base / "clear", layout)
@@ -216,28 +227,33 @@ def cdd11_pairs(root: str | Path, split: str, subset: str) -> list[Pair]:
         raise DatasetLayoutError(f"no CDD11 degradation folders for subset {subset!r} in {base}; "
                                  f"expected layout: {layout}")
     return [replace(pair, folder=d.name) for d in chosen
-            for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}")]
+            for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}", unmatched=unmatched,
+                                     clean_unmatched=False)]
 
 
-def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all") -> list[Pair]:
-    """Test pairs of a benchmark, in the layouts upstream's test.py reads."""
+def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all",
+                    unmatched: list[str] | None = None) -> list[Pair]:
+    """Test pairs of a benchmark, in the layouts upstream's test.py reads. A file without its counterpart is a
+    DatasetLayoutError, or, given an ``unmatched`` list, a line there (the others are scored)."""
     root = Path(root)
     if benchmark in DENOISE_SIGMAS:
         base = root / "denoising" / "cBSD68" / "original_png"
         return [Pair(None, p, benchmark) for p in images_in(base, f"{base}/*.png (clean CBSD68)")]
     if benchmark == "derain":
-        return folder_pairs(root / "deraining" / "Rain100L", "rainy", "gt", benchmark, _number, "rain-N / norain-N")
+        return folder_pairs(root / "deraining" / "Rain100L", "rainy", "gt", benchmark, _number, "rain-N / norain-N",
+                            unmatched)
     if benchmark == "raintrainl_val":
         return [p for p in train_pairs(root, "derain") if is_holdout(p)]
     if benchmark == "dehaze":
         return folder_pairs(root / "dehazing" / "SOTS" / "outdoor", "hazy", "gt", benchmark,
-                            lambda s: s.split("_")[0], "NNNN_A_beta.jpg / NNNN.png")
+                            lambda s: s.split("_")[0], "NNNN_A_beta.jpg / NNNN.png", unmatched)
     if benchmark == "gopro":
-        return folder_pairs(root / "deblurring" / "GoPro" / "test", "input", "target", benchmark)
+        return folder_pairs(root / "deblurring" / "GoPro" / "test", "input", "target", benchmark,
+                            unmatched=unmatched)
     if benchmark == "lolv1":
-        return folder_pairs(root / "llie" / "LOLv1" / "Test", "input", "target", benchmark)
+        return folder_pairs(root / "llie" / "LOLv1" / "Test", "input", "target", benchmark, unmatched=unmatched)
     if benchmark == "cdd11":
-        return cdd11_pairs(root, "test", cdd11_subset)
+        return cdd11_pairs(root, "test", cdd11_subset, unmatched)
     raise ValueError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
 
 
@@ -450,9 +466,10 @@ class BenchmarkDataset(Dataset):
     on what ran before. Item: {"lq", "gt": [3, H, W] float, "name": :attr:`Pair.name`}.
     """
 
-    def __init__(self, pairs: list[Pair], crop_base: int = 16):
+    def __init__(self, pairs: list[Pair], crop_base: int = 16, unmatched: Sequence[str] = ()):
         self.pairs = pairs
         self.crop_base = crop_base
+        self.unmatched = list(unmatched)  # a line per file left out for want of its counterpart
 
     def __len__(self) -> int:
         return len(self.pairs)
