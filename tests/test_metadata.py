@@ -127,7 +127,7 @@ def test_gif_output_notes_all_it_drops(tmp_path, tiny_ckpt, capsys):
     _photo(tmp_path / "photo.jpg", exif=_exif(), dpi=(300, 300), xmp=XMP)
     assert main(["restore", str(tmp_path / "photo.jpg"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
                  "--ext", "gif"]) == 0
-    assert "photo.jpg: its EXIF and XMP and resolution cannot be kept in a .gif file; they are dropped (--ext png " \
+    assert "photo.jpg: its EXIF, XMP and resolution cannot be kept in a .gif file; they are dropped (--ext png " \
            "keeps them)" in capsys.readouterr().err
 
 
@@ -174,8 +174,111 @@ def test_a_cmyk_photo_is_said_to_be_converted_without_colour_management(tmp_path
             in capsys.readouterr().err)
 
 
-def test_an_8_bit_tiff_keeps_exif_and_resolution(tmp_path, tiny_ckpt):
-    _photo(tmp_path / "photo.jpg", exif=_exif(), dpi=(300, 300))
-    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.jpg", extra=["--ext", "tif"]) == 0
-    with Image.open(tmp_path / "out" / "photo.tif") as out:
-        assert out.getexif()[0x010F] == "MakerCo" and out.info["dpi"] == (300, 300)
+def test_an_8_bit_tiff_keeps_xmp_and_resolution_but_not_exif(tmp_path, tiny_ckpt, capsys):
+    """Review: EXIF merged into a TIFF's own directory overrode its structure (a phone's ImageWidth of the unturned
+    picture gave a scrambled file; a gray JPEG's PhotometricInterpretation=2 an unreadable one)."""
+    exif = _exif(orientation=6)
+    exif[0x0100], exif[0x0101], exif[0x0106], exif[0x0115] = 20, 12, 2, 3  # width, length, RGB, 3 samples
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 20), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "gray.jpg", exif=exif, dpi=(300, 300), xmp=XMP)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "gray.jpg", extra=["--ext", "tif"]) == 0
+    with Image.open(tmp_path / "out" / "gray.tif") as out:
+        out.load()
+        assert out.size == (12, 20) and out.mode == "L" and 0x010F not in out.getexif()
+        assert out.info["dpi"] == (300, 300) and out.info["xmp"] == XMP
+    assert "gray.jpg: its EXIF cannot be kept in a .tif file; it is dropped" in capsys.readouterr().err
+
+
+def test_an_xmp_orientation_is_set_upright_with_the_pixels(tmp_path, tiny_ckpt):
+    """Review: a JPEG whose XMP said tiff:Orientation="6" (no EXIF) came out turned, its XMP still saying 6: PIL
+    (which falls back to XMP) showed it turned twice, and each restore turned it again."""
+    from PIL import ImageOps
+
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    _photo(tmp_path / "photo.jpg", xmp=xmp)
+    with Image.open(tmp_path / "photo.jpg") as im:
+        shown = ImageOps.exif_transpose(im).size
+    assert shown == (12, 20)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.jpg") == 0
+    with Image.open(tmp_path / "out" / "photo.jpg") as out:
+        assert out.size == shown and ImageOps.exif_transpose(out).size == shown
+        assert b'tiff:Orientation="1"' in out.info["xmp"]
+    from moceir.metadata import xmp_upright
+
+    assert xmp_upright(b"<tiff:Orientation> 8 </tiff:Orientation>") == b"<tiff:Orientation>1</tiff:Orientation>"
+
+
+def test_exif_upright_drops_the_thumbnail_and_sets_a_long_orientation():
+    """Review: IFD1's thumbnail (the unrestored picture, unturned) was kept; an Orientation stored as LONG dropped
+    the whole EXIF without a note."""
+    entry = struct.pack(">HHII", 0x0112, 4, 1, 6)  # Orientation, LONG, 1 value: 6
+    data = b"MM\0*" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 26) + b"IFD1..."
+    upright = exif_upright(data)
+    assert struct.unpack_from(">I", upright, 10 + 8)[0] == 1 and struct.unpack_from(">I", upright, 22)[0] == 0
+    assert exif_upright(data.replace(struct.pack(">HHII", 0x0112, 4, 1, 6), struct.pack(">HHII", 0x0112, 3, 2, 6))) \
+        is None  # two values: cannot be set in place
+
+
+def test_an_unreadable_exif_block_is_noted_when_dropped(tmp_path, tiny_ckpt, capsys):
+    _photo(tmp_path / "photo.png", exif=b"Exif\0\0not a tiff structure")
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.png") == 0
+    assert "photo.png: its EXIF block could not be read to set its orientation to 1 (the pixels are turned), so it " \
+           "is dropped" in capsys.readouterr().err
+    from moceir.io import read_rgb  # a damaged eXIf chunk made the whole PNG unreadable (ImageOps.exif_transpose)
+
+    assert read_rgb(tmp_path / "photo.png").shape == (12, 20, 3)
+
+
+def test_a_resolution_the_file_does_not_state_is_not_written(tmp_path, tiny_ckpt, capsys):
+    """Review: PIL makes up 1 dpi for a TIFF without XResolution and 72 for a JPEG without a density unit; they
+    were written into the outputs as the photo's, and --ext webp noted a resolution "dropped"."""
+    _photo(tmp_path / "plain.tif")
+    _photo(tmp_path / "unitless.jpg", exif=_exif())
+    assert Image.open(tmp_path / "plain.tif").info["dpi"] == (1, 1)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "plain.tif", tmp_path / "unitless.jpg",
+                    extra=["--ext", "webp"]) == 0
+    assert _restore(tiny_ckpt, tmp_path / "png", tmp_path / "plain.tif", tmp_path / "unitless.jpg",
+                    extra=["--ext", "png"]) == 0
+    assert "resolution" not in capsys.readouterr().err
+    for name in ("plain.png", "unitless.png"):
+        with Image.open(tmp_path / "png" / name) as out:
+            assert "dpi" not in out.info
+
+
+@pytest.mark.parametrize("ext", ["png", "bmp", "tif"])
+def test_an_absurd_resolution_is_not_written(tmp_path, tiny_ckpt, ext):
+    """Review: a TIFF of 4294967295 dpi ended the run in a traceback (PNG's and BMP's fields cannot hold it)."""
+    _photo(tmp_path / "huge.tif", dpi=(4294967295, 4294967295))
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "huge.tif", extra=["--ext", ext]) == 0
+    with Image.open(tmp_path / "out" / f"huge.{ext}") as out:
+        assert out.info.get("dpi", (0, 0))[0] < 1e6
+
+
+def test_a_jpeg_note_names_only_what_does_not_fit(tmp_path, tiny_ckpt, capsys):
+    """Review: a 70 kB XMP was noted as "its XMP and resolution cannot be kept" though the dpi was kept."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", "<x:xmpmeta>" + "x" * 70_000 + "</x:xmpmeta>")
+    _photo(tmp_path / "photo.png", dpi=(300, 300), pnginfo=info)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.png", extra=["--ext", "jpg"]) == 0
+    assert "photo.png: its XMP cannot be kept in a .jpg file (a JPEG holds at most 64 kB of each); it is dropped" in \
+        capsys.readouterr().err
+    with Image.open(tmp_path / "out" / "photo.jpg") as out:
+        assert out.info["dpi"] == (300, 300)
+
+
+def test_strip_metadata_writes_none_of_it_but_keeps_the_colour_profile(tmp_path, tiny_ckpt, capsys):
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    _photo(tmp_path / "photo.jpg", exif=_exif(), dpi=(300, 300), xmp=XMP, icc_profile=icc)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.jpg", extra=["--strip_metadata", "--ext",
+                                                                             "gif"]) == 0
+    assert "cannot be kept" not in capsys.readouterr().err  # nothing is dropped that was asked for
+    assert _restore(tiny_ckpt, tmp_path / "jpg", tmp_path / "photo.jpg", extra=["--strip_metadata"]) == 0
+    with Image.open(tmp_path / "jpg" / "photo.jpg") as out:
+        assert not out.getexif() and "xmp" not in out.info and out.info.get("jfif_unit") != 1
+        assert out.info["icc_profile"] == icc

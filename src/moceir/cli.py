@@ -646,7 +646,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                              max_memory=args.max_memory, num_workers=args.num_workers,
                              progress=not args.quiet and is_rank_zero(), log=say,
                              num_gpus=args.num_gpus or 0, num_nodes=args.num_nodes,
-                             num_cpu_processes=args.num_cpu_processes, cuda_graphs=args.cuda_graphs)
+                             num_cpu_processes=args.num_cpu_processes, cuda_graphs=args.cuda_graphs,
+                             strip_metadata=args.strip_metadata)
     except ReportError as e:
         rows, report_error = e.rows, e
     failed = sum("error" in r for r in rows)
@@ -942,6 +943,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "moceir does not write the input's format)")
     p.add_argument("--suffix", default="", help="appended to output names")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs and report (never inputs)")
+    p.add_argument("--strip_metadata", action="store_true",
+                   help="write no EXIF (camera, date, GPS place), XMP or resolution; by default they are kept where "
+                        "the output format holds them (the colour profile is always kept)")
     p.add_argument("--report", type=_path, help="write a JSON report: size, time and experts per image")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes; errors only")
     p.set_defaults(fn=cmd_restore)

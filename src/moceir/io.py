@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .checks import not_a_bool
 from .metadata import PhotoInfo, pil_save_options, png_chunks, read_photo_info
@@ -67,8 +67,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 if not (im.mode.startswith(("I", "F")) or _more_than_8_bits(path, im.format)):
                     im.load()
-                    ImageOps.exif_transpose(im, in_place=True)
-                    return np.asarray(im.convert("RGB"))
+                    return np.asarray(upright(im).convert("RGB"))
         except Exception:  # noqa: BLE001 - load_image below names the file and the reason
             pass
     try:
@@ -407,7 +406,7 @@ def _load_image(path: Path) -> LoadedImage:
                 profile = " without its CMYK colour profile" if icc and icc[16:20] == b"CMYK" else ""
                 conversions = (f"its CMYK pixels were converted to RGB by a simple formula{profile}, so colours may "
                                "be off; for exact colours convert it to RGB in a colour-managed editor first",)
-            im = ImageOps.exif_transpose(im)
+            im = upright(im)
             grayscale = im.mode in ("L", "LA", "1")
             # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
             if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "1", "L", "RGB") and "transparency" in im.info):
@@ -530,6 +529,18 @@ def _png_exif_orientation(path: Path) -> int:
                 if data.startswith(_RAW_EXIF_KEY):
                     raw = _raw_profile_text(kind, data)  # the last one wins, as in PIL's info
     return _exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw else 1
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned by its EXIF orientation (its ``info`` kept), as ``ImageOps.exif_transpose`` does, which raises
+    on a damaged EXIF block (a PNG's eXIf chunk): such an image is read as stored."""
+    method = _TRANSPOSE.get(exif_orientation(im))
+    return im.transpose(method) if method is not None else im
 
 
 def exif_orientation(im: Image.Image) -> int:

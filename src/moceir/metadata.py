@@ -4,6 +4,7 @@ input and written into the restored file where its format can hold it."""
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,17 @@ JPEG_MARKER_MAX = 65533  # bytes in one JPEG APP segment after its length field
 @dataclass(frozen=True)
 class PhotoInfo:
     """exif: the EXIF block (a TIFF structure, without JPEG's "Exif\\0\\0"), its Orientation set to 1 as the pixels
-    are turned already; dpi: (x, y); xmp: the XMP packet; lossless: a lossless WebP; jpeg_subsampling: PIL's
-    code of a JPEG's chroma subsampling (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0)."""
+    are turned already, without its thumbnail; dpi: (x, y), where the file states it; xmp: the XMP packet, its
+    tiff:Orientation set to 1 likewise; lossless: a lossless WebP; jpeg_subsampling: PIL's code of a JPEG's chroma
+    subsampling (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); exif_unreadable: the file had an EXIF block that could not be
+    made upright, and that is left out."""
 
     exif: bytes | None = None
     dpi: tuple[float, float] | None = None
     xmp: bytes | None = None
     lossless: bool = False
     jpeg_subsampling: int | None = None
+    exif_unreadable: bool = False
 
     @property
     def kept(self) -> tuple[str, ...]:
@@ -33,39 +37,65 @@ class PhotoInfo:
                      if there)
 
 
-# What each output format can hold, of PhotoInfo's EXIF, XMP and resolution (8-bit files go through PIL)
+# What each output format keeps of PhotoInfo's EXIF, XMP and resolution. A TIFF's EXIF tags would share the
+# image's own directory, where some (ImageWidth, PhotometricInterpretation, ...) would contradict the pixels.
 HOLDS = {".jpg": {"EXIF", "XMP", "resolution"}, ".jpeg": {"EXIF", "XMP", "resolution"},
-         ".png": {"EXIF", "XMP", "resolution"}, ".webp": {"EXIF", "XMP"}, ".tif": {"EXIF", "resolution"},
-         ".tiff": {"EXIF", "resolution"}, ".bmp": {"resolution"}, ".gif": set()}
-HOLDS_16_BIT_TIFF = {"XMP", "resolution"}  # written by tifffile
+         ".png": {"EXIF", "XMP", "resolution"}, ".webp": {"EXIF", "XMP"}, ".tif": {"XMP", "resolution"},
+         ".tiff": {"XMP", "resolution"}, ".bmp": {"resolution"}, ".gif": set()}
+DPI_RANGE = (1.0, 100_000.0)  # a resolution outside is no real one, and PNG's and BMP's fields cannot hold all
 
 
 def read_photo_info(im: Image.Image, path: Path, fmt: str) -> PhotoInfo:
     """``im``: the input, opened by PIL (a PNG's EXIF after IDAT is known once it is loaded). A TIFF's EXIF tags
     share its image's own directory, and are not kept."""
-    exif = im.info.get("exif") if fmt in ("JPEG", "MPO", "PNG", "WEBP") else None
-    exif = exif_upright(exif.removeprefix(b"Exif\0\0")) if isinstance(exif, bytes) and exif else None
-    dpi = im.info.get("dpi")
-    try:
-        dpi = (float(dpi[0]), float(dpi[1])) if dpi else None
-    except (TypeError, ValueError, IndexError):
-        dpi = None
-    if dpi and not all(math.isfinite(d) and d > 0 for d in dpi):
-        dpi = None
+    raw = im.info.get("exif") if fmt in ("JPEG", "MPO", "PNG", "WEBP") else None
+    raw = raw.removeprefix(b"Exif\0\0") if isinstance(raw, bytes) and raw else None
+    exif = exif_upright(raw) if raw else None
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     xmp = xmp.encode() if isinstance(xmp, str) else xmp if isinstance(xmp, bytes) else None
+    xmp = xmp_upright(xmp) if xmp else None
     subsampling = None
     if fmt in ("JPEG", "MPO"):
         from PIL import JpegImagePlugin
 
         subsampling = JpegImagePlugin.get_sampling(im)
         subsampling = subsampling if subsampling in (0, 1, 2) else None
-    return PhotoInfo(exif, dpi, xmp or None, fmt == "WEBP" and webp_is_lossless(path), subsampling)
+    return PhotoInfo(exif, _stated_dpi(im, fmt), xmp or None, fmt == "WEBP" and webp_is_lossless(path), subsampling,
+                     exif_unreadable=bool(raw) and exif is None)
+
+
+def _stated_dpi(im: Image.Image, fmt: str) -> tuple[float, float] | None:
+    """The resolution the file states; PIL makes one up where it states none (a TIFF's 1 dpi, a JPEG's 72)."""
+    dpi = im.info.get("dpi")
+    try:
+        dpi = (float(dpi[0]), float(dpi[1])) if dpi else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    if dpi is None or not all(math.isfinite(d) and DPI_RANGE[0] <= d <= DPI_RANGE[1] for d in dpi):
+        return None
+    if fmt == "TIFF" and 282 not in getattr(im, "tag_v2", {}):  # XResolution
+        return None
+    if fmt in ("JPEG", "MPO") and im.info.get("jfif_unit") not in (1, 2) and 0x011A not in im.getexif():
+        return None
+    return dpi
+
+
+_XMP_ORIENTATION = (re.compile(rb"(tiff:Orientation\s*=\s*[\"'])\s*\d+\s*([\"'])"),
+                    re.compile(rb"(<tiff:Orientation>)\s*\d+\s*(</tiff:Orientation>)"))
+
+
+def xmp_upright(xmp: bytes) -> bytes:
+    """The XMP packet with its tiff:Orientation (attribute or element) set to 1, as the pixels are turned already;
+    PIL's getexif() falls back to it, and a stale one turns the picture a second time."""
+    for pattern in _XMP_ORIENTATION:
+        xmp = pattern.sub(rb"\g<1>1\g<2>", xmp)
+    return xmp
 
 
 def exif_upright(data: bytes) -> bytes | None:
-    """EXIF with its Orientation (in IFD0) set to 1; None where the block cannot be read, for a stale orientation
-    kept beside turned pixels would turn the picture twice in every viewer."""
+    """EXIF with its Orientation (in IFD0) set to 1 and without its thumbnail (IFD1, of the unrestored picture,
+    unturned); None where the block cannot be read, for a stale orientation kept beside turned pixels would turn
+    the picture twice in every viewer. Only values are changed in place: offsets (MakerNotes) stay valid."""
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return None
     order = "<" if data[:2] == b"II" else ">"
@@ -77,10 +107,10 @@ def exif_upright(data: bytes) -> bytes | None:
             at = ifd + 2 + 12 * i
             tag, kind, n = struct.unpack_from(order + "HHI", data, at)
             if tag == 0x0112:
-                if kind != 3 or n != 1:  # not one SHORT: cannot be set in place
+                if n != 1 or kind not in (3, 4):  # one SHORT or LONG, its value in the entry itself
                     return None
-                struct.pack_into(order + "H", out, at + 8, 1)
-        struct.unpack_from(order + "I", data, ifd + 2 + 12 * count)  # the directory is whole
+                struct.pack_into(order + ("H" if kind == 3 else "I"), out, at + 8, 1)
+        struct.pack_into(order + "I", out, ifd + 2 + 12 * count, 0)  # no next directory: the thumbnail goes
     except struct.error:
         return None
     return bytes(out)
@@ -123,7 +153,9 @@ def pil_save_options(info: PhotoInfo | None, suffix: str) -> dict[str, Any]:
         options["exif"] = b"Exif\0\0" + info.exif if suffix in (".jpg", ".jpeg") else info.exif
     if info.dpi and "resolution" in holds:
         options["dpi"] = info.dpi
-    if info.xmp and "XMP" in holds and suffix != ".png" and fits(info, "XMP", suffix):
+    if info.xmp and "XMP" in holds and suffix in (".tif", ".tiff"):
+        options["tiffinfo"] = {700: info.xmp}  # XMLPacket: PIL's TIFF writer takes no xmp=
+    elif info.xmp and "XMP" in holds and suffix != ".png" and fits(info, "XMP", suffix):
         options["xmp"] = info.xmp  # a PNG's XMP is a chunk PIL does not write: png_chunks
     return options
 
@@ -134,7 +166,9 @@ def fits(info: PhotoInfo, what: str, suffix: str) -> bool:
         return True
     if what == "EXIF":
         return len(b"Exif\0\0") + len(info.exif or b"") <= JPEG_MARKER_MAX
-    return len(b"http://ns.adobe.com/xap/1.0/\0") + len(info.xmp or b"") <= JPEG_MARKER_MAX
+    if what == "XMP":
+        return len(b"http://ns.adobe.com/xap/1.0/\0") + len(info.xmp or b"") <= JPEG_MARKER_MAX
+    return True
 
 
 def png_chunks(info: PhotoInfo | None, with_exif_and_dpi: bool) -> list[tuple[bytes, bytes]]:
@@ -152,7 +186,7 @@ def png_chunks(info: PhotoInfo | None, with_exif_and_dpi: bool) -> list[tuple[by
     return chunks
 
 
-def dropped(info: PhotoInfo, suffix: str, bit_depth: int) -> list[str]:
-    """What of ``info`` a ``suffix`` file written with ``bit_depth`` cannot keep, as notes name it."""
-    holds = HOLDS_16_BIT_TIFF if bit_depth == 16 and suffix in (".tif", ".tiff") else HOLDS.get(suffix, set())
+def dropped(info: PhotoInfo, suffix: str) -> list[str]:
+    """What of ``info`` a ``suffix`` file cannot keep, as notes name it."""
+    holds = HOLDS.get(suffix, set())
     return [what for what in info.kept if what not in holds or not fits(info, what, suffix)]

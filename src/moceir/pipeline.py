@@ -291,9 +291,10 @@ class RestoreOptions:
     max_memory: float | None = None
     overwrite: bool = False
     cuda_graphs: bool = False  # replay a captured CUDA graph per input shape (moceir.cuda_graphs)
+    strip_metadata: bool = False  # write no EXIF, XMP or resolution (a photo's camera, date, place)
 
     def __post_init__(self) -> None:
-        for flag in ("overwrite", "cuda_graphs"):  # files replaced on a "no"
+        for flag in ("overwrite", "cuda_graphs", "strip_metadata"):  # files replaced on a "no"
             if problem := not_a_bool(flag, getattr(self, flag)):
                 raise UsageError(problem)
         if not isinstance(self.precision, str) or self.precision not in PRECISIONS:
@@ -542,11 +543,15 @@ class Restorer:
                 elif img.alpha is not None and out_ext in ON_OFF_ALPHA_EXTS and _partly_transparent(img.alpha):
                     self.log(f"note: {self.jobs[i].input} has partial transparency, which {out_ext} cannot hold; "
                              "pixels under half opacity become transparent, the others opaque (--ext png keeps it)")
-                if lost := metadata.dropped(img.photo, out_ext, img.bit_depth):
+                if not self.opts.strip_metadata and (lost := metadata.dropped(img.photo, out_ext)):
                     limit = " (a JPEG holds at most 64 kB of each)" if out_ext in (".jpg", ".jpeg") else ""
-                    self.log(f"note: {self.jobs[i].input}: its {' and '.join(lost)} cannot be kept in a {out_ext} "
-                             f"file{limit}; {'they are' if len(lost) > 1 else 'it is'} dropped (--ext png keeps "
+                    what = ", ".join(lost[:-1]) + " and " * (len(lost) > 1) + lost[-1]
+                    self.log(f"note: {self.jobs[i].input}: its {what} cannot be kept in a {out_ext} file{limit}; "
+                             f"{'they are' if len(lost) > 1 else 'it is'} dropped (--ext png keeps "
                              f"{'them' if len(lost) > 1 else 'it'})")
+                if img.photo.exif_unreadable and not self.opts.strip_metadata:
+                    self.log(f"note: {self.jobs[i].input}: its EXIF block could not be read to set its orientation "
+                             "to 1 (the pixels are turned), so it is dropped")
                 if img.bit_depth == 16 and out_ext not in SIXTEEN_BIT_EXTS:
                     self.log(f"note: {self.jobs[i].input} has 16 bits per sample, which {out_ext} cannot hold; it "
                              "is written with 8 (--ext png or tif keeps 16)")
@@ -614,11 +619,17 @@ class Restorer:
                 wait(busy, return_when=FIRST_COMPLETED)  # not .result(): a writer's bug is raised by close()
             self._pending.append(self._writer.submit(self._write, i, y, img, row))
 
+    def _photo(self, img: LoadedImage) -> metadata.PhotoInfo:
+        """What of the input's metadata the output keeps: all of it, or with --strip_metadata its compression."""
+        if not self.opts.strip_metadata:
+            return img.photo
+        return metadata.PhotoInfo(lossless=img.photo.lossless, jpeg_subsampling=img.photo.jpeg_subsampling)
+
     def _write(self, i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
         try:
             write_atomically(self.jobs[i].output,
                              lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale, img.icc_profile,
-                                                  img.png_colour, img.photo),
+                                                  img.png_colour, self._photo(img)),
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:
@@ -672,7 +683,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
                   context_pad: int = DEFAULT_CONTEXT_PAD, max_memory: float | None = None, num_workers: int = 0,
                   progress: bool = True, log: Callable[[str], None] | None = None,
                   on_tile: Callable[[int, int], None] | None = None, num_gpus: int = 0, num_nodes: int = 1,
-                  num_cpu_processes: int = 1, cuda_graphs: bool = False) -> list[dict]:
+                  num_cpu_processes: int = 1, cuda_graphs: bool = False, strip_metadata: bool = False) -> list[dict]:
     """Restore image files, folders and globs into ``output_dir``, as ``moceir restore`` does.
 
     model: "default", a checkpoint path or a loaded network (moved to ``device``, left in eval mode). Same-size
@@ -693,6 +704,9 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
 
     ``cuda_graphs`` (CUDA, PyTorch models) replays a captured CUDA graph for every input shape seen twice, e.g. the
     tiles of a large image or a data set of one size (:class:`moceir.cuda_graphs.GraphedNetwork`).
+
+    A photo's EXIF (camera, date, GPS), XMP and resolution are kept where the output format holds them
+    (:mod:`moceir.metadata`); ``strip_metadata`` writes none of them (the colour profile is kept).
 
     Returns one dict per input: ``input, output, height, width, seconds, batch, tile, experts`` (the expert
     chosen in each MoE layer; with top-k routing, the list of its k experts) for restored images, ``input, error``
@@ -729,7 +743,7 @@ def restore_files(inputs: list[str | Path] | str | Path, output_dir: str | Path,
         raise UsageError(f"suffix and ext must be strings, got {suffix!r} and {ext!r}")
     opts = RestoreOptions(tile=tile, tile_overlap=tile_overlap, tile_routing=tile_routing, batch_size=batch_size,
                           precision=precision, context_pad=context_pad, max_memory=max_memory, overwrite=overwrite,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, strip_metadata=strip_metadata)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UsageError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     device = resolve_device("cuda" if num_gpus else "cpu") if launch.world_size > 1 else resolve_device(device)
