@@ -282,7 +282,33 @@ def test_a_link_to_a_benchmark_image_beside_it_is_refused(tiny_layout):
     folder = tiny_layout / "denoising/cBSD68/original_png"
     os.symlink("0001.png", folder / "zz_link.png")
     os.symlink(tiny_layout / "denoising/BSD400/1.jpg", folder / "zz_elsewhere.png")  # another folder's: counted
-    with pytest.raises(DatasetLayoutError, match=r"zz_link.png is a link to .*0001.png, also in .*counted twice"):
+    with pytest.raises(DatasetLayoutError, match=r"zz_link.png and 0001.png in .* are the same image .*counted twice"):
         benchmark_pairs(tiny_layout, "denoise_15")
     (folder / "zz_link.png").unlink()
     assert len(benchmark_pairs(tiny_layout, "denoise_15")) == 4
+
+
+def test_two_names_for_one_image_are_refused_whatever_the_link(tiny_layout):
+    """Review: two links to one outside file (and hard links) count an image twice as well."""
+    import os
+
+    folder = tiny_layout / "denoising/cBSD68/original_png"
+    outside = tiny_layout / "denoising/BSD400/1.jpg"
+    os.symlink(outside, folder / "zz_a.png")
+    os.symlink(outside, folder / "zz_b.png")
+    with pytest.raises(DatasetLayoutError, match=r"zz_b.png and zz_a.png in .* are the same image"):
+        benchmark_pairs(tiny_layout, "denoise_15")
+    (folder / "zz_b.png").unlink()
+    os.link(folder / "0001.png", folder / "zz_hard.png")
+    with pytest.raises(DatasetLayoutError, match=r"zz_hard.png and 0001.png in .* are the same image"):
+        benchmark_pairs(tiny_layout, "denoise_15")
+
+
+def test_a_benchmark_where_nothing_pairs_is_one_layout_error(tiny_layout):
+    """Review: a LOLv1 copy named low*/normal* gave one 'no counterpart' line per file (30), not the layout error."""
+    folder = tiny_layout / "llie/LOLv1/Test/input"
+    for p in sorted(folder.iterdir()):
+        p.rename(folder / f"low{p.name}")
+    unmatched = []
+    with pytest.raises(DatasetLayoutError, match=r"3 file\(s\) in .*input have no clean counterpart"):
+        benchmark_pairs(tiny_layout, "lolv1", unmatched=unmatched)

@@ -438,7 +438,9 @@ def test_an_image_above_pils_limit_can_be_allowed_from_the_command_line(tmp_path
            "Python)" in capsys.readouterr().err
     monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", "2049")
     assert main(argv) == 0 and (tmp_path / "out" / "big.png").is_file()
-    monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", "lots")
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == ("error: MOCEIR_MAX_IMAGE_PIXELS='lots': give a whole number of pixels "
-                                               "(images above twice it are refused), or unset it")
+    for value in ("lots", "²"):
+        monkeypatch.setenv("MOCEIR_MAX_IMAGE_PIXELS", value)
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (f"error: MOCEIR_MAX_IMAGE_PIXELS={value!r}: give a whole number "
+                                                   "of pixels (images above twice it are refused), or unset it")
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's own, set back after each command (main may run again)

@@ -883,16 +883,41 @@ def test_a_quoted_glob_that_matches_folders_restores_their_images(tmp_path):
 
 def test_a_rerun_into_the_input_folder_does_not_restore_the_earlier_outputs(tmp_path, tiny_ckpt, capsys):
     """Probe: `restore photos -o photos --suffix _r` run twice restored a_r.png into a_r_r.png and said a.png's output
-    "would overwrite an input"; with --overwrite a third run made a_r_r_r.png."""
+    "would overwrite an input"; with --overwrite a third run made a_r_r_r.png. Review: a file of that name may be
+    another photo (scan_r.png, the right page), so it is neither restored nor replaced, even with --overwrite."""
+    import hashlib
+
     photos = tmp_path / "photos"
     photos.mkdir()
     save_image(photos / "a.png", np.zeros((16, 16, 3), np.float32))
     argv = ["restore", str(photos), "-o", str(photos), "--suffix", "_r", "--checkpoint", tiny_ckpt]
     assert main(argv) == 0
+    digest = hashlib.md5((photos / "a_r.png").read_bytes()).hexdigest()
     capsys.readouterr()
-    assert main(argv) == 1  # a_r.png exists: refused without --overwrite, as any existing output
-    err = capsys.readouterr().err
-    assert f"note: {photos / 'a_r.png'} is what this command writes for {photos / 'a.png'} (an earlier run's " \
-           "output); it is not restored again" in err and "would overwrite an input" not in err
-    assert main([*argv, "--overwrite"]) == 0
-    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_r.png"]
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"note: {photos / 'a_r.png'}: has the name of {photos / 'a.png'}'s output (an earlier run's?): it is " \
+               "neither restored nor replaced" in err
+        assert f"error: output {photos / 'a_r.png'} is an input too (left out above); it is not replaced: move it " \
+               "away to restore" in err
+        assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_r.png"]
+        assert hashlib.md5((photos / "a_r.png").read_bytes()).hexdigest() == digest
+    # named on the command line, it is restored as any input, and protected as one
+    assert main(["restore", str(photos / "a.png"), str(photos / "a_r.png"), "-o", str(photos), "--suffix", "_r",
+                 "--checkpoint", tiny_ckpt, "--overwrite"]) == 1
+    assert "would overwrite an input" in capsys.readouterr().err and (photos / "a_r_r.png").is_file()
+    assert hashlib.md5((photos / "a_r.png").read_bytes()).hexdigest() == digest
+
+
+def test_a_glob_that_matches_the_output_folder_leaves_it_out(tmp_path, tiny_ckpt, capsys):
+    """Review: `restore 'photos/*' -o photos/restored` run twice restored the first run's outputs again (the glob
+    matched the output folder), renaming the outputs on the clash."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_image(photos / "a.png", np.zeros((16, 16, 3), np.float32))
+    argv = ["restore", str(photos / "*"), "-o", str(photos / "restored"), "--checkpoint", tiny_ckpt, "--overwrite"]
+    assert main(argv) == 0 and main(argv) == 0
+    assert f"note: {photos / 'restored'}: the output folder, which {photos / '*'} matches, is left out" in \
+        capsys.readouterr().err
+    assert sorted(p.name for p in (photos / "restored").iterdir()) == ["a.png"]

@@ -476,6 +476,23 @@ def test_requeued_slurm_job_resumes_its_hpc_checkpoint(data, tmp_path, monkeypat
     assert [step for _, step in _rows(ck / "r")] == list(range(4))
 
 
+def test_a_requeued_resume_of_a_run_in_its_own_folder_keeps_its_history_once(data, tmp_path, monkeypatch):
+    """Review: a requeued job that resumes its own run read the settings.json its interrupted attempt had written,
+    and recorded that attempt (this very call) among the earlier ones."""
+    import shutil
+
+    ck = tmp_path / "ck"
+    assert _train(data, ck, "--max_steps", "2", "--run_name", "x") == 0
+    argv = ("--max_steps", "3", "--run_name", "x", "--resume_from", "x")
+    assert _train(data, ck, *argv) == 0
+    earlier = json.loads((ck / "x" / "settings.json").read_text())["earlier"]
+    assert [e["global_step"] for e in earlier] == [2]
+    shutil.copy(ck / "x" / "last.ckpt", ck / "x" / "hpc_ckpt_1.ckpt")  # saved at SLURM's signal
+    _slurm(monkeypatch, 1)
+    assert _train(data, ck, *argv) == 0  # the same command line, replayed
+    assert json.loads((ck / "x" / "settings.json").read_text())["earlier"] == earlier
+
+
 def test_requeued_slurm_job_without_hpc_checkpoint_resumes_its_last_checkpoint(data, tmp_path, monkeypatch):
     """A node failed before SLURM's warning signal: no hpc_ckpt, but the requeued job continues from last.ckpt
     instead of being refused as an earlier run."""

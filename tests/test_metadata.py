@@ -224,8 +224,7 @@ def test_exif_upright_drops_the_thumbnail_and_sets_a_long_orientation():
 def test_an_unreadable_exif_block_is_noted_when_dropped(tmp_path, tiny_ckpt, capsys):
     _photo(tmp_path / "photo.png", exif=b"Exif\0\0not a tiff structure")
     assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.png") == 0
-    assert "photo.png: its EXIF block could not be read to set its orientation to 1 (the pixels are turned), so it " \
-           "is dropped" in capsys.readouterr().err
+    assert "photo.png: its EXIF block could not be read, so it is dropped" in capsys.readouterr().err
     from moceir.io import read_rgb  # a damaged eXIf chunk made the whole PNG unreadable (ImageOps.exif_transpose)
 
     assert read_rgb(tmp_path / "photo.png").shape == (12, 20, 3)

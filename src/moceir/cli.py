@@ -440,7 +440,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         title = f"moceir test: {path}" + (f" ({'; '.join(unlike)})" if unlike else "")
         try:  # written before the table is printed: a reader that left (| head) does not cost the files
             paths = write_reports(results, out_dir, title, overwrite=args.overwrite, experts=args.experts,
-                                  checked=True, checkpoint=str(path), context_pad=args.context_pad)
+                                  checked=True, context_pad=args.context_pad,
+                                  checkpoint="default" if path == "default" else os.path.abspath(path))
         finally:  # and printed when they cannot be written (a full disk), so that the scores are not lost
             print(markdown_table(results, title))
         print(f"wrote {paths['md']}, {paths['json']}, {paths['csv']}")
@@ -556,7 +557,7 @@ def _routing_files(out: Path, overwrite: bool) -> dict[str, Path]:
     return {name: out / name for name in names}
 
 
-def _routing_results_from_file(path: str, benchmarks: list[str], model, checkpoint: str) -> list:
+def _routing_results_from_file(path: str, benchmarks: list[str], model: Any, checkpoint: str) -> list:
     """The per-image experts that `moceir test` recorded in ``path`` (its results.json) for ``benchmarks``, checked
     against ``model`` and the ``checkpoint`` it was loaded from; an unusable file is a UsageError."""
     from .evaluation import results_from_json
@@ -1129,10 +1130,10 @@ def _apply_pixel_limit() -> None:
     from .io import PIXEL_LIMIT_VARIABLE
     from .pipeline import UsageError
 
-    value = os.environ.get(PIXEL_LIMIT_VARIABLE)
-    if value is None:
+    value = os.environ.get(PIXEL_LIMIT_VARIABLE, "").strip()
+    if not value:  # unset, or set empty (VAR= moceir ...)
         return
-    if not value.strip().isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # "²".isdigit(), but int("²") fails
         raise UsageError(f"{PIXEL_LIMIT_VARIABLE}={value!r}: give a whole number of pixels (images above twice it "
                          "are refused), or unset it")
     Image.MAX_IMAGE_PIXELS = int(value)
@@ -1154,6 +1155,7 @@ def _main(argv: list[str] | None) -> int:
     # SIGTERM (kill, timeout, SLURM) stops the command as Ctrl-C does, so that its half-written temporary files are
     # removed; train has Lightning's handling, the demo its own
     replaced = _catch_sigterm() if args.command not in ("train", "demo") else None
+    pixel_limit = Image.MAX_IMAGE_PIXELS  # set back when the command ends: main() may be called again
     try:
         _apply_pixel_limit()
         with warnings.catch_warnings():
@@ -1192,6 +1194,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e.filename}: {e.strerror}; {advice}", file=sys.stderr)
         return 1
     finally:
+        Image.MAX_IMAGE_PIXELS = pixel_limit
         if replaced is not None:  # an in-process caller (tests, a notebook) gets its own SIGTERM back
             import signal
 

@@ -4,7 +4,7 @@ batching, and ``restore`` for numpy arrays, PIL images and tensors."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from .checks import is_real, is_whole
 from .models import MoCEIR
 from .runtime import allocator_tuned, release_freed_memory
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 ROUTING_MODES = ("tile", "global")
 
@@ -315,7 +318,7 @@ def _restore_pil(model, image, device, tile, overlap, routing, context_pad, max_
     return _with_info(out, image)
 
 
-def _with_info(out, image):
+def _with_info(out: PILImage, image: PILImage) -> PILImage:
     """``out`` with what ``image.info`` says of the picture rather than of its encoding: its colour profile,
     resolution, EXIF and XMP (the pixels are restored as stored, so the EXIF orientation still holds)."""
     keep = ("icc_profile", "dpi", "exif", "xmp") if image.mode != "CMYK" else ("dpi", "exif", "xmp")

@@ -19,7 +19,7 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -49,22 +49,26 @@ class Job:
     output: Path
 
 
-def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
+def gather_inputs(specs: list[str | Path], output_dir: str | Path | None = None
+                  ) -> tuple[list[Path], list[tuple[str, str]], list[str]]:
     """Files, folders (their images, not recursive, hidden files left out) and globs -> (absolute files, [(spec,
     error line)], notes).
 
     A file is named as given (a link keeps its own name, which its output takes), and restored once: a second
-    name for it (a link to it, the folder it is in reached through a link) is dropped with a note.
+    name for it (a link to it, the folder it is in reached through a link) is dropped with a note. A glob's match
+    that is ``output_dir`` is left out, with a note: a rerun would restore the earlier run's outputs.
     """
-    files, errors = [], []
+    files, errors, notes = [], [], []
+    skip = os.path.realpath(output_dir) if output_dir is not None else None
     for spec in specs:
         try:
-            found, problems = _gather(spec)
+            found, problems, said = _gather(spec, skip)
         except OSError as e:  # a name longer than the file system allows, a folder that cannot be listed
             why = write_error_advice(e.errno, "input") or "check the path"
-            found, problems = [], [f"{spec}: {e.strerror or e}; {why}"]
+            found, problems, said = [], [f"{spec}: {e.strerror or e}; {why}"], []
         files += found
         errors += [(str(spec), line) for line in problems]
+        notes += said
     first: dict[Path, Path] = {}  # the file itself -> the name it is restored under
     again: dict[tuple[Path, Path], list[tuple[Path, Path]]] = {}  # (folder, its first folder) -> second names
     # the folder resolved (link/.. is the link's parent), not the name; a name given twice counts once
@@ -72,14 +76,15 @@ def gather_inputs(specs: list[str | Path]) -> tuple[list[Path], list[tuple[str, 
         same = first.setdefault(f.resolve(), f)
         if same != f:
             again.setdefault((f.parent, same.parent), []).append((f, same))
-    notes = [f"{pairs[0][0]} is the same file as {pairs[0][1]}; restoring it once, under the name {pairs[0][1].name}"
-             if len(pairs) == 1 else f"{len(pairs)} files in {folder} are the same files as in {kept}; restoring "
-             "each once, under its name there" for (folder, kept), pairs in again.items()]
+    notes += [f"{pairs[0][0]} is the same file as {pairs[0][1]}; restoring it once, under the name {pairs[0][1].name}"
+              if len(pairs) == 1 else f"{len(pairs)} files in {folder} are the same files as in {kept}; restoring "
+              "each once, under its name there" for (folder, kept), pairs in again.items()]
     return list(first.values()), errors, notes
 
 
-def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
-    """The image files that one input names, and error lines for what it names that cannot be read."""
+def _gather(spec: str | Path, output_dir: str | None = None) -> tuple[list[Path], list[str], list[str]]:
+    """The image files that one input names, error lines for what it names that cannot be read, and notes.
+    ``output_dir``: the output folder's real path, left out where a glob matches it."""
     p = Path(spec)
     if p.is_dir():  # the benchmarks' formats and GIF, which restore reads too; not hidden files (as training)
         found, problems = _files_and_problems(f for f in p.iterdir() if f.suffix.lower() in WRITABLE_EXTS
@@ -90,17 +95,23 @@ def _gather(spec: str | Path) -> tuple[list[Path], list[str]]:
                         "left out as training leaves them out; name them to restore them" if hidden else
                         "; nothing to restore there")
             problems = [f"{p}: folder has no images ({', '.join(e[1:] for e in WRITABLE_EXTS)}){left_out}"]
-        return found, problems
+        return found, problems, []
     if p.is_file():
-        return [p], []
+        return [p], [], []
     if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
-        return [], [f"{p}: {file_problem(p)}; pass an image file"]
+        return [], [f"{p}: {file_problem(p)}; pass an image file"], []
     matches = [Path(m) for m in glob.glob(str(spec))]
     found, problems = _files_and_problems(m for m in matches if not m.is_dir())
-    for folder in sorted(m for m in matches if m.is_dir()):  # as the shell's expansion of the glob would give
-        in_folder, trouble = _gather(folder)
-        found, problems = found + in_folder, problems + trouble
-    return found, problems if found or problems else [f"{spec}: no such file, folder or matching glob"]
+    folders = sorted(m for m in matches if m.is_dir())
+    notes = [f"{folder}: the output folder, which {spec} matches, is left out (its images are earlier outputs)"
+             for folder in folders if os.path.realpath(folder) == output_dir]
+    for folder in folders:  # as the shell's expansion of the glob would give
+        if os.path.realpath(folder) != output_dir:
+            in_folder, trouble, _ = _gather(folder)
+            found, problems = found + in_folder, problems + trouble
+    if not found and not problems and not notes:
+        problems = [f"{spec}: no such file, folder or matching glob"]
+    return found, problems, notes
 
 
 def _files_and_problems(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
@@ -204,9 +215,13 @@ def check_output_dir(out_dir: Path) -> None:
         raise UsageError(f"-o {out_dir}: {problem}; choose another -o")
 
 
-def output_problem(job: Job, inputs: set[Path], overwrite: bool) -> str | None:
-    """Why ``job.output`` must not be written, or None. Links are judged as links, never followed."""
+def output_problem(job: Job, inputs: set[Path], overwrite: bool, skipped: Collection[Path] = ()) -> str | None:
+    """Why ``job.output`` must not be written, or None. Links are judged as links, never followed. ``skipped``:
+    inputs left out as another input's output name (see :func:`plan_restore`), which are not replaced either."""
     out = job.output
+    if Path(os.path.realpath(out.parent)) / out.name in skipped:
+        return (f"output {out} is an input too (left out above); it is not replaced: move it away to restore "
+                f"{job.input} again, or choose another -o or --suffix")
     if out in inputs or (out.exists() and out.resolve() in inputs):
         return f"output {out} would overwrite an input; choose another -o or --suffix"
     if out.is_dir():
@@ -318,6 +333,19 @@ class Plan:
     report: Path | None
 
 
+def _without_earlier_outputs(inputs: list[str | Path], files: list[Path], out_dir: Path, ext: str | None,
+                             suffix: str) -> tuple[list[Path], dict[Path, Path]]:
+    """``files`` less those a folder or glob gave that bear another input's output name, where -o is their folder
+    (a rerun: ``a_r.png`` of ``a.png``), and {left out: the input whose output name it bears}. A file named on
+    the command line is never left out."""
+    named = {Path(os.path.realpath(os.path.dirname(os.path.abspath(s)))) / os.path.basename(s)
+             for s in map(str, inputs) if os.path.isfile(s)}
+    real_out = Path(os.path.realpath(out_dir))
+    made_here = {real_out / job.output.name: job.input for job in plan_outputs(files, out_dir, ext, suffix)[0]}
+    skipped = {f: made_here[f] for f in files if f not in named and made_here.get(f, f) != f}
+    return [f for f in files if f not in skipped], skipped
+
+
 def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, options: RestoreOptions,
                  ext: str | None = None, suffix: str = "", report: str | Path | None = None,
                  budget: float | None = None, log: Callable[[str], None] = print,
@@ -330,27 +358,23 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     """
     out_dir = Path(output_dir)
     check_output_dir(out_dir)
-    files, errors, same_files = gather_inputs(inputs)
+    files, errors, same_files = gather_inputs(inputs, out_dir)
     failures = [{"input": spec, "error": e} for spec, e in errors]
+    protected = set(files) | {f.resolve() for f in files}  # the names given and the files they lead to
+    files, skipped = _without_earlier_outputs(inputs, files, out_dir, ext, suffix)
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
-    made_here = {Path(os.path.realpath(job.output.parent)) / job.output.name: job.input for job in jobs}
-    if earlier := [f for f in files if made_here.get(f, f) != f]:  # -o is an input folder: a rerun would restore them
-        files = [f for f in files if f not in earlier]
-        jobs, notes = plan_outputs(files, out_dir, ext, suffix)
-        notes = [f"{f} is what this command writes for {made_here[f]} (an earlier run's output); it is not restored "
-                 "again (name it on its own to restore it)" for f in earlier] + notes
-    notes = same_files + notes
+    notes = same_files + [f"{f}: has the name of {by}'s output (an earlier run's?): it is neither restored nor "
+                          "replaced" for f, by in skipped.items()] + notes
     for row in failures:
         log(f"error: {row['error']}")
     for n in notes:
         log(f"note: {n}")
-    input_set = set(files) | {f.resolve() for f in files}  # the names given and the files they lead to
-    input_set |= checkpoint_files  # `--report` naming the checkpoint replaced the model
+    input_set = protected | checkpoint_files  # `--report` naming the checkpoint replaced the model
     report_path = (check_report_path(report, input_set, {j.output for j in jobs}, options.overwrite, out_dir)
                    if report is not None else None)
     by_size: dict[tuple[int, int] | int, list[int]] = {}
     for i, job in enumerate(jobs):
-        problem = output_problem(job, input_set, options.overwrite)
+        problem = output_problem(job, input_set, options.overwrite, skipped)
         if problem:
             failures.append({"input": str(job.input), "error": problem})
             log(f"error: {problem}")
@@ -550,8 +574,8 @@ class Restorer:
                              f"{'they are' if len(lost) > 1 else 'it is'} dropped (--ext png keeps "
                              f"{'them' if len(lost) > 1 else 'it'})")
                 if img.photo.exif_unreadable and not self.opts.strip_metadata:
-                    self.log(f"note: {self.jobs[i].input}: its EXIF block could not be read to set its orientation "
-                             "to 1 (the pixels are turned), so it is dropped")
+                    self.log(f"note: {self.jobs[i].input}: its EXIF block could not be read, so it is dropped "
+                             "(kept unread, an orientation in it could turn the restored picture wrongly)")
                 if img.bit_depth == 16 and out_ext not in SIXTEEN_BIT_EXTS:
                     self.log(f"note: {self.jobs[i].input} has 16 bits per sample, which {out_ext} cannot hold; it "
                              "is written with 8 (--ext png or tif keeps 16)")

@@ -950,7 +950,8 @@ def _train_in(run_dir: Path, config: MoCEConfig | None, settings: TrainSettings,
               resume: ResumePoint | None, source: MoCEIR | None, loader: DataLoader,
               per_task: dict[str, list], history: list[dict[str, Any]]) -> Path:
     """:func:`train` once its run folder is chosen (and locked)."""
-    resume = _requeued_checkpoint(run_dir) or resume  # a requeue replays --resume_from: its own run comes first
+    if requeued := _requeued_checkpoint(run_dir):  # a requeue replays --resume_from: its own run comes first
+        resume, history = requeued, run_history(requeued.path)[:-1]  # the last record: this very call's
     _refuse_data_folder(run_dir, per_task)
     _check_run_folder(run_dir, resume)
     if resume is None and _requeued():  # every rank, before any logs: the dead first attempt's rows go

@@ -77,29 +77,33 @@ def images_in(folder: Path, layout: str) -> list[Path]:
         what = (f"{folder} {file_problem(folder) or 'is a file'}, not a folder" if os.path.lexists(folder)
                 else f"missing folder {folder}")
         raise DatasetLayoutError(f"{what}; expected layout: {layout}")  # a link loop was called "missing"
-    with os.scandir(folder) as entries:  # hidden: macOS's ._x.png resource forks are not images
-        found = sorted((Path(e.path), e.is_symlink()) for e in entries
-                       if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS and not e.name.startswith("."))
-    if not found:
+    with os.scandir(folder) as listing:  # hidden: macOS's ._x.png resource forks are not images
+        entries = sorted((e for e in listing if os.path.splitext(e.name)[1].lower() in IMAGE_EXTS
+                          and not e.name.startswith(".")), key=lambda e: e.name)
+    if not entries:
         raise DatasetLayoutError(f"no images ({'/'.join(IMAGE_EXTS)}) in {folder}; expected layout: {layout}")
-    _refuse_second_names(folder, found)
-    return [p for p, _ in found]
+    _refuse_second_names(folder, entries)
+    return [folder / e.name for e in entries]
 
 
-def _refuse_second_names(folder: Path, found: list[tuple[Path, bool]]) -> None:
-    """A DatasetLayoutError where a link in ``folder`` names an image listed there under another name: it would be
-    trained on or scored twice. Only links are resolved (a folder of 70,000 RESIDE images lists in one pass)."""
-    if not any(link for _, link in found):
+def _refuse_second_names(folder: Path, entries: list[os.DirEntry]) -> None:
+    """A DatasetLayoutError where two names in ``folder`` lead to one image (a link to a file beside it, two links
+    to one file, hard links): it would be trained on or scored twice. A file's identity is its inode, which the
+    listing gives; only links cost a stat (a folder of 70,000 RESIDE images lists in one pass)."""
+    if not any(e.is_symlink() for e in entries) and len({e.inode() for e in entries}) == len(entries):
         return
-    real = os.path.realpath(folder)
-    seen = {os.path.join(real, p.name): p for p, link in found if not link}
-    for p, link in found:
-        if link:
-            target = os.path.realpath(p)
-            if target in seen:
-                raise DatasetLayoutError(f"{p} is a link to {seen[target]}, also in {folder}: that image would be "
-                                         "counted twice; remove the link")
-            seen[target] = p
+    device = os.stat(folder).st_dev
+    seen: dict[tuple[int, int], str] = {}
+    for e in entries:
+        try:
+            st = os.stat(e.path) if e.is_symlink() else None
+        except OSError:  # a link to nothing: reading it says so, naming it
+            continue
+        identity = (st.st_dev, st.st_ino) if st else (device, e.inode())
+        if identity in seen:
+            raise DatasetLayoutError(f"{folder / e.name} and {seen[identity]} in {folder} are the same image (a link "
+                                     "or a hard link): it would be counted twice; keep one of them")
+        seen[identity] = e.name
 
 
 def _number(stem: str) -> str:
@@ -121,7 +125,7 @@ def pair_by_name(degraded: list[Path], clean: list[Path], task: str,
                                      f"'{key(p.stem)}'; keep one of them in {p.parent}")
         by_key[key(p.stem)] = p
     missing = [p for p in degraded if key(p.stem) not in by_key]
-    if missing and unmatched is None:
+    if missing and (unmatched is None or len(missing) == len(degraded)):  # none pairs: a layout error, not N lines
         raise DatasetLayoutError(f"{len(missing)} file(s) in {missing[0].parent} have no clean counterpart in "
                                  f"{clean[0].parent}, e.g. {missing[0].name}; add their clean images or move them "
                                  "out")

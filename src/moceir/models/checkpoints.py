@@ -190,11 +190,14 @@ def read_checkpoint(path: str | Path, check_header: HeaderCheck | None = None
 
 
 class _FromCheck(Exception):
+    """Carries an error the caller's ``check_header`` raised past the handlers that blame the file."""
+
     def __init__(self, error: Exception):
         self.error = error
 
 
 def _embedded_config(p: Path, config: Any) -> dict[str, Any] | None:
+    """A file's embedded config as a dict (None without one); anything else is a CheckpointError naming ``p``."""
     if config is not None and not isinstance(config, Mapping):
         raise CheckpointError(f"{p}: its embedded {CONFIG_KEY} is a {type(config).__name__}, not a dict of fields")
     return dict(config) if config is not None else None
@@ -306,7 +309,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> 
     ranks = [shape(f"{prefix}.experts.{i}.0.proj.0.weight")[0] for i in range(n_exp)]
     shape(f"{prefix}.routing.complexity")
     complexity = sd[f"{prefix}.routing.complexity"]
-    # a header's meta tensor has no values: the scale then stays "max", which shapes no tensor
+    # a header's meta tensor has no values: "max" then, which shapes no tensor (load_model rebuilds the network
+    # with the scale the values give, where it differs)
     complexity = float(complexity.max()) if not complexity.is_meta else 1.0
     base = dict(dim=dim, inp_channels=inp, out_channels=shape("output.weight", 4)[0],
                 num_blocks=num_blocks, num_dec_blocks=dec, heads=heads,
