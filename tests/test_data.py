@@ -312,3 +312,21 @@ def test_a_benchmark_where_nothing_pairs_is_one_layout_error(tiny_layout):
     unmatched = []
     with pytest.raises(DatasetLayoutError, match=r"3 file\(s\) in .*input have no clean counterpart"):
         benchmark_pairs(tiny_layout, "lolv1", unmatched=unmatched)
+
+
+def test_cdd11_leaves_out_hidden_folders_and_scores_past_an_empty_one(tmp_path):
+    """Probe: .ipynb_checkpoints/ under cdd11/test was scored as a degradation (as a double one with
+    --trainset CDD11_double: one underscore); an empty degradation folder stopped the whole benchmark."""
+    img = np.zeros((20, 20, 3), np.uint8)
+    for rel in ("clear/a.png", "haze/a.png", "haze_rain/a.png", ".ipynb_checkpoints/a.png"):
+        _write(tmp_path / "cdd11/test" / rel, img)
+    (tmp_path / "cdd11/test/snow").mkdir()
+    unmatched = []
+    pairs = benchmark_pairs(tmp_path, "cdd11", "all", unmatched)
+    assert sorted(p.folder for p in pairs) == ["haze", "haze_rain"]
+    assert len(unmatched) == 1 and "no images" in unmatched[0] and "snow" in unmatched[0]
+    assert [p.folder for p in benchmark_pairs(tmp_path, "cdd11", "double", [])] == ["haze_rain"]
+    from moceir.data.datasets import cdd11_pairs
+
+    with pytest.raises(DatasetLayoutError, match="snow"):  # training (no unmatched list): the layout must be whole
+        cdd11_pairs(tmp_path, "test", "all")

@@ -921,3 +921,34 @@ def test_a_glob_that_matches_the_output_folder_leaves_it_out(tmp_path, tiny_ckpt
     assert f"note: {photos / 'restored'}: the output folder, which {photos / '*'} matches, is left out" in \
         capsys.readouterr().err
     assert sorted(p.name for p in (photos / "restored").iterdir()) == ["a.png"]
+
+
+def test_restore_stops_restoring_once_its_output_folder_is_removed(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """Probe: with the output folder deleted after 20 of 300 outputs, every other image was still decoded and
+    restored, then failed to be written: 279 error lines (hours of work, with large photos)."""
+    import shutil
+
+    import moceir.pipeline as pipeline
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(8):
+        save_image(src / f"{k}.png", np.full((16, 16, 3), k / 10, np.float32))
+    out = tmp_path / "out"
+    real_write, computed = pipeline.write_atomically, []
+
+    def write_then_remove(target, write, overwrite):
+        real_write(target, write, overwrite)
+        shutil.rmtree(out, ignore_errors=True)  # as a user would, after the first output
+
+    real_compute = pipeline.Restorer.compute
+    monkeypatch.setattr(pipeline, "write_atomically", write_then_remove)
+    monkeypatch.setattr(pipeline.Restorer, "compute", lambda self, group: computed.append(1) or real_compute(self, group))
+    report = tmp_path / "report.json"
+    assert main(["restore", str(src), "-o", str(out), "--checkpoint", tiny_ckpt, "--report", str(report)]) == 1
+    err = capsys.readouterr().err
+    assert err.count(f"error: the output folder {out} was removed while restoring") == 1
+    assert len(computed) < 6, len(computed)
+    doc = json.loads(report.read_text())  # every image is accounted for
+    assert len(doc["images"]) + len(doc["errors"]) == 8
+    assert sum(e.endswith(f"not restored: the output folder {out} was removed") for e in doc["errors"]) >= 3

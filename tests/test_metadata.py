@@ -281,3 +281,29 @@ def test_strip_metadata_writes_none_of_it_but_keeps_the_colour_profile(tmp_path,
     with Image.open(tmp_path / "jpg" / "photo.jpg") as out:
         assert not out.getexif() and "xmp" not in out.info and out.info.get("jfif_unit") != 1
         assert out.info["icc_profile"] == icc
+
+
+def test_an_xmp_orientation_pil_does_not_read_is_left_as_it_is_when_nothing_turned(tmp_path, tiny_ckpt):
+    """Probe: tiff:Orientation='6' (single quotes), which PIL does not read, was set to 1 though the pixels were not
+    turned: a viewer reading it then showed the output otherwise than the input."""
+    xmp = (b"<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:Description xmlns:tiff='http://ns.adobe.com/tiff/1.0/' "
+           b"tiff:Orientation='6'/></x:xmpmeta>")
+    _photo(tmp_path / "photo.jpg", xmp=xmp)
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "photo.jpg") == 0
+    with Image.open(tmp_path / "out" / "photo.jpg") as out:
+        assert out.size == (20, 12) and out.info["xmp"] == xmp
+    _photo(tmp_path / "both.jpg", xmp=xmp, exif=_exif(orientation=6))  # turned by EXIF: the XMP's 6 goes too
+    assert _restore(tiny_ckpt, tmp_path / "out", tmp_path / "both.jpg") == 0
+    with Image.open(tmp_path / "out" / "both.jpg") as out:
+        assert out.size == (12, 20) and b"tiff:Orientation='1'" in out.info["xmp"]
+
+
+def test_a_gray_gif_comes_back_gray(tmp_path):
+    """Probe: a GIF of a gray palette came back in colour (a palette image was never taken as gray)."""
+    from moceir.io import load_image
+
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("P")
+    gray.save(tmp_path / "g.gif")
+    assert load_image(tmp_path / "g.gif").grayscale
+    Image.new("RGB", (8, 8), (200, 10, 10)).convert("P").save(tmp_path / "red.gif")
+    assert not load_image(tmp_path / "red.gif").grayscale

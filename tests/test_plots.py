@@ -86,3 +86,16 @@ def test_plot_logs_draws_a_metrics_csv_kept_on_its_own(tmp_path, capsys):
     (tmp_path / "run" / "logs").mkdir()  # a run's own logs/ folder comes first, even empty
     assert main(["plot-logs", str(tmp_path / "run"), "--out", str(tmp_path / "again.png")]) == 1
     assert "no training log at" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_read_and_a_log_without_steps_refused(tmp_path, capsys):
+    """Probe: a metrics.csv saved by Excel ("CSV UTF-8": a byte-order mark before "step") and a log without a step
+    column were drawn with every point at step 0, exit 0."""
+    from moceir.plots import read_metrics
+
+    (tmp_path / "metrics.csv").write_bytes(b"\xef\xbb\xbfstep,train/loss\n1,1.0\n2,0.5\n3,0.25\n")
+    steps, _ = read_metrics(tmp_path)["train/loss"]
+    assert steps.tolist() == [1, 2, 3]
+    (tmp_path / "metrics.csv").write_text("epoch,train/loss\n0,1.0\n0,0.5\n")
+    assert main(["plot-logs", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 1
+    assert "no 'step' column in its header (epoch,train/loss)" in capsys.readouterr().err

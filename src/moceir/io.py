@@ -388,11 +388,13 @@ def _load_image(path: Path) -> LoadedImage:
             fmt = im.format or path.suffix.lstrip(".").upper()
             icc = im.info.get("icc_profile") or None
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc, read_photo_info(im, path, fmt))
+                turn = exif_orientation(im)
+                return _sixteen_bit(path, fmt, frames, turn, icc, read_photo_info(im, path, fmt, turn != 1))
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
-            photo = read_photo_info(im, path, fmt)  # after load(): a PNG's eXIf may follow its image data
+            turn = exif_orientation(im)
+            photo = read_photo_info(im, path, fmt, turn != 1)  # after load(): a PNG's eXIf may follow its image data
             if (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "PPM" and _more_than_8_bits(path, fmt)):
-                return _sixteen_bit(path, fmt, frames, exif_orientation(im), icc, photo)
+                return _sixteen_bit(path, fmt, frames, turn, icc, photo)
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255
                 kind = ("floating-point" if im.mode.startswith("F") else f"16-bit {fmt}" if im.mode.startswith("I;16")
                         else "32-bit or signed integer")
@@ -407,7 +409,7 @@ def _load_image(path: Path) -> LoadedImage:
                 conversions = (f"its CMYK pixels were converted to RGB by a simple formula{profile}, so colours may "
                                "be off; for exact colours convert it to RGB in a colour-managed editor first",)
             im = upright(im)
-            grayscale = im.mode in ("L", "LA", "1")
+            grayscale = im.mode in ("L", "LA", "1") or (im.mode in ("P", "PA") and _gray_palette(im))
             # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
             if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "1", "L", "RGB") and "transparency" in im.info):
                 rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
@@ -529,6 +531,12 @@ def _png_exif_orientation(path: Path) -> int:
                 if data.startswith(_RAW_EXIF_KEY):
                     raw = _raw_profile_text(kind, data)  # the last one wins, as in PIL's info
     return _exif_orientation(bytes.fromhex("".join(raw.split("\n")[3:]))) if raw else 1
+
+
+def _gray_palette(im: Image.Image) -> bool:
+    """Whether every colour of a palette image is a gray (a gray GIF), which comes back gray."""
+    palette = im.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,

@@ -18,7 +18,7 @@ JPEG_MARKER_MAX = 65533  # bytes in one JPEG APP segment after its length field
 @dataclass(frozen=True)
 class PhotoInfo:
     """exif: the EXIF block (a TIFF structure, without JPEG's "Exif\\0\\0"), its Orientation set to 1 as the pixels
-    are turned already, without its thumbnail; dpi: (x, y), where the file states it; xmp: the XMP packet, its
+    are turned already, its thumbnail unlinked; dpi: (x, y), where the file states it; xmp: the XMP packet, its
     tiff:Orientation set to 1 likewise; lossless: a lossless WebP; jpeg_subsampling: PIL's code of a JPEG's chroma
     subsampling (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0); exif_unreadable: the file had an EXIF block that could not be
     made upright, and that is left out."""
@@ -45,15 +45,16 @@ HOLDS = {".jpg": {"EXIF", "XMP", "resolution"}, ".jpeg": {"EXIF", "XMP", "resolu
 DPI_RANGE = (1.0, 100_000.0)  # a resolution outside is no real one, and PNG's and BMP's fields cannot hold all
 
 
-def read_photo_info(im: Image.Image, path: Path, fmt: str) -> PhotoInfo:
-    """``im``: the input, opened by PIL (a PNG's EXIF after IDAT is known once it is loaded). A TIFF's EXIF tags
-    share its image's own directory, and are not kept."""
+def read_photo_info(im: Image.Image, path: Path, fmt: str, turned: bool) -> PhotoInfo:
+    """``im``: the input, opened by PIL (a PNG's EXIF after IDAT is known once it is loaded); ``turned``: whether
+    its pixels are turned by their orientation (then every orientation the XMP states is set to 1, else none is).
+    A TIFF's EXIF tags share its image's own directory, and are not kept."""
     raw = im.info.get("exif") if fmt in ("JPEG", "MPO", "PNG", "WEBP") else None
     raw = raw.removeprefix(b"Exif\0\0") if isinstance(raw, bytes) and raw else None
     exif = exif_upright(raw) if raw else None
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     xmp = xmp.encode() if isinstance(xmp, str) else xmp if isinstance(xmp, bytes) else None
-    xmp = xmp_upright(xmp) if xmp else None
+    xmp = xmp_upright(xmp) if xmp and turned else xmp
     subsampling = None
     if fmt in ("JPEG", "MPO"):
         from PIL import JpegImagePlugin
@@ -85,16 +86,16 @@ _XMP_ORIENTATION = (re.compile(rb"(tiff:Orientation\s*=\s*[\"'])\s*\d+\s*([\"'])
 
 
 def xmp_upright(xmp: bytes) -> bytes:
-    """The XMP packet with its tiff:Orientation (attribute or element) set to 1, as the pixels are turned already;
-    PIL's getexif() falls back to it, and a stale one turns the picture a second time."""
+    """The XMP packet with its tiff:Orientation (attribute or element, in any quoting) set to 1, for pixels that
+    are turned already; PIL's getexif() falls back to it, and a stale one turns the picture a second time."""
     for pattern in _XMP_ORIENTATION:
         xmp = pattern.sub(rb"\g<1>1\g<2>", xmp)
     return xmp
 
 
 def exif_upright(data: bytes) -> bytes | None:
-    """EXIF with its Orientation (in IFD0) set to 1 and without its thumbnail (IFD1, of the unrestored picture,
-    unturned); None where the block cannot be read, for a stale orientation kept beside turned pixels would turn
+    """EXIF with its Orientation (in IFD0) set to 1 and its thumbnail (IFD1, of the unrestored picture, unturned)
+    unlinked, its bytes left in place; None where the block cannot be read, for a stale orientation kept beside turned pixels would turn
     the picture twice in every viewer. Only values are changed in place: offsets (MakerNotes) stay valid."""
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return None

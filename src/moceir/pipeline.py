@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,10 +144,13 @@ def plan_outputs(files: list[Path], out_dir: Path, ext: str | None = None,
         if not ext and f.suffix.lower() not in WRITABLE_EXTS:
             notes.append(f"{f}: moceir does not write {f.suffix or 'files without an extension'}; writing PNG")
     names = {f: f"{f.stem}{suffix}{target_ext(f)}" for f in files}
-    clashes = Counter(n.lower() for n in names.values())
-    taken = {n.lower() for n, c in clashes.items() if c == 1}
+    sharing: dict[str, list[Path]] = {}  # a name, lower-case -> the inputs whose output would take it
+    for f in files:
+        sharing.setdefault(names[f].lower(), []).append(f)
+    clashes = {n: len(group) for n, group in sharing.items()}
+    taken = {n for n, c in clashes.items() if c == 1}
     for name in [n for n, c in clashes.items() if c > 1]:
-        group = [f for f in files if names[f].lower() == name]
+        group = sharing[name]
         parents = [f.parent.name for f in group]
         exts = [f.suffix.lstrip(".").lower() for f in group]
         tags = parents if len(set(parents)) == len(group) else exts if len(set(exts)) == len(group) else None
@@ -227,8 +229,8 @@ def output_problem(job: Job, inputs: set[Path], overwrite: bool, skipped: Collec
     if out.is_dir():
         return f"output {out} is a folder; choose another -o or --suffix"
     if len(os.fsencode(out.name)) > NAME_MAX:
-        return (f"output name {out.name[:40]}...{out.suffix} is {len(os.fsencode(out.name))} bytes, more than the "
-                f"{NAME_MAX} a file name can hold; choose a shorter --suffix or rename the input")
+        return (f"{job.input}: its output name {out.name[:40]}...{out.suffix} is {len(os.fsencode(out.name))} bytes, "
+                f"more than the {NAME_MAX} a file name can hold; rename the input (or shorten --suffix or --ext)")
     if os.path.lexists(out) and not overwrite:
         kind = "a link" if out.is_symlink() else "a file"
         return f"output {out} exists ({kind}); pass --overwrite to replace it"
@@ -530,6 +532,7 @@ class Restorer:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moceir-writer")
         self._pending: list[Future] = []
         self.writer_error: BaseException | None = None
+        self.gone: Path | None = None  # the output folder, once a write found it removed: nothing more is restored
 
     def fail(self, i: int, e: BaseException | str, write_errno: int | None = None) -> None:
         """Row i failed; ``write_errno``: its output could not be written (a full disk), the input was fine."""
@@ -540,7 +543,13 @@ class Restorer:
         self.log(f"error: {line}")
 
     def process(self, items: list[tuple[int, LoadedImage | None, str | None]]) -> None:
-        """Restore one planned batch and queue its outputs for the writer."""
+        """Restore one planned batch and queue its outputs for the writer; once the output folder is gone, mark
+        the batch's images not restored instead (hours of work whose outputs could not be written)."""
+        if self.gone is not None:
+            for i, _, _ in items:
+                self.rows[i] = {"input": str(self.jobs[i].input), "error": f"not restored: the output folder "
+                                f"{self.gone} was removed", "write_errno": errno.ENOENT}
+            return
         for group in self.groups(items):
             self.submit(self.compute(group))
 
@@ -661,6 +670,11 @@ class Restorer:
                 self.fail(i, e)
             else:
                 self.fail(i, _write_error_line(self.jobs[i], e), e.errno)
+                folder = self.jobs[i].output.parent
+                if e.errno == errno.ENOENT and self.gone is None and not os.path.isdir(folder):
+                    self.gone = folder
+                    self.log(f"error: the output folder {folder} was removed while restoring; the images not "
+                             "restored yet are left (each is in the report); restore them again into a folder")
         except ValueError as e:
             self.fail(i, e)
         except BaseException as e:  # a bug: the image is counted as failed, and close() raises it

@@ -21,7 +21,7 @@ def metrics_reader(path: Path) -> csv.DictReader:
     """A DictReader over the complete lines of a metrics.csv. A last line without its line end (a crash, or a run
     still writing) is left out: even when it parses, its last number may have lost digits. Quotes are not special
     (Lightning writes numbers only), so one damaged quote cannot swallow the lines after it."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: a byte-order mark (Excel) is no column
     lines = [line.rstrip("\r") for line in text.split("\n")[:-1]]
     return csv.DictReader(lines, quoting=csv.QUOTE_NONE)
 
@@ -50,6 +50,9 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
     series: dict[str, tuple[list[float], list[float]]] = {}  # name -> (steps, values)
     reader = metrics_reader(path)
+    if "step" not in (reader.fieldnames or ()):  # every point would be drawn at step 0
+        raise MetricsError(f"{path}: no 'step' column in its header ({','.join(reader.fieldnames or ())[:80]}); "
+                           "not a metrics.csv written by `moceir train`")
     try:
         for row in reader:
             if None in row:

@@ -223,16 +223,26 @@ def cdd11_pairs(root: str | Path, split: str, subset: str, unmatched: list[str] 
     base = Path(root) / "cdd11" / split
     layout = f"{base}/<degradation, e.g. haze_rain>/*.png and {base}/clear/*.png (same names)"
     clean = images_in(base / "clear", layout)
-    folders = sorted(d for d in base.iterdir() if d.is_dir() and d.name != "clear") if base.is_dir() else []
+    folders = sorted(d for d in base.iterdir() if d.is_dir() and d.name != "clear"  # .ipynb_checkpoints: no
+                     and not d.name.startswith(".")) if base.is_dir() else []       # degradation
     counts = {"single": 1, "double": 2, "triple": 3}
     chosen = [d for d in folders if subset == "all" or d.name == subset
               or counts.get(subset) == d.name.count("_") + 1]
     if not chosen:
         raise DatasetLayoutError(f"no CDD11 degradation folders for subset {subset!r} in {base}; "
                                  f"expected layout: {layout}")
-    return [replace(pair, folder=d.name) for d in chosen
-            for pair in pair_by_name(images_in(d, layout), clean, f"cdd11:{d.name}", unmatched=unmatched,
-                                     clean_unmatched=False)]
+    pairs = []
+    for d in chosen:
+        try:
+            degraded = images_in(d, layout)
+        except DatasetLayoutError as e:  # an empty folder: a benchmark scores the others
+            if unmatched is None:
+                raise
+            unmatched.append(f"{e}; its images are not scored")
+            continue
+        pairs += [replace(pair, folder=d.name) for pair in
+                  pair_by_name(degraded, clean, f"cdd11:{d.name}", unmatched=unmatched, clean_unmatched=False)]
+    return pairs
 
 
 def benchmark_pairs(root: str | Path, benchmark: str, cdd11_subset: str = "all",
