@@ -445,7 +445,7 @@ def test_scores_are_printed_when_the_results_files_cannot_be_written(tmp_path, s
 
     import moceir.evaluation
 
-    def full(results, out_dir, title, overwrite, experts, checked=False):
+    def full(results, out_dir, title, overwrite, experts, checked=False, **recorded):
         raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "results.md"))
 
     monkeypatch.setattr(moceir.evaluation, "write_reports", full)

@@ -98,4 +98,5 @@ def test_a_byte_order_mark_is_read_and_a_log_without_steps_refused(tmp_path, cap
     assert steps.tolist() == [1, 2, 3]
     (tmp_path / "metrics.csv").write_text("epoch,train/loss\n0,1.0\n0,0.5\n")
     assert main(["plot-logs", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 1
-    assert "no 'step' column in its header (epoch,train/loss)" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'metrics.csv'}: no 'step' column in its header "
+                                               "(epoch,train/loss); not a metrics.csv written by `moceir train`")

@@ -50,11 +50,11 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
         raise FileNotFoundError(f"no training log at {path}; pass the run folder written by `moceir train`")
     series: dict[str, tuple[list[float], list[float]]] = {}  # name -> (steps, values)
     reader = metrics_reader(path)
-    if "step" not in (reader.fieldnames or ()):  # every point would be drawn at step 0
-        raise MetricsError(f"{path}: no 'step' column in its header ({','.join(reader.fieldnames or ())[:80]}); "
-                           "not a metrics.csv written by `moceir train`")
     try:
         for row in reader:
+            if "step" not in reader.fieldnames:  # a log with rows but no steps: every point would sit at step 0
+                raise MetricsError(f"{path}: no 'step' column in its header ({','.join(reader.fieldnames)[:80]}); "
+                                   "not a metrics.csv written by `moceir train`")
             if None in row:
                 raise ValueError(f"more fields than the header's {len(reader.fieldnames or ())}")
             step = float(row.get("step") or 0)
@@ -63,6 +63,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
                     steps, values = series.setdefault(k, ([], []))
                     steps.append(step)
                     values.append(float(v))
+    except MetricsError:
+        raise
     except (ValueError, csv.Error) as e:
         raise MetricsError(f"{path}: line {reader.line_num}: {first_line(e)}; not a metrics.csv "
                            "written by `moceir train`") from None
