@@ -330,3 +330,45 @@ def test_cdd11_leaves_out_hidden_folders_and_scores_past_an_empty_one(tmp_path):
 
     with pytest.raises(DatasetLayoutError, match="snow"):  # training (no unmatched list): the layout must be whole
         cdd11_pairs(tmp_path, "test", "all")
+
+
+def test_a_listing_that_gives_one_inode_for_all_files_refuses_nothing(tiny_layout, monkeypatch):
+    """Review: a FUSE mount without use_ino lists every file with one inode number; the duplicate check took that
+    as one image and refused every folder of two images. A repeated listed inode is checked by stat."""
+    import os
+
+    import moceir.data.datasets as datasets
+
+    real_scandir = os.scandir
+
+    class SameInode:
+        def __init__(self, entry):
+            self._entry = entry
+
+        def __getattr__(self, name):
+            return getattr(self._entry, name)
+
+        def inode(self):
+            return 0xFFFFFFFF
+
+    class Listing:
+        def __init__(self, path):
+            self._it = real_scandir(path)
+
+        def __enter__(self):
+            return (SameInode(e) for e in self._it)
+
+        def __exit__(self, *exc):
+            self._it.close()
+
+    monkeypatch.setattr(datasets.os, "scandir", Listing)
+    assert len(benchmark_pairs(tiny_layout, "denoise_15")) == 3
+
+
+def test_a_cdd11_folder_where_nothing_pairs_does_not_stop_the_benchmark(tmp_path):
+    img = np.zeros((20, 20, 3), np.uint8)
+    for rel in ("clear/a.png", "haze/a.png", "snow/b.png"):
+        _write(tmp_path / "cdd11/test" / rel, img)
+    unmatched = []
+    assert [p.folder for p in benchmark_pairs(tmp_path, "cdd11", "all", unmatched)] == ["haze"]
+    assert len(unmatched) == 1 and "snow" in unmatched[0] and "no clean counterpart" in unmatched[0]

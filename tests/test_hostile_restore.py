@@ -952,3 +952,32 @@ def test_restore_stops_restoring_once_its_output_folder_is_removed(tmp_path, tin
     doc = json.loads(report.read_text())  # every image is accounted for
     assert len(doc["images"]) + len(doc["errors"]) == 8
     assert sum(e.endswith(f"not restored: the output folder {out} was removed") for e in doc["errors"]) >= 3
+
+
+def test_a_file_named_through_a_link_or_dots_is_never_left_out(tmp_path):
+    """Review: a file named as alias.png (a link to X/a_r.png) or as L/../a_r.png was left out as an earlier
+    output, its name compared by spelling, not by the file."""
+    import os
+
+    from moceir.pipeline import RestoreOptions, plan_restore
+
+    x = tmp_path / "X"
+    x.mkdir()
+    for name in ("a.png", "a_r.png"):
+        save_image(x / name, np.zeros((8, 8, 3), np.float32))
+    os.symlink(x / "a_r.png", tmp_path / "alias.png")
+    lines = []
+    plan = plan_restore([str(x), str(tmp_path / "alias.png")], x, None, RestoreOptions(), suffix="_r",
+                        log=lines.append)
+    assert any(job.input.name in ("a_r.png", "alias.png") for job in plan.jobs), lines
+
+
+def test_a_glob_leaves_out_the_files_in_the_output_folder(tmp_path, tiny_ckpt, capsys):
+    """Review: `restore '*/*.png' -o out`, run again, restored its own earlier output out/p.png (as p_out.png)."""
+    (tmp_path / "in").mkdir()
+    save_image(tmp_path / "in" / "p.png", np.zeros((16, 16, 3), np.float32))
+    argv = ["restore", str(tmp_path / "*" / "*.png"), "-o", str(tmp_path / "out"), "--checkpoint", tiny_ckpt,
+            "--overwrite"]
+    assert main(argv) == 0 and main(argv) == 0
+    assert "1 file(s) in the output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.png"]

@@ -389,10 +389,10 @@ def _load_image(path: Path) -> LoadedImage:
             icc = im.info.get("icc_profile") or None
             if fmt == "TIFF" and _tiff_samples(path) == np.uint16:  # before im.load(): PIL cannot decode planar 16-bit
                 turn = exif_orientation(im)
-                return _sixteen_bit(path, fmt, frames, turn, icc, read_photo_info(im, path, fmt, turn != 1))
+                return _sixteen_bit(path, fmt, frames, turn, icc, read_photo_info(im, path, fmt, turn in _TRANSPOSE))
             im.load()  # before _orientation: a PNG's getexif() decodes the image and would hide a decoding error
             turn = exif_orientation(im)
-            photo = read_photo_info(im, path, fmt, turn != 1)  # after load(): a PNG's eXIf may follow its image data
+            photo = read_photo_info(im, path, fmt, turn in _TRANSPOSE)  # after load(): a PNG's eXIf may follow IDAT
             if (fmt == "PNG" and _png_bit_depth(path) == 16) or (fmt == "PPM" and _more_than_8_bits(path, fmt)):
                 return _sixteen_bit(path, fmt, frames, turn, icc, photo)
             if im.mode.startswith(("I", "F")):  # convert("RGB") would clip 32-bit or signed samples to 0..255

@@ -100,10 +100,13 @@ def _gather(spec: str | Path, output_dir: str | None = None) -> tuple[list[Path]
     if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"], []
     matches = [Path(m) for m in glob.glob(str(spec))]
-    found, problems = _files_and_problems(m for m in matches if not m.is_dir())
+    in_output = [m for m in matches if not m.is_dir() and os.path.realpath(m.parent) == output_dir]
+    found, problems = _files_and_problems(m for m in matches if not m.is_dir() and m not in in_output)
     folders = sorted(m for m in matches if m.is_dir())
     notes = [f"{folder}: the output folder, which {spec} matches, is left out (its images are earlier outputs)"
              for folder in folders if os.path.realpath(folder) == output_dir]
+    notes += [f"{len(in_output)} file(s) in the output folder {in_output[0].parent}, which {spec} matches, are left "
+              "out (earlier outputs); name them to restore them"] if in_output else []
     for folder in folders:  # as the shell's expansion of the glob would give
         if os.path.realpath(folder) != output_dir:
             in_folder, trouble, _ = _gather(folder)
@@ -340,11 +343,11 @@ def _without_earlier_outputs(inputs: list[str | Path], files: list[Path], out_di
     """``files`` less those a folder or glob gave that bear another input's output name, where -o is their folder
     (a rerun: ``a_r.png`` of ``a.png``), and {left out: the input whose output name it bears}. A file named on
     the command line is never left out."""
-    named = {Path(os.path.realpath(os.path.dirname(os.path.abspath(s)))) / os.path.basename(s)
-             for s in map(str, inputs) if os.path.isfile(s)}
+    named = {Path(s).resolve() for s in map(str, inputs) if os.path.isfile(s)}  # the files themselves
     real_out = Path(os.path.realpath(out_dir))
     made_here = {real_out / job.output.name: job.input for job in plan_outputs(files, out_dir, ext, suffix)[0]}
-    skipped = {f: made_here[f] for f in files if f not in named and made_here.get(f, f) != f}
+    # a_r_r.png, a_r.png's output name, goes too where a_r.png does: it is an earlier rerun's output
+    skipped = {f: made_here[f] for f in files if made_here.get(f, f) != f and f.resolve() not in named}
     return [f for f in files if f not in skipped], skipped
 
 
@@ -546,9 +549,8 @@ class Restorer:
         """Restore one planned batch and queue its outputs for the writer; once the output folder is gone, mark
         the batch's images not restored instead (hours of work whose outputs could not be written)."""
         if self.gone is not None:
-            for i, _, _ in items:
-                self.rows[i] = {"input": str(self.jobs[i].input), "error": f"not restored: the output folder "
-                                f"{self.gone} was removed", "write_errno": errno.ENOENT}
+            for i, _, err in items:
+                self.fail(i, err or f"{self.jobs[i].input}: not restored: the output folder {self.gone} was removed")
             return
         for group in self.groups(items):
             self.submit(self.compute(group))
@@ -674,7 +676,7 @@ class Restorer:
                 if e.errno == errno.ENOENT and self.gone is None and not os.path.isdir(folder):
                     self.gone = folder
                     self.log(f"error: the output folder {folder} was removed while restoring; the images not "
-                             "restored yet are left (each is in the report); restore them again into a folder")
+                             "restored yet are left, each with a line; restore them again into a folder")
         except ValueError as e:
             self.fail(i, e)
         except BaseException as e:  # a bug: the image is counted as failed, and close() raises it

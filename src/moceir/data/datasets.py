@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,13 +91,14 @@ def _refuse_second_names(folder: Path, entries: list[os.DirEntry]) -> None:
     """A DatasetLayoutError where two names in ``folder`` lead to one image (a link to a file beside it, two links
     to one file, hard links): it would be trained on or scored twice. A file's identity is its inode, which the
     listing gives; only links cost a stat (a folder of 70,000 RESIDE images lists in one pass)."""
-    if not any(e.is_symlink() for e in entries) and len({e.inode() for e in entries}) == len(entries):
+    listed = Counter(e.inode() for e in entries)
+    if not any(e.is_symlink() for e in entries) and len(listed) == len(entries):
         return
     device = os.stat(folder).st_dev
     seen: dict[tuple[int, int], str] = {}
     for e in entries:
-        try:
-            st = os.stat(e.path) if e.is_symlink() else None
+        try:  # a link, or a listed inode that repeats (a FUSE mount may list one for all): the file's own stat
+            st = os.stat(e.path) if e.is_symlink() or listed[e.inode()] > 1 else None
         except OSError:  # a link to nothing: reading it says so, naming it
             continue
         identity = (st.st_dev, st.st_ino) if st else (device, e.inode())
@@ -234,14 +236,12 @@ def cdd11_pairs(root: str | Path, split: str, subset: str, unmatched: list[str] 
     pairs = []
     for d in chosen:
         try:
-            degraded = images_in(d, layout)
-        except DatasetLayoutError as e:  # an empty folder: a benchmark scores the others
+            pairs += [replace(pair, folder=d.name) for pair in pair_by_name(
+                images_in(d, layout), clean, f"cdd11:{d.name}", unmatched=unmatched, clean_unmatched=False)]
+        except DatasetLayoutError as e:  # an empty folder, or one where nothing pairs: a benchmark scores the others
             if unmatched is None:
                 raise
             unmatched.append(f"{e}; its images are not scored")
-            continue
-        pairs += [replace(pair, folder=d.name) for pair in
-                  pair_by_name(degraded, clean, f"cdd11:{d.name}", unmatched=unmatched, clean_unmatched=False)]
     return pairs
 
 
