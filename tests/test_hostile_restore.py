@@ -981,3 +981,14 @@ def test_a_glob_leaves_out_the_files_in_the_output_folder(tmp_path, tiny_ckpt, c
     assert main(argv) == 0 and main(argv) == 0
     assert "1 file(s) in the output folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p.png"]
+
+
+def test_a_glob_of_files_all_in_the_output_folder_restores_them_in_place(tmp_path, tiny_ckpt):
+    """The files a glob matches in the output folder are left out only beside others: 'photos/*.png' -o photos
+    restores in place."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_image(photos / "a.png", np.zeros((16, 16, 3), np.float32))
+    assert main(["restore", str(photos / "*.png"), "-o", str(photos), "--suffix", "_r", "--checkpoint", tiny_ckpt,
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_r.png"]

@@ -100,8 +100,11 @@ def _gather(spec: str | Path, output_dir: str | None = None) -> tuple[list[Path]
     if os.path.lexists(p):  # a link loop or to nothing, a pipe, a device: say so, not "no such file"
         return [], [f"{p}: {file_problem(p)}; pass an image file"], []
     matches = [Path(m) for m in glob.glob(str(spec))]
-    in_output = [m for m in matches if not m.is_dir() and os.path.realpath(m.parent) == output_dir]
-    found, problems = _files_and_problems(m for m in matches if not m.is_dir() and m not in in_output)
+    files = [m for m in matches if not m.is_dir()]
+    in_output = [m for m in files if os.path.realpath(m.parent) == output_dir]
+    if len(in_output) == len(files):  # all in the output folder: restoring in place ('photos/*.jpg' -o photos)
+        in_output = []
+    found, problems = _files_and_problems(m for m in files if m not in in_output)
     folders = sorted(m for m in matches if m.is_dir())
     notes = [f"{folder}: the output folder, which {spec} matches, is left out (its images are earlier outputs)"
              for folder in folders if os.path.realpath(folder) == output_dir]
