@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .checks import not_a_bool
-from .metadata import PhotoInfo, pil_save_options, png_chunks, read_photo_info
+from .metadata import PhotoInfo, pil_save_options, png_chunks, read_photo_info, tifffile_options
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # What save_image writes: the formats read from folders, and GIF (an animation's first frame, as a GIF).
@@ -408,7 +408,7 @@ def _load_image(path: Path) -> LoadedImage:
                 profile = " without its CMYK colour profile" if icc and icc[16:20] == b"CMYK" else ""
                 conversions = (f"its CMYK pixels were converted to RGB by a simple formula{profile}, so colours may "
                                "be off; for exact colours convert it to RGB in a colour-managed editor first",)
-            im = upright(im)
+            im = upright(im, turn)
             grayscale = im.mode in ("L", "LA", "1") or (im.mode in ("P", "PA") and _gray_palette(im))
             # "transparency" in P, 1, L or RGB mode: a palette entry's or a colour key's (PNG tRNS, GIF) alpha
             if im.mode in ("RGBA", "LA", "PA") or (im.mode in ("P", "1", "L", "RGB") and "transparency" in im.info):
@@ -544,10 +544,11 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}
 
 
-def upright(im: Image.Image) -> Image.Image:
-    """``im`` turned by its EXIF orientation (its ``info`` kept), as ``ImageOps.exif_transpose`` does, which raises
-    on a damaged EXIF block (a PNG's eXIf chunk): such an image is read as stored."""
-    method = _TRANSPOSE.get(exif_orientation(im))
+def upright(im: Image.Image, orientation: int | None = None) -> Image.Image:
+    """``im`` turned by its EXIF orientation (its ``info`` kept; ``orientation``: :func:`exif_orientation`, where
+    already read), as ``ImageOps.exif_transpose`` does, which raises on a damaged EXIF block (a PNG's eXIf chunk):
+    such an image is read as stored."""
+    method = _TRANSPOSE.get(exif_orientation(im) if orientation is None else orientation)
     return im.transpose(method) if method is not None else im
 
 
@@ -675,11 +676,7 @@ def save_image(path: str | Path, rgb: np.ndarray, alpha: np.ndarray | None = Non
         else:
             import tifffile
 
-            options: dict = {"iccprofile": icc_profile} if icc_profile else {}
-            if photo and photo.dpi:
-                options.update(resolution=photo.dpi, resolutionunit="INCH")
-            if photo and photo.xmp:
-                options["extratags"] = [(700, "B", len(photo.xmp), photo.xmp, True)]  # XMLPacket
+            options = {**({"iccprofile": icc_profile} if icc_profile else {}), **tifffile_options(photo)}
             if u16.shape[2] == 2:  # gray + alpha: without these tags tifffile writes H pages of W x 2
                 tifffile.imwrite(str(path), u16, photometric="minisblack", extrasamples=["unassalpha"], **options)
             else:

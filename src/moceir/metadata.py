@@ -95,8 +95,9 @@ def xmp_upright(xmp: bytes) -> bytes:
 
 def exif_upright(data: bytes) -> bytes | None:
     """EXIF with its Orientation (in IFD0) set to 1 and its thumbnail (IFD1, of the unrestored picture, unturned)
-    unlinked, its bytes left in place; None where the block cannot be read, for a stale orientation kept beside turned pixels would turn
-    the picture twice in every viewer. Only values are changed in place: offsets (MakerNotes) stay valid."""
+    unlinked, its bytes left in place; None where the block cannot be read, for a stale orientation kept beside
+    turned pixels would turn the picture twice in every viewer. Only values are changed in place: offsets
+    (MakerNotes) stay valid."""
     if data[:4] not in (b"II*\0", b"MM\0*"):
         return None
     order = "<" if data[:2] == b"II" else ">"
@@ -159,6 +160,21 @@ def pil_save_options(info: PhotoInfo | None, suffix: str) -> dict[str, Any]:
     elif info.xmp and "XMP" in holds and suffix != ".png" and fits(info, "XMP", suffix):
         options["xmp"] = info.xmp  # a PNG's XMP is a chunk PIL does not write: png_chunks
     return options
+
+
+def tifffile_options(info: PhotoInfo | None) -> dict[str, Any]:
+    """tifffile ``imwrite`` keywords that keep ``info`` in a 16-bit TIFF: its resolution and XMP (tag 700)."""
+    options: dict[str, Any] = {}
+    if info and info.dpi:
+        options.update(resolution=info.dpi, resolutionunit="INCH")
+    if info and info.xmp:
+        options["extratags"] = [(700, "B", len(info.xmp), info.xmp, True)]  # XMLPacket
+    return options
+
+
+def without_metadata(info: PhotoInfo) -> PhotoInfo:
+    """``info`` with no EXIF, XMP or resolution (``--strip_metadata``); how the image was compressed stays."""
+    return PhotoInfo(lossless=info.lossless, jpeg_subsampling=info.jpeg_subsampling)
 
 
 def fits(info: PhotoInfo, what: str, suffix: str) -> bool:

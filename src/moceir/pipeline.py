@@ -105,15 +105,15 @@ def _gather(spec: str | Path, output_dir: str | None = None) -> tuple[list[Path]
     if len(in_output) == len(files):  # all in the output folder: restoring in place ('photos/*.jpg' -o photos)
         in_output = []
     found, problems = _files_and_problems(m for m in files if m not in in_output)
-    folders = sorted(m for m in matches if m.is_dir())
-    notes = [f"{folder}: the output folder, which {spec} matches, is left out (its images are earlier outputs)"
-             for folder in folders if os.path.realpath(folder) == output_dir]
-    notes += [f"{len(in_output)} file(s) in the output folder {in_output[0].parent}, which {spec} matches, are left "
-              "out (earlier outputs); name them to restore them"] if in_output else []
-    for folder in folders:  # as the shell's expansion of the glob would give
-        if os.path.realpath(folder) != output_dir:
-            in_folder, trouble, _ = _gather(folder)
-            found, problems = found + in_folder, problems + trouble
+    notes = [f"{len(in_output)} file(s) in the output folder {in_output[0].parent}, which {spec} matches, are left "
+             "out (earlier outputs); name them to restore them"] if in_output else []
+    for folder in sorted(m for m in matches if m.is_dir()):  # as the shell's expansion of the glob would give
+        if os.path.realpath(folder) == output_dir:
+            notes.insert(0, f"{folder}: the output folder, which {spec} matches, is left out (its images are "
+                         "earlier outputs)")
+            continue
+        in_folder, trouble, _ = _gather(folder)
+        found, problems = found + in_folder, problems + trouble
     if not found and not problems and not notes:
         problems = [f"{spec}: no such file, folder or matching glob"]
     return found, problems, notes
@@ -341,17 +341,15 @@ class Plan:
     report: Path | None
 
 
-def _without_earlier_outputs(inputs: list[str | Path], files: list[Path], out_dir: Path, ext: str | None,
-                             suffix: str) -> tuple[list[Path], dict[Path, Path]]:
-    """``files`` less those a folder or glob gave that bear another input's output name, where -o is their folder
-    (a rerun: ``a_r.png`` of ``a.png``), and {left out: the input whose output name it bears}. A file named on
-    the command line is never left out."""
+def _earlier_outputs(inputs: list[str | Path], jobs: list[Job], out_dir: Path) -> dict[Path, Path]:
+    """{input a folder or glob gave that bears another input's output name, where -o is its folder (a rerun:
+    ``a_r.png`` of ``a.png``): that input}. A file named on the command line is never among them."""
     named = {Path(s).resolve() for s in map(str, inputs) if os.path.isfile(s)}  # the files themselves
     real_out = Path(os.path.realpath(out_dir))
-    made_here = {real_out / job.output.name: job.input for job in plan_outputs(files, out_dir, ext, suffix)[0]}
+    made_here = {real_out / job.output.name: job.input for job in jobs}
     # a_r_r.png, a_r.png's output name, goes too where a_r.png does: it is an earlier rerun's output
-    skipped = {f: made_here[f] for f in files if made_here.get(f, f) != f and f.resolve() not in named}
-    return [f for f in files if f not in skipped], skipped
+    return {job.input: made_here[job.input] for job in jobs
+            if made_here.get(job.input, job.input) != job.input and job.input.resolve() not in named}
 
 
 def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, options: RestoreOptions,
@@ -369,8 +367,9 @@ def plan_restore(inputs: list[str | Path], output_dir: str | Path, model: Any, o
     files, errors, same_files = gather_inputs(inputs, out_dir)
     failures = [{"input": spec, "error": e} for spec, e in errors]
     protected = set(files) | {f.resolve() for f in files}  # the names given and the files they lead to
-    files, skipped = _without_earlier_outputs(inputs, files, out_dir, ext, suffix)
     jobs, notes = plan_outputs(files, out_dir, ext, suffix)
+    if skipped := _earlier_outputs(inputs, jobs, out_dir):  # named again without them
+        jobs, notes = plan_outputs([f for f in files if f not in skipped], out_dir, ext, suffix)
     notes = same_files + [f"{f}: has the name of {by}'s output (an earlier run's?): it is neither restored nor "
                           "replaced" for f, by in skipped.items()] + notes
     for row in failures:
@@ -574,6 +573,8 @@ class Restorer:
                     self.log(f"note: {self.jobs[i].input}: {said}")
                 if img.frames > 1:
                     self.log(f"note: {self.jobs[i].input} has {img.frames} frames; only the first is restored")
+                if self.opts.strip_metadata:
+                    img = replace(img, photo=metadata.without_metadata(img.photo))
                 out_ext = self.jobs[i].output.suffix.lower()
                 if img.alpha is not None and out_ext in NO_ALPHA_EXTS:
                     self.log(f"note: {self.jobs[i].input} has an alpha channel, which {out_ext} cannot hold; it is "
@@ -581,13 +582,13 @@ class Restorer:
                 elif img.alpha is not None and out_ext in ON_OFF_ALPHA_EXTS and _partly_transparent(img.alpha):
                     self.log(f"note: {self.jobs[i].input} has partial transparency, which {out_ext} cannot hold; "
                              "pixels under half opacity become transparent, the others opaque (--ext png keeps it)")
-                if not self.opts.strip_metadata and (lost := metadata.dropped(img.photo, out_ext)):
+                if lost := metadata.dropped(img.photo, out_ext):
                     limit = " (a JPEG holds at most 64 kB of each)" if out_ext in (".jpg", ".jpeg") else ""
                     what = ", ".join(lost[:-1]) + " and " * (len(lost) > 1) + lost[-1]
                     self.log(f"note: {self.jobs[i].input}: its {what} cannot be kept in a {out_ext} file{limit}; "
                              f"{'they are' if len(lost) > 1 else 'it is'} dropped (--ext png keeps "
                              f"{'them' if len(lost) > 1 else 'it'})")
-                if img.photo.exif_unreadable and not self.opts.strip_metadata:
+                if img.photo.exif_unreadable:
                     self.log(f"note: {self.jobs[i].input}: its EXIF block could not be read, so it is dropped "
                              "(kept unread, an orientation in it could turn the restored picture wrongly)")
                 if img.bit_depth == 16 and out_ext not in SIXTEEN_BIT_EXTS:
@@ -657,17 +658,11 @@ class Restorer:
                 wait(busy, return_when=FIRST_COMPLETED)  # not .result(): a writer's bug is raised by close()
             self._pending.append(self._writer.submit(self._write, i, y, img, row))
 
-    def _photo(self, img: LoadedImage) -> metadata.PhotoInfo:
-        """What of the input's metadata the output keeps: all of it, or with --strip_metadata its compression."""
-        if not self.opts.strip_metadata:
-            return img.photo
-        return metadata.PhotoInfo(lossless=img.photo.lossless, jpeg_subsampling=img.photo.jpeg_subsampling)
-
     def _write(self, i: int, y: np.ndarray, img: LoadedImage, row: dict) -> None:
         try:
             write_atomically(self.jobs[i].output,
                              lambda tmp: save_image(tmp, y, img.alpha, img.bit_depth, img.grayscale, img.icc_profile,
-                                                  img.png_colour, self._photo(img)),
+                                                  img.png_colour, img.photo),
                              self.opts.overwrite)
             self.rows[i] = row
         except OSError as e:

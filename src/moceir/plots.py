@@ -51,8 +51,8 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     series: dict[str, tuple[list[float], list[float]]] = {}  # name -> (steps, values)
     reader = metrics_reader(path)
     try:
-        for row in reader:
-            if "step" not in reader.fieldnames:  # a log with rows but no steps: every point would sit at step 0
+        for n, row in enumerate(reader):
+            if n == 0 and "step" not in reader.fieldnames:  # rows without steps would all sit at step 0
                 raise MetricsError(f"{path}: no 'step' column in its header ({','.join(reader.fieldnames)[:80]}); "
                                    "not a metrics.csv written by `moceir train`")
             if None in row:

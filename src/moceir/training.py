@@ -719,8 +719,7 @@ def _note_changed_settings(path: Path, settings: TrainSettings, history: list[di
     """A note where this resume trains with other data, loss or schedule settings than the call it continues."""
     if not history:
         return
-    before, now = history[-1]["settings"], dataclasses.asdict(settings)
-    now["de_type"] = list(settings.de_type)
+    before, now = history[-1]["settings"], _settings_dict(settings)
     changed = [k for k in DATA_SETTINGS + SCHEDULE_SETTINGS if k in before and before[k] != now[k]]
     if not changed:
         return
@@ -1102,13 +1101,19 @@ def _save_ema(ema: WeightEMA, net: MoCEIR, path: Path) -> None:
                overwrite=True)
 
 
+def _settings_dict(settings: TrainSettings) -> dict[str, Any]:
+    """``settings`` as settings.json records them (its de_type a list, as JSON reads it back)."""
+    d = dataclasses.asdict(settings)
+    d["de_type"] = list(settings.de_type)
+    return d
+
+
 def _settings_json(config: MoCEConfig, settings: TrainSettings, start_step: int,
                    trainer: pl.Trainer | None = None, history: list[dict[str, Any]] = ()) -> str:
     """The run's model config and settings, the step it started from (0, or the resumed checkpoint's); global_step
     and epoch once training has ended (global_step == start_step: this call trained nothing); ``earlier``: the
     calls of train that made the checkpoint resumed or fine-tuned from (:func:`run_history`)."""
-    d = {"config": config.to_dict(), "settings": dataclasses.asdict(settings), "start_step": start_step,
+    d = {"config": config.to_dict(), "settings": _settings_dict(settings), "start_step": start_step,
          "global_step": trainer.global_step if trainer else None, "epoch": trainer.current_epoch if trainer else None,
          "earlier": list(history)}
-    d["settings"]["de_type"] = list(settings.de_type)
     return json.dumps(d, indent=1)

@@ -141,8 +141,13 @@ def _head(p: Path, n: int = 16) -> bytes:
 
 
 def _is_safetensors(p: Path) -> bool:
-    """By suffix (any case), or by content: an 8-byte header length, then the JSON header."""
-    return p.suffix.lower() == ".safetensors" or _head(p, 9)[8:] == b"{"
+    """By suffix (any case), or by content (:func:`_has_safetensors_header`)."""
+    return p.suffix.lower() == ".safetensors" or _has_safetensors_header(p)
+
+
+def _has_safetensors_header(p: Path) -> bool:
+    """An 8-byte header length, then the JSON header."""
+    return _head(p, 9)[8:] == b"{"
 
 
 def _is_onnx(p: Path) -> bool:
@@ -211,7 +216,7 @@ def read_checkpoint_file(path: str | Path, check_header: HeaderCheck | None = No
     if p.suffix.lower() == ".onnx" and p.is_file() and not _is_safetensors(p) and not _is_torch_file(p):
         raise CheckpointError(f"{p} is an ONNX graph, which `moceir restore` and `moceir info` run; here the PyTorch "
                               "checkpoint (.safetensors or .ckpt) it was exported from is needed")
-    if p.is_file() and _is_onnx(p) and _head(p, 9)[8:] != b"{" and not _is_torch_file(p):
+    if p.is_file() and _is_onnx(p) and not _has_safetensors_header(p) and not _is_torch_file(p):
         raise CheckpointError(f"{p} is an ONNX graph named {p.suffix or 'without .onnx'}: rename it to "
                               f"{p.stem}.onnx for `moceir restore` and `moceir info`, which run ONNX graphs; other "
                               "commands need the PyTorch checkpoint (.safetensors or .ckpt) it was exported from")
