@@ -385,3 +385,15 @@ def test_a_run_folder_given_as_checkpoint_names_the_files_in_it(tmp_path, tiny_m
     assert main(["info", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: checkpoint {tmp_path} is a folder; pass a checkpoint file in "
                                                f"it, e.g. {tmp_path / 'model.safetensors'}")
+
+
+def test_a_half_precision_file_padded_with_a_tensor_is_refused_from_its_header(tmp_path, tiny_model, capsys):
+    """Probe (final reread): the padded-file refusal for fp16 weights, as `moceir export --dtype fp16` writes."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.half().contiguous() for k, v in tiny_model.state_dict().items()}
+    save_file({**sd, "junk": torch.zeros(10, dtype=torch.float16)}, str(tmp_path / "half.safetensors"))
+    save_file(sd, str(tmp_path / "plain.safetensors"))
+    assert main(["info", str(tmp_path / "half.safetensors")]) == 2
+    assert "1 unexpected: [junk]" in capsys.readouterr().err
+    assert moceir.load_model(tmp_path / "plain.safetensors").config == tiny_model.config

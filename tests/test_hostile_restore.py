@@ -992,3 +992,22 @@ def test_a_glob_of_files_all_in_the_output_folder_restores_them_in_place(tmp_pat
     assert main(["restore", str(photos / "*.png"), "-o", str(photos), "--suffix", "_r", "--checkpoint", tiny_ckpt,
                  "--quiet"]) == 0
     assert sorted(p.name for p in photos.iterdir()) == ["a.png", "a_r.png"]
+
+
+def test_a_rerun_whose_outputs_were_renamed_on_a_clash_leaves_them_too(tmp_path, tiny_ckpt, capsys):
+    """Probe (final reread): a.png and a.jpg restored into their own folder as PNG share a_r.png and are written as
+    a_r_png.png and a_r_jpg.png; a rerun must leave those (the renamed names) neither restored nor replaced."""
+    import hashlib
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "a.jpg"):
+        save_image(photos / name, np.full((16, 16, 3), 0.4, np.float32))
+    argv = ["restore", str(photos), "-o", str(photos), "--suffix", "_r", "--ext", "png", "--checkpoint", tiny_ckpt]
+    assert main(argv) == 0
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in photos.iterdir()}
+    assert sorted(sums) == ["a.jpg", "a.png", "a_r_jpg.png", "a_r_png.png"]
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 1
+    assert capsys.readouterr().err.count("is an input too (left out above)") == 2
+    assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in photos.iterdir()} == sums
